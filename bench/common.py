@@ -1,0 +1,86 @@
+"""Shared benchmark helpers: timing, copy bandwidth, machine facts, tables, result files and plots."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.utils.benchmark as tb
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
+    """Median wall time of fn() on CPU (torch.utils.benchmark handles warm-up and repeats)."""
+    fn()  # warm-up (compilation, allocator)
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    return m.median
+
+
+def copy_seconds(nbytes: int, dtype=torch.float32, min_run_time: float = 1.0) -> float:
+    """Time of dst.copy_(src) moving `nbytes` in total (half read, half written): the machine's copy ceiling
+    for a memory-bound op that moves the same bytes."""
+    n = max(1, nbytes // (2 * torch.empty((), dtype=dtype).element_size()))
+    src, dst = torch.randn(n).to(dtype), torch.empty(n, dtype=dtype)
+    return median_seconds(lambda: dst.copy_(src), min_run_time)
+
+
+def machine() -> Dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def print_table(title: str, headers: Sequence[str], rows: List[Sequence[object]]) -> None:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def write_result(name: str, payload: dict, quick: bool) -> str:
+    """bench/results/<name>.json (or <name>.quick.json) with the command, machine and date."""
+    os.makedirs(RESULTS, exist_ok=True)
+    doc = {"name": name, "command": "python -m bench " + ("--quick " if quick else "") + name,
+           "argv": sys.argv, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine(), "quick": quick, **payload}
+    path = os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    return path
+
+
+def plot_path(name: str, quick: bool) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    return os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.png")
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

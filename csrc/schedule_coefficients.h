@@ -1,0 +1,103 @@
+// Per-sample schedule coefficients (a, s, c) for the fused CPU kernels.
+// The closed forms are those of tdiff/schedules.py; kind codes match its KIND_* constants. Any kernel that needs
+// alpha/sigma at a time t includes this header rather than writing the formulas again.
+#pragma once
+
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace tdiff {
+
+enum ScheduleKind : int64_t { VP_LINEAR = 0, VP_COSINE = 1, TABLE_VP = 2, VE = 3, EDM = 4, FLOW = 5 };
+enum FdmOn : int64_t { FDM_OFF = 0, FDM_INPUT = 1, FDM_MEAN = 2 };
+
+struct ScheduleSpec {
+  int64_t kind;
+  double p[4];
+  const double* table;  // log-alpha on the uniform grid p[0] + i p[1], i < p[2] (TABLE_VP only)
+  int64_t table_n;
+  double precond_sigma_data;  // < 0: no preconditioning (c = 1)
+  double fdm[6];              // m, beta_min, beta_d, u_min, u_max, source (0: EDM sigma, 1: time)
+  int64_t fdm_on;
+};
+
+inline ScheduleSpec make_spec(int64_t kind, c10::ArrayRef<double> params, const double* table, int64_t table_n,
+                              double precond_sigma_data, c10::ArrayRef<double> fdm, int64_t fdm_on) {
+  TORCH_CHECK(kind >= VP_LINEAR && kind <= FLOW, "tdiff: unknown schedule kind ", kind);
+  TORCH_CHECK(params.size() == 4, "tdiff: schedule params must hold 4 floats");
+  TORCH_CHECK(kind != TABLE_VP || (table != nullptr && table_n == static_cast<int64_t>(params[2]) && table_n >= 2),
+              "tdiff: a discrete schedule needs its log-alpha table");
+  TORCH_CHECK(fdm_on == FDM_OFF || fdm.size() == 6, "tdiff: fdm must hold 6 floats");
+  ScheduleSpec s{};
+  s.kind = kind;
+  std::copy(params.begin(), params.end(), s.p);
+  s.table = table;
+  s.table_n = table_n;
+  s.precond_sigma_data = precond_sigma_data;
+  if (fdm_on != FDM_OFF) std::copy(fdm.begin(), fdm.end(), s.fdm);
+  s.fdm_on = fdm_on;
+  return s;
+}
+
+// log alpha and log sigma of the schedule at time t.
+inline void log_alpha_sigma(const ScheduleSpec& sp, double t, double& la, double& ls) {
+  auto vp_log_sigma = [](double log_alpha) { return 0.5 * std::log(-std::expm1(2.0 * log_alpha)); };
+  switch (sp.kind) {
+    case VP_LINEAR:
+      la = -0.25 * t * t * (sp.p[1] - sp.p[0]) - 0.5 * t * sp.p[0];
+      ls = vp_log_sigma(la);
+      break;
+    case VP_COSINE:
+      la = std::log(std::cos((t + sp.p[0]) / (1.0 + sp.p[0]) * M_PI / 2.0)) - sp.p[1];
+      ls = vp_log_sigma(la);
+      break;
+    case TABLE_VP: {
+      // piecewise-linear in t with linear extrapolation past both ends (DPM-Solver's interpolation)
+      const double x = (t - sp.p[0]) / sp.p[1];
+      const int64_t i = std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(std::floor(x)), 0), sp.table_n - 2);
+      la = sp.table[i] + (x - static_cast<double>(i)) * (sp.table[i + 1] - sp.table[i]);
+      ls = vp_log_sigma(la);
+      break;
+    }
+    case VE:
+      la = 0.0;
+      ls = sp.p[0] + t * (sp.p[1] - sp.p[0]);
+      break;
+    case EDM:
+      la = 0.0;
+      ls = std::log(t);
+      break;
+    default:  // FLOW
+      la = std::log1p(-t);
+      ls = std::log(t);
+      break;
+  }
+}
+
+// out[0..2] = a, s, c for one sample.
+inline void sample_coefficients(const ScheduleSpec& sp, double t, double* out) {
+  double la, ls;
+  log_alpha_sigma(sp, t, la, ls);
+  double a = std::exp(la), s = std::exp(ls);
+  double c = sp.precond_sigma_data < 0 ? 1.0
+                                        : 1.0 / std::sqrt(s * s + sp.precond_sigma_data * sp.precond_sigma_data * a * a);
+  if (sp.fdm_on != FDM_OFF) {
+    const double u = sp.fdm[5] == 0.0 ? s / a : t;
+    const double tp = (u - sp.fdm[3]) / (sp.fdm[4] - sp.fdm[3]);
+    const double mb = sp.fdm[0] * (sp.fdm[1] * tp + 0.5 * sp.fdm[2] * tp * tp);
+    const double f = std::exp(-mb) * (1.0 + mb);
+    if (sp.fdm_on == FDM_INPUT)
+      c *= f;
+    else
+      a *= f;
+  }
+  out[0] = a;
+  out[1] = s;
+  out[2] = c;
+}
+
+}  // namespace tdiff

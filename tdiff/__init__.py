@@ -1,0 +1,36 @@
+"""tdiff: compiled-kernel time-step methods for diffusion models.
+
+Submodules load lazily, so `import tdiff` stays cheap and a missing optional dependency only matters when the
+feature that needs it is used.
+"""
+import importlib
+
+from ._version import __version__
+
+_SUBMODULES = {
+    "schedules", "ops", "models", "data", "metrics", "solvers", "timesteps", "training", "cache", "artefacts",
+    "denoisers",
+}
+# public name -> (module, attribute)
+_EXPORTS = {
+    "sample": ("tdiff.solvers", "sample"),
+    "denoiser": ("tdiff.denoisers", "denoiser"),
+    "ld3_learn": ("tdiff.timesteps", "ld3_learn"),
+    "cached_dit": ("tdiff.cache", "cached_dit"),
+}
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tdiff.{name}")
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'tdiff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _SUBMODULES | set(_EXPORTS))
+
+
+__all__ = ["__version__", *sorted(_EXPORTS)]

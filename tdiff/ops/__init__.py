@@ -1,0 +1,1 @@
+from .noisy_sample import noisy_sample  # noqa: F401

@@ -1,0 +1,109 @@
+"""Backend choice for every fused op: by device and availability, overridable with TDIFF_BACKEND.
+
+  cuda: Triton > reference        cpu: C++ (tdiff._C) > reference
+  TDIFF_BACKEND=auto|cpp|triton|torch forces one (tests and benchmarks). Triton on a CPU tensor only runs
+  under the interpreter (TRITON_INTERPRET=1), which the tests set.
+
+If the compiled extension is missing, the library warns once and runs on the reference.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def extension_loaded() -> bool:
+    try:
+        if os.environ.get("TDIFF_NO_EXT") == "1":  # behave as an install built without the extension
+            raise ImportError("TDIFF_NO_EXT=1")
+        importlib.import_module("tdiff._C")  # registers the tdiff::*_cpu kernels with the dispatcher
+        return True
+    except ImportError as e:
+        warnings.warn(
+            f"tdiff: the compiled extension tdiff._C is not available ({e}); using the pure-PyTorch reference "
+            "ops on CPU. Build it with `MAX_JOBS=2 pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def requested_backend() -> str:
+    b = os.environ.get("TDIFF_BACKEND", "auto").strip().lower() or "auto"
+    if b not in BACKENDS:
+        raise ValueError(f"TDIFF_BACKEND={b!r} is not one of {BACKENDS}")
+    return b
+
+
+def cpp_has(op_name: str) -> bool:
+    return extension_loaded() and hasattr(torch.ops.tdiff, op_name)
+
+
+def backend_for(x: torch.Tensor, cpp_op: str) -> str:
+    """The backend that runs an op on tensors like `x`. `cpp_op` is the name of its C++ kernel under tdiff::."""
+    want = requested_backend()
+    dev = x.device.type
+    if want == "torch":
+        return "torch"
+    if want == "cpp":
+        if dev != "cpu":
+            raise ValueError(f"TDIFF_BACKEND=cpp runs on CPU tensors only, got a {dev} tensor")
+        if not cpp_has(cpp_op):
+            raise RuntimeError(f"TDIFF_BACKEND=cpp but the extension has no tdiff::{cpp_op} (rebuild tdiff._C)")
+        return "cpp"
+    if want == "triton":
+        if not triton_available():
+            raise RuntimeError("TDIFF_BACKEND=triton but triton is not installed")
+        if dev == "cpu" and not triton_interpreting():
+            raise ValueError("TDIFF_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter)")
+        return "triton"
+    # auto
+    if dev == "cuda":
+        return "triton" if triton_available() else "torch"
+    if dev == "cpu" and cpp_has(cpp_op):
+        return "cpp"
+    return "torch"
+
+
+def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, shape: bool = True) -> None:
+    """Shared input validation: shape, dtype and device must agree."""
+    if shape and a.shape != b.shape:
+        raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"{name_b} must have the dtype of {name_a} ({a.dtype}), got {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_float(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+
+
+def coef_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-sample coefficients are float64 for float64 data (gradcheck) and float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

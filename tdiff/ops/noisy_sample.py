@@ -1,0 +1,201 @@
+"""Fused noisy-sample construction: x_t = a(t) x0 + s(t) eps, and optionally the network input c x_t.
+
+The per-sample coefficients are computed inside the kernel from a (B,) tensor of times and the schedule's
+KernelSpec, so the training hot path is one pass over the data with no host-side coefficient tensors:
+
+  a, s   = alpha(t), sigma(t) of the schedule                       (FDM "mean" mode: a *= momentum factor)
+  c      = c_in = 1/sqrt(s^2 + sigma_data^2 a^2)  if preconditioned  (EDM's c_in when a = 1; 1 for VP, sigma_d = 1)
+           else 1                                                     (FDM "input" mode: c *= momentum factor)
+
+Ops (schemas under tdiff::):
+  noisy_sample(x0, eps, t, kind, params, table, precond_sigma_data, fdm, fdm_on, write_input)
+      -> (x_t, net_in, coefs)       net_in is empty unless write_input; coefs is (B, 3) = [a, s, c]
+  noisy_sample_backward(grad_xt, grad_in, coefs) -> (grad_x0, grad_eps)
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import schedules as S
+from . import dispatch
+
+FDM_OFF, FDM_ON_INPUT, FDM_ON_MEAN = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference (the test oracle and the fallback). Coefficients come from tdiff.schedules' own closed forms.
+# ---------------------------------------------------------------------------------------------------------------
+def coefficients_reference(t: Tensor, kind: int, params: List[float], table: Optional[Tensor],
+                           precond_sigma_data: float, fdm: List[float], fdm_on: int) -> Tensor:
+    """(B, 3) float64 [a, s, c] for each time in t."""
+    sched = S.schedule_from_kernel_spec(kind, params, table)
+    td = t.detach().to(torch.float64)
+    a, s = sched.alpha(td), sched.sigma(td)
+    c = torch.ones_like(a) if precond_sigma_data < 0 else torch.rsqrt(s * s + precond_sigma_data**2 * a * a)
+    if fdm_on != FDM_OFF:
+        m, bmin, bd, umin, umax, src = fdm
+        factor = S.FDMMomentum(m, bmin, bd, umin, umax, "sigma" if src == 0 else "time").factor(
+            s / a if src == 0 else td)
+        if fdm_on == FDM_ON_INPUT:
+            c = c * factor
+        else:
+            a = a * factor
+    return torch.stack([a, s, c], dim=1)
+
+
+def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def noisy_sample_reference(x0, eps, t, kind, params, table, precond_sigma_data, fdm, fdm_on, write_input):
+    coefs = coefficients_reference(t, kind, params, table, precond_sigma_data, fdm, fdm_on)
+    acc = dispatch.coef_dtype(x0)
+    cf = coefs.to(acc)
+    a, s, c = (_per_sample(cf[:, i], x0) for i in range(3))
+    xt = a * x0.to(acc) + s * eps.to(acc)
+    net_in = (c * xt).to(x0.dtype) if write_input else x0.new_empty(0)
+    return xt.to(x0.dtype), net_in, cf
+
+
+def noisy_sample_backward_reference(grad_xt, grad_in, coefs):
+    acc = coefs.dtype
+    a, s, c = (_per_sample(coefs[:, i], grad_xt) for i in range(3))
+    g = grad_xt.to(acc)
+    if grad_in.numel():
+        g = g + c * grad_in.to(acc)
+    return (a * g).to(grad_xt.dtype), (s * g).to(grad_xt.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation shared by every backend
+# ---------------------------------------------------------------------------------------------------------------
+def _validate(x0: Tensor, eps: Tensor, t: Tensor, kind: int, params: List[float], table: Optional[Tensor],
+              fdm: List[float], fdm_on: int) -> None:
+    dispatch.check_float("x0", x0)
+    dispatch.check_same("x0", x0, "eps", eps)
+    if x0.dim() < 1 or x0.shape[0] == 0:
+        raise ValueError(f"x0 must have a non-empty batch dimension, got shape {tuple(x0.shape)}")
+    if t.dim() != 1 or t.shape[0] != x0.shape[0]:
+        raise ValueError(f"t must have shape ({x0.shape[0]},) (one time per sample), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"t must be a floating tensor, got {t.dtype}")
+    if t.device != x0.device:
+        raise ValueError(f"t must be on the device of x0 ({x0.device}), got {t.device}")
+    if not 0 <= kind <= 5:
+        raise ValueError(f"kind must be a schedule kind code 0..5, got {kind}")
+    if len(params) != 4:
+        raise ValueError(f"params must hold 4 floats, got {len(params)}")
+    if kind == S.KIND_TABLE_VP:
+        if table is None or table.dim() != 1 or table.numel() != int(params[2]) or table.dtype != torch.float64:
+            raise ValueError("a discrete schedule needs a float64 table of log-alpha with params[2] entries")
+        if table.device != x0.device:
+            raise ValueError(f"table must be on the device of x0 ({x0.device}), got {table.device}")
+    if fdm_on not in (FDM_OFF, FDM_ON_INPUT, FDM_ON_MEAN):
+        raise ValueError(f"fdm_on must be 0 (off), 1 (input) or 2 (mean), got {fdm_on}")
+    if fdm_on != FDM_OFF and len(fdm) != 6:
+        raise ValueError(f"fdm must hold 6 floats [m, beta_min, beta_d, u_min, u_max, source], got {len(fdm)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("tdiff::noisy_sample", mutates_args=())
+def noisy_sample_op(x0: Tensor, eps: Tensor, t: Tensor, kind: int, params: List[float], table: Optional[Tensor],
+                    precond_sigma_data: float, fdm: List[float], fdm_on: int,
+                    write_input: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    _validate(x0, eps, t, kind, params, table, fdm, fdm_on)
+    backend = dispatch.backend_for(x0, "noisy_sample_cpu")
+    args = (kind, params, table, precond_sigma_data, fdm, fdm_on, write_input)
+    if backend == "cpp":
+        return torch.ops.tdiff.noisy_sample_cpu(x0, eps, t, *args)
+    if backend == "triton":
+        from tdiff.kernels.noisy_sample import noisy_sample_triton
+
+        return noisy_sample_triton(x0, eps, t, *args)
+    return noisy_sample_reference(x0, eps, t, *args)
+
+
+@noisy_sample_op.register_fake
+def _(x0, eps, t, kind, params, table, precond_sigma_data, fdm, fdm_on, write_input):
+    _validate(x0, eps, t, kind, params, table, fdm, fdm_on)
+    net_in = torch.empty_like(x0, memory_format=torch.contiguous_format) if write_input else x0.new_empty(0)
+    coefs = x0.new_empty((x0.shape[0], 3), dtype=dispatch.coef_dtype(x0))
+    return torch.empty_like(x0, memory_format=torch.contiguous_format), net_in, coefs
+
+
+@torch.library.custom_op("tdiff::noisy_sample_backward", mutates_args=())
+def noisy_sample_backward_op(grad_xt: Tensor, grad_in: Tensor, coefs: Tensor) -> Tuple[Tensor, Tensor]:
+    if grad_in.numel():
+        dispatch.check_same("grad_xt", grad_xt, "grad_in", grad_in)
+    if coefs.dim() != 2 or coefs.shape != (grad_xt.shape[0], 3):
+        raise ValueError(f"coefs must have shape ({grad_xt.shape[0]}, 3), got {tuple(coefs.shape)}")
+    backend = dispatch.backend_for(grad_xt, "noisy_sample_backward_cpu")
+    if backend == "cpp":
+        return torch.ops.tdiff.noisy_sample_backward_cpu(grad_xt, grad_in, coefs)
+    if backend == "triton":
+        from tdiff.kernels.noisy_sample import noisy_sample_backward_triton
+
+        return noisy_sample_backward_triton(grad_xt, grad_in, coefs)
+    return noisy_sample_backward_reference(grad_xt, grad_in, coefs)
+
+
+@noisy_sample_backward_op.register_fake
+def _(grad_xt, grad_in, coefs):
+    out = torch.empty_like(grad_xt, memory_format=torch.contiguous_format)
+    return out, torch.empty_like(out)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.write_input = inputs[-1]
+
+
+def _backward(ctx, grad_xt, grad_in, _grad_coefs):
+    (coefs,) = ctx.saved_tensors
+    if grad_xt is None:
+        grad_xt = torch.zeros_like(grad_in)
+    if grad_in is None or not ctx.write_input:
+        grad_in = grad_xt.new_empty(0)
+    g_x0, g_eps = torch.ops.tdiff.noisy_sample_backward(grad_xt.contiguous(), grad_in.contiguous(), coefs)
+    return g_x0, g_eps, None, None, None, None, None, None, None, None
+
+
+noisy_sample_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+def _kernel_table(spec: S.KernelSpec, device: torch.device) -> Optional[Tensor]:
+    if spec.table is None:
+        return None
+    return spec.table.to(device=device, dtype=torch.float64)
+
+
+def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, *,
+                 precond_sigma_data: Optional[float] = None, fdm: Optional[S.FDMMomentum] = None,
+                 write_input: bool = False, check: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """x_t = alpha(t) x0 + sigma(t) eps in one fused pass; with write_input, also the network input c_in x_t.
+
+    precond_sigma_data: write c_in = 1/sqrt(sigma^2 + sigma_data^2 alpha^2) into the input (EDM preconditioning).
+    fdm: an FDMMomentum to apply FDM's factor to the input or to the mean.
+    check: raise if any coefficient is NaN/inf (costs one device sync on GPU; the CPU kernels pay nothing).
+    """
+    spec = schedule.kernel_spec()
+    if isinstance(t, (int, float)):
+        t = torch.full((x0.shape[0],), float(t), device=x0.device, dtype=torch.float64)
+    xt, net_in, coefs = torch.ops.tdiff.noisy_sample(
+        x0, eps, t, spec.kind, [float(p) for p in spec.params], _kernel_table(spec, x0.device),
+        -1.0 if precond_sigma_data is None else float(precond_sigma_data),
+        [] if fdm is None else fdm.kernel_params(),
+        FDM_OFF if fdm is None else (FDM_ON_INPUT if fdm.on == "input" else FDM_ON_MEAN),
+        write_input,
+    )
+    if check and not bool(torch.isfinite(coefs).all()):
+        bad = (~torch.isfinite(coefs).all(dim=1)).nonzero().flatten()[:4].tolist()
+        raise ValueError(f"noisy_sample: non-finite coefficients for samples {bad} (t={t[bad].tolist()}); "
+                         f"t must be finite and inside the domain of {schedule!r}")
+    return xt, (net_in if write_input else None)

@@ -1,0 +1,470 @@
+"""Noise schedules: one (alpha, sigma, lambda) interface for VP, VE, EDM and flow.
+
+A schedule maps a time t to the coefficients of the forward process x_t = alpha(t) x0 + sigma(t) eps.
+lambda(t) = log(alpha/sigma) is the half log-SNR that the solvers step in. The "EDM sigma" sigma/alpha =
+exp(-lambda) is the noise level diffusers' schedulers and k-diffusion denoisers use.
+
+Every closed form lives here once. Derivatives are taken by autograd from those closed forms, so a schedule
+only has to write log_alpha, log_sigma and the inverse of lambda.
+
+The fused kernels cannot call Python, so each schedule also describes itself as a `KernelSpec`: a kind code
+and up to four float parameters (plus a uniform-grid table for discrete schedules). csrc/ and kernels/ evaluate
+exactly the same formulas from that spec; tests check them against these methods.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+TimeLike = Union[float, Sequence[float], torch.Tensor]
+
+# Kind codes shared with csrc/noisy_sample.cpp and kernels/noisy_sample.py. Keep the three in step.
+KIND_VP_LINEAR = 0  # params: beta0, beta1
+KIND_VP_COSINE = 1  # params: s, log_alpha0 (= log cos(s/(1+s) pi/2))
+KIND_TABLE_VP = 2  # params: t0, dt, n; table = log_alpha on the grid t0 + i dt (piecewise-linear)
+KIND_VE = 3  # params: log_sigma_min, log_sigma_max  (alpha = 1, sigma = exp(lerp(t)))
+KIND_EDM = 4  # alpha = 1, sigma = t
+KIND_FLOW = 5  # alpha = 1 - t, sigma = t
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    kind: int
+    params: tuple  # four floats, unused ones zero
+    table: Optional[torch.Tensor] = None  # only for KIND_TABLE_VP
+
+
+def as_time(t: TimeLike, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Turn a float / list / tensor into a floating tensor (float64 unless it already is floating)."""
+    if isinstance(t, torch.Tensor):
+        return t if t.is_floating_point() else t.to(torch.float64)
+    return torch.as_tensor(t, dtype=torch.float64, device=None if like is None else like.device)
+
+
+class NoiseSchedule:
+    """Base class. Subclasses define log_alpha, log_sigma, t_from_lambda and the domain."""
+
+    #: closed domain of valid t for validation
+    domain: tuple = (0.0, 1.0)
+    #: default sampling interval [t_min, t_max] (t_max is where sampling starts)
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    #: "vp" (alpha^2 + sigma^2 = 1), "ve" (alpha = 1) or "flow"
+    family: str = "vp"
+
+    # ----- closed forms (subclasses) -----
+    def log_alpha(self, t: TimeLike) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_sigma(self, t: TimeLike) -> torch.Tensor:
+        raise NotImplementedError
+
+    def t_from_lambda(self, lam: TimeLike) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kernel_spec(self) -> KernelSpec:
+        raise NotImplementedError
+
+    # ----- derived quantities -----
+    def check_t(self, t: TimeLike, name: str = "t") -> torch.Tensor:
+        t = as_time(t)
+        if torch.isnan(t).any():
+            raise ValueError(f"{name} contains NaN; expected times in [{self.domain[0]}, {self.domain[1]}]")
+        lo, hi = self.domain
+        if t.numel() and (bool((t < lo).any()) or bool((t > hi).any())):
+            raise ValueError(
+                f"{name} is outside the domain of {type(self).__name__}: got values in "
+                f"[{t.min().item():.6g}, {t.max().item():.6g}], expected [{lo}, {hi}]"
+            )
+        return t
+
+    def alpha(self, t: TimeLike) -> torch.Tensor:
+        return self.log_alpha(t).exp()
+
+    def sigma(self, t: TimeLike) -> torch.Tensor:
+        return self.log_sigma(t).exp()
+
+    def lambda_(self, t: TimeLike) -> torch.Tensor:
+        """Half log-SNR, log(alpha/sigma)."""
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def edm_sigma(self, t: TimeLike) -> torch.Tensor:
+        """The noise level sigma/alpha (diffusers' `sigmas`, k-diffusion's sigma)."""
+        return (-self.lambda_(t)).exp()
+
+    def t_from_edm_sigma(self, s: TimeLike) -> torch.Tensor:
+        s = as_time(s)
+        if torch.isnan(s).any() or bool((s <= 0).any()):
+            raise ValueError("sigma must be positive and not NaN")
+        return self.t_from_lambda(-s.log())
+
+    def snr(self, t: TimeLike) -> torch.Tensor:
+        return (2 * self.lambda_(t)).exp()
+
+    def lambda_range(self) -> tuple:
+        return float(self.lambda_(self.t_max)), float(self.lambda_(self.t_min))
+
+    # Derivatives by autograd from the closed forms: one formula, every derivative.
+    def _derivative(self, fn, t: TimeLike) -> torch.Tensor:
+        t = as_time(t)
+        with torch.enable_grad():
+            tt = t.detach().clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(fn(tt).sum(), tt, create_graph=t.requires_grad)
+        return g
+
+    def d_log_alpha(self, t: TimeLike) -> torch.Tensor:
+        return self._derivative(self.log_alpha, t)
+
+    def d_log_sigma(self, t: TimeLike) -> torch.Tensor:
+        return self._derivative(self.log_sigma, t)
+
+    def d_lambda(self, t: TimeLike) -> torch.Tensor:
+        return self._derivative(self.lambda_, t)
+
+    def d_sigma(self, t: TimeLike) -> torch.Tensor:
+        return self._derivative(self.sigma, t)
+
+    def d_alpha(self, t: TimeLike) -> torch.Tensor:
+        return self._derivative(self.alpha, t)
+
+    def config(self) -> dict:
+        """A JSON-able description, stored in saved artefacts to refuse mismatches."""
+        return {"class": type(self).__name__}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "class")
+        return f"{type(self).__name__}({args})"
+
+
+def _vp_log_sigma(log_alpha: torch.Tensor) -> torch.Tensor:
+    # sigma = sqrt(1 - alpha^2), computed stably near alpha -> 1
+    return 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+
+
+def _vp_log_alpha_from_lambda(lam: torch.Tensor) -> torch.Tensor:
+    # alpha^2 = 1 / (1 + exp(-2 lambda))
+    return -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
+
+
+class VPLinear(NoiseSchedule):
+    """Continuous VP with linear beta(t) (Song et al.): log alpha = -t^2 (b1-b0)/4 - t b0/2, t in [0, 1]."""
+
+    family = "vp"
+
+    def __init__(self, beta0: float = 0.1, beta1: float = 20.0, t_min: float = 1e-3):
+        if not (beta0 > 0 and beta1 > beta0):
+            raise ValueError(f"VPLinear needs 0 < beta0 < beta1, got beta0={beta0}, beta1={beta1}")
+        self.beta0, self.beta1, self.t_min = float(beta0), float(beta1), float(t_min)
+
+    def log_alpha(self, t):
+        t = as_time(t)
+        return -0.25 * t * t * (self.beta1 - self.beta0) - 0.5 * t * self.beta0
+
+    def log_sigma(self, t):
+        return _vp_log_sigma(self.log_alpha(t))
+
+    def t_from_lambda(self, lam):
+        lam = as_time(lam)
+        tmp = 2.0 * (self.beta1 - self.beta0) * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+        delta = self.beta0**2 + tmp
+        return tmp / (torch.sqrt(delta) + self.beta0) / (self.beta1 - self.beta0)
+
+    def kernel_spec(self):
+        return KernelSpec(KIND_VP_LINEAR, (self.beta0, self.beta1, 0.0, 0.0))
+
+    def config(self):
+        return {"class": "VPLinear", "beta0": self.beta0, "beta1": self.beta1, "t_min": self.t_min}
+
+
+class VPCosine(NoiseSchedule):
+    """Continuous cosine VP (Nichol & Dhariwal), alpha(t) = cos((t+s)/(1+s) pi/2) / cos(s/(1+s) pi/2)."""
+
+    family = "vp"
+
+    def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
+        if s <= 0:
+            raise ValueError(f"VPCosine needs s > 0, got {s}")
+        self.s, self.t_min, self.t_max = float(s), float(t_min), float(t_max)
+        self.domain = (0.0, self.t_max)
+        self._log_alpha0 = math.log(math.cos(self.s / (1.0 + self.s) * math.pi / 2.0))
+
+    def log_alpha(self, t):
+        t = as_time(t)
+        return torch.log(torch.cos((t + self.s) / (1.0 + self.s) * math.pi / 2.0)) - self._log_alpha0
+
+    def log_sigma(self, t):
+        return _vp_log_sigma(self.log_alpha(t))
+
+    def t_from_lambda(self, lam):
+        log_alpha = _vp_log_alpha_from_lambda(as_time(lam))
+        return 2.0 * (1.0 + self.s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha0)) - self.s
+
+    def kernel_spec(self):
+        return KernelSpec(KIND_VP_COSINE, (self.s, self._log_alpha0, 0.0, 0.0))
+
+    def config(self):
+        return {"class": "VPCosine", "s": self.s, "t_min": self.t_min, "t_max": self.t_max}
+
+
+def betas_from_diffusers_config(config) -> torch.Tensor:
+    """The betas a diffusers DDPM-family scheduler builds from its config (trained_betas, linear,
+    scaled_linear, squaredcos_cap_v2), in float64."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    trained = get("trained_betas", None)
+    n = int(get("num_train_timesteps", 1000))
+    b0, b1 = float(get("beta_start", 1e-4)), float(get("beta_end", 0.02))
+    kind = get("beta_schedule", "linear")
+    if trained is not None:
+        return torch.as_tensor(trained, dtype=torch.float64)
+    if kind == "linear":
+        return torch.linspace(b0, b1, n, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+        f = lambda x: math.cos((x + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+    raise ValueError(
+        f"beta_schedule={kind!r} is not supported; expected 'linear', 'scaled_linear' or 'squaredcos_cap_v2'"
+    )
+
+
+class DiscreteVP(NoiseSchedule):
+    """A discrete DDPM schedule (betas over N training steps), made continuous as in DPM-Solver:
+    t_i = (i+1)/N for training index i, log alpha piecewise-linear in t between the nodes."""
+
+    family = "vp"
+
+    def __init__(self, betas=None, alphas_cumprod=None):
+        if (betas is None) == (alphas_cumprod is None):
+            raise ValueError("DiscreteVP needs exactly one of betas or alphas_cumprod")
+        if betas is not None:
+            betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+            if betas.numel() < 2 or torch.isnan(betas).any() or bool((betas <= 0).any()) or bool((betas >= 1).any()):
+                raise ValueError("betas must hold at least 2 values, each in (0, 1), with no NaN")
+            log_alpha = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
+        else:
+            ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+            if ac.numel() < 2 or torch.isnan(ac).any() or bool((ac <= 0).any()) or bool((ac >= 1).any()):
+                raise ValueError("alphas_cumprod must hold at least 2 values, each in (0, 1), with no NaN")
+            if bool((ac[1:] >= ac[:-1]).any()):
+                raise ValueError("alphas_cumprod must be strictly decreasing")
+            log_alpha = 0.5 * ac.log()
+        self.n = log_alpha.numel()
+        self.log_alpha_table = log_alpha
+        self.t_table = torch.linspace(0.0, 1.0, self.n + 1, dtype=torch.float64)[1:]
+        self.t_min, self.t_max = 1.0 / self.n, 1.0
+        self.domain = (0.0, 1.0)
+
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config) -> "DiscreteVP":
+        """From a diffusers scheduler (its alphas_cumprod) or a scheduler config dict."""
+        ac = getattr(scheduler_or_config, "alphas_cumprod", None)
+        config = getattr(scheduler_or_config, "config", scheduler_or_config)
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        if get("rescale_betas_zero_snr", False):
+            raise ValueError("rescale_betas_zero_snr=True gives alpha=0 at the last step (lambda=-inf); not supported")
+        if ac is not None:
+            return cls(alphas_cumprod=torch.as_tensor(ac, dtype=torch.float64))
+        return cls(betas=betas_from_diffusers_config(config))
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return (2 * self.log_alpha_table).exp()
+
+    def _interp(self, x, xp, fp):
+        # piecewise-linear with linear extrapolation at both ends (DPM-Solver's interpolate_fn)
+        xp, fp = xp.to(x), fp.to(x)
+        idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, xp.numel() - 1)
+        x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+        return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+    def log_alpha(self, t):
+        t = as_time(t)
+        return self._interp(t, self.t_table, self.log_alpha_table)
+
+    def log_sigma(self, t):
+        return _vp_log_sigma(self.log_alpha(t))
+
+    def t_from_lambda(self, lam):
+        log_alpha = _vp_log_alpha_from_lambda(as_time(lam))
+        return self._interp(log_alpha, self.log_alpha_table.flip(0), self.t_table.flip(0))
+
+    def t_from_index(self, i: TimeLike) -> torch.Tensor:
+        """Training index i in [0, N-1] (diffusers' timestep) -> continuous t = (i+1)/N."""
+        return (as_time(i) + 1.0) / self.n
+
+    def index_from_t(self, t: TimeLike) -> torch.Tensor:
+        """Continuous t -> (fractional) diffusers timestep N t - 1."""
+        return as_time(t) * self.n - 1.0
+
+    def kernel_spec(self):
+        return KernelSpec(KIND_TABLE_VP, (1.0 / self.n, 1.0 / self.n, float(self.n), 0.0), self.log_alpha_table)
+
+    def config(self):
+        # a short fingerprint of the table rather than all N values
+        return {"class": "DiscreteVP", "n": self.n, "log_alpha_sum": round(float(self.log_alpha_table.sum()), 9)}
+
+
+class VE(NoiseSchedule):
+    """Variance exploding (SMLD): alpha = 1, sigma = sigma_min (sigma_max/sigma_min)^t, t in [0, 1]."""
+
+    family = "ve"
+
+    def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0, t_min: float = 0.0):
+        if not (0 < sigma_min < sigma_max):
+            raise ValueError(f"VE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max, self.t_min = float(sigma_min), float(sigma_max), float(t_min)
+        self._lmin, self._lmax = math.log(sigma_min), math.log(sigma_max)
+
+    def log_alpha(self, t):
+        return 0.0 * as_time(t)  # keeps the graph, so derivatives (zero) exist
+
+    def log_sigma(self, t):
+        t = as_time(t)
+        return self._lmin + t * (self._lmax - self._lmin)
+
+    def t_from_lambda(self, lam):
+        return (-as_time(lam) - self._lmin) / (self._lmax - self._lmin)
+
+    def kernel_spec(self):
+        return KernelSpec(KIND_VE, (self._lmin, self._lmax, 0.0, 0.0))
+
+    def config(self):
+        return {"class": "VE", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+class EDM(NoiseSchedule):
+    """Karras et al.: alpha = 1, sigma = t. Any t > 0 is valid; sampling runs over [sigma_min, sigma_max]."""
+
+    family = "ve"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
+        if not (0 < sigma_min < sigma_max):
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.t_min, self.t_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
+        self.domain = (0.0, math.inf)
+
+    def check_t(self, t, name="t"):
+        t = super().check_t(t, name)
+        if bool((t <= 0).any()):
+            raise ValueError(f"{name} must be positive for EDM (t is sigma)")
+        return t
+
+    def log_alpha(self, t):
+        return 0.0 * as_time(t)  # keeps the graph, so derivatives (zero) exist
+
+    def log_sigma(self, t):
+        return torch.log(as_time(t))
+
+    def t_from_lambda(self, lam):
+        return torch.exp(-as_time(lam))
+
+    def kernel_spec(self):
+        return KernelSpec(KIND_EDM, (0.0, 0.0, 0.0, 0.0))
+
+    def config(self):
+        return {"class": "EDM", "sigma_min": self.t_min, "sigma_max": self.t_max, "sigma_data": self.sigma_data}
+
+
+class RectifiedFlow(NoiseSchedule):
+    """Flow matching / rectified flow: alpha = 1 - t, sigma = t, t in [0, 1].
+    lambda is infinite at both ends, so the default sampling interval stays just inside them."""
+
+    family = "flow"
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3):
+        if not (0 < t_min < t_max < 1):
+            raise ValueError(f"RectifiedFlow needs 0 < t_min < t_max < 1, got {t_min}, {t_max}")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+
+    def log_alpha(self, t):
+        return torch.log1p(-as_time(t))
+
+    def log_sigma(self, t):
+        return torch.log(as_time(t))
+
+    def t_from_lambda(self, lam):
+        return torch.sigmoid(-as_time(lam))  # t = 1/(1+e^lambda)
+
+    def kernel_spec(self):
+        return KernelSpec(KIND_FLOW, (0.0, 0.0, 0.0, 0.0))
+
+    def config(self):
+        return {"class": "RectifiedFlow", "t_min": self.t_min, "t_max": self.t_max}
+
+
+@dataclass(frozen=True)
+class FDMMomentum:
+    """FDM's momentum factor e^{-mB(t')}(1 + mB(t')), B(t') = beta_min t' + beta_d t'^2 / 2 (paper Eq. 13/15).
+
+    t' = (u - u_min)/(u_max - u_min) where u is the EDM sigma (source="sigma", FDM's EDM/VE/VP preconditioners)
+    or the schedule time (source="time"). `on` says where the factor goes: "input" scales the network input
+    (FDM's reference code and Table 1), "mean" scales x0 in the forward process (paper Eq. 15).
+    """
+
+    m: float = 2.0
+    beta_min: float = 0.1
+    beta_d: float = 19.9
+    u_min: float = 0.002
+    u_max: float = 80.0
+    source: str = "sigma"
+    on: str = "input"
+
+    def __post_init__(self):
+        if self.source not in ("sigma", "time"):
+            raise ValueError(f"FDMMomentum.source must be 'sigma' or 'time', got {self.source!r}")
+        if self.on not in ("input", "mean"):
+            raise ValueError(f"FDMMomentum.on must be 'input' or 'mean', got {self.on!r}")
+        if not (self.u_max > self.u_min) or self.m < 0:
+            raise ValueError(f"FDMMomentum needs u_max > u_min and m >= 0, got {self}")
+
+    def factor(self, u: torch.Tensor) -> torch.Tensor:
+        tp = (u - self.u_min) / (self.u_max - self.u_min)
+        mb = self.m * (self.beta_min * tp + 0.5 * self.beta_d * tp * tp)
+        return torch.exp(-mb) * (1.0 + mb)
+
+    def kernel_params(self) -> list:
+        """[m, beta_min, beta_d, u_min, u_max, source(0 sigma / 1 time)] for the fused kernels."""
+        return [self.m, self.beta_min, self.beta_d, self.u_min, self.u_max, 0.0 if self.source == "sigma" else 1.0]
+
+
+def schedule_from_kernel_spec(kind: int, params, table: Optional[torch.Tensor] = None) -> NoiseSchedule:
+    """Rebuild the schedule a kernel spec describes, so the pure-PyTorch reference ops evaluate the very same
+    closed forms as this module (the kernels re-express them in C++/Triton and are tested against these)."""
+    p = list(params) + [0.0] * 4
+    if kind == KIND_VP_LINEAR:
+        return VPLinear(p[0], p[1])
+    if kind == KIND_VP_COSINE:
+        return VPCosine(p[0])
+    if kind == KIND_TABLE_VP:
+        if table is None:
+            raise ValueError("a discrete (table) schedule spec needs its log-alpha table")
+        return DiscreteVP(alphas_cumprod=(2 * table.double()).exp())
+    if kind == KIND_VE:
+        return VE(math.exp(p[0]), math.exp(p[1]))
+    if kind == KIND_EDM:
+        return EDM()
+    if kind == KIND_FLOW:
+        return RectifiedFlow()
+    raise ValueError(f"unknown schedule kind {kind}; expected 0..5")
+
+
+_REGISTRY = {c.__name__: c for c in (VPLinear, VPCosine, VE, EDM, RectifiedFlow)}
+
+
+def from_config(config: dict) -> NoiseSchedule:
+    """Rebuild a continuous schedule from `config()` (DiscreteVP needs its betas and is not rebuilt here)."""
+    cfg = dict(config)
+    cls = _REGISTRY.get(cfg.pop("class", None))
+    if cls is None:
+        raise ValueError(f"cannot rebuild schedule from {config!r}; known: {sorted(_REGISTRY)}")
+    return cls(**cfg)
+
+
+__all__ = [
+    "NoiseSchedule", "VPLinear", "VPCosine", "DiscreteVP", "VE", "EDM", "RectifiedFlow", "KernelSpec",
+    "betas_from_diffusers_config", "from_config", "as_time", "FDMMomentum", "schedule_from_kernel_spec",
+]
