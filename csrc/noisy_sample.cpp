@@ -11,30 +11,40 @@
 #include <vector>
 
 #include "schedule_coefficients.h"
+#include "simd.h"
 
 namespace tdiff {
 namespace {
 
-// One pass over the data. A chunk of [begin, end) may span several samples, so walk it row by row; the inner
-// loop is a plain multiply-add over contiguous memory that the compiler vectorises.
+// One row of one sample: a plain multiply-add over contiguous memory, vectorised and cloned per ISA.
 template <typename scalar_t, bool WRITE_INPUT>
-void noisy_sample_rows(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ eps, scalar_t* __restrict__ xt,
-                       scalar_t* __restrict__ net_in, const double* coefs, int64_t n_per_sample, int64_t total) {
+TDIFF_SIMD_CLONES void noisy_sample_row(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ eps,
+                                        scalar_t* __restrict__ xt, scalar_t* __restrict__ net_in,
+                                        at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> s,
+                                        at::opmath_type<scalar_t> c, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t v = a * static_cast<acc_t>(x0[j]) + s * static_cast<acc_t>(eps[j]);
+    xt[j] = static_cast<scalar_t>(v);
+    if constexpr (WRITE_INPUT) net_in[j] = static_cast<scalar_t>(c * v);
+  }
+}
+
+// One pass over the data. A chunk [begin, end) of the flattened batch may span several samples, so walk it
+// row by row, each row with its own coefficients.
+template <typename scalar_t, bool WRITE_INPUT>
+void noisy_sample_rows(const scalar_t* x0, const scalar_t* eps, scalar_t* xt, scalar_t* net_in, const double* coefs,
+                       int64_t n_per_sample, int64_t total) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {
       const int64_t b = i / n_per_sample;
       const int64_t row_end = std::min(end, (b + 1) * n_per_sample);
-      const acc_t a = static_cast<acc_t>(coefs[3 * b]);
-      const acc_t s = static_cast<acc_t>(coefs[3 * b + 1]);
-      const acc_t c = static_cast<acc_t>(coefs[3 * b + 2]);
-#pragma omp simd
-      for (int64_t j = i; j < row_end; ++j) {
-        const acc_t v = a * static_cast<acc_t>(x0[j]) + s * static_cast<acc_t>(eps[j]);
-        xt[j] = static_cast<scalar_t>(v);
-        if constexpr (WRITE_INPUT) net_in[j] = static_cast<scalar_t>(c * v);
-      }
+      noisy_sample_row<scalar_t, WRITE_INPUT>(x0 + i, eps + i, xt + i, WRITE_INPUT ? net_in + i : nullptr,
+                                              static_cast<acc_t>(coefs[3 * b]), static_cast<acc_t>(coefs[3 * b + 1]),
+                                              static_cast<acc_t>(coefs[3 * b + 2]), row_end - i);
       i = row_end;
     }
   });
@@ -86,25 +96,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
 
 // grad_x0 = a g, grad_eps = s g with g = grad_xt + c grad_in (grad_in may be empty).
 template <typename scalar_t, bool HAS_IN>
-void noisy_sample_backward_rows(const scalar_t* __restrict__ gxt, const scalar_t* __restrict__ gin,
-                                scalar_t* __restrict__ gx0, scalar_t* __restrict__ geps, const double* coefs,
-                                int64_t n_per_sample, int64_t total) {
+TDIFF_SIMD_CLONES void noisy_sample_backward_row(const scalar_t* __restrict__ gxt, const scalar_t* __restrict__ gin,
+                                                 scalar_t* __restrict__ gx0, scalar_t* __restrict__ geps,
+                                                 at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> s,
+                                                 at::opmath_type<scalar_t> c, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t g = static_cast<acc_t>(gxt[j]);
+    if constexpr (HAS_IN) g += c * static_cast<acc_t>(gin[j]);
+    gx0[j] = static_cast<scalar_t>(a * g);
+    geps[j] = static_cast<scalar_t>(s * g);
+  }
+}
+
+template <typename scalar_t, bool HAS_IN>
+void noisy_sample_backward_rows(const scalar_t* gxt, const scalar_t* gin, scalar_t* gx0, scalar_t* geps,
+                                const double* coefs, int64_t n_per_sample, int64_t total) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {
       const int64_t b = i / n_per_sample;
       const int64_t row_end = std::min(end, (b + 1) * n_per_sample);
-      const acc_t a = static_cast<acc_t>(coefs[3 * b]);
-      const acc_t s = static_cast<acc_t>(coefs[3 * b + 1]);
-      const acc_t c = static_cast<acc_t>(coefs[3 * b + 2]);
-#pragma omp simd
-      for (int64_t j = i; j < row_end; ++j) {
-        acc_t g = static_cast<acc_t>(gxt[j]);
-        if constexpr (HAS_IN) g += c * static_cast<acc_t>(gin[j]);
-        gx0[j] = static_cast<scalar_t>(a * g);
-        geps[j] = static_cast<scalar_t>(s * g);
-      }
+      noisy_sample_backward_row<scalar_t, HAS_IN>(gxt + i, HAS_IN ? gin + i : nullptr, gx0 + i, geps + i,
+                                                  static_cast<acc_t>(coefs[3 * b]),
+                                                  static_cast<acc_t>(coefs[3 * b + 1]),
+                                                  static_cast<acc_t>(coefs[3 * b + 2]), row_end - i);
       i = row_end;
     }
   });
