@@ -123,7 +123,8 @@ def test_gradcheck(monkeypatch, backend, write_input):
                                                      0, write_input)
         return (xt, net_in) if write_input else xt
 
-    assert torch.autograd.gradcheck(f, (x0, eps))
+    # fast_mode under the interpreter: each Triton launch costs milliseconds there
+    assert torch.autograd.gradcheck(f, (x0, eps), fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

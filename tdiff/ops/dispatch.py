@@ -107,3 +107,16 @@ def check_float(name: str, x: torch.Tensor) -> None:
 def coef_dtype(x: torch.Tensor) -> torch.dtype:
     """Per-sample coefficients are float64 for float64 data (gradcheck) and float32 otherwise."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def route(x: torch.Tensor, cpp_op: str, triton_fn: str, reference, *args):
+    """Run an op's implementation for the backend chosen for `x`: the C++ kernel torch.ops.tdiff.<cpp_op>, the
+    Triton launcher "module:function" (imported lazily, so CPU-only installs never import triton), or the
+    reference function. Every op's custom_op body is this one call."""
+    backend = backend_for(x, cpp_op)
+    if backend == "cpp":
+        return getattr(torch.ops.tdiff, cpp_op)(*args)
+    if backend == "triton":
+        module, fn = triton_fn.split(":")
+        return getattr(importlib.import_module(module), fn)(*args)
+    return reference(*args)

@@ -107,15 +107,9 @@ def noisy_sample_op(x0: Tensor, eps: Tensor, t: Tensor, kind: int, params: List[
                     precond_sigma_data: float, fdm: List[float], fdm_on: int,
                     write_input: bool) -> Tuple[Tensor, Tensor, Tensor]:
     _validate(x0, eps, t, kind, params, table, fdm, fdm_on)
-    backend = dispatch.backend_for(x0, "noisy_sample_cpu")
-    args = (kind, params, table, precond_sigma_data, fdm, fdm_on, write_input)
-    if backend == "cpp":
-        return torch.ops.tdiff.noisy_sample_cpu(x0, eps, t, *args)
-    if backend == "triton":
-        from tdiff.kernels.noisy_sample import noisy_sample_triton
-
-        return noisy_sample_triton(x0, eps, t, *args)
-    return noisy_sample_reference(x0, eps, t, *args)
+    return dispatch.route(x0, "noisy_sample_cpu", "tdiff.kernels.noisy_sample:noisy_sample_triton",
+                          noisy_sample_reference, x0, eps, t, kind, params, table, precond_sigma_data, fdm, fdm_on,
+                          write_input)
 
 
 @noisy_sample_op.register_fake
@@ -132,14 +126,9 @@ def noisy_sample_backward_op(grad_xt: Tensor, grad_in: Tensor, coefs: Tensor) ->
         dispatch.check_same("grad_xt", grad_xt, "grad_in", grad_in)
     if coefs.dim() != 2 or coefs.shape != (grad_xt.shape[0], 3):
         raise ValueError(f"coefs must have shape ({grad_xt.shape[0]}, 3), got {tuple(coefs.shape)}")
-    backend = dispatch.backend_for(grad_xt, "noisy_sample_backward_cpu")
-    if backend == "cpp":
-        return torch.ops.tdiff.noisy_sample_backward_cpu(grad_xt, grad_in, coefs)
-    if backend == "triton":
-        from tdiff.kernels.noisy_sample import noisy_sample_backward_triton
-
-        return noisy_sample_backward_triton(grad_xt, grad_in, coefs)
-    return noisy_sample_backward_reference(grad_xt, grad_in, coefs)
+    return dispatch.route(grad_xt, "noisy_sample_backward_cpu",
+                          "tdiff.kernels.noisy_sample:noisy_sample_backward_triton",
+                          noisy_sample_backward_reference, grad_xt, grad_in, coefs)
 
 
 @noisy_sample_backward_op.register_fake
