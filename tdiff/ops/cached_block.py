@@ -1,0 +1,150 @@
+"""Fused cached-block scatter: per-sample "fresh or cached" branch selection, gate and residual in one pass.
+
+For one cacheable unit (a DiT attention or MLP branch) with per-sample masks, the rows that compute are gathered
+and run through the unit (giving `fresh`, K rows); every other row reuses its cached pre-gate branch output.
+This op then writes, for each sample b,
+
+  branch[b] = fresh[source[b]] if source[b] >= 0 else cache[b]     (the refreshed cache)
+  out[b]    = x[b] + gate[b] * branch[b]                           (gate broadcast over tokens)
+
+so the selection, the gate multiply and the residual add are one read of x, gate, fresh, cache and one write of
+out and branch, instead of an index_copy plus two elementwise passes.
+
+Ops (schemas under tdiff::):
+  cached_block(x (B,N,C), gate (B,C), fresh (K,N,C), cache (B,N,C), source (B,) int64) -> (out, branch)
+  cached_block_backward(grad_out, grad_branch, gate, branch, source, computed) -> (gx, ggate, gfresh, gcache)
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference (the test oracle and the fallback)
+# ---------------------------------------------------------------------------------------------------------------
+def cached_block_reference(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor):
+    computed = (source >= 0).view(-1, 1, 1)
+    if fresh.shape[0]:
+        picked = fresh.index_select(0, source.clamp(min=0))
+        branch = torch.where(computed, picked, cache)
+    else:
+        branch = cache.clone()
+    acc = dispatch.coef_dtype(x)
+    out = x.to(acc) + gate.to(acc).unsqueeze(1) * branch.to(acc)
+    return out.to(x.dtype), branch
+
+
+def cached_block_backward_reference(grad_out: Tensor, grad_branch: Tensor, gate: Tensor, branch: Tensor,
+                                    source: Tensor, computed: int):
+    acc = dispatch.coef_dtype(grad_out)
+    total = grad_out.to(acc) * gate.to(acc).unsqueeze(1) + grad_branch.to(acc)  # d loss / d branch
+    grad_gate = (grad_out.to(acc) * branch.to(acc)).sum(1)
+    rows = (source >= 0).nonzero().squeeze(1)
+    grad_fresh = total.new_zeros((computed,) + tuple(total.shape[1:]))
+    grad_fresh.index_copy_(0, source.index_select(0, rows), total.index_select(0, rows))
+    grad_cache = torch.where((source >= 0).view(-1, 1, 1), torch.zeros_like(total), total)
+    dt = grad_out.dtype
+    return grad_out.clone(), grad_gate.to(dt), grad_fresh.to(dt), grad_cache.to(dt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation shared by every backend
+# ---------------------------------------------------------------------------------------------------------------
+def _validate(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> None:
+    dispatch.check_float("x", x)
+    if x.dim() != 3 or x.shape[0] == 0:
+        raise ValueError(f"x must be (B, N, C) with B > 0, got shape {tuple(x.shape)}")
+    b, n, c = x.shape
+    dispatch.check_same("x", x, "cache", cache)
+    dispatch.check_same("x", x, "gate", gate, shape=False)
+    dispatch.check_same("x", x, "fresh", fresh, shape=False)
+    if gate.shape != (b, c):
+        raise ValueError(f"gate must have shape ({b}, {c}), got {tuple(gate.shape)}")
+    if fresh.dim() != 3 or fresh.shape[1:] != (n, c) or fresh.shape[0] > b:
+        raise ValueError(f"fresh must have shape (K, {n}, {c}) with K <= {b}, got {tuple(fresh.shape)}")
+    if source.shape != (b,) or source.dtype != torch.int64 or source.device != x.device:
+        raise ValueError(f"source must be an int64 tensor of shape ({b},) on {x.device}, got "
+                         f"{source.dtype} {tuple(source.shape)} on {source.device}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("tdiff::cached_block", mutates_args=())
+def cached_block_op(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> Tuple[Tensor, Tensor]:
+    _validate(x, gate, fresh, cache, source)
+    backend = dispatch.backend_for(x, "cached_block_cpu")
+    if backend == "cpp":
+        return torch.ops.tdiff.cached_block_cpu(x, gate, fresh, cache, source)
+    if backend == "triton":
+        from tdiff.kernels.cached_block import cached_block_triton
+
+        return cached_block_triton(x, gate, fresh, cache, source)
+    return cached_block_reference(x, gate, fresh, cache, source)
+
+
+@cached_block_op.register_fake
+def _(x, gate, fresh, cache, source):
+    _validate(x, gate, fresh, cache, source)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("tdiff::cached_block_backward", mutates_args=())
+def cached_block_backward_op(grad_out: Tensor, grad_branch: Tensor, gate: Tensor, branch: Tensor, source: Tensor,
+                             computed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dispatch.check_same("grad_out", grad_out, "grad_branch", grad_branch)
+    dispatch.check_same("grad_out", grad_out, "branch", branch)
+    if grad_out.dim() != 3 or gate.shape != (grad_out.shape[0], grad_out.shape[2]):
+        raise ValueError(f"grad_out must be (B, N, C) and gate (B, C), got {tuple(grad_out.shape)} and "
+                         f"{tuple(gate.shape)}")
+    if not 0 <= computed <= grad_out.shape[0]:
+        raise ValueError(f"computed must be in [0, {grad_out.shape[0]}], got {computed}")
+    backend = dispatch.backend_for(grad_out, "cached_block_backward_cpu")
+    if backend == "cpp":
+        return torch.ops.tdiff.cached_block_backward_cpu(grad_out, grad_branch, gate, branch, source, computed)
+    if backend == "triton" and grad_out.dtype != torch.float64:
+        from tdiff.kernels.cached_block import cached_block_backward_triton
+
+        return cached_block_backward_triton(grad_out, grad_branch, gate, branch, source, computed)
+    return cached_block_backward_reference(grad_out, grad_branch, gate, branch, source, computed)
+
+
+@cached_block_backward_op.register_fake
+def _(grad_out, grad_branch, gate, branch, source, computed):
+    g = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
+    return (g, gate.new_empty(gate.shape), grad_out.new_empty((computed,) + tuple(grad_out.shape[1:])),
+            torch.empty_like(g))
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate, fresh, cache, source = inputs
+    ctx.save_for_backward(gate, output[1], source)
+    ctx.computed = fresh.shape[0]
+
+
+def _backward(ctx, grad_out, grad_branch):
+    gate, branch, source = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(branch)
+    if grad_branch is None:
+        grad_branch = torch.zeros_like(branch)
+    gx, ggate, gfresh, gcache = torch.ops.tdiff.cached_block_backward(
+        grad_out.contiguous(), grad_branch.contiguous(), gate, branch, source, ctx.computed)
+    return gx, ggate, gfresh, gcache, None
+
+
+cached_block_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+def cached_block(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> Tuple[Tensor, Tensor]:
+    """(out, refreshed cache) for one unit with per-sample masks; see the module docstring."""
+    return torch.ops.tdiff.cached_block(x, gate, fresh, cache, source)
