@@ -1,0 +1,84 @@
+"""The time grid a solver walks: validated times and the per-point schedule quantities.
+
+Everything here is a differentiable torch function of the timesteps (no detach, no `.item()`), so autograd reaches
+the timesteps through every coefficient built from a Grid. The only host syncs are the up-front checks.
+
+Convention: `timesteps` holds N+1 decreasing times t_0 > ... > t_N; a multistep solver evaluates the denoiser at
+t_0 .. t_{N-1} and lands at t_N. With `final_sigmas_type="zero"` the last step lands on clean data (alpha = 1,
+sigma = 0) instead, as diffusers does; t_N is then still validated but otherwise unused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..schedules import NoiseSchedule
+
+FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
+
+
+def check_timesteps(schedule: NoiseSchedule, timesteps, name: str = "timesteps") -> Tensor:
+    """A 1-D, strictly decreasing, NaN-free tensor of at least two times inside the schedule's domain."""
+    if not isinstance(timesteps, Tensor):
+        timesteps = torch.as_tensor(timesteps, dtype=torch.float64)
+    if not timesteps.is_floating_point():
+        timesteps = timesteps.to(torch.float64)
+    if timesteps.dim() != 1 or timesteps.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor of at least 2 times, got shape {tuple(timesteps.shape)}")
+    schedule.check_t(timesteps.detach(), name)  # NaN and domain
+    steps = timesteps[1:] - timesteps[:-1]
+    if bool((steps == 0).any()):
+        raise ValueError(f"{name} must not hold duplicated times (got {timesteps.detach().tolist()})")
+    if bool((steps > 0).any()):
+        raise ValueError(f"{name} must be strictly decreasing (from noise to data), got {timesteps.detach().tolist()}")
+    return timesteps
+
+
+@dataclass
+class Grid:
+    """Per-point quantities over the N+1 points (float64 unless the timesteps are another float dtype)."""
+
+    t: Tensor  # (N+1,)
+    alpha: Tensor
+    sigma: Tensor
+    lam: Tensor  # log(alpha/sigma); +inf at a final zero point (never used there)
+    sigma_tilde: Tensor  # EDM sigma sigma/alpha; 0 at a final zero point
+    final_zero: bool
+
+    @property
+    def n_steps(self) -> int:
+        return self.t.numel() - 1
+
+
+def make_grid(schedule: NoiseSchedule, timesteps: Tensor, final_sigmas_type: str = "sigma_min") -> Grid:
+    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+        raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
+    t = timesteps
+    alpha, sigma, lam = schedule.alpha(t), schedule.sigma(t), schedule.lambda_(t)
+    sigma_tilde = schedule.edm_sigma(t)
+    final_zero = final_sigmas_type == "zero"
+    if final_zero:
+        # Replace the last point by clean data. Built by concatenation (not in-place) so the graph stays intact.
+        one, zero = torch.ones_like(alpha[-1:]), torch.zeros_like(alpha[-1:])
+        alpha = torch.cat([alpha[:-1], one])
+        sigma = torch.cat([sigma[:-1], zero])
+        lam = torch.cat([lam[:-1], torch.full_like(one, float("inf"))])
+        sigma_tilde = torch.cat([sigma_tilde[:-1], zero])
+    return Grid(t=t, alpha=alpha, sigma=sigma, lam=lam, sigma_tilde=sigma_tilde, final_zero=final_zero)
+
+
+def condition_times(schedule: NoiseSchedule, timesteps: Tensor, timesteps_cond: Optional[Tensor]) -> Tensor:
+    """The times fed to the denoiser at t_0 .. t_{N-1} (LD3's decoupled time), validated like timesteps."""
+    n = timesteps.numel() - 1
+    if timesteps_cond is None:
+        return timesteps[:n]
+    if not isinstance(timesteps_cond, Tensor):
+        timesteps_cond = torch.as_tensor(timesteps_cond, dtype=timesteps.dtype)
+    if timesteps_cond.dim() != 1 or timesteps_cond.numel() not in (n, n + 1):
+        raise ValueError(f"timesteps_cond must be a 1-D tensor of {n} or {n + 1} times (one per model "
+                         f"evaluation, like timesteps), got shape {tuple(timesteps_cond.shape)}")
+    schedule.check_t(timesteps_cond.detach(), "timesteps_cond")
+    return timesteps_cond[:n].to(timesteps.dtype)

@@ -1,0 +1,102 @@
+"""UniPC (Zhao et al. 2023), data-prediction form, B(h) = hh (bh1) or expm1(hh) (bh2), with hh = -h.
+
+Predictor UniP-p at step s -> t uses m_s and p-1 older outputs; the corrector UniC-p at the new point t reuses
+the model evaluation made there (no extra NFE) and re-does the step from the corrected x_s:
+
+  x_t = (sigma_t/sigma_s) x_s - alpha_t phi1 m_s - alpha_t B(h) sum_k rho_k (m_{s-k} - m_s)/r_k   (+ the m_t term)
+
+with r_k = (lambda_{s-k} - lambda_s)/h and rho solving the order conditions R rho = b (R_ij = r_j^(i-1)). The
+solve is torch.linalg.solve on tensors of the timesteps, so the gradient reaches the timesteps through rho too.
+The corrector is skipped after the last step (there is no evaluation to reuse).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .ddim import first_order_row
+from .grid import Grid
+from .program import Alias, Eval, Program, Update, check_order, multistep_orders, rows_by_group
+
+VARIANTS = ("bh1", "bh2")
+
+
+def _phi_terms(h, p: int, variant: str):
+    """phi1 = expm1(hh), B(h) and the right-hand side b (length p) of UniPC's order conditions."""
+    hh = -h
+    phi1 = torch.expm1(hh)
+    big_b = hh if variant == "bh1" else torch.expm1(hh)
+    b, h_phi_k, factorial = [], phi1 / hh - 1, 1.0
+    for i in range(1, p + 1):
+        b.append(h_phi_k * factorial / big_b)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return phi1, big_b, torch.stack(b)
+
+
+def _solve_rhos(rks: Sequence, b, n: int) -> list:
+    """rho solving R[:n,:n] rho = b[:n], R_ij = rks_j^(i-1), batched over steps: rks holds (m,) tensors, b is
+    (p, m); returns n tensors of shape (m,)."""
+    rks = torch.stack(list(rks), dim=-1)  # (m, p)
+    powers = torch.stack([rks**i for i in range(n)], dim=-2)  # (m, n, p)
+    return list(torch.linalg.solve(powers[..., :n, :n], b[:n].transpose(0, 1)).unbind(-1))
+
+
+def predictor_row(g: Grid, i, p: int, variant: str) -> list:
+    """[c_x, c_m_i, c_m_{i-1}, ...] of UniP-p from point i to i+1 (i: a step index or a LongTensor of them)."""
+    if p == 1:
+        return first_order_row(g, i, i + 1)
+    lam, a_t = g.lam, g.alpha[i + 1]
+    h = lam[i + 1] - lam[i]
+    phi1, big_b, b = _phi_terms(h, p, variant)
+    rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+    if p == 2:
+        rhos = [torch.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
+    else:
+        rhos = _solve_rhos(rks + [torch.ones_like(h)], b, p - 1)
+    weights = [a_t * big_b * rho / r for rho, r in zip(rhos, rks)]  # on (m_{i-k} - m_i)
+    return [g.sigma[i + 1] / g.sigma[i], -a_t * phi1 + sum(weights), *[-w for w in weights]]
+
+
+def corrector_row(g: Grid, i, p: int, variant: str) -> list:
+    """[c_x, c_m_{i+1}, c_m_i, c_m_{i-1}, ...] of UniC-p: re-do step i -> i+1 from the corrected x_i using the
+    new output m_{i+1}. p is the order of the predictor that produced x_{i+1}."""
+    lam, a_t = g.lam, g.alpha[i + 1]
+    h = lam[i + 1] - lam[i]
+    phi1, big_b, b = _phi_terms(h, p, variant)
+    rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+    if p == 1:
+        rhos = [torch.full_like(h, 0.5)]
+    else:
+        rhos = _solve_rhos(rks + [torch.ones_like(h)], b, p)
+    weights = [a_t * big_b * rho / r for rho, r in zip(rhos[:-1], rks)]  # on (m_{i-k} - m_i)
+    w_new = a_t * big_b * rhos[-1]  # on (m_{i+1} - m_i)
+    return [g.sigma[i + 1] / g.sigma[i], -w_new, -a_t * phi1 + sum(weights, torch.zeros_like(h)) + w_new,
+            *[-w for w in weights]]
+
+
+def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower_order_final: bool = True,
+                use_corrector: bool = True, disable_corrector: Sequence[int] = (), **_) -> Program:
+    check_order("unipc", order, (1, 2, 3))
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    prog = Program(eval_times=cond_times)
+    orders = multistep_orders(g.n_steps, order, lower_order_final, g.final_zero)
+    predictors = rows_by_group(orders, lambda p, idx: predictor_row(g, idx, p, variant))
+    # the corrector at step i re-does step i-1 -> i at the order its predictor used
+    corrects = [i > 0 and use_corrector and (i - 1) not in disable_corrector for i in range(g.n_steps)]
+    correctors = rows_by_group([orders[i - 1] if c else None for i, c in enumerate(corrects)],
+                               lambda p, idx: corrector_row(g, idx - 1, p, variant))
+    for i, p in enumerate(orders):
+        step = [Eval(f"D{i}", "x", i)]
+        # "xc" holds the (corrected) sample at the current point: the start of the predictor now and of the
+        # corrector at the next point.
+        if corrects[i]:
+            pc = orders[i - 1]
+            step.append(Update("xc", "xc", tuple(f"D{i - k}" for k in range(pc + 1)), prog.row(correctors[i])))
+        else:
+            step.append(Alias("xc", "x"))
+        step.append(Update("x", "xc", tuple(f"D{i - k}" for k in range(p)), prog.row(predictors[i])))
+        prog.add_step(step)
+    return prog

@@ -1,0 +1,285 @@
+"""tdiff.solvers: input validation, the API, differentiability, no host syncs in the loop, and solvers written
+independently here (EDM Heun, iPNDM) for the ones diffusers does not ship."""
+import math
+
+import pytest
+import torch
+
+import tdiff
+from tdiff.data.gaussian_mixture import GaussianMixture
+from tdiff.schedules import EDM, VPLinear
+from tdiff.solvers import build_program, sample
+from tdiff.solvers.program import Update
+
+SCHED = VPLinear()
+MIX = GaussianMixture([[1.0, 0.5], [-1.0, -0.5], [0.3, -1.2]], [0.3, 0.5, 0.2], [1.0, 2.0, 1.5])
+
+
+class MixtureDenoiser:
+    """The exact mixture denoiser, with no validation (so it makes no host syncs) and a call log."""
+
+    def __init__(self, schedule=SCHED):
+        self.schedule = schedule
+        self.times = []
+
+    def __call__(self, x, t):
+        self.times.append(t)
+        return MIX.posterior_mean(x, t, self.schedule)
+
+
+def _ts(n=6, hi=0.9, lo=0.05):
+    return torch.linspace(hi, lo, n + 1, dtype=torch.float64)
+
+
+ALL = [("dpmpp", 1), ("dpmpp", 2), ("dpmpp", 3), ("dpmpp_sde", 2), ("unipc", 1), ("unipc", 2), ("unipc", 3),
+       ("ipndm", 1), ("ipndm", 4), ("euler", 1), ("ddim", 1), ("heun", 2)]
+
+
+def test_package_exports_sample():
+    assert tdiff.sample is sample
+    assert tdiff.solvers.sample is sample
+
+
+X5 = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def fine_solutions():
+    return {final: sample(MixtureDenoiser(), X5, _ts(40), solver="unipc", order=3, final_sigmas_type=final)
+            for final in ("sigma_min", "zero")}
+
+
+@pytest.mark.parametrize("solver,order", ALL)
+@pytest.mark.parametrize("final", ["sigma_min", "zero"])
+def test_every_solver_runs_and_is_close_to_a_fine_solve(fine_solutions, solver, order, final):
+    gen = torch.Generator().manual_seed(0)
+    out = sample(MixtureDenoiser(), X5, _ts(12), solver=solver, order=order, final_sigmas_type=final, generator=gen)
+    assert out.shape == X5.shape and out.dtype == X5.dtype
+    if solver != "dpmpp_sde":  # the SDE lands on a different sample path
+        assert float((out - fine_solutions[final]).abs().max()) < (0.4 if order == 1 else 0.15)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([0.9, 0.5, 0.7, 0.1], "strictly decreasing"),
+    ([0.9, 0.5, 0.5, 0.1], "duplicated"),
+    ([0.9, math.nan, 0.1], "NaN"),
+    ([1.5, 0.5, 0.1], "outside the domain"),
+    ([0.9], "at least 2"),
+    ([[0.9, 0.1]], "1-D"),
+])
+def test_bad_timesteps(bad, match):
+    with pytest.raises(ValueError, match=match):
+        sample(MixtureDenoiser(), torch.randn(2, 2, dtype=torch.float64), torch.tensor(bad, dtype=torch.float64))
+
+
+def test_bad_options():
+    x, ts = torch.randn(2, 2, dtype=torch.float64), _ts()
+    with pytest.raises(ValueError, match="solver must be one of"):
+        sample(MixtureDenoiser(), x, ts, solver="rk45")
+    with pytest.raises(ValueError, match="order for solver 'dpmpp' must be one of"):
+        sample(MixtureDenoiser(), x, ts, solver="dpmpp", order=4)
+    with pytest.raises(ValueError, match="order for solver 'euler' must be 1"):
+        sample(MixtureDenoiser(), x, ts, solver="euler", order=2)
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        sample(MixtureDenoiser(), x, ts, final_sigmas_type="one")
+    with pytest.raises(ValueError, match="variant"):
+        sample(MixtureDenoiser(), x, ts, solver="unipc", variant="bh3")
+    with pytest.raises(ValueError, match="timesteps_cond must be a 1-D tensor of 6 or 7"):
+        sample(MixtureDenoiser(), x, ts, timesteps_cond=ts[:3])
+    with pytest.raises(ValueError, match="timesteps_cond .*outside the domain"):
+        sample(MixtureDenoiser(), x, ts, timesteps_cond=ts + 0.5)
+    with pytest.raises(ValueError, match="schedule"):
+        sample(lambda x, t: x, x, ts)
+    with pytest.raises(ValueError, match="guidance must be a number or a \\(2,\\) tensor"):
+        sample(MixtureDenoiser(), x, ts, guidance=torch.ones(3))
+    with pytest.raises(ValueError, match="s_churn"):
+        sample(MixtureDenoiser(), x, ts, solver="heun", s_churn=-1.0)
+
+
+def test_learned_schedule_like_object_and_decoupled_time():
+    class Learned:
+        timesteps = _ts()
+        timesteps_cond = _ts() * 0.98
+
+    den = MixtureDenoiser()
+    out = sample(den, torch.randn(3, 2, dtype=torch.float64), Learned(), solver="unipc")
+    assert out.shape == (3, 2)
+    torch.testing.assert_close(torch.stack(den.times), Learned.timesteps_cond[:-1])
+    # without timesteps_cond the denoiser sees the timesteps themselves
+    den = MixtureDenoiser()
+    sample(den, torch.randn(3, 2, dtype=torch.float64), _ts(), solver="dpmpp", order=3)
+    torch.testing.assert_close(torch.stack(den.times), _ts()[:-1])
+
+
+@pytest.mark.parametrize("solver,order", [("dpmpp", 3), ("unipc", 3), ("ipndm", 4), ("heun", 2), ("euler", 1)])
+def test_gradients_reach_timesteps_x_T_and_model(solver, order):
+    ts = _ts(5).requires_grad_(True)
+    x = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    base = MixtureDenoiser()
+
+    def den(xx, t):
+        return w * base(xx, t)
+
+    den.schedule = SCHED
+    out = sample(den, x, ts, solver=solver, order=order)
+    g_ts, g_x, g_w = torch.autograd.grad(out.square().sum(), (ts, x, w))
+    for g in (g_ts, g_x, g_w):
+        assert torch.isfinite(g).all()
+    assert bool((g_ts[1:-1] != 0).all())  # interior times move the result through the coefficients
+
+
+def test_gradcheck_timesteps_through_unipc_rks_solve():
+    # order 3 with lower_order_final=False uses torch.linalg.solve for rho in both predictor and corrector
+    x = torch.randn(2, 2, dtype=torch.float64)
+    den = MixtureDenoiser()
+
+    def f(ts):
+        return sample(den, x, ts, solver="unipc", order=3, lower_order_final=False)
+
+    assert torch.autograd.gradcheck(f, (_ts(5).requires_grad_(True),))
+
+
+def test_loop_has_no_host_syncs_and_every_update_is_the_fused_op():
+    from tdiff.solvers.sample import _prepare_rows, _run
+
+    den = MixtureDenoiser()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    prog = build_program(SCHED, _ts(8).requires_grad_(True), "unipc", 3)
+    rows = _prepare_rows(prog, x)
+    n_updates = sum(isinstance(i, Update) for step in prog.steps for i in step)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _run(prog, rows, prog.eval_times, den, x, None, False, None)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::item") == 0 and names.count("aten::_local_scalar_dense") == 0
+    assert names.count("tdiff::multistep_update") == n_updates
+
+
+def test_guidance_is_fused_and_equals_guiding_the_denoiser():
+    den = MixtureDenoiser()
+
+    def pair(x, t):  # "conditional" and "unconditional" predictions
+        d = den(x, t)
+        return d, 0.7 * d + 0.1
+
+    pair.schedule = SCHED
+
+    def guided(x, t):
+        c, u = pair(x, t)
+        return u + 3.0 * (c - u)
+
+    guided.schedule = SCHED
+    x = torch.randn(3, 2, dtype=torch.float64)
+    for solver, order in [("unipc", 3), ("dpmpp", 2), ("heun", 2), ("ipndm", 3)]:
+        ours = sample(pair, x, _ts(), solver=solver, order=order, guidance=3.0)
+        torch.testing.assert_close(ours, sample(guided, x, _ts(), solver=solver, order=order))
+
+
+def test_progress_bar_and_float32_batch():
+    x = torch.randn(3, 2)
+    den = lambda x, t: MIX.posterior_mean(x.double(), t, SCHED).float()  # noqa: E731
+    den.schedule = SCHED
+    out = sample(den, x, _ts(), solver="unipc", progress=True)
+    assert out.dtype == torch.float32
+
+
+def test_heun_matches_edm_algorithm():
+    """EDM Algorithm 2 with churn off, written directly in sigma, against solver='heun' on the EDM schedule."""
+    sched = EDM()
+    sig = torch.tensor([5.0, 2.0, 0.8, 0.3, 0.1], dtype=torch.float64)
+    den = MixtureDenoiser(sched)
+    x = torch.randn(4, 2, dtype=torch.float64) * 5
+    y = x.clone()
+    for i in range(len(sig) - 1):
+        d = (y - den(y, sig[i])) / sig[i]
+        y_e = y + (sig[i + 1] - sig[i]) * d
+        d2 = (y_e - den(y_e, sig[i + 1])) / sig[i + 1]
+        y = y + (sig[i + 1] - sig[i]) * 0.5 * (d + d2)
+    torch.testing.assert_close(sample(den, x, sig, solver="heun"), y)
+    # to sigma = 0 the last step is plain Euler, i.e. it lands on D
+    y0 = sample(den, x, sig, solver="heun", final_sigmas_type="zero")
+    z = sample(den, x, sig[:-1], solver="heun")
+    torch.testing.assert_close(y0, den(z, sig[-2]))
+
+
+def test_heun_churn_is_reproducible_and_differs():
+    sched = EDM()
+    sig = torch.tensor([5.0, 2.0, 0.8, 0.3], dtype=torch.float64)
+    x = torch.randn(4, 2, dtype=torch.float64) * 5
+    a = sample(MixtureDenoiser(sched), x, sig, solver="heun", s_churn=10.0, generator=torch.Generator().manual_seed(1))
+    b = sample(MixtureDenoiser(sched), x, sig, solver="heun", s_churn=10.0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, sample(MixtureDenoiser(sched), x, sig, solver="heun"))
+
+
+def test_ipndm_matches_adams_bashforth_in_sigma():
+    sched = EDM()
+    sig = torch.tensor([5.0, 3.0, 2.0, 1.2, 0.8, 0.5, 0.3], dtype=torch.float64)
+    den = MixtureDenoiser(sched)
+    x = torch.randn(4, 2, dtype=torch.float64) * 5
+    coef = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    y, ds = x.clone(), []
+    for i in range(len(sig) - 1):
+        ds.insert(0, (y - den(y, sig[i])) / sig[i])
+        p = min(4, i + 1)
+        y = y + (sig[i + 1] - sig[i]) * sum(c * d for c, d in zip(coef[p], ds))
+    torch.testing.assert_close(sample(den, x, sig, solver="ipndm", order=4), y)
+
+
+def test_sde_is_reproducible_with_a_generator():
+    x = torch.randn(4, 2, dtype=torch.float64)
+    run = lambda s: sample(MixtureDenoiser(), x, _ts(), solver="dpmpp_sde",  # noqa: E731
+                           generator=torch.Generator().manual_seed(s))
+    torch.testing.assert_close(run(3), run(3))
+    assert not torch.allclose(run(3), run(4))
+
+
+def test_sampler_reuses_its_tables():
+    from tdiff.solvers import Sampler
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    s = Sampler(MixtureDenoiser(), _ts(), solver="unipc", order=3)
+    assert s.nfe == 6
+    torch.testing.assert_close(s(x), sample(MixtureDenoiser(), x, _ts(), solver="unipc", order=3))
+    torch.testing.assert_close(s(2 * x), sample(MixtureDenoiser(), 2 * x, _ts(), solver="unipc", order=3))
+    assert len(s._rows) == 1
+    assert Sampler(MixtureDenoiser(), _ts(4), solver="heun").nfe == 8
+
+
+def test_loop_allocates_only_the_update_outputs(monkeypatch):
+    """With the C++ kernel and a free model, the loop's only allocations are the fused updates' outputs."""
+    from tdiff.ops import dispatch
+    from tdiff.solvers import Sampler
+
+    if not dispatch.cpp_has("multistep_update_cpu"):
+        pytest.skip("needs the C++ kernel (tdiff._C or the JIT build in test_op_multistep_update)")
+    monkeypatch.setenv("TDIFF_BACKEND", "cpp")
+    x, x0 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    free_model = lambda x, t: x0  # noqa: E731
+    free_model.schedule = SCHED
+    for solver, order in [("unipc", 3), ("dpmpp", 3), ("ipndm", 4), ("heun", 2)]:
+        sampler = Sampler(free_model, _ts(8), solver=solver, order=order)
+        n_updates = sum(isinstance(i, Update) for step in sampler.program.steps for i in step)
+        with torch.no_grad():
+            sampler(x)  # builds and caches the rows
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                sampler(x)
+        names = [e.name for e in prof.events()]
+        allocs = sum(names.count(n) for n in ("aten::empty", "aten::empty_strided"))  # the leaf allocators
+        assert allocs == n_updates, f"{solver}: {allocs} allocations for {n_updates} updates"
+        assert names.count("aten::item") == 0 and names.count("aten::_local_scalar_dense") == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_sampling_on_each_backend_matches_the_reference(monkeypatch, backend):
+    from tdiff.ops import dispatch
+
+    if backend == "triton" and not dispatch.triton_available():
+        pytest.skip("triton is not installed")
+    if backend == "cpp" and not dispatch.cpp_has("multistep_update_cpu"):
+        pytest.skip("tdiff._C lacks tdiff::multistep_update_cpu")
+    x = torch.randn(3, 2, dtype=torch.float64)
+    monkeypatch.setenv("TDIFF_BACKEND", "torch")
+    ref = sample(MixtureDenoiser(), x, _ts(4), solver="unipc", order=3)
+    monkeypatch.setenv("TDIFF_BACKEND", backend)
+    torch.testing.assert_close(sample(MixtureDenoiser(), x, _ts(4), solver="unipc", order=3), ref)
