@@ -153,16 +153,16 @@ def run(quick: bool = False) -> dict:
                 fast.reset()
                 t0 = time.perf_counter()
                 for i in range(nfe):
-                    fast(xb, torch.full((b,), float(ts[i]) * 999), yb)
+                    fast(xb, torch.full((b,), float(schedule.index_from_t(ts[i]))), yb)
                 t_shared += time.perf_counter() - t0
                 fast.reset()
                 with fast.sample_rows(torch.ones(b, len(units), dtype=torch.bool)):
-                    fast(xb, torch.full((b,), 999.0), yb)
+                    fast(xb, torch.full((b,), float(schedule.index_from_t(ts[0]))), yb)
                 t0 = time.perf_counter()
                 for i in range(1, nfe):
                     batch_rows = torch.stack([unit_mask[1 + (i - 1 + k) % (nfe - 1)] for k in range(b)])
                     with fast.sample_rows(batch_rows):
-                        fast(xb, torch.full((b,), float(ts[i]) * 999), yb)
+                        fast(xb, torch.full((b,), float(schedule.index_from_t(ts[i]))), yb)
                 t_mixed += time.perf_counter() - t0
         fast.remove()
         mixed_overhead = t_mixed / t_shared * nfe / (nfe - 1) - 1.0

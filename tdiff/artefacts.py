@@ -27,6 +27,7 @@ def _atomic_write(path: str, write: Callable[[Any], None], binary: bool) -> None
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artefacts are ordinary shareable files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -11,7 +11,25 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .schedules import DiscreteVP, NoiseSchedule, VPCosine, VPLinear, as_time
+import contextlib
+import contextvars
+
+from .preconditioning import Preconditioning
+from .schedules import EDM, DiscreteVP, NoiseSchedule, VPCosine, VPLinear, as_time
+
+# Set by a caller that has validated its times once up front (the solvers' sampling loop), so the per-call
+# domain check, a device sync on GPU, is not repeated at every model evaluation.
+_TIMES_VALIDATED = contextvars.ContextVar("tdiff_times_validated", default=False)
+
+
+@contextlib.contextmanager
+def times_validated():
+    """Within this block Denoiser calls skip their time-domain check (the caller has done it)."""
+    token = _TIMES_VALIDATED.set(True)
+    try:
+        yield
+    finally:
+        _TIMES_VALIDATED.reset(token)
 
 PREDICTIONS = ("eps", "x0", "v", "flow")
 _DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
@@ -43,16 +61,18 @@ def prediction_to_x0(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedu
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
-def default_model_time(schedule: NoiseSchedule, precond: Optional[str]) -> Callable:
-    """What the network is fed, by convention: the diffusers index N t - 1 for DiscreteVP, 999 t for a
-    continuous VP (DPM-Solver / score_sde), ln(sigma)/4 under EDM preconditioning, t itself otherwise."""
-    if precond == "edm":
-        return lambda t: schedule.edm_sigma(t).log() / 4
+def default_model_time(schedule: NoiseSchedule, precond: Optional[str] = None) -> Callable:
+    """The time a network is fed for schedule time t. One convention for training (DiffusionLoss) and sampling
+    (Denoiser), on the ~[0, 1000] scale that tdiff's networks' sinusoidal time embeddings expect:
+    the diffusers index N t - 1 for DiscreteVP; 1000 c_noise = 250 ln(sigma) for EDM (schedule or
+    preconditioning); 999 t for a continuous VP (DPM-Solver / score_sde); 1000 t otherwise (VE, flow)."""
     if isinstance(schedule, DiscreteVP):
         return schedule.index_from_t
+    if precond == "edm" or isinstance(schedule, EDM):
+        return lambda t: 250.0 * schedule.edm_sigma(t).log()
     if isinstance(schedule, (VPLinear, VPCosine)):
         return lambda t: 999.0 * t
-    return lambda t: t
+    return lambda t: 1000.0 * t
 
 
 def _tdiff_call(model, x, t_net, y=None, **cond):
@@ -119,7 +139,7 @@ class Denoiser(nn.Module):
 
     def times(self, t, x: torch.Tensor) -> torch.Tensor:
         t = as_time(t).to(x.device)
-        if self.validate:
+        if self.validate and not _TIMES_VALIDATED.get():
             self.schedule.check_t(t)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -142,10 +162,8 @@ class Denoiser(nn.Module):
             # EDMPrecond on the scaled sample x/alpha with noise level sigma/alpha (alpha = 1 for EDM)
             x_hat = x / _per_sample(self.schedule.alpha(t), x)
             s = _per_sample(self.schedule.edm_sigma(t), x)
-            sd2 = self.sigma_data**2
-            c_skip = sd2 / (s * s + sd2)
-            c_out = s * self.sigma_data / (s * s + sd2).sqrt()
-            c_in = 1 / (s * s + sd2).sqrt()
+            pc = Preconditioning("edm", self.sigma_data)
+            c_skip, c_out, c_in = pc.c_skip(s), pc.c_out(s), pc.c_in(s)
             f = self.raw((c_in * x_hat).to(model_dtype), self.model_time(t), **cond).to(dtype)
             return c_skip * x_hat + c_out * f
         out = self.raw(x.to(model_dtype), self.model_time(t), **cond).to(dtype)

@@ -56,14 +56,14 @@ def test_every_prediction_converts_to_x0(name, prediction):
 def test_default_model_times():
     t = torch.tensor([0.25, 0.5], dtype=torch.float64)
     x = torch.zeros(2, 3, dtype=torch.float64)
-    cases = [(SCHEDULES["discrete"], 1000 * t - 1), (SCHEDULES["vplinear"], 999 * t), (SCHEDULES["flow"], t)]
+    cases = [(SCHEDULES["discrete"], 1000 * t - 1), (SCHEDULES["vplinear"], 999 * t), (SCHEDULES["flow"], 1000 * t)]
     for sch, expected in cases:
         m = Oracle(x, x, sch, t, "eps")
         denoiser(m, sch)(x, t)
         torch.testing.assert_close(m.seen_t, expected)
     m = Oracle(x, x, EDM(), t, "x0")
     denoiser(m, EDM(), precond="edm")(x, t)
-    torch.testing.assert_close(m.seen_t, t.log() / 4)
+    torch.testing.assert_close(m.seen_t, 250 * t.log())  # 1000 x EDM c_noise
     m = Oracle(x, x, VPLinear(), t, "eps")
     denoiser(m, VPLinear(), model_time=lambda tt: tt * 7)(x, t)
     torch.testing.assert_close(m.seen_t, 7 * t)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tdiff import schedules as S
-from tdiff.training import DiffusionLoss, Weighting
+from tdiff.training import default_network_time, DiffusionLoss, Weighting
 
 DDPM = S.DiscreteVP(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
 
@@ -155,7 +155,7 @@ def test_gradients_flow_and_match_eager():
     (g,) = torch.autograd.grad(loss, net.scale)
     scale = net.scale.detach().clone().requires_grad_(True)
     xt = sched.alpha(t).view(-1, 1, 1, 1) * x0 + sched.sigma(t).view(-1, 1, 1, 1) * eps
-    pred = scale * xt + 1e-3 * (1000 * t).float().double().view(-1, 1, 1, 1)
+    pred = scale * xt + 1e-3 * default_network_time(sched)(t).float().double().view(-1, 1, 1, 1)
     ref = ((1 + sched.snr(t)) ** -1 * _per_sample_mse(pred, eps)).mean()
     (g_ref,) = torch.autograd.grad(ref, scale)
     torch.testing.assert_close(g, g_ref)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..denoisers import times_validated
 from ..ops import dispatch
 from ..ops.multistep_update import multistep_update
 from .ddim import build_ddim
@@ -104,7 +105,8 @@ class Sampler:
             self._rows[key] = (_prepare_rows(self.program, x_T), self.program.eval_times.to(x_T.device))
         rows, eval_times = self._rows[key]
         scale = _prepare_scale(self.guidance, x_T)
-        return _run(self.program, rows, eval_times, self.denoiser, x_T, scale, self.progress, generator)
+        with times_validated():  # the program's times were checked once, when it was built
+            return _run(self.program, rows, eval_times, self.denoiser, x_T, scale, self.progress, generator)
 
 
 def sample(denoiser, x_T: Tensor, timesteps, solver: str = "dpmpp", order: Optional[int] = None,

@@ -3,7 +3,7 @@
 reproducible per-rank streams for DDP. The trainer is `python -m tdiff.training.train`."""
 from .distributed import RankStreams, stream_seed
 from .loss import DiffusionLoss, default_network_time
-from .preconditioning import Preconditioning
+from ..preconditioning import Preconditioning
 from .sampler_base import TableSampler, TimestepSampler
 from .sampler_normal import LogitNormalSampler, LogNormalSampler
 from .sampler_speed import SpeedSampler

@@ -29,7 +29,8 @@ import torch
 from .. import schedules as S
 from ..ops import noisy_sample as _ns  # noqa: F401  (registers tdiff::noisy_sample)
 from ..ops.weighted_mse import weighted_mse_with_mse
-from .preconditioning import Preconditioning
+from ..denoisers import default_model_time
+from ..preconditioning import Preconditioning
 from .sampler_base import TimestepSampler
 from .samplers import make_sampler
 from .time_grid import TimeGrid
@@ -45,13 +46,8 @@ FDM_ON = {"input": 1, "mean": 2}
 
 
 def default_network_time(schedule: S.NoiseSchedule) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The time the network is given. The reference networks embed times spanning roughly [0, 1000]: the training
-    index for a discrete schedule, 1000 t on [0, 1], and 1000 x EDM's c_noise = ln(sigma)/4 for EDM."""
-    if isinstance(schedule, S.DiscreteVP):
-        return schedule.index_from_t
-    if isinstance(schedule, S.EDM):
-        return lambda t: 250.0 * torch.log(t)
-    return lambda t: 1000.0 * t
+    """The time the network is given: the same convention the sampling-side Denoiser uses."""
+    return default_model_time(schedule)
 
 
 class DiffusionLoss:

@@ -4,7 +4,7 @@ weight on the network output exactly 1."""
 from __future__ import annotations
 
 from ..schedules import NoiseSchedule
-from .preconditioning import Preconditioning
+from ..preconditioning import Preconditioning
 from .weighting_base import Weighting
 
 

@@ -12,6 +12,8 @@ c_out and lambda are unchanged. The factor itself is `tdiff.schedules.FDMMomentu
 
 The network's regression target follows from D = x0: F* = (x0 - c_skip x_in)/c_out, and the x0-space weight
 lambda becomes lambda c_out^2 on F.
+
+Used by the denoiser wrappers (sampling) and by DiffusionLoss (training), so both sides share one formula.
 """
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ class Preconditioning:
         if self.kind == "edm":
             return s * self.sigma_data / torch.sqrt(s * s + self.sigma_data**2)
         return -s if self.kind == "vp" else s
+
+    def c_in(self, s: torch.Tensor) -> torch.Tensor:
+        sd = self.input_sigma_data()
+        return torch.ones_like(s) if sd is None else torch.rsqrt(s * s + sd * sd)
 
     def input_sigma_data(self) -> Optional[float]:
         """The sigma_data that makes tdiff::noisy_sample write this c_in (None: c_in = 1)."""
