@@ -1,0 +1,84 @@
+"""Rematerialised backprop through a solve: network activations are never kept past one model call.
+
+Plain autograd through `tdiff.sample` keeps every network call's activations until the backward pass, so memory
+grows linearly with NFE. Here each model call is a custom autograd node that runs the network without a graph in
+the forward pass and saves only its inputs (the state x_i and the time). The solver's own updates are the fused
+`tdiff::multistep_update` op, whose backward needs only the states and the model-output history. So what the
+graph holds is exactly the states x_i and the outputs D_i, and the backward pass walks the solve in reverse,
+re-running one network call at a time with its inputs re-enabled and differentiating through just that call
+(LD3 App. B.3; Watson et al. 2022).
+
+Gradients reach x_T, the timesteps (through every coefficient row) and the decoupled network times. The
+network's own parameters get no gradient through a rematerialised call: LD3 keeps them frozen, and accumulating
+into `.grad` behind autograd's back would break `torch.autograd.grad` semantics.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class _RematCall(torch.autograd.Function):
+    """out = denoiser(x, t), recomputed in backward instead of stored."""
+
+    @staticmethod
+    def forward(ctx, denoiser, x: Tensor, t: Tensor):
+        ctx.denoiser = denoiser
+        ctx.save_for_backward(x, t)
+        with torch.no_grad():
+            out = denoiser(x, t)
+        ctx.pair = isinstance(out, (tuple, list))
+        return tuple(out) if ctx.pair else out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, t = ctx.saved_tensors
+        need_x, need_t = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(need_x)
+            t_ = t.detach().requires_grad_(need_t)
+            out = ctx.denoiser(x_, t_)
+            outs = tuple(out) if ctx.pair else (out,)
+            inputs = [v for v, need in ((x_, need_x), (t_, need_t)) if need]
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            if not inputs or not pairs:
+                return None, None, None
+            got = list(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                           allow_unused=True))
+        gx = got.pop(0) if need_x else None
+        gt = got.pop(0) if need_t else None
+        if gt is not None and gt.shape != t.shape:
+            gt = gt.sum_to_size(t.shape)
+        return None, gx, gt
+
+
+class RematDenoiser:
+    """Wraps a denoiser so that `tdiff.sample` through it stores no network activations (see module doc).
+
+    Without grad mode it is the plain denoiser. Per-call keyword conditions are not supported (bind them in the
+    wrapped callable)."""
+
+    def __init__(self, denoiser):
+        if not callable(denoiser):
+            raise ValueError("denoiser must be callable as D(x, t)")
+        self.denoiser = denoiser
+        self.schedule = getattr(denoiser, "schedule", None)
+
+    def __call__(self, x: Tensor, t: Tensor, **cond):
+        if cond:
+            raise ValueError("RematDenoiser takes no per-call conditions; bind them into the wrapped denoiser")
+        if not torch.is_grad_enabled():
+            return self.denoiser(x, t)
+        t = torch.as_tensor(t)
+        return _RematCall.apply(self.denoiser, x, t)
+
+
+def sample_remat(denoiser, x_T: Tensor, timesteps, solver: str = "unipc", order=None, timesteps_cond=None,
+                 **opts) -> Tensor:
+    """`tdiff.sample` with rematerialised backprop: same result, same gradients (w.r.t. x_T, timesteps and
+    timesteps_cond), memory O(NFE * state) instead of O(NFE * network activations)."""
+    from ..solvers import sample
+
+    schedule = opts.pop("schedule", None) or getattr(denoiser, "schedule", None)
+    return sample(RematDenoiser(denoiser), x_T, timesteps, solver=solver, order=order,
+                  timesteps_cond=timesteps_cond, schedule=schedule, **opts)
