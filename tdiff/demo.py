@@ -185,8 +185,10 @@ def _section_caching(r: Report, dit) -> None:
     y = torch.arange(n) % 10
     run = lambda xs, ys: (lambda _m: sample(lambda x, t: den(x, t, y=ys), xs, ts, solver="ddim",  # noqa: E731
                                                schedule=schedule))
-    mask, sec_train = _timed(lambda: train_mask(model, run(x_T[:16], y[:16]), iterations=3 if r.quick else 10,
-                                                solver="ddim", progress=True))
+    # units chosen by learned score rank under a MAC budget (see tdiff.cache.train_mask)
+    mask, sec_train = _timed(lambda: train_mask(model, run(x_T[:16], y[:16]), iterations=5 if r.quick else 20,
+                                                threshold=0.0, target_mac_fraction=0.6, solver="ddim",
+                                                progress=True))
     mask = rectify(mask.matrix)
     with torch.no_grad():
         ref, t_ref = _timed(lambda: run(x_T, y)(model))
