@@ -7,12 +7,7 @@ from tdiff.metrics import sliced_wasserstein
 from tdiff.schedules import EDM, DiscreteVP, RectifiedFlow, VPLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SCHEDULES = [VPLinear(), DiscreteVP(betas=torch.linspace(1e-4, 0.02, 1000)), EDM(), RectifiedFlow()]

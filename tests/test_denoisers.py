@@ -6,12 +6,7 @@ from tdiff.denoisers import denoiser, from_diffusers
 from tdiff.schedules import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SCHEDULES = {

@@ -9,12 +9,7 @@ from tdiff.metrics import frechet
 from tdiff.metrics import frechet_distance, mmd, per_sample_error, psnr, rmse, sliced_wasserstein
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

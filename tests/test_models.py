@@ -8,13 +8,8 @@ from tdiff.models.dit import modulate
 from tdiff.models.unet import AttnBlock, ResBlock
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CPU is shared; one intra-op thread avoids oversubscription stalls on these tiny models
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the CPU is shared; one intra-op thread avoids oversubscription stalls on these tiny models
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_dit(**kw):

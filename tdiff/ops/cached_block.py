@@ -78,14 +78,8 @@ def _validate(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Ten
 @torch.library.custom_op("tdiff::cached_block", mutates_args=())
 def cached_block_op(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> Tuple[Tensor, Tensor]:
     _validate(x, gate, fresh, cache, source)
-    backend = dispatch.backend_for(x, "cached_block_cpu")
-    if backend == "cpp":
-        return torch.ops.tdiff.cached_block_cpu(x, gate, fresh, cache, source)
-    if backend == "triton":
-        from tdiff.kernels.cached_block import cached_block_triton
-
-        return cached_block_triton(x, gate, fresh, cache, source)
-    return cached_block_reference(x, gate, fresh, cache, source)
+    return dispatch.route(x, "cached_block_cpu", "tdiff.kernels.cached_block:cached_block_triton",
+                          cached_block_reference, x, gate, fresh, cache, source)
 
 
 @cached_block_op.register_fake

@@ -133,15 +133,9 @@ def _contiguous(ts: Sequence[Tensor]) -> List[Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 def _forward(x: Tensor, history: List[Tensor], coeffs: Tensor) -> Tensor:
     _validate(x, history, coeffs)
-    backend = dispatch.backend_for(x, "multistep_update_cpu")
     x, history, coeffs = x.contiguous(), _contiguous(history), coeffs.contiguous()
-    if backend == "cpp":
-        return torch.ops.tdiff.multistep_update_cpu(x, history, coeffs)
-    if backend == "triton":
-        from tdiff.kernels.multistep_update import multistep_update_triton
-
-        return multistep_update_triton(x, history, coeffs)
-    return multistep_update_reference(x, history, coeffs)
+    return dispatch.route(x, "multistep_update_cpu", "tdiff.kernels.multistep_update:multistep_update_triton",
+                          multistep_update_reference, x, history, coeffs)
 
 
 @torch.library.custom_op("tdiff::multistep_update", mutates_args=())
@@ -160,15 +154,10 @@ def multistep_update_backward_op(grad: Tensor, x: Tensor, history: List[Tensor],
                                  coeffs: Tensor) -> Tuple[Tensor, List[Tensor], Tensor]:
     _validate(x, history, coeffs)
     dispatch.check_same("x", x, "grad", grad)
-    backend = dispatch.backend_for(x, "multistep_update_backward_cpu")
     grad, x, history, coeffs = grad.contiguous(), x.contiguous(), _contiguous(history), coeffs.contiguous()
-    if backend == "cpp":
-        return torch.ops.tdiff.multistep_update_backward_cpu(grad, x, history, coeffs)
-    if backend == "triton":
-        from tdiff.kernels.multistep_update import multistep_update_backward_triton
-
-        return multistep_update_backward_triton(grad, x, history, coeffs)
-    return multistep_update_backward_reference(grad, x, history, coeffs)
+    return dispatch.route(x, "multistep_update_backward_cpu",
+                          "tdiff.kernels.multistep_update:multistep_update_backward_triton",
+                          multistep_update_backward_reference, grad, x, history, coeffs)
 
 
 @multistep_update_backward_op.register_fake
@@ -195,16 +184,10 @@ multistep_update_op.register_autograd(_backward, setup_context=_setup_context)
 def _forward_cfg(x: Tensor, history: List[Tensor], coeffs: Tensor, uncond: Tensor,
                  scale: Tensor) -> Tuple[Tensor, Tensor]:
     _validate_cfg(x, history, coeffs, uncond, scale)
-    backend = dispatch.backend_for(x, "multistep_update_cfg_cpu")
     x, history, coeffs = x.contiguous(), _contiguous(history), coeffs.contiguous()
     uncond, scale = uncond.contiguous(), scale.contiguous()
-    if backend == "cpp":
-        return torch.ops.tdiff.multistep_update_cfg_cpu(x, history, coeffs, uncond, scale)
-    if backend == "triton":
-        from tdiff.kernels.multistep_update import multistep_update_cfg_triton
-
-        return multistep_update_cfg_triton(x, history, coeffs, uncond, scale)
-    return multistep_update_cfg_reference(x, history, coeffs, uncond, scale)
+    return dispatch.route(x, "multistep_update_cfg_cpu", "tdiff.kernels.multistep_update:multistep_update_cfg_triton",
+                          multistep_update_cfg_reference, x, history, coeffs, uncond, scale)
 
 
 @torch.library.custom_op("tdiff::multistep_update_cfg", mutates_args=())

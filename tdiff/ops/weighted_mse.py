@@ -68,14 +68,8 @@ def _validate(pred: Tensor, target: Tensor, weight: Tensor) -> None:
 @torch.library.custom_op("tdiff::weighted_mse", mutates_args=())
 def weighted_mse_op(pred: Tensor, target: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     _validate(pred, target, weight)
-    backend = dispatch.backend_for(pred, "weighted_mse_cpu")
-    if backend == "cpp":
-        return torch.ops.tdiff.weighted_mse_cpu(pred, target, weight)
-    if backend == "triton":
-        from tdiff.kernels.weighted_mse import weighted_mse_triton
-
-        return weighted_mse_triton(pred, target, weight)
-    return weighted_mse_reference(pred, target, weight)
+    return dispatch.route(pred, "weighted_mse_cpu", "tdiff.kernels.weighted_mse:weighted_mse_triton",
+                          weighted_mse_reference, pred, target, weight)
 
 
 @weighted_mse_op.register_fake
@@ -90,14 +84,8 @@ def weighted_mse_backward_op(grad_loss: Tensor, pred: Tensor, target: Tensor, we
     _validate(pred, target, weight)
     if grad_loss.shape != (pred.shape[0],):
         raise ValueError(f"grad_loss must have shape ({pred.shape[0]},), got {tuple(grad_loss.shape)}")
-    backend = dispatch.backend_for(pred, "weighted_mse_backward_cpu")
-    if backend == "cpp":
-        return torch.ops.tdiff.weighted_mse_backward_cpu(grad_loss, pred, target, weight)
-    if backend == "triton":
-        from tdiff.kernels.weighted_mse import weighted_mse_backward_triton
-
-        return weighted_mse_backward_triton(grad_loss, pred, target, weight)
-    return weighted_mse_backward_reference(grad_loss, pred, target, weight)
+    return dispatch.route(pred, "weighted_mse_backward_cpu", "tdiff.kernels.weighted_mse:weighted_mse_backward_triton",
+                          weighted_mse_backward_reference, grad_loss, pred, target, weight)
 
 
 @weighted_mse_backward_op.register_fake
