@@ -12,9 +12,10 @@ def main(argv=None) -> int:
                                     "a table of time and quality, and write PNG figures")
     d.add_argument("--out", default="tdiff_demo", help="folder for the figures (default: ./tdiff_demo)")
     d.add_argument("--quick", action="store_true", help="fewer samples and steps")
-    t = sub.add_parser("train-defaults", help="train (or retrain) the default DiT and UNet checkpoints")
+    t = sub.add_parser("train-defaults", help="(re)train the default DiT and UNet checkpoints and cache them")
     t.add_argument("which", nargs="*", default=["dit", "unet"], choices=["dit", "unet"])
-    t.add_argument("--force", action="store_true", help="retrain even if a valid checkpoint is cached")
+    t.add_argument("--iters", type=int, default=None, help="iteration cap (default 4000)")
+    t.add_argument("--time-budget", type=float, default=None, help="wall-time cap in seconds (default 480)")
     b = sub.add_parser("bench", help="run the benchmarks (same as python -m bench)")
     b.add_argument("--quick", action="store_true")
     b.add_argument("names", nargs="*")
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
         from .models.defaults import train_defaults
 
         for which in args.which:
-            train_defaults(which, force=args.force)
+            train_defaults(which, iters=args.iters, time_budget_s=args.time_budget)
         return 0
     from bench.__main__ import main as bench_main
 
