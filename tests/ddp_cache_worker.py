@@ -24,7 +24,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ts = torch.linspace(sched.t_max, sched.t_min, 5)
         x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
         mask = train_mask(model, lambda m: tdiff.sample(den, x_T, ts, solver="ddim"), iterations=2, lr=0.5,
-                          lambda1=50.0, progress=False, rectify=False)
+                          lambda1=50.0, lambda2=0.01, progress=False, rectify=False)
         save_mask(os.path.join(out_dir, f"mask{rank}.json"), mask)
     finally:
         dist.destroy_process_group()
