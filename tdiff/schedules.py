@@ -13,6 +13,8 @@ exactly the same formulas from that spec; tests check them against these methods
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -44,7 +46,7 @@ def as_time(t: TimeLike, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64, device=None if like is None else like.device)
 
 
-class NoiseSchedule:
+class NoiseSchedule(abc.ABC):
     """Base class. Subclasses define log_alpha, log_sigma, t_from_lambda and the domain."""
 
     #: closed domain of valid t for validation
@@ -56,17 +58,21 @@ class NoiseSchedule:
     family: str = "vp"
 
     # ----- closed forms (subclasses) -----
+    @abc.abstractmethod
     def log_alpha(self, t: TimeLike) -> torch.Tensor:
-        raise NotImplementedError
+        """Subclasses define this."""
 
+    @abc.abstractmethod
     def log_sigma(self, t: TimeLike) -> torch.Tensor:
-        raise NotImplementedError
+        """Subclasses define this."""
 
+    @abc.abstractmethod
     def t_from_lambda(self, lam: TimeLike) -> torch.Tensor:
-        raise NotImplementedError
+        """Subclasses define this."""
 
+    @abc.abstractmethod
     def kernel_spec(self) -> KernelSpec:
-        raise NotImplementedError
+        """Subclasses define this."""
 
     # ----- derived quantities -----
     def check_t(self, t: TimeLike, name: str = "t") -> torch.Tensor:

@@ -10,6 +10,8 @@ of a discrete schedule), so 1/relative_density is the importance weight back to 
 """
 from __future__ import annotations
 
+import abc
+
 from typing import Dict, Optional
 
 import torch
@@ -21,19 +23,20 @@ from .time_grid import TimeGrid
 _U_EPS = 1e-12
 
 
-class TimestepSampler:
+class TimestepSampler(abc.ABC):
     name = "base"
 
     def __init__(self, schedule: NoiseSchedule, n: int = 1000):
         self.schedule = schedule
         self.grid = TimeGrid(schedule, n)
 
+    @abc.abstractmethod
     def from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         """Map float64 uniforms in [0, 1) to schedule times (float64), same shape."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def relative_density(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Subclasses define this."""
 
     def sample(self, batch: int, generator: Optional[torch.Generator] = None, device=None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -10,6 +10,8 @@ lumped into the end steps) and sample it as a table.
 """
 from __future__ import annotations
 
+import abc
+
 import math
 
 import torch
@@ -33,14 +35,17 @@ class _NormalInTransform(TimestepSampler):
             self._table = TableSampler(schedule, (cdf[1:] - cdf[:-1]).clamp(min=0), n)
 
     # the transform, increasing in t
+    @abc.abstractmethod
     def x_of_t(self, t):
-        raise NotImplementedError
+        """Subclasses define this."""
 
+    @abc.abstractmethod
     def t_of_x(self, x):
-        raise NotImplementedError
+        """Subclasses define this."""
 
+    @abc.abstractmethod
     def dx_dt(self, t):
-        raise NotImplementedError
+        """Subclasses define this."""
 
     def from_uniform(self, u):
         if self._table is not None:

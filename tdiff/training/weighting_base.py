@@ -10,6 +10,8 @@ weights to its target.
 """
 from __future__ import annotations
 
+import abc
+
 from typing import Dict
 
 import torch
@@ -18,7 +20,7 @@ from ..schedules import NoiseSchedule
 from .time_grid import TimeGrid
 
 
-class Weighting:
+class Weighting(abc.ABC):
     name = "base"
     space = "target"
 
@@ -27,9 +29,9 @@ class Weighting:
         self.grid = TimeGrid(schedule, n)
         self._tables: Dict[torch.device, torch.Tensor] = {}
 
+    @abc.abstractmethod
     def formula(self, t: torch.Tensor) -> torch.Tensor:
         """float64 weights at float64 times."""
-        raise NotImplementedError
 
     def table(self) -> torch.Tensor:
         """(N,) weights on the grid nodes, for plotting and for discrete schedules."""
