@@ -25,7 +25,7 @@ class DiffusersTimesteps:
     final_sigmas_type: str  # "zero" when the scheduler's last sigma is 0
 
 
-def _placeholder_end(schedule: NoiseSchedule, t_last: Tensor) -> Tensor:
+def _unused_final_time(schedule: NoiseSchedule, t_last: Tensor) -> Tensor:
     # With a final step to sigma = 0 the last grid time is unused; any valid smaller time will do.
     return torch.minimum(t_last * 0.5, torch.as_tensor(schedule.t_min, dtype=t_last.dtype))
 
@@ -44,7 +44,7 @@ def from_diffusers_timesteps(scheduler, schedule: Optional[NoiseSchedule] = None
         sigmas = torch.as_tensor(sigmas).to(torch.float64).flatten()
         final_zero = bool(sigmas[-1] == 0)
         t = schedule.t_from_edm_sigma(sigmas[: index.numel()])
-        end = _placeholder_end(schedule, t[-1:]) if final_zero else schedule.t_from_edm_sigma(sigmas[-1:])
+        end = _unused_final_time(schedule, t[-1:]) if final_zero else schedule.t_from_edm_sigma(sigmas[-1:])
     else:
         # DDIM-style: no sigmas; each step goes to timestep - num_train_timesteps // N, or to the final alpha
         if not isinstance(schedule, DiscreteVP):
@@ -52,7 +52,7 @@ def from_diffusers_timesteps(scheduler, schedule: Optional[NoiseSchedule] = None
         t = t_cond
         final_alpha_one = bool(getattr(scheduler.config, "set_alpha_to_one", True))
         final_zero = final_alpha_one
-        end = _placeholder_end(schedule, t[-1:]) if final_zero else schedule.t_from_index(torch.zeros(1).double())
+        end = _unused_final_time(schedule, t[-1:]) if final_zero else schedule.t_from_index(torch.zeros(1).double())
     # the sigma -> t inversion can land a rounding error outside the domain (e.g. 1 + 1e-16)
     timesteps = torch.cat([t, end]).clamp(schedule.domain[0], schedule.domain[1])
     check_timesteps(schedule, timesteps)
@@ -72,7 +72,7 @@ def _from_flow_scheduler(scheduler, schedule: Optional[NoiseSchedule]) -> Diffus
     n = torch.as_tensor(scheduler.timesteps).numel()
     final_zero = bool(sigmas[-1] == 0)
     t = sigmas[:n]
-    end = _placeholder_end(schedule, t[-1:]) if final_zero else sigmas[-1:]
+    end = _unused_final_time(schedule, t[-1:]) if final_zero else sigmas[-1:]
     timesteps = torch.cat([t, end])
     check_timesteps(schedule, timesteps)
     return DiffusersTimesteps(timesteps, t, "zero" if final_zero else "sigma_min")
