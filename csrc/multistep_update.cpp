@@ -8,6 +8,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "row_spans.h"
+
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
@@ -67,7 +69,6 @@ void combine_rows(const at::Tensor& x, const std::vector<at::Tensor>& hist, cons
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0);
   const int64_t n = x.numel() / batch;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* hp[kMaxHistory] = {nullptr, nullptr, nullptr, nullptr};
   for (int k = 0; k < K; ++k) hp[k] = hist[k].data_ptr<scalar_t>();
@@ -76,16 +77,11 @@ void combine_rows(const at::Tensor& x, const std::vector<at::Tensor>& hist, cons
   const acc_t* wp = CFG ? scale->data_ptr<acc_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* gp = CFG ? guided->data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks;
-      const int64_t lo = b * n + (task % chunks) * kChunk;
-      const int64_t len = std::min(kChunk, (b + 1) * n - lo);
-      const scalar_t* hs[kMaxHistory];
-      for (int k = 0; k < K; ++k) hs[k] = hp[k] + lo;
-      combine_span<scalar_t, K, CFG>(xp + lo, hs, CFG ? up + lo : nullptr, op + lo, CFG ? gp + lo : nullptr,
-                                     cp + b * (K + 1), CFG ? wp[b] : acc_t(0), len);
-    }
+  parallel_row_spans(batch, n, kChunk, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
+    const scalar_t* hs[kMaxHistory];
+    for (int k = 0; k < K; ++k) hs[k] = hp[k] + lo;
+    combine_span<scalar_t, K, CFG>(xp + lo, hs, CFG ? up + lo : nullptr, op + lo, CFG ? gp + lo : nullptr,
+                                   cp + b * (K + 1), CFG ? wp[b] : acc_t(0), len);
   });
 }
 
@@ -187,7 +183,7 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& x, const std::vecto
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0);
   const int64_t n = x.numel() / batch;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = spans_per_sample(n, kChunk);
   at::Tensor partial = at::empty({batch, chunks, K + 1}, coeffs.options());
   const scalar_t* gp = grad.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -200,19 +196,14 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& x, const std::vecto
   const acc_t* cp = coeffs.data_ptr<acc_t>();
   acc_t* pp = partial.data_ptr<acc_t>();
   scalar_t* gxp = gx.data_ptr<scalar_t>();
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks;
-      const int64_t lo = b * n + (task % chunks) * kChunk;
-      const int64_t len = std::min(kChunk, (b + 1) * n - lo);
-      const scalar_t* hs[kMaxHistory];
-      scalar_t* ghs[kMaxHistory];
-      for (int k = 0; k < K; ++k) {
-        hs[k] = hp[k] + lo;
-        ghs[k] = ghp[k] + lo;
-      }
-      backward_span<scalar_t, K>(gp + lo, xp + lo, hs, gxp + lo, ghs, cp + b * (K + 1), len, pp + task * (K + 1));
+  parallel_row_spans(batch, n, kChunk, [&](int64_t task, int64_t b, int64_t lo, int64_t len) {
+    const scalar_t* hs[kMaxHistory];
+    scalar_t* ghs[kMaxHistory];
+    for (int k = 0; k < K; ++k) {
+      hs[k] = hp[k] + lo;
+      ghs[k] = ghp[k] + lo;
     }
+    backward_span<scalar_t, K>(gp + lo, xp + lo, hs, gxp + lo, ghs, cp + b * (K + 1), len, pp + task * (K + 1));
   });
   acc_t* gcp = gc.data_ptr<acc_t>();
   for (int64_t b = 0; b < batch; ++b)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "schedule_coefficients.h"
+#include "row_spans.h"
 #include "simd.h"
 
 namespace tdiff {
@@ -31,22 +32,15 @@ TDIFF_SIMD_CLONES void noisy_sample_row(const scalar_t* __restrict__ x0, const s
   }
 }
 
-// One pass over the data. A chunk [begin, end) of the flattened batch may span several samples, so walk it
-// row by row, each row with its own coefficients.
+// One pass over the data, in per-sample spans (each with its sample's coefficients).
 template <typename scalar_t, bool WRITE_INPUT>
 void noisy_sample_rows(const scalar_t* x0, const scalar_t* eps, scalar_t* xt, scalar_t* net_in, const double* coefs,
-                       int64_t n_per_sample, int64_t total) {
+                       int64_t batch, int64_t n_per_sample) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    while (i < end) {
-      const int64_t b = i / n_per_sample;
-      const int64_t row_end = std::min(end, (b + 1) * n_per_sample);
-      noisy_sample_row<scalar_t, WRITE_INPUT>(x0 + i, eps + i, xt + i, WRITE_INPUT ? net_in + i : nullptr,
-                                              static_cast<acc_t>(coefs[3 * b]), static_cast<acc_t>(coefs[3 * b + 1]),
-                                              static_cast<acc_t>(coefs[3 * b + 2]), row_end - i);
-      i = row_end;
-    }
+  parallel_row_spans(batch, n_per_sample, at::internal::GRAIN_SIZE, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
+    noisy_sample_row<scalar_t, WRITE_INPUT>(x0 + lo, eps + lo, xt + lo, WRITE_INPUT ? net_in + lo : nullptr,
+                                            static_cast<acc_t>(coefs[3 * b]), static_cast<acc_t>(coefs[3 * b + 1]),
+                                            static_cast<acc_t>(coefs[3 * b + 2]), len);
   });
 }
 
@@ -85,10 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "noisy_sample_cpu", [&] {
     if (write_input)
       noisy_sample_rows<scalar_t, true>(x0.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
-                                        net_in.data_ptr<scalar_t>(), cp, per_sample, total);
+                                        net_in.data_ptr<scalar_t>(), cp, batch, per_sample);
     else
       noisy_sample_rows<scalar_t, false>(x0.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
-                                         nullptr, cp, per_sample, total);
+                                         nullptr, cp, batch, per_sample);
   });
   const auto coef_type = x0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return {xt, net_in, coefs64.to(coef_type)};
@@ -112,19 +106,12 @@ TDIFF_SIMD_CLONES void noisy_sample_backward_row(const scalar_t* __restrict__ gx
 
 template <typename scalar_t, bool HAS_IN>
 void noisy_sample_backward_rows(const scalar_t* gxt, const scalar_t* gin, scalar_t* gx0, scalar_t* geps,
-                                const double* coefs, int64_t n_per_sample, int64_t total) {
+                                const double* coefs, int64_t batch, int64_t n_per_sample) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    while (i < end) {
-      const int64_t b = i / n_per_sample;
-      const int64_t row_end = std::min(end, (b + 1) * n_per_sample);
-      noisy_sample_backward_row<scalar_t, HAS_IN>(gxt + i, HAS_IN ? gin + i : nullptr, gx0 + i, geps + i,
-                                                  static_cast<acc_t>(coefs[3 * b]),
-                                                  static_cast<acc_t>(coefs[3 * b + 1]),
-                                                  static_cast<acc_t>(coefs[3 * b + 2]), row_end - i);
-      i = row_end;
-    }
+  parallel_row_spans(batch, n_per_sample, at::internal::GRAIN_SIZE, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
+    noisy_sample_backward_row<scalar_t, HAS_IN>(gxt + lo, HAS_IN ? gin + lo : nullptr, gx0 + lo, geps + lo,
+                                                static_cast<acc_t>(coefs[3 * b]), static_cast<acc_t>(coefs[3 * b + 1]),
+                                                static_cast<acc_t>(coefs[3 * b + 2]), len);
   });
 }
 
@@ -143,10 +130,10 @@ std::tuple<at::Tensor, at::Tensor> noisy_sample_backward_cpu(const at::Tensor& g
     if (has_in)
       noisy_sample_backward_rows<scalar_t, true>(gxt.data_ptr<scalar_t>(), gin.data_ptr<scalar_t>(),
                                                  gx0.data_ptr<scalar_t>(), geps.data_ptr<scalar_t>(),
-                                                 c64.data_ptr<double>(), per_sample, total);
+                                                 c64.data_ptr<double>(), gxt.size(0), per_sample);
     else
       noisy_sample_backward_rows<scalar_t, false>(gxt.data_ptr<scalar_t>(), nullptr, gx0.data_ptr<scalar_t>(),
-                                                  geps.data_ptr<scalar_t>(), c64.data_ptr<double>(), per_sample, total);
+                                                  geps.data_ptr<scalar_t>(), c64.data_ptr<double>(), gxt.size(0), per_sample);
   });
   return {gx0, geps};
 }

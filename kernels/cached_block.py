@@ -10,10 +10,6 @@ import triton.language as tl
 from tdiff.ops import dispatch
 
 
-def _block() -> int:
-    # the interpreter costs ~2 ms per program, so use larger blocks there
-    return 4096 if dispatch.triton_interpreting() else 1024
-
 
 @triton.jit
 def _cached_block_fwd(x_ptr, gate_ptr, fresh_ptr, cache_ptr, source_ptr, out_ptr, branch_ptr, NC, C,
@@ -46,7 +42,7 @@ def cached_block_triton(x, gate, fresh, cache, source):
     fresh = fresh.contiguous() if fresh.numel() else cache
     B, N, C = x.shape
     out, branch = torch.empty_like(x), torch.empty_like(x)
-    block = _block()
+    block = dispatch.triton_block()
     _cached_block_fwd[(B, triton.cdiv(N * C, block))](
         x, gate, fresh, cache, source, out, branch, N * C, C, FP64=x.dtype == torch.float64, BLOCK=block)
     return out, branch

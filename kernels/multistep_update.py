@@ -11,10 +11,6 @@ import triton.language as tl
 from tdiff.ops import dispatch
 
 
-def _block() -> int:
-    # The interpreter costs ~ms per program, so use larger blocks there; 1024 suits a memory-bound GPU pass.
-    return 4096 if dispatch.triton_interpreting() else 1024
-
 
 @triton.jit
 def _fwd(x_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, u_ptr, c_ptr, w_ptr, out_ptr, guided_ptr, N,
@@ -84,7 +80,7 @@ def _launch_fwd(x, history, coeffs, uncond, scale):
     out = torch.empty_like(x)
     cfg = uncond is not None
     guided = torch.empty_like(x) if cfg else out
-    block = _block()
+    block = dispatch.triton_block()
     h = _padded(history, x)
     _fwd[(B, triton.cdiv(N, block))](x, *h, uncond if cfg else x, coeffs, scale if cfg else coeffs, out, guided,
                                      N, K=len(history), CFG=cfg, BLOCK=block)
@@ -103,7 +99,7 @@ def multistep_update_backward_triton(grad, x, history, coeffs):
     B = x.shape[0]
     N = x.numel() // B
     K = len(history)
-    block = _block()
+    block = dispatch.triton_block()
     nblk = triton.cdiv(N, block)
     grad_x = torch.empty_like(x)
     grad_h = [torch.empty_like(x) for _ in history]

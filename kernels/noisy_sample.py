@@ -13,11 +13,6 @@ import triton.language as tl
 from tdiff.ops import dispatch
 
 
-def _block(n: int) -> int:
-    # The interpreter costs ~2 ms per program, so use larger blocks there; on GPU, 1024 with 4 warps is a good
-    # default for a memory-bound elementwise pass.
-    return 4096 if dispatch.triton_interpreting() else 1024
-
 
 @triton.jit
 def _coefficients(t, table_ptr, p0, p1, p2, sigma_data, fm, fbmin, fbd, fumin, fumax, fsrc,
@@ -119,7 +114,7 @@ def noisy_sample_triton(x0, eps, t, kind, params, table, precond_sigma_data, fdm
     coefs64 = torch.empty((B, 3), device=x0.device, dtype=torch.float64)
     tab = table if table is not None else coefs64  # any valid pointer when unused
     f = list(fdm) if fdm_on else [0.0] * 6
-    block = _block(N)
+    block = dispatch.triton_block()
     grid = (B, triton.cdiv(N, block))
     _noisy_sample_fwd[grid](
         x0, eps, t.contiguous(), xt, net_in if write_input else xt, coefs64, tab, N,
@@ -136,7 +131,7 @@ def noisy_sample_backward_triton(grad_xt, grad_in, coefs):
     B = grad_xt.shape[0]
     N = grad_xt.numel() // B
     gx0, geps = torch.empty_like(grad_xt), torch.empty_like(grad_xt)
-    block = _block(N)
+    block = dispatch.triton_block()
     _noisy_sample_bwd[(B, triton.cdiv(N, block))](grad_xt, grad_in, coefs.contiguous(), gx0, geps, N,
                                                   HAS_IN=has_in, BLOCK=block)
     return gx0, geps

@@ -11,10 +11,6 @@ import triton.language as tl
 from tdiff.ops import dispatch
 
 
-def _block(n: int) -> int:
-    # the interpreter costs ~ms per program, so use large blocks there
-    return 4096 if dispatch.triton_interpreting() else 2048
-
 
 @triton.jit
 def _wmse_partial(p_ptr, q_ptr, part_ptr, N, NBLK, FP64: tl.constexpr, BLOCK: tl.constexpr):
@@ -54,7 +50,7 @@ def weighted_mse_triton(pred, target, weight):
     pred, target = pred.contiguous(), target.contiguous()
     B = pred.shape[0]
     N = pred.numel() // B
-    block = _block(N)
+    block = dispatch.triton_block(2048)
     nblk = triton.cdiv(N, block)
     acc = _acc(pred)
     partial = torch.empty((B, nblk), device=pred.device, dtype=acc)
@@ -70,6 +66,6 @@ def weighted_mse_backward_triton(grad_loss, pred, target, weight):
     acc = _acc(pred)
     scale = (grad_loss.to(acc) * weight.to(acc) * (2.0 / N)).contiguous()
     grad = torch.empty_like(pred)
-    block = _block(N)
+    block = dispatch.triton_block(2048)
     _wmse_bwd[(B, triton.cdiv(N, block))](pred, target, scale, grad, N, FP64=acc == torch.float64, BLOCK=block)
     return grad
