@@ -97,6 +97,16 @@ class NoiseSchedule(abc.ABC):
         """Half log-SNR, log(alpha/sigma)."""
         return self.log_alpha(t) - self.log_sigma(t)
 
+    def log_alpha_from_lambda(self, lam: TimeLike) -> torch.Tensor:
+        """log alpha as a function of lambda, in closed form per family (no detour through t): VP alpha^2 =
+        sigmoid(2 lambda), VE alpha = 1, flow alpha = sigmoid(lambda). log sigma is then log alpha - lambda."""
+        lam = as_time(lam)
+        if self.family == "vp":
+            return _vp_log_alpha_from_lambda(lam)
+        if self.family == "ve":
+            return 0.0 * lam
+        return torch.nn.functional.logsigmoid(lam)
+
     def edm_sigma(self, t: TimeLike) -> torch.Tensor:
         """The noise level sigma/alpha (diffusers' `sigmas`, k-diffusion's sigma)."""
         return (-self.lambda_(t)).exp()

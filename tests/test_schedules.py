@@ -55,6 +55,13 @@ def test_lambda_inverse_and_sigma_roundtrip(sched):
 
 
 @pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: type(s).__name__)
+def test_log_alpha_from_lambda_matches_the_detour_through_t(sched):
+    t = torch.linspace(sched.t_min, sched.t_max, 11, dtype=torch.float64)
+    lam = sched.lambda_(t)
+    torch.testing.assert_close(sched.log_alpha_from_lambda(lam), sched.log_alpha(t), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: type(s).__name__)
 def test_derivatives_match_finite_differences(sched):
     t = _t_for(sched)[2:-2]
     h = 1e-6 * (sched.t_max - sched.t_min)

@@ -7,7 +7,7 @@ from tdiff.schedules import EDM, DiscreteVP, VPLinear
 from tdiff.solvers import build_program
 from tdiff.timesteps import dm_nonuniform, logsnr_uniform
 from tdiff.timesteps.dm_nonuniform import SurrogateObjective
-from tdiff.timesteps.sensitivity import output_weights
+from tdiff.timesteps.sensitivity import output_weights, step_output_weights
 
 DDPM = DiscreteVP(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
 
@@ -30,6 +30,30 @@ def test_output_weights_match_the_solve_of_a_linear_denoiser(solver, order):
 
     x0 = torch.zeros(1, 2, dtype=torch.float64)
     torch.testing.assert_close(sample(den, x0, ts, solver=solver, order=order)[0], (c[:, None] * b).sum(0))
+
+
+@pytest.mark.parametrize("solver", ["dpmpp", "unipc", "ipndm"])
+def test_output_weights_gradient_matches_autograd_checks(solver):
+    """The numpy reverse sweep behind step_output_weights against torch's numerical Jacobian (float64)."""
+    prog = build_program(VPLinear(), logsnr_uniform(VPLinear(), 5), solver, 3)
+    flat = torch.cat([r.reshape(-1) for r in prog.rows]).detach().requires_grad_(True)
+    sizes = [r.numel() for r in prog.rows]
+
+    def weights(v):
+        prog.rows = list(torch.split(v, sizes))
+        return step_output_weights(prog)
+
+    assert torch.autograd.gradcheck(weights, (flat,), eps=1e-6, atol=1e-7)
+
+
+def test_grid_from_lambda_matches_make_grid():
+    from tdiff.solvers.grid import grid_from_lambda, make_grid
+
+    for schedule in (DDPM, VPLinear(), EDM()):
+        t = logsnr_uniform(schedule, 5)
+        a, b = make_grid(schedule, t), grid_from_lambda(schedule, schedule.lambda_(t))
+        for name in ("alpha", "sigma", "lam", "sigma_tilde"):
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("schedule", [DDPM, EDM()], ids=["DiscreteVP", "EDM"])

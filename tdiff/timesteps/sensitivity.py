@@ -10,9 +10,13 @@ by the update(s) of program step s, reaches the final sample:
 Each buffer is an (S, N+1) array: column 0 is x_T, column n+1 is D_n, the row says at which step a model output
 entered an update. DM-NonUniform's objective is built on P (Xue et al. 2024, Eq. 35): an error e_n in D_n moves
 the result by sum_s P[s, n] e_n.
+
+The interpretation runs in numpy with a hand-written reverse sweep (an autograd Function over the rows): the
+arrays are tiny, so torch's per-op and per-autograd-node cost would be nearly all of DM-NonUniform's run time.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,11 +25,39 @@ from ..solvers.program import Alias, Eval, Noise, Program, Update
 
 def step_output_weights(prog: Program) -> Tensor:
     """(S, N) weights P[s, n], differentiable in the program's rows."""
-    n_steps, n_eval = len(prog.steps), prog.nfe
-    dtype = prog.rows[0].dtype
-    start = torch.zeros(n_steps, n_eval + 1, dtype=dtype)
+    return _StepOutputWeights.apply(prog, torch.cat([r.reshape(-1) for r in prog.rows]))
+
+
+def output_weights(prog: Program) -> Tensor:
+    """(N,) total weight c_n of D_n in the final sample."""
+    return step_output_weights(prog).sum(0)
+
+
+class _StepOutputWeights(torch.autograd.Function):
+    """Over the rows concatenated into one vector: one numpy conversion and one autograd edge, not one per row."""
+
+    @staticmethod
+    def forward(ctx, prog: Program, flat_rows: Tensor) -> Tensor:
+        flat = flat_rows.detach().cpu().double().numpy()
+        np_rows = np.split(flat, np.cumsum([r.numel() for r in prog.rows])[:-1])
+        weights, tape = _interpret(prog, np_rows)
+        ctx.tape, ctx.np_rows, ctx.final, ctx.dtype = tape, np_rows, weights, flat_rows.dtype
+        return torch.from_numpy(weights[:, 1:].copy()).to(flat_rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g = np.zeros((grad.shape[0], grad.shape[1] + 1))
+        g[:, 1:] = grad.detach().cpu().double().numpy()
+        grads = _reverse(ctx.tape, ctx.np_rows, ctx.final, g)
+        return None, torch.from_numpy(np.concatenate(grads)).to(ctx.dtype)
+
+
+def _interpret(prog: Program, rows: list):
+    """Forward pass over (S, N+1) arrays; the tape lists (row index, output array, read arrays) per Update."""
+    n_steps = len(prog.steps)
+    start = np.zeros((n_steps, prog.nfe + 1))
     start[0, 0] = 1.0
-    buf = {"x": start}
+    buf, tape = {"x": start}, []
     for s, step in enumerate(prog.steps):
         for ins in step:
             if isinstance(ins, Eval):
@@ -33,24 +65,38 @@ def step_output_weights(prog: Program) -> Tensor:
             elif isinstance(ins, Alias):
                 buf[ins.out] = buf[ins.src]
             elif isinstance(ins, Update):
-                row = prog.rows[ins.row]
-                acc = row[0] * _tagged(buf[ins.x], s, start)
-                for j, name in enumerate(ins.hist):
-                    acc = acc + row[j + 1] * _tagged(buf[name], s, start)
+                row = rows[ins.row]
+                reads = [_tagged(buf[name], s, start.shape) for name in (ins.x, *ins.hist)]
+                acc = row[0] * reads[0]
+                for j in range(1, len(reads)):
+                    acc = acc + row[j] * reads[j]
                 buf[ins.out] = acc
+                tape.append((ins.row, acc, reads))
             elif isinstance(ins, Noise):
                 raise ValueError("output weights are defined for ODE solvers only (this program adds noise)")
-    return buf["x"][:, 1:]
+    return buf["x"], tape
 
 
-def _tagged(value, s: int, like: Tensor) -> Tensor:
+def _reverse(tape: list, rows: list, final: np.ndarray, grad_out: np.ndarray) -> list:
+    """d(sum grad_out * final x)/d rows, sweeping the tape backwards; adjoints are keyed by array identity, since
+    buffer names are reused from step to step while each Update makes a new array."""
+    grads = [np.zeros_like(r) for r in rows]
+    adjoint = {id(final): grad_out}
+    for row_index, out, reads in reversed(tape):
+        a = adjoint.pop(id(out), None)
+        if a is None:
+            continue  # this value never reaches the final sample
+        row = rows[row_index]
+        for j, value in enumerate(reads):
+            grads[row_index][j] += float(np.vdot(a, value))
+            key = id(value)
+            adjoint[key] = adjoint[key] + row[j] * a if key in adjoint else row[j] * a
+    return grads
+
+
+def _tagged(value, s: int, shape) -> np.ndarray:
     if isinstance(value, int):
-        one_hot = torch.zeros_like(like)
+        one_hot = np.zeros(shape)
         one_hot[s, value + 1] = 1.0
         return one_hot
     return value
-
-
-def output_weights(prog: Program) -> Tensor:
-    """(N,) total weight c_n of D_n in the final sample."""
-    return step_output_weights(prog).sum(0)
