@@ -32,24 +32,29 @@ def _probe(mode: str, nfe: int) -> None:
     from tdiff.schedules import VPLinear
     from tdiff.solvers import sample
     from tdiff.timesteps import sample_remat
+    import tdiff
 
     torch.manual_seed(0)
+    from tdiff.models.dit import DiT, DiTConfig
 
-    class WideMLP(torch.nn.Module):  # activations (batch x 4096, several layers) dominate the state (batch x 64)
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(65, 4096), torch.nn.SiLU(), torch.nn.Linear(4096, 4096),
-                                           torch.nn.SiLU(), torch.nn.Linear(4096, 64))
-            self.schedule = VPLinear()
-            for p in self.parameters():
-                p.requires_grad_(False)
+    # the digits DiT's shape (6 blocks, width 128, 16 tokens), untrained but with non-zero adaLN gates so every
+    # block does work: its activations per call are ~300x the state, as in any real diffusion network
+    net = DiT(DiTConfig(input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4)).eval()
+    with torch.no_grad():
+        for blk in net.blocks:
+            torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.05)
+            torch.nn.init.normal_(blk.adaLN_modulation[-1].bias, std=0.5)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    schedule = VPLinear()
+    labels = torch.arange(64) % 10
+    inner = tdiff.denoiser(net, schedule)
 
-        def forward(self, x, t):
-            t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
-            return self.net(torch.cat([x, t[:, None]], 1)) * 0.01
+    def model(x, t):
+        return inner(x, t, y=labels[: x.shape[0]])
 
-    model = WideMLP()
-    x = torch.randn(256, 64, requires_grad=True)
+    model.schedule = schedule
+    x = torch.randn(64, 1, 16, 16, requires_grad=True)
     t = torch.linspace(1.0, 1e-3, nfe + 1, dtype=torch.float64, requires_grad=True)
     run = sample_remat if mode == "remat" else sample
     saved = [0]
@@ -58,9 +63,8 @@ def _probe(mode: str, nfe: int) -> None:
         saved[0] += v.numel() * v.element_size()
         return v
 
-    # warm the libraries up (BLAS packs the 4096x4096 weight into work buffers, once per GEMM layout) with a
-    # one-sample solve + backward, then measure above the current RSS; the warm-up's own high-water mark is below
-    # any measured solve's peak
+    # warm the libraries up (BLAS work buffers, allocator pools) with a one-sample solve + backward, then measure
+    # above the current RSS; the warm-up's own high-water mark is below any measured solve's peak
     warm = x[:1].detach().requires_grad_()
     sample(model, warm, t[:3].detach(), solver="unipc", order=2).sum().backward()
     with open("/proc/self/statm") as f:
@@ -78,9 +82,9 @@ def _memory(quick: bool) -> list:
     for mode in ("plain", "remat"):
         for nfe in nfes:
             code = f"from bench.ld3 import _probe; _probe({mode!r}, {nfe})"
-            # glibc's dynamic mmap threshold would serve the 4 MB activations from the heap after the first free,
-            # and heap fragmentation then shows up as RSS that no live tensor holds; a fixed threshold keeps every
-            # large block mmapped, so peak RSS tracks live memory
+            # glibc's dynamic mmap threshold would serve the large activations from the heap after the first
+            # free, and heap fragmentation then shows up as RSS that no live tensor holds; a fixed threshold keeps
+            # every large block mmapped, so peak RSS tracks live memory
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
             res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                                  env=env)
@@ -143,7 +147,7 @@ def _dit(quick: bool) -> dict:
     from tdiff.metrics import frechet_distance, rmse
     from tdiff.models.defaults import load_default
     from tdiff.solvers import sample
-    from tdiff.timesteps import HEURISTICS, ld3_learn
+    from tdiff.timesteps import HEURISTICS, dm_nonuniform, ld3_learn
 
     try:
         model, schedule, den = load_default("dit", train_if_missing=False)
@@ -157,22 +161,34 @@ def _dit(quick: bool) -> dict:
     teacher_ts = HEURISTICS["logsnr_uniform"](schedule, 20)
     with torch.no_grad():
         teacher = sample(den, x, teacher_ts, solver="unipc", order=3)
-    t0 = time.perf_counter()
-    learned = ld3_learn(den, schedule, solver="unipc", order=3, nfe=5, teacher_nfe=20, shape=shape,
-                        **(dict(n_train=10, n_val=10, epochs=2, phase1_epochs=1) if quick else {}))
-    train_s = time.perf_counter() - t0
-    rows = {}
-    for nfe in ((5,) if quick else (4, 5, 6, 7, 8)):
+
+    def scores(ts):
+        with torch.no_grad():
+            y = sample(den, x, ts, solver="unipc", order=3)
+        return {"fd": float(frechet_distance(y, size=cfg.input_size)), "rmse": float(rmse(y, teacher))}
+
+    nfes = (5,) if quick else (4, 5, 6, 7, 8)
+    # the ablation variants cost a full LD3 run each (minutes on 2 cores), so they run at the lowest NFEs only
+    ablate = (5,) if quick else tuple(int(v) for v in os.environ.get("TDIFF_BENCH_LD3_DIT_ABLATE", "4,5").split(","))
+    variants = {"LD3": {}, "LD3 no xi_c": {"decoupled": False}, "LD3 hard (r=0)": {"r": 0.0}}
+    train = dict(n_train=10, n_val=10, epochs=2, phase1_epochs=1) if quick else {}
+    rows, seconds = {}, {}
+    for nfe in nfes:
         for name, fn in HEURISTICS.items():
-            with torch.no_grad():
-                y = sample(den, x, fn(schedule, nfe), solver="unipc", order=3)
-            rows[f"{name} NFE={nfe}"] = {"fd": float(frechet_distance(y, size=cfg.input_size)),
-                                         "rmse": float(rmse(y, teacher))}
-    with torch.no_grad():
-        y = sample(den, x, learned, solver="unipc", order=3)
-    rows["LD3 NFE=5"] = {"fd": float(frechet_distance(y, size=cfg.input_size)), "rmse": float(rmse(y, teacher))}
+            rows[f"{name} NFE={nfe}"] = scores(fn(schedule, nfe))
+        rows[f"DM-NonUniform NFE={nfe}"] = scores(dm_nonuniform(schedule, nfe, "unipc", 3))
+        for name, kw in variants.items():
+            if name != "LD3" and nfe not in ablate:
+                continue
+            t0 = time.perf_counter()
+            learned = ld3_learn(den, schedule, solver="unipc", order=3, nfe=nfe, teacher_nfe=20, shape=shape,
+                                progress=False, **train, **kw)
+            seconds[f"{name} NFE={nfe}"] = time.perf_counter() - t0
+            rows[f"{name} NFE={nfe}"] = dict(scores(learned), train_seconds=seconds[f"{name} NFE={nfe}"])
+            print(f"  DiT {name} NFE={nfe}: {rows[f'{name} NFE={nfe}']}", flush=True)
     rows["teacher NFE=20"] = {"fd": float(frechet_distance(teacher, size=cfg.input_size)), "rmse": 0.0}
-    return {"ld3_train_seconds": train_s, "results": rows, "n_samples": n}
+    return {"ld3_train_seconds": seconds[f"LD3 NFE={5}"], "train_seconds": seconds, "results": rows, "n_samples": n,
+            "torch_threads": torch.get_num_threads()}
 
 
 def run(quick: bool) -> dict:
@@ -194,16 +210,17 @@ def run(quick: bool) -> dict:
     if "skipped" in dit:
         print(f"DiT: skipped: {dit['skipped']}")
     else:
-        print_table(f"Digits DiT (UniPC-3, {dit['n_samples']} samples; LD3 trained in {dit['ld3_train_seconds']:.0f}"
-                    f" s)", ["method", "FD", "RMSE vs teacher"],
-                    [[k, v["fd"], v["rmse"]] for k, v in dit["results"].items()])
+        print_table(f"Digits DiT (UniPC-3, {dit['n_samples']} samples; LD3 at NFE 5 trained in "
+                    f"{dit['ld3_train_seconds']:.0f} s on {dit['torch_threads']} threads)",
+                    ["method", "FD", "RMSE vs teacher", "train s"],
+                    [[k, v["fd"], v["rmse"], v.get("train_seconds", "-")] for k, v in dit["results"].items()])
     plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for mode in ("plain", "remat"):
         ms = [m for m in mem if m["mode"] == mode]
         ax[0].plot([m["nfe"] for m in ms], [m["peak_mb"] for m in ms], "o-", label=f"{mode} peak RSS")
         ax[0].plot([m["nfe"] for m in ms], [m["saved_mb"] for m in ms], "x--", label=f"{mode} saved-tensor bytes (weights counted per use)")
-    ax[0].set(xlabel="NFE", ylabel="MB", title="backward memory (wide MLP, batch 256)")
+    ax[0].set(xlabel="NFE", ylabel="MB", title="backward memory (digits-shaped DiT, batch 64)")
     for solver in sorted({r["solver"] for r in mix}):
         rs = [r for r in mix if r["solver"] == solver]
         ax[1].plot([r["nfe"] for r in rs], [r["best heuristic"] for r in rs], "x--", label=f"{solver} best heuristic")

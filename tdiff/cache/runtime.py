@@ -122,7 +122,7 @@ class LearnedCache:
         rows = torch.as_tensor(rows)
         if rows.ndim != 2 or rows.shape[1] != len(self.units):
             raise ValueError(f"rows must have shape (batch, {len(self.units)}), got {tuple(rows.shape)}")
-        previous, self._rows = self._rows, rows.to(torch.bool)
+        previous, self._rows = self._rows, _RowsPlan(rows.to(torch.bool))
         try:
             yield self
         finally:
@@ -177,26 +177,26 @@ class LearnedCache:
         row = self._row(step)
         return True if row is None else row[u]
 
-    def _rows_for(self, u: int, batch: int, cached) -> torch.Tensor:
-        r = self._rows[:, u]
-        if r.shape[0] != batch:
-            raise ValueError(f"sample_rows has {r.shape[0]} rows but the batch has {batch} samples")
-        if cached is None and not bool(r.all()):
+    def _rows_for(self, u: int, batch: int, cached) -> "_RowsPlan":
+        plan = self._rows
+        if plan.batch != batch:
+            raise ValueError(f"sample_rows has {plan.batch} rows but the batch has {batch} samples")
+        if cached is None and not plan.all[u]:
             raise ValueError("every sample must compute every unit on its first step (no cache yet)")
         if cached is not None and cached.shape[0] != batch:
             raise ValueError("the batch size changed since the cache was filled; call reset()")
-        return r.to(cached.device if cached is not None else r.device)
+        return plan
 
     def _run_rows(self, u, fn, args, kwargs, ctx, cached):
         # generic per-sample path (no gate available here): gather, compute, merge
         batch = args[0].shape[0]
-        r = self._rows_for(u, batch, cached)
-        if bool(r.all()):
+        plan = self._rows_for(u, batch, cached)
+        if plan.all[u]:
             out = fn(*args, **kwargs)
-        elif not bool(r.any()):
+        elif not plan.any[u]:
             return cached
         else:
-            idx = r.nonzero().squeeze(1)
+            idx = plan.index(u, cached.device)
             fresh = fn(*_take_rows(args, idx, batch), **_take_rows_kw(kwargs, idx, batch))
             out = cached.index_copy(0, idx, fresh.to(cached.dtype))
         ctx.cache[u] = out.detach()
@@ -234,20 +234,46 @@ class LearnedCache:
 
         ctx = self._begin(u)
         cached = ctx.cache.get(u)
-        r = self._rows_for(u, x.shape[0], cached)
-        if bool(r.all()):
+        plan = self._rows_for(u, x.shape[0], cached)
+        if plan.all[u]:
             fresh = branch(x, shift, scale)
             ctx.cache[u] = fresh.detach()
             return x + gate.unsqueeze(1) * fresh
-        if not bool(r.any()):  # the whole batch reuses: no gather
+        if not plan.any[u]:  # the whole batch reuses: no gather
             return x + gate.unsqueeze(1) * cached
-        idx = r.nonzero().squeeze(1)
+        idx = plan.index(u, x.device)
         fresh = branch(x.index_select(0, idx), shift.index_select(0, idx), scale.index_select(0, idx))
-        source = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        source[idx] = torch.arange(idx.numel(), device=x.device)
-        out, branch_out = cached_block(x, gate, fresh, cached, source)
+        out, branch_out = cached_block(x, gate, fresh, cached, plan.source(u, x.device))
         ctx.cache[u] = branch_out.detach()
         return out
+
+
+class _RowsPlan:
+    """Per-sample mask rows (batch, units), with each unit's decisions worked out once per `sample_rows` rather
+    than once per unit per call: whether all / any sample computes it (python bools, so no per-unit tensor
+    reductions), the computing rows' indices, and the op's `source` map (row b -> its row among the computed
+    ones, or -1 to reuse the cache)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.batch = rows.shape[0]
+        columns = rows.t().tolist()
+        self.all = [all(c) for c in columns]
+        self.any = [any(c) for c in columns]
+        self._columns = columns
+        self._sources = torch.where(rows, rows.long().cumsum(0) - 1, -1).t().contiguous()  # (units, batch)
+        self._on_device: Dict[tuple, torch.Tensor] = {}
+
+    def index(self, u: int, device) -> torch.Tensor:
+        key = ("index", u, device)
+        if key not in self._on_device:
+            self._on_device[key] = torch.tensor([b for b, on in enumerate(self._columns[u]) if on], device=device)
+        return self._on_device[key]
+
+    def source(self, u: int, device) -> torch.Tensor:
+        key = ("source", device)
+        if key not in self._on_device:
+            self._on_device[key] = self._sources.to(device)
+        return self._on_device[key][u]
 
 
 def _take_rows(args, idx, batch):

@@ -91,8 +91,9 @@ def train_mask(model: nn.Module, sample_fn: Callable[[nn.Module], object], *, gr
     and call `model(...)` once per step). Returns a LearnedMask; its `extra` holds the scores and settings.
 
     checkpoint: a path; written after every step and resumed from when it exists (same model and settings).
-    target_mac_fraction: after thresholding, also switch off the lowest-score units until the run costs at most
-    this fraction of the uncached MACs (counted with fvcore on the first recorded call). With threshold=0 the
+    target_mac_fraction: after thresholding, also switch off the lowest-score units until the run (after
+    rectification, when on) costs at most this fraction of the uncached MACs (counted with fvcore on the first
+    recorded call). With threshold=0 the
     mask is chosen purely by score rank under that budget.
 
     Defaults were set on the embedded digits DiT (bench/caching.py). The feature loss is relative (MSE over the
@@ -216,9 +217,8 @@ def train_mask(model: nn.Module, sample_fn: Callable[[nn.Module], object], *, gr
             args, kwargs = calls[0]
             base, per_unit = unit_macs(model, args, kwargs)
             unit_costs = [sum(per_unit[u] for u in members) for members in groups]
-        matrix = binarise(scores, threshold, unit_costs, base or 0.0, target_mac_fraction)
-        if rectify:
-            matrix = rectify_mask(matrix)
+        matrix = binarise(scores, threshold, unit_costs, base or 0.0, target_mac_fraction,
+                          then=rectify_mask if rectify else None)
         extra = dict(settings, scores=scores.tolist(), loss_weights=weights.tolist(),
                      feature_variation=delta.tolist(), rectified=rectify, target_mac_fraction=target_mac_fraction)
         return LearnedMask(matrix=matrix, granularity=granularity, fingerprint=fingerprint, solver=solver,

@@ -75,11 +75,15 @@ def _validate(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Ten
 # ---------------------------------------------------------------------------------------------------------------
 # The ops
 # ---------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("tdiff::cached_block", mutates_args=())
-def cached_block_op(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> Tuple[Tensor, Tensor]:
+def _cached_block_forward(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor):
     _validate(x, gate, fresh, cache, source)
     return dispatch.route(x, "cached_block_cpu", "tdiff.kernels.cached_block:cached_block_triton",
                           cached_block_reference, x, gate, fresh, cache, source)
+
+
+@torch.library.custom_op("tdiff::cached_block", mutates_args=())
+def cached_block_op(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> Tuple[Tensor, Tensor]:
+    return _cached_block_forward(x, gate, fresh, cache, source)
 
 
 @cached_block_op.register_fake
@@ -141,4 +145,9 @@ cached_block_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------------
 def cached_block(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> Tuple[Tensor, Tensor]:
     """(out, refreshed cache) for one unit with per-sample masks; see the module docstring."""
-    return torch.ops.tdiff.cached_block(x, gate, fresh, cache, source)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, gate, fresh, cache))):
+        return torch.ops.tdiff.cached_block(x, gate, fresh, cache, source)  # traced, or differentiated
+    # inference in eager mode: the same body without the custom-op dispatch layer, which costs more than the
+    # kernel itself at serving batch sizes (it runs once per unit per model call)
+    return _cached_block_forward(x, gate, fresh, cache, source)

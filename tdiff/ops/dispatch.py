@@ -62,6 +62,7 @@ def requested_backend() -> str:
     return b
 
 
+@functools.lru_cache(maxsize=None)  # per call it was a torch.ops attribute lookup, tens of microseconds
 def cpp_has(op_name: str) -> bool:
     return extension_loaded() and hasattr(torch.ops.tdiff, op_name)
 
