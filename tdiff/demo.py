@@ -170,7 +170,7 @@ def _section_training(r: Report) -> None:
 
 
 def _section_caching(r: Report, dit) -> None:
-    from .cache import cached_dit, macs, rectify, train_mask
+    from .cache import cached_dit, macs, train_mask
     from .metrics.errors import psnr
     from .metrics.frechet import frechet_distance
     from .solvers import sample
@@ -189,7 +189,7 @@ def _section_caching(r: Report, dit) -> None:
     mask, sec_train = _timed(lambda: train_mask(model, run(x_T[:16], y[:16]), iterations=5 if r.quick else 20,
                                                 threshold=0.0, target_mac_fraction=0.6, solver="ddim",
                                                 progress=True))
-    mask = rectify(mask.matrix)
+    mask = mask.matrix  # rectified by train_mask, the budget holding after rectification
     with torch.no_grad():
         ref, t_ref = _timed(lambda: run(x_T, y)(model))
         fast = cached_dit(model, mask)
