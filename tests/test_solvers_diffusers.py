@@ -40,6 +40,24 @@ def _x_T():
     return torch.randn(2, 3, 4, 4, dtype=torch.float64)
 
 
+def _float64_schedule(sched):
+    """set_timesteps with the scheduler's sigmas in float64, and the tdiff schedule of the same betas."""
+    sched.set_timesteps(STEPS)
+    sched.sigmas = sched.sigmas.double()
+    return DiscreteVP.from_diffusers(sched)
+
+
+def _check_matches_diffusers(sched, solver, **opts):
+    """tdiff on the scheduler's grid against the scheduler's own loop; returns (x_T, grid, schedule, ours)."""
+    schedule = _float64_schedule(sched)
+    x = _x_T()
+    ref = _run_diffusers(sched, x.clone())
+    grid = from_diffusers_timesteps(sched, schedule)
+    ours = sample(EpsDenoiser(schedule), x, grid, solver=solver, **opts)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    return x, grid, schedule, ours
+
+
 def _run_diffusers(scheduler, x, scale_input_by_sigma=False):
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(x, t) if scale_input_by_sigma else x
@@ -53,15 +71,8 @@ def test_dpmpp_multistep_matches_diffusers(order, final):
     sched = diffusers.DPMSolverMultistepScheduler(
         **_ddpm_kwargs(), algorithm_type="dpmsolver++", solver_order=order, solver_type="midpoint",
         lower_order_final=True, final_sigmas_type=final)
-    sched.set_timesteps(STEPS)
-    sched.sigmas = sched.sigmas.double()
-    schedule = DiscreteVP.from_diffusers(sched)
-    x = _x_T()
-    ref = _run_diffusers(sched, x.clone())
-    grid = from_diffusers_timesteps(sched, schedule)
+    _, grid, _, _ = _check_matches_diffusers(sched, "dpmpp", order=order)
     assert grid.final_sigmas_type == final
-    ours = sample(EpsDenoiser(schedule), x, grid, solver="dpmpp", order=order)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
@@ -73,34 +84,18 @@ def test_unipc_matches_diffusers(variant, order):
     sched = diffusers.UniPCMultistepScheduler(
         **_ddpm_kwargs(), solver_order=order, solver_type=variant, lower_order_final=True,
         final_sigmas_type=final, predict_x0=True)
-    sched.set_timesteps(STEPS)
-    sched.sigmas = sched.sigmas.double()
-    schedule = DiscreteVP.from_diffusers(sched)
-    x = _x_T()
-    ref = _run_diffusers(sched, x.clone())
-    ours = sample(EpsDenoiser(schedule), x, from_diffusers_timesteps(sched, schedule), solver="unipc", order=order,
-                  variant=variant)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    _check_matches_diffusers(sched, "unipc", order=order, variant=variant)
 
 
 def test_unipc_sigma_min_final_matches_diffusers():
     sched = diffusers.UniPCMultistepScheduler(**_ddpm_kwargs(), solver_order=3, solver_type="bh2",
                                               lower_order_final=False, final_sigmas_type="sigma_min")
-    sched.set_timesteps(STEPS)
-    sched.sigmas = sched.sigmas.double()
-    schedule = DiscreteVP.from_diffusers(sched)
-    x = _x_T()
-    ref = _run_diffusers(sched, x.clone())
-    ours = sample(EpsDenoiser(schedule), x, from_diffusers_timesteps(sched, schedule), solver="unipc", order=3,
-                  lower_order_final=False)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    _check_matches_diffusers(sched, "unipc", order=3, lower_order_final=False)
 
 
 def test_euler_matches_diffusers():
     sched = diffusers.EulerDiscreteScheduler(**_ddpm_kwargs())
-    sched.set_timesteps(STEPS)
-    sched.sigmas = sched.sigmas.double()
-    schedule = DiscreteVP.from_diffusers(sched)
+    schedule = _float64_schedule(sched)
     grid = from_diffusers_timesteps(sched, schedule)
     x = _x_T()
     # diffusers' Euler works on x~ = x / alpha, starting from x~ = x_T / alpha_0 and ending at alpha = 1
@@ -166,9 +161,7 @@ def test_sde_dpmpp_2m_matches_diffusers_with_the_same_noise(final):
     sched = diffusers.DPMSolverMultistepScheduler(
         **_ddpm_kwargs(), algorithm_type="sde-dpmsolver++", solver_order=2, lower_order_final=True,
         final_sigmas_type=final)
-    sched.set_timesteps(STEPS)
-    sched.sigmas = sched.sigmas.double()
-    schedule = DiscreteVP.from_diffusers(sched)
+    schedule = _float64_schedule(sched)
     x = _x_T()
     # tdiff draws float64 noise like x, one tensor per step; diffusers draws float32, so hand it ours
     gen = torch.Generator().manual_seed(7)
@@ -184,13 +177,6 @@ def test_sde_dpmpp_2m_matches_diffusers_with_the_same_noise(final):
 def test_unipc_disable_corrector_matches_diffusers():
     sched = diffusers.UniPCMultistepScheduler(**_ddpm_kwargs(), solver_order=3, solver_type="bh2",
                                               final_sigmas_type="zero", disable_corrector=[1, 4])
-    sched.set_timesteps(STEPS)
-    sched.sigmas = sched.sigmas.double()
-    schedule = DiscreteVP.from_diffusers(sched)
-    x = _x_T()
-    ref = _run_diffusers(sched, x.clone())
-    grid = from_diffusers_timesteps(sched, schedule)
-    ours = sample(EpsDenoiser(schedule), x, grid, solver="unipc", order=3, disable_corrector=[1, 4])
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    x, grid, schedule, ours = _check_matches_diffusers(sched, "unipc", order=3, disable_corrector=[1, 4])
     with_corrector = sample(EpsDenoiser(schedule), x, grid, solver="unipc", order=3)
     assert not torch.allclose(ours, with_corrector)

@@ -30,6 +30,16 @@ def _per_sample_mse(a, b):
     return ((a - b) ** 2).flatten(1).mean(1)
 
 
+def _recorded_output(net):
+    """What the Recorder returned for its recorded input, written out (F in EDM's notation)."""
+    return 0.7 * net.x + 1e-3 * net.t.double().view(-1, 1, 1, 1)
+
+
+def _edm_denoised(x, sig, F, sd=0.5):
+    """EDM's D = c_skip x + c_out F, written out as the oracle."""
+    return sd**2 / (sig**2 + sd**2) * x + sig * sd / torch.sqrt(sig**2 + sd**2) * F
+
+
 @pytest.mark.parametrize("target", ["eps", "x0", "v", "flow"])
 @pytest.mark.parametrize("sched", [DDPM, S.VPLinear(), S.RectifiedFlow()], ids=["ddpm", "vp", "flow"])
 def test_standard_targets(target, sched):
@@ -60,8 +70,7 @@ def test_edm_preconditioned_target_equals_denoiser_loss():
     sig, sd = t.view(-1, 1, 1, 1), 0.5
     x = x0 + sig * eps
     torch.testing.assert_close(net.x, x / torch.sqrt(sig**2 + sd**2))  # c_in x
-    F = 0.7 * net.x + 1e-3 * net.t.double().view(-1, 1, 1, 1)
-    D = sd**2 / (sig**2 + sd**2) * x + sig * sd / torch.sqrt(sig**2 + sd**2) * F
+    D = _edm_denoised(x, sig, _recorded_output(net), sd)
     lam = (t**2 + sd**2) / (t * sd) ** 2
     torch.testing.assert_close(loss_fn.last_per_sample, lam * _per_sample_mse(D, x0))
     torch.testing.assert_close(net.t.double(), 250 * torch.log(t))  # 1000 x EDM's c_noise
@@ -88,10 +97,10 @@ def test_fdm_input_mode_is_table_1(kind, sched, m):
     # the network input is e^{-mB(t')}(1+mB(t')) x with t' = (sigma - sigma_min)/(sigma_max - sigma_min): the
     # multiplier m is used by every variant, VE included
     torch.testing.assert_close(net.x, _fdm_factor(sig, lo, hi, m) * x)
-    F = 0.7 * net.x + 1e-3 * net.t.double().view(-1, 1, 1, 1)
+    F = _recorded_output(net)
     if kind == "edm":
         sd = 0.5
-        D = sd**2 / (sig**2 + sd**2) * x + sig * sd / torch.sqrt(sig**2 + sd**2) * F
+        D = _edm_denoised(x, sig, F, sd)
         lam = (sig**2 + sd**2) / (sig * sd) ** 2
     else:
         D = x + (-sig if kind == "vp" else sig) * F

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_image_and_labels, config_from
 from .embeddings import TimestepEmbedder, batch_time, sincos_pos_embed_2d
 
 
@@ -157,11 +158,7 @@ class LabelEmbedder(nn.Module):
 class DiT(nn.Module):
     def __init__(self, config: Optional[DiTConfig] = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = DiTConfig(**kwargs)
-        elif kwargs:
-            raise ValueError("pass either a DiTConfig or keyword arguments, not both")
-        self.config = cfg = config
+        self.config = cfg = config_from(DiTConfig, config, kwargs)
         self.num_classes = cfg.num_classes
         self.null_label = cfg.num_classes
         self.out_channels = cfg.out_channels
@@ -201,22 +198,7 @@ class DiT(nn.Module):
 
     def check_input(self, x: torch.Tensor, y: Optional[torch.Tensor]):
         cfg = self.config
-        if x.ndim != 4:
-            raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must have {cfg.in_channels} channels, got {x.shape[1]}")
-        if x.shape[2] != cfg.input_size or x.shape[3] != cfg.input_size:
-            raise ValueError(f"x must be {cfg.input_size}x{cfg.input_size}, got {x.shape[2]}x{x.shape[3]}")
-        if y is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-            if y.is_floating_point():
-                raise ValueError("y must be an integer (long) tensor of class indices")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.null_label):
-                raise ValueError(
-                    f"class labels must be in [0, {self.num_classes}] ({self.null_label} is the null class), "
-                    f"got [{int(y.min())}, {int(y.max())}]"
-                )
+        check_image_and_labels(x, y, cfg.in_channels, cfg.input_size, self.null_label)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) tokens -> (B, C, H, W) image."""

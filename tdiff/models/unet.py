@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_image_and_labels, config_from
 from .embeddings import batch_time, timestep_features
 
 
@@ -150,11 +151,7 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     def __init__(self, config: Optional[UNetConfig] = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = UNetConfig(**kwargs)
-        elif kwargs:
-            raise ValueError("pass either a UNetConfig or keyword arguments, not both")
-        self.config = cfg = config
+        self.config = cfg = config_from(UNetConfig, config, kwargs)
         self.num_classes = cfg.num_classes
         self.null_label = cfg.num_classes if cfg.num_classes else None
         ch0, g = cfg.base_channels, cfg.num_groups
@@ -203,22 +200,9 @@ class UNet(nn.Module):
 
     def check_input(self, x: torch.Tensor, y: Optional[torch.Tensor]):
         cfg = self.config
-        if x.ndim != 4:
-            raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must have {cfg.in_channels} channels, got {x.shape[1]}")
-        if x.shape[2] != cfg.input_size or x.shape[3] != cfg.input_size:
-            raise ValueError(f"x must be {cfg.input_size}x{cfg.input_size}, got {x.shape[2]}x{x.shape[3]}")
-        if y is not None:
-            if not self.num_classes:
-                raise ValueError("this UNet is unconditional (num_classes=0); y must be None")
-            if y.shape != (x.shape[0],) or y.is_floating_point():
-                raise ValueError(f"y must be a long tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
-                raise ValueError(
-                    f"class labels must be in [0, {self.num_classes}] ({self.num_classes} is the null class), "
-                    f"got [{int(y.min())}, {int(y.max())}]"
-                )
+        check_image_and_labels(x, y if self.num_classes else None, cfg.in_channels, cfg.input_size, self.num_classes)
+        if y is not None and not self.num_classes:
+            raise ValueError("this UNet is unconditional (num_classes=0); y must be None")
 
     def embedding(self, t, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
         t = batch_time(t, batch, device)

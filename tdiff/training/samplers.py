@@ -1,6 +1,7 @@
 """Sampler registry: `make_sampler("speed", schedule, k=2, tau=700)`."""
 from __future__ import annotations
 
+from .registry import build_from_registry
 from .sampler_base import TimestepSampler
 from .sampler_normal import LogitNormalSampler, LogNormalSampler
 from .sampler_speed import SpeedSampler
@@ -17,10 +18,4 @@ SAMPLERS = {
 
 
 def make_sampler(sampler, schedule, **kwargs) -> TimestepSampler:
-    if isinstance(sampler, TimestepSampler):
-        if kwargs:
-            raise ValueError("sampler options were given for an already-built sampler")
-        return sampler
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)} or a TimestepSampler, got {sampler!r}")
-    return SAMPLERS[sampler](schedule, **kwargs)
+    return build_from_registry("sampler", sampler, SAMPLERS, TimestepSampler, schedule, **kwargs)

@@ -1,6 +1,7 @@
 """Weighting registry: `make_weighting("min_snr", schedule, gamma=5, target="v")`."""
 from __future__ import annotations
 
+from .registry import build_from_registry
 from .weight_edm import EDMWeight
 from .weight_snr import MinSNRWeight, P2Weight
 from .weight_speed import SpeedWeight
@@ -16,12 +17,5 @@ WEIGHTINGS = {
 
 
 def make_weighting(weighting, schedule, **kwargs) -> Weighting:
-    if weighting is None:
-        weighting = "none"
-    if isinstance(weighting, Weighting):
-        if kwargs:
-            raise ValueError("weighting options were given for an already-built weighting")
-        return weighting
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)} or a Weighting, got {weighting!r}")
-    return WEIGHTINGS[weighting](schedule, **kwargs)
+    return build_from_registry("weighting", "none" if weighting is None else weighting, WEIGHTINGS, Weighting,
+                               schedule, **kwargs)
