@@ -9,6 +9,7 @@ sigma = 0) instead, as diffusers does; t_N is then still validated but otherwise
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,20 +46,24 @@ class Grid:
     alpha: Tensor
     sigma: Tensor
     lam: Tensor  # log(alpha/sigma); +inf at a final zero point (never used there)
-    sigma_tilde: Tensor  # EDM sigma sigma/alpha; 0 at a final zero point
     final_zero: bool
 
     @property
     def n_steps(self) -> int:
         return self.lam.numel() - 1
 
+    @functools.cached_property
+    def sigma_tilde(self) -> Tensor:
+        """EDM sigma, sigma/alpha = e^-lambda; 0 at a final zero point."""
+        return (-self.lam).exp()
+
 
 def make_grid(schedule: NoiseSchedule, timesteps: Tensor, final_sigmas_type: str = "sigma_min") -> Grid:
     if final_sigmas_type not in FINAL_SIGMAS_TYPES:
         raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
     t = timesteps
-    alpha, sigma, lam = schedule.alpha(t), schedule.sigma(t), schedule.lambda_(t)
-    sigma_tilde = schedule.edm_sigma(t)
+    log_alpha, log_sigma = schedule.log_alpha(t), schedule.log_sigma(t)
+    alpha, sigma, lam = log_alpha.exp(), log_sigma.exp(), log_alpha - log_sigma
     final_zero = final_sigmas_type == "zero"
     if final_zero:
         # Replace the last point by clean data. Built by concatenation (not in-place) so the graph stays intact.
@@ -66,16 +71,14 @@ def make_grid(schedule: NoiseSchedule, timesteps: Tensor, final_sigmas_type: str
         alpha = torch.cat([alpha[:-1], one])
         sigma = torch.cat([sigma[:-1], zero])
         lam = torch.cat([lam[:-1], torch.full_like(one, float("inf"))])
-        sigma_tilde = torch.cat([sigma_tilde[:-1], zero])
-    return Grid(t=t, alpha=alpha, sigma=sigma, lam=lam, sigma_tilde=sigma_tilde, final_zero=final_zero)
+    return Grid(t=t, alpha=alpha, sigma=sigma, lam=lam, final_zero=final_zero)
 
 
 def grid_from_lambda(schedule: NoiseSchedule, lam: Tensor) -> Grid:
     """The grid at the given lambdas, without the times (which the exponential integrators' rows never use):
     cheaper than `make_grid` and exact for any schedule, since alpha and sigma are closed forms of lambda."""
     log_alpha = schedule.log_alpha_from_lambda(lam)
-    return Grid(t=None, alpha=log_alpha.exp(), sigma=(log_alpha - lam).exp(), lam=lam, sigma_tilde=(-lam).exp(),
-                final_zero=False)
+    return Grid(t=None, alpha=log_alpha.exp(), sigma=(log_alpha - lam).exp(), lam=lam, final_zero=False)
 
 
 def condition_times(schedule: NoiseSchedule, timesteps: Tensor, timesteps_cond: Optional[Tensor]) -> Tensor:

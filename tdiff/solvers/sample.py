@@ -28,7 +28,7 @@ SOLVERS = ("dpmpp", "dpmpp_sde", "unipc", "ipndm", "euler", "ddim", "heun")
 DEFAULT_ORDER = {"dpmpp": 2, "dpmpp_sde": 2, "unipc": 2, "ipndm": 4, "euler": 1, "ddim": 1, "heun": 2}
 
 
-def _schedule_of(denoiser, schedule):
+def schedule_of(denoiser, schedule):
     schedule = schedule if schedule is not None else getattr(denoiser, "schedule", None)
     if schedule is None:
         raise ValueError("denoiser must have a .schedule attribute (a tdiff NoiseSchedule), or pass schedule=")
@@ -87,7 +87,7 @@ class Sampler:
                  guidance=None, progress: bool = False, schedule=None, **opts):
         timesteps, timesteps_cond = _unpack_timesteps(timesteps, timesteps_cond, opts)
         self.denoiser = denoiser
-        self.schedule = _schedule_of(denoiser, schedule)
+        self.schedule = schedule_of(denoiser, schedule)
         self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond, **opts)
         self.guidance, self.progress = guidance, progress
         self._rows = {}

@@ -29,7 +29,7 @@ from ..schedules import NoiseSchedule
 from ..solvers.dpmpp import build_dpmpp
 from ..solvers.grid import grid_from_lambda
 from ..solvers.unipc import build_unipc
-from .heuristics import check_nfe, sampling_interval
+from .heuristics import check_nfe, sampling_interval, with_exact_ends
 from .sensitivity import step_output_weights
 
 # build_program validates the timesteps (host syncs, errors on a non-monotone point); the optimiser may probe
@@ -61,8 +61,7 @@ class SurrogateObjective:
 
     def timesteps(self, lam_interior: Tensor) -> Tensor:
         lam = torch.cat([self.lam_start, lam_interior, self.lam_end])
-        t = self.schedule.t_from_lambda(lam)
-        return torch.cat([self.t_hi.reshape(1), t[1:-1], self.t_lo.reshape(1)])
+        return with_exact_ends(self.schedule.t_from_lambda(lam), self.t_hi, self.t_lo)
 
     def value(self, lam_interior: Tensor) -> Tensor:
         grid = grid_from_lambda(self.schedule, torch.cat([self.lam_start, lam_interior, self.lam_end]))

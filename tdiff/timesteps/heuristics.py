@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..schedules import NoiseSchedule
+from ..solvers.grid import check_timesteps
 
 
 def check_nfe(nfe, name: str = "nfe", minimum: int = 1) -> int:
@@ -43,7 +44,7 @@ def sampling_interval(schedule: NoiseSchedule, t_max: Optional[float] = None,
     return hi, lo
 
 
-def _with_exact_ends(t: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+def with_exact_ends(t: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
     # an inverse map (t_from_lambda, ...) is exact only up to rounding; pin the ends so every heuristic agrees
     return torch.cat([hi.reshape(1), t[1:-1], lo.reshape(1)])
 
@@ -61,7 +62,7 @@ def quadratic_t(schedule: NoiseSchedule, nfe: int, rho: float = 2.0, t_max=None,
         raise ValueError(f"rho must be > 0, got {rho!r}")
     hi, lo = sampling_interval(schedule, t_max, t_min)
     u = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)  # (N - i)/N
-    return _with_exact_ends(u**rho * (hi - lo) + lo, hi, lo)
+    return with_exact_ends(u**rho * (hi - lo) + lo, hi, lo)
 
 
 def edm_rho(schedule: NoiseSchedule, nfe: int, rho: float = 7.0, t_max=None, t_min=None) -> Tensor:
@@ -73,14 +74,14 @@ def edm_rho(schedule: NoiseSchedule, nfe: int, rho: float = 7.0, t_max=None, t_m
     s_hi, s_lo = schedule.edm_sigma(hi) ** (1.0 / rho), schedule.edm_sigma(lo) ** (1.0 / rho)
     u = torch.linspace(0.0, 1.0, nfe + 1, dtype=torch.float64)
     sigmas = (s_hi + u * (s_lo - s_hi)) ** rho
-    return _with_exact_ends(schedule.t_from_edm_sigma(sigmas), hi, lo)
+    return with_exact_ends(schedule.t_from_edm_sigma(sigmas), hi, lo)
 
 
 def logsnr_uniform(schedule: NoiseSchedule, nfe: int, t_max=None, t_min=None) -> Tensor:
     check_nfe(nfe)
     hi, lo = sampling_interval(schedule, t_max, t_min)
     lam = torch.linspace(float(schedule.lambda_(hi)), float(schedule.lambda_(lo)), nfe + 1, dtype=torch.float64)
-    return _with_exact_ends(schedule.t_from_lambda(lam), hi, lo)
+    return with_exact_ends(schedule.t_from_lambda(lam), hi, lo)
 
 
 def interpolate_schedule(schedule: NoiseSchedule, reference, nfe: int) -> Tensor:
@@ -89,19 +90,14 @@ def interpolate_schedule(schedule: NoiseSchedule, reference, nfe: int) -> Tensor
     check_nfe(nfe)
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
-    ref = torch.as_tensor(reference, dtype=torch.float64).detach()
-    if ref.dim() != 1 or ref.numel() < 2:
-        raise ValueError(f"reference must be a 1-D tensor of at least 2 times, got shape {tuple(ref.shape)}")
-    schedule.check_t(ref, "reference")
-    if bool((ref[1:] >= ref[:-1]).any()):
-        raise ValueError("reference must be strictly decreasing (from noise to data)")
+    ref = check_timesteps(schedule, torch.as_tensor(reference, dtype=torch.float64).detach(), "reference")
     log_sigma = schedule.edm_sigma(ref).log()
     x_ref = torch.linspace(0.0, 1.0, ref.numel(), dtype=torch.float64)
     x_new = torch.linspace(0.0, 1.0, nfe + 1, dtype=torch.float64)
     idx = torch.searchsorted(x_ref, x_new).clamp(1, ref.numel() - 1)
     w = (x_new - x_ref[idx - 1]) / (x_ref[idx] - x_ref[idx - 1])
     interp = log_sigma[idx - 1] + w * (log_sigma[idx] - log_sigma[idx - 1])
-    return _with_exact_ends(schedule.t_from_edm_sigma(interp.exp()), ref[0], ref[-1])
+    return with_exact_ends(schedule.t_from_edm_sigma(interp.exp()), ref[0], ref[-1])
 
 
 #: the heuristics LD3 chooses its start from (name -> fn(schedule, nfe, t_max=, t_min=))

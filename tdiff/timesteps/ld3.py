@@ -94,7 +94,7 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
     val_every: validate every this many iterations (default: once per epoch).
     """
     from ..solvers import sample
-    from ..solvers.sample import DEFAULT_ORDER, SOLVERS
+    from ..solvers.sample import DEFAULT_ORDER, SOLVERS, schedule_of
 
     _check_args(nfe, teacher_nfe, r_gamma, r, epochs, phase1_epochs, n_train, n_val, batch_size)
     if solver not in SOLVERS:
@@ -102,9 +102,7 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
     teacher_solver = teacher_solver or solver
     order = DEFAULT_ORDER[solver] if order is None else order
     teacher_order = DEFAULT_ORDER[teacher_solver] if teacher_order is None else teacher_order
-    schedule = schedule if schedule is not None else getattr(denoiser, "schedule", None)
-    if schedule is None:
-        raise ValueError("denoiser must have a .schedule (a tdiff NoiseSchedule), or pass schedule=")
+    schedule = schedule_of(denoiser, schedule)
     if shape is None:
         raise ValueError("shape (the shape of one sample, e.g. (1, 16, 16)) is required")
     shape = tuple(int(s) for s in shape)

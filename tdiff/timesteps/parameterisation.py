@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..schedules import NoiseSchedule
+from .heuristics import with_exact_ends
 
 SPACES = ("time", "lambda")
 
@@ -37,8 +38,7 @@ class StepParameterisation:
             t = self.t_min + u * (self.t_max - self.t_min)
         else:
             t = self.schedule.t_from_lambda(self.hi + u * (self.lo - self.hi))
-        # pin the ends exactly (rounding in the map must not step outside the domain)
-        return torch.cat([self.t_max.reshape(1), t[1:-1], self.t_min.reshape(1)])
+        return with_exact_ends(t, self.t_max, self.t_min)  # rounding in the map must not leave the domain
 
     def xi_from_timesteps(self, timesteps: Tensor) -> Tensor:
         """An xi that reproduces `timesteps` (the inverse of `timesteps`, up to the free scale of softmax)."""

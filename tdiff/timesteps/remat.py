@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..denoisers import times_validated
+
 
 class _RematCall(torch.autograd.Function):
     """out = denoiser(x, t), recomputed in backward instead of stored."""
@@ -34,7 +36,8 @@ class _RematCall(torch.autograd.Function):
     def backward(ctx, *grads):
         x, t = ctx.saved_tensors
         need_x, need_t = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        with torch.enable_grad():
+        # the times were checked when the solver program was built; the recomputation must not re-check them
+        with torch.enable_grad(), times_validated():
             x_ = x.detach().requires_grad_(need_x)
             t_ = t.detach().requires_grad_(need_t)
             out = ctx.denoiser(x_, t_)
@@ -79,6 +82,5 @@ def sample_remat(denoiser, x_T: Tensor, timesteps, solver: str = "unipc", order=
     timesteps_cond), memory O(NFE * state) instead of O(NFE * network activations)."""
     from ..solvers import sample
 
-    schedule = opts.pop("schedule", None) or getattr(denoiser, "schedule", None)
     return sample(RematDenoiser(denoiser), x_T, timesteps, solver=solver, order=order,
-                  timesteps_cond=timesteps_cond, schedule=schedule, **opts)
+                  timesteps_cond=timesteps_cond, **opts)  # RematDenoiser carries the denoiser's .schedule
