@@ -71,3 +71,23 @@ def _tiny_dit():
     from tdiff.models import DiT, DiTConfig
 
     return DiT(DiTConfig.preset("digits", hidden_size=16, depth=1, num_heads=2, patch_size=4))
+
+
+@pytest.mark.parametrize("precond", ["edm", "vp", "ve"])
+@pytest.mark.parametrize("sched", [S.VPLinear(), S.EDM()], ids=["VPLinear", "EDM"])
+def test_denoise_feeds_the_network_what_training_fed_it(sched, precond):
+    """At sampling time the network must see the same preconditioned input c_in x as in training."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64)
+    loss_fn = DiffusionLoss(sched, target="edm", precond=precond)
+    t = loss_fn.sample_t(4, "cpu", g)
+    seen = []
+
+    def net(inp, nt, **_):
+        seen.append(inp)
+        return inp
+
+    loss_fn(net, x0, t=t, noise=eps)
+    loss_fn.denoise(net, x0 + sched.edm_sigma(t).view(-1, 1, 1, 1) * eps, t)
+    torch.testing.assert_close(seen[1], seen[0])

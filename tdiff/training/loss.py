@@ -230,19 +230,17 @@ class DiffusionLoss:
             return v.to(x.dtype).view(shape)
 
         if self.process == "fdm":
-            if self.fdm.on == "input":
-                inp = per(self.fdm.factor(sig)) * x
-            else:
-                psd = self.precond.input_sigma_data()
-                inp = x if psd is None else per(torch.rsqrt(sig * sig + psd * psd)) * x
-            return per(self.precond.c_skip(sig)) * x + per(self.precond.c_out(sig)) * model(inp, nt, **cond)
+            scale = self.fdm.factor(sig) if self.fdm.on == "input" else self.precond.c_in(sig)
+            return per(self.precond.c_skip(sig)) * x + per(self.precond.c_out(sig)) * model(per(scale) * x, nt, **cond)
         a = torch.rsqrt(1.0 + sig * sig) if self.schedule.family == "vp" else self.schedule.alpha(t)
         s = a * sig
         xt = per(a) * x
         if self.target == "edm":
-            c_in = torch.rsqrt(s * s + (self.precond.sigma_data * a) ** 2)
-            F = model(per(c_in) * xt, nt, **cond)
-            return per(self.precond.c_skip(sig)) * x + per(self.precond.c_out(sig)) * F
+            # the input training wrote (tdiff::noisy_sample): x_t itself without an input scaling, else
+            # x_t / sqrt(s^2 + (sigma_data a)^2), which is the preconditioning's c_in(sigma) x
+            psd = self.precond.input_sigma_data()
+            inp = xt if psd is None else per(self.precond.c_in(sig)) * x
+            return per(self.precond.c_skip(sig)) * x + per(self.precond.c_out(sig)) * model(inp, nt, **cond)
         out = model(xt, nt, **cond)
         if self.target == "eps":
             return x - per(sig) * out
