@@ -76,6 +76,11 @@ def _cached_block_bwd(gout_ptr, gbr_ptr, gate_ptr, branch_ptr, source_ptr, gx_pt
 
 
 def cached_block_backward_triton(grad_out, grad_branch, gate, branch, source, computed):
+    if grad_out.dtype == torch.float64:
+        # float64 gradients (gradcheck) would lose precision in the float32 accumulator: the reference does them
+        from tdiff.ops.cached_block import cached_block_backward_reference
+
+        return cached_block_backward_reference(grad_out, grad_branch, gate, branch, source, computed)
     grad_out, grad_branch = grad_out.contiguous(), grad_branch.contiguous()
     gate, branch, source = gate.contiguous(), branch.contiguous(), source.contiguous()
     B, N, C = grad_out.shape
@@ -83,7 +88,6 @@ def cached_block_backward_triton(grad_out, grad_branch, gate, branch, source, co
     ggate = grad_out.new_empty((B, C))
     gfresh = grad_out.new_empty((computed, N, C))
     block_c = min(1024, triton.next_power_of_2(C))
-    # float64 gradients (gradcheck) would lose precision in a float32 accumulator: the reference handles them
     _cached_block_bwd[(B, triton.cdiv(C, block_c))](
         grad_out, grad_branch, gate, branch, source, gx, ggate, gfresh if computed else gcache, gcache, N, C,
         BLOCK_C=block_c)

@@ -42,17 +42,13 @@ def _wmse_bwd(p_ptr, q_ptr, scale_ptr, g_ptr, N, FP64: tl.constexpr, BLOCK: tl.c
     tl.store(g_ptr + base + offs, (s * (p - q)).to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def weighted_mse_triton(pred, target, weight):
     pred, target = pred.contiguous(), target.contiguous()
     B = pred.shape[0]
     N = pred.numel() // B
     block = dispatch.triton_block(2048)
     nblk = triton.cdiv(N, block)
-    acc = _acc(pred)
+    acc = dispatch.coef_dtype(pred)
     partial = torch.empty((B, nblk), device=pred.device, dtype=acc)
     _wmse_partial[(B, nblk)](pred, target, partial, N, nblk, FP64=acc == torch.float64, BLOCK=block)
     mse = partial.sum(dim=1) / N
@@ -63,7 +59,7 @@ def weighted_mse_backward_triton(grad_loss, pred, target, weight):
     pred, target = pred.contiguous(), target.contiguous()
     B = pred.shape[0]
     N = pred.numel() // B
-    acc = _acc(pred)
+    acc = dispatch.coef_dtype(pred)
     scale = (grad_loss.to(acc) * weight.to(acc) * (2.0 / N)).contiguous()
     grad = torch.empty_like(pred)
     block = dispatch.triton_block(2048)

@@ -222,3 +222,13 @@ def test_missing_extension_warns_once_and_falls_back(monkeypatch):
                                                              "TDIFF_BACKEND": "auto"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+def test_kernel_table_is_made_once_per_table_and_device():
+    from tdiff.ops.noisy_sample import kernel_table
+
+    sched = S.DiscreteVP(betas=torch.linspace(1e-4, 0.02, 50).float())
+    first = kernel_table(sched.kernel_spec(), torch.device("cpu"))
+    assert first.dtype == torch.float64 and torch.equal(first, sched.kernel_spec().table.double())
+    assert kernel_table(sched.kernel_spec(), torch.device("cpu")) is first
+    assert kernel_table(S.VPLinear().kernel_spec(), torch.device("cpu")) is None

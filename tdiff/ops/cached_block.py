@@ -103,14 +103,9 @@ def cached_block_backward_op(grad_out: Tensor, grad_branch: Tensor, gate: Tensor
                          f"{tuple(gate.shape)}")
     if not 0 <= computed <= grad_out.shape[0]:
         raise ValueError(f"computed must be in [0, {grad_out.shape[0]}], got {computed}")
-    backend = dispatch.backend_for(grad_out, "cached_block_backward_cpu")
-    if backend == "cpp":
-        return torch.ops.tdiff.cached_block_backward_cpu(grad_out, grad_branch, gate, branch, source, computed)
-    if backend == "triton" and grad_out.dtype != torch.float64:
-        from tdiff.kernels.cached_block import cached_block_backward_triton
-
-        return cached_block_backward_triton(grad_out, grad_branch, gate, branch, source, computed)
-    return cached_block_backward_reference(grad_out, grad_branch, gate, branch, source, computed)
+    return dispatch.route(grad_out, "cached_block_backward_cpu",
+                          "tdiff.kernels.cached_block:cached_block_backward_triton", cached_block_backward_reference,
+                          grad_out, grad_branch, gate, branch, source, computed)
 
 
 @cached_block_backward_op.register_fake
@@ -145,9 +140,6 @@ cached_block_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------------
 def cached_block(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> Tuple[Tensor, Tensor]:
     """(out, refreshed cache) for one unit with per-sample masks; see the module docstring."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, gate, fresh, cache))):
-        return torch.ops.tdiff.cached_block(x, gate, fresh, cache, source)  # traced, or differentiated
-    # inference in eager mode: the same body without the custom-op dispatch layer, which costs more than the
-    # kernel itself at serving batch sizes (it runs once per unit per model call)
-    return _cached_block_forward(x, gate, fresh, cache, source)
+    if dispatch.plain_call(x, gate, fresh, cache):  # it runs once per unit per model call when serving
+        return _cached_block_forward(x, gate, fresh, cache, source)
+    return torch.ops.tdiff.cached_block(x, gate, fresh, cache, source)  # traced, or differentiated

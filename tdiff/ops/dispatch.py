@@ -116,6 +116,20 @@ def coef_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) per-sample value shaped (B, 1, ..., 1) to broadcast over a sample like `like`."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def plain_call(*tensors: torch.Tensor) -> bool:
+    """True when no autograd graph and no compiler trace is needed: then an op's public function skips the
+    custom-op wrapper (tens of microseconds a call, often more than the kernel at small sizes) and runs the same
+    body directly."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def route(x: torch.Tensor, cpp_op: str, triton_fn: str, reference, *args):
     """Run an op's implementation for the backend chosen for `x`: the C++ kernel torch.ops.tdiff.<cpp_op>, the
     Triton launcher "module:function" (imported lazily, so CPU-only installs never import triton), or the

@@ -34,15 +34,11 @@ MAX_HISTORY = 4
 # ---------------------------------------------------------------------------------------------------------------
 # Reference (the test oracle and the fallback)
 # ---------------------------------------------------------------------------------------------------------------
-def _per_sample(c: Tensor, like: Tensor) -> Tensor:
-    return c.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
 def multistep_update_reference(x: Tensor, history: List[Tensor], coeffs: Tensor) -> Tensor:
     acc = coeffs.dtype
-    out = _per_sample(coeffs[:, 0], x) * x.to(acc)
+    out = dispatch.per_sample(coeffs[:, 0], x) * x.to(acc)
     for k, h in enumerate(history):
-        out = out + _per_sample(coeffs[:, k + 1], x) * h.to(acc)
+        out = out + dispatch.per_sample(coeffs[:, k + 1], x) * h.to(acc)
     return out.to(x.dtype)
 
 
@@ -54,8 +50,8 @@ def multistep_update_backward_reference(grad: Tensor, x: Tensor, history: List[T
                                         coeffs: Tensor) -> Tuple[Tensor, List[Tensor], Tensor]:
     acc = coeffs.dtype
     g = grad.to(acc)
-    grad_x = (_per_sample(coeffs[:, 0], x) * g).to(x.dtype)
-    grad_h = [(_per_sample(coeffs[:, k + 1], x) * g).to(x.dtype) for k in range(len(history))]
+    grad_x = (dispatch.per_sample(coeffs[:, 0], x) * g).to(x.dtype)
+    grad_h = [(dispatch.per_sample(coeffs[:, k + 1], x) * g).to(x.dtype) for k in range(len(history))]
     grad_c = torch.stack([_per_sample_dot(grad, t, acc) for t in [x, *history]], dim=1)
     return grad_x, grad_h, grad_c
 
@@ -63,17 +59,17 @@ def multistep_update_backward_reference(grad: Tensor, x: Tensor, history: List[T
 def guided_reference(cond: Tensor, uncond: Tensor, scale: Tensor) -> Tensor:
     acc = scale.dtype
     u = uncond.to(acc)
-    return (u + _per_sample(scale, cond) * (cond.to(acc) - u)).to(cond.dtype)
+    return (u + dispatch.per_sample(scale, cond) * (cond.to(acc) - u)).to(cond.dtype)
 
 
 def multistep_update_cfg_reference(x, history, coeffs, uncond, scale) -> Tuple[Tensor, Tensor]:
     guided = guided_reference(history[0], uncond, scale)
     # the combination reads the guided value at accumulation precision, like the fused kernels
     acc = coeffs.dtype
-    g_acc = uncond.to(acc) + _per_sample(scale, x) * (history[0].to(acc) - uncond.to(acc))
-    out = _per_sample(coeffs[:, 0], x) * x.to(acc) + _per_sample(coeffs[:, 1], x) * g_acc
+    g_acc = uncond.to(acc) + dispatch.per_sample(scale, x) * (history[0].to(acc) - uncond.to(acc))
+    out = dispatch.per_sample(coeffs[:, 0], x) * x.to(acc) + dispatch.per_sample(coeffs[:, 1], x) * g_acc
     for k, h in enumerate(history[1:], start=1):
-        out = out + _per_sample(coeffs[:, k + 1], x) * h.to(acc)
+        out = out + dispatch.per_sample(coeffs[:, k + 1], x) * h.to(acc)
     return out.to(x.dtype), guided
 
 
@@ -81,12 +77,12 @@ def multistep_update_cfg_backward_reference(grad, grad_guided, x, history, coeff
     acc = coeffs.dtype
     g = grad.to(acc)
     # gradient reaching the guided h_0, from x_next and from the guided output itself
-    g0 = _per_sample(coeffs[:, 1], x) * g + grad_guided.to(acc)
-    w = _per_sample(scale, x)
-    grad_x = (_per_sample(coeffs[:, 0], x) * g).to(x.dtype)
+    g0 = dispatch.per_sample(coeffs[:, 1], x) * g + grad_guided.to(acc)
+    w = dispatch.per_sample(scale, x)
+    grad_x = (dispatch.per_sample(coeffs[:, 0], x) * g).to(x.dtype)
     grad_cond = (w * g0).to(x.dtype)
     grad_uncond = ((1 - w) * g0).to(x.dtype)
-    grad_rest = [(_per_sample(coeffs[:, k + 1], x) * g).to(x.dtype) for k in range(1, len(history))]
+    grad_rest = [(dispatch.per_sample(coeffs[:, k + 1], x) * g).to(x.dtype) for k in range(1, len(history))]
     guided_acc = uncond.to(acc) + w * (history[0].to(acc) - uncond.to(acc))
     grad_c = torch.stack([_per_sample_dot(g, t, acc) for t in [x, guided_acc, *history[1:]]], dim=1)
     grad_scale = _per_sample_dot(g0, history[0].to(acc) - uncond.to(acc), acc)
@@ -248,14 +244,6 @@ def _check_finite(coeffs: Tensor) -> None:
         raise ValueError(f"coeffs must be finite; rows {bad} hold NaN or inf")
 
 
-def _plain_call(tensors: Sequence[Tensor]) -> bool:
-    """True when no autograd graph and no compiler trace is needed: then the call skips the custom-op wrapper
-    (tens of microseconds a call, which is most of a small sampling step) and runs the same kernel directly."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-
 def multistep_update(x: Tensor, history: Sequence[Tensor], coeffs: Tensor, *, uncond: Optional[Tensor] = None,
                      scale: Optional[Tensor] = None, check: bool = True):
     """x_next = coeffs[:, 0] x + sum_k coeffs[:, k+1] history[k], fused, differentiable in every input.
@@ -274,7 +262,7 @@ def multistep_update(x: Tensor, history: Sequence[Tensor], coeffs: Tensor, *, un
     if (uncond is None) != (scale is None):
         raise ValueError("uncond and scale must be given together (classifier-free guidance)")
     if uncond is None:
-        if _plain_call([x, coeffs, *history]):
+        if dispatch.plain_call(x, coeffs, *history):
             return _forward(x, history, coeffs)
         return torch.ops.tdiff.multistep_update(x, history, coeffs)
     if not isinstance(scale, Tensor):
@@ -283,7 +271,7 @@ def multistep_update(x: Tensor, history: Sequence[Tensor], coeffs: Tensor, *, un
         scale = scale.reshape(1).expand(x.shape[0])
     if check:
         _check_finite(scale.reshape(1, -1))
-    if _plain_call([x, coeffs, uncond, scale, *history]):
+    if dispatch.plain_call(x, coeffs, uncond, scale, *history):
         return _forward_cfg(x, history, coeffs, uncond, scale)
     return torch.ops.tdiff.multistep_update_cfg(x, history, coeffs, uncond, scale)
 

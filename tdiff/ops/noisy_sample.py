@@ -14,6 +14,8 @@ Ops (schemas under tdiff::):
 """
 from __future__ import annotations
 
+import weakref
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -46,15 +48,11 @@ def coefficients_reference(t: Tensor, kind: int, params: List[float], table: Opt
     return torch.stack([a, s, c], dim=1)
 
 
-def _per_sample(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
 def noisy_sample_reference(x0, eps, t, kind, params, table, precond_sigma_data, fdm, fdm_on, write_input):
     coefs = coefficients_reference(t, kind, params, table, precond_sigma_data, fdm, fdm_on)
     acc = dispatch.coef_dtype(x0)
     cf = coefs.to(acc)
-    a, s, c = (_per_sample(cf[:, i], x0) for i in range(3))
+    a, s, c = (dispatch.per_sample(cf[:, i], x0) for i in range(3))
     xt = a * x0.to(acc) + s * eps.to(acc)
     net_in = (c * xt).to(x0.dtype) if write_input else x0.new_empty(0)
     return xt.to(x0.dtype), net_in, cf
@@ -62,7 +60,7 @@ def noisy_sample_reference(x0, eps, t, kind, params, table, precond_sigma_data, 
 
 def noisy_sample_backward_reference(grad_xt, grad_in, coefs):
     acc = coefs.dtype
-    a, s, c = (_per_sample(coefs[:, i], grad_xt) for i in range(3))
+    a, s, c = (dispatch.per_sample(coefs[:, i], grad_xt) for i in range(3))
     g = grad_xt.to(acc)
     if grad_in.numel():
         g = g + c * grad_in.to(acc)
@@ -187,10 +185,28 @@ class _EagerNoisySample(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------------
-def _kernel_table(spec: S.KernelSpec, device: torch.device) -> Optional[Tensor]:
+# id(table) -> {device: float64 copy}; an entry lives as long as its table (tensors compare elementwise, so they
+# cannot be WeakKeyDictionary keys)
+_TABLES_ON_DEVICE: dict = {}
+
+
+def kernel_table(spec: S.KernelSpec, device: torch.device) -> Optional[Tensor]:
+    """The spec's schedule table in float64 on `device`, copied there once per table and device (a copy, and on a
+    GPU a host sync, on every call otherwise)."""
     if spec.table is None:
         return None
-    return spec.table.to(device=device, dtype=torch.float64)
+    per_device = _TABLES_ON_DEVICE.get(id(spec.table))
+    if per_device is None:
+        per_device = _TABLES_ON_DEVICE[id(spec.table)] = {}
+        weakref.finalize(spec.table, _TABLES_ON_DEVICE.pop, id(spec.table), None)
+    if device not in per_device:
+        per_device[device] = spec.table.to(device=device, dtype=torch.float64)
+    return per_device[device]
+
+
+def fdm_code(fdm: Optional[S.FDMMomentum]) -> int:
+    """The kernels' code for where FDM's factor goes: off, on the network input, or on the mean."""
+    return FDM_OFF if fdm is None else (FDM_ON_INPUT if fdm.on == "input" else FDM_ON_MEAN)
 
 
 def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, *,
@@ -212,10 +228,10 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
     else:
         run = _forward_impl
     xt, net_in, coefs = run(
-        x0, eps, t, spec.kind, [float(p) for p in spec.params], _kernel_table(spec, x0.device),
+        x0, eps, t, spec.kind, [float(p) for p in spec.params], kernel_table(spec, x0.device),
         -1.0 if precond_sigma_data is None else float(precond_sigma_data),
         [] if fdm is None else fdm.kernel_params(),
-        FDM_OFF if fdm is None else (FDM_ON_INPUT if fdm.on == "input" else FDM_ON_MEAN),
+        fdm_code(fdm),
         write_input,
     )
     if check and not bool(torch.isfinite(coefs).all()):

@@ -24,22 +24,18 @@ from torch import Tensor
 from . import dispatch
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return dispatch.coef_dtype(x)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reference (the test oracle and the fallback)
 # ---------------------------------------------------------------------------------------------------------------
 def weighted_mse_reference(pred: Tensor, target: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
-    acc = _acc_dtype(pred)
+    acc = dispatch.coef_dtype(pred)
     diff = pred.to(acc) - target.to(acc)
     mse = diff.pow(2).reshape(pred.shape[0], -1).mean(dim=1)
     return weight.to(acc) * mse, mse
 
 
 def weighted_mse_backward_reference(grad_loss: Tensor, pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-    acc = _acc_dtype(pred)
+    acc = dispatch.coef_dtype(pred)
     n = pred[0].numel()
     scale = (2.0 / n) * weight.to(acc) * grad_loss.to(acc)
     scale = scale.reshape((-1,) + (1,) * (pred.dim() - 1))
@@ -75,7 +71,7 @@ def weighted_mse_op(pred: Tensor, target: Tensor, weight: Tensor) -> Tuple[Tenso
 @weighted_mse_op.register_fake
 def _(pred, target, weight):
     _validate(pred, target, weight)
-    out = pred.new_empty((pred.shape[0],), dtype=_acc_dtype(pred))
+    out = pred.new_empty((pred.shape[0],), dtype=dispatch.coef_dtype(pred))
     return out, torch.empty_like(out)
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .. import schedules as S
-from ..ops import noisy_sample as _ns  # noqa: F401  (registers tdiff::noisy_sample)
+from ..ops.noisy_sample import fdm_code, kernel_table  # also registers tdiff::noisy_sample
 from ..ops.weighted_mse import weighted_mse_with_mse
 from ..denoisers import default_model_time
 from ..preconditioning import Preconditioning
@@ -42,7 +42,6 @@ from .weightings import make_weighting
 PROCESSES = ("standard", "fdm")
 TARGETS = ("eps", "x0", "v", "flow", "edm")
 MODES = ("reweight", "unbiased")
-FDM_ON = {"input": 1, "mean": 2}
 
 
 def default_network_time(schedule: S.NoiseSchedule) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -73,7 +72,7 @@ class DiffusionLoss:
             if target not in (None, "edm"):
                 raise ValueError(f"process='fdm' trains the preconditioned denoiser; target must be None, got "
                                  f"{target!r}")
-            if fdm_on not in FDM_ON:
+            if fdm_on not in ("input", "mean"):
                 raise ValueError(f"fdm_on must be 'input' or 'mean', got {fdm_on!r}")
             if not (float(fdm_multiplier) > 0):
                 raise ValueError(f"fdm_multiplier must be > 0, got {fdm_multiplier}")
@@ -128,11 +127,11 @@ class DiffusionLoss:
             psd = self.precond.input_sigma_data() if self.fdm.on == "mean" else None
             xt, net_in, coefs = torch.ops.tdiff.noisy_sample(
                 x0, noise, sig, S.KIND_EDM, [0.0] * 4, None, -1.0 if psd is None else psd,
-                self.fdm.kernel_params(), FDM_ON[self.fdm.on], True)
+                self.fdm.kernel_params(), fdm_code(self.fdm), True)
             a, s = coefs[:, 0], coefs[:, 1]
             return net_in, a, s, torch.ones_like(a)
         spec = self.schedule.kernel_spec()
-        table = None if spec.table is None else self._on_device("table", lambda: spec.table.double(), x0.device)
+        table = kernel_table(spec, x0.device)
         psd = self.precond.input_sigma_data() if self.precond is not None else None
         xt, net_in, coefs = torch.ops.tdiff.noisy_sample(
             x0, noise, t, spec.kind, [float(p) for p in spec.params], table, -1.0 if psd is None else psd, [], 0,
