@@ -11,6 +11,7 @@ entered (`model(...)`, `model.forward(...)` or `forward_with_cfg`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -252,28 +253,32 @@ class _RowsPlan:
     """Per-sample mask rows (batch, units), with each unit's decisions worked out once per `sample_rows` rather
     than once per unit per call: whether all / any sample computes it (python bools, so no per-unit tensor
     reductions), the computing rows' indices, and the op's `source` map (row b -> its row among the computed
-    ones, or -1 to reuse the cache)."""
+    ones, or -1 to reuse the cache). Indices and sources sit in one tensor, moved to a device once per plan."""
 
     def __init__(self, rows: torch.Tensor):
-        self.batch = rows.shape[0]
+        self.batch, units = rows.shape
         columns = rows.t().tolist()
         self.all = [all(c) for c in columns]
         self.any = [any(c) for c in columns]
-        self._columns = columns
-        self._sources = torch.where(rows, rows.long().cumsum(0) - 1, -1).t().contiguous()  # (units, batch)
-        self._on_device: Dict[tuple, torch.Tensor] = {}
+        sources = torch.where(rows, rows.long().cumsum(0) - 1, -1).t()  # (units, batch)
+        indices = rows.t().nonzero()[:, 1]  # computing rows, unit by unit
+        self._counts = [sum(c) for c in columns]
+        self._index_start = list(itertools.accumulate(self._counts[:-1], initial=self.batch * units))
+        self._flat = torch.cat([sources.flatten(), indices])
+        self._on_device: Dict[torch.device, torch.Tensor] = {}
+
+    def _flat_on(self, device) -> torch.Tensor:
+        flat = self._on_device.get(device)
+        if flat is None:
+            flat = self._on_device[device] = self._flat.to(device)
+        return flat
 
     def index(self, u: int, device) -> torch.Tensor:
-        key = ("index", u, device)
-        if key not in self._on_device:
-            self._on_device[key] = torch.tensor([b for b, on in enumerate(self._columns[u]) if on], device=device)
-        return self._on_device[key]
+        start = self._index_start[u]
+        return self._flat_on(device)[start:start + self._counts[u]]
 
     def source(self, u: int, device) -> torch.Tensor:
-        key = ("source", device)
-        if key not in self._on_device:
-            self._on_device[key] = self._sources.to(device)
-        return self._on_device[key][u]
+        return self._flat_on(device)[u * self.batch:(u + 1) * self.batch]
 
 
 def _take_rows(args, idx, batch):
