@@ -19,9 +19,6 @@ namespace tdiff {
 namespace {
 
 constexpr int kMaxHistory = 4;
-// A sample's row is cut into chunks so that small batches of large images still use every thread; the backward's
-// chunk sums are added in a fixed order, so the result does not depend on the thread count.
-constexpr int64_t kChunk = 16384;
 
 // out[j] = c[0] x[j] + sum_k c[k+1] h_k[j] over one contiguous span; with CFG, h_0 is formed from cond = h[0],
 // uncond and w, and stored into guided[j].
@@ -77,7 +74,7 @@ void combine_rows(const at::Tensor& x, const std::vector<at::Tensor>& hist, cons
   const acc_t* wp = CFG ? scale->data_ptr<acc_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* gp = CFG ? guided->data_ptr<scalar_t>() : nullptr;
-  parallel_row_spans(batch, n, kChunk, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
+  parallel_row_spans(batch, n, kSpanChunk, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
     const scalar_t* hs[kMaxHistory];
     for (int k = 0; k < K; ++k) hs[k] = hp[k] + lo;
     combine_span<scalar_t, K, CFG>(xp + lo, hs, CFG ? up + lo : nullptr, op + lo, CFG ? gp + lo : nullptr,
@@ -96,7 +93,7 @@ void check_inputs(const char* op, const at::Tensor& x, const std::vector<at::Ten
     TORCH_CHECK(h.is_contiguous(), op, ": history tensors must be contiguous");
   }
   TORCH_CHECK(x.is_contiguous() && coeffs.is_contiguous(), op, ": x and coeffs must be contiguous");
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = at::toOpMathType(x.scalar_type());
   TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(0) == x.size(0) && coeffs.size(1) == k + 1, op,
               ": coeffs must have shape (B, 1+K)");
   TORCH_CHECK(coeffs.scalar_type() == acc, op, ": coeffs must be float64 for float64 data and float32 otherwise");
@@ -183,7 +180,7 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& x, const std::vecto
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0);
   const int64_t n = x.numel() / batch;
-  const int64_t chunks = spans_per_sample(n, kChunk);
+  const int64_t chunks = spans_per_sample(n, kSpanChunk);
   at::Tensor partial = at::empty({batch, chunks, K + 1}, coeffs.options());
   const scalar_t* gp = grad.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -196,7 +193,7 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& x, const std::vecto
   const acc_t* cp = coeffs.data_ptr<acc_t>();
   acc_t* pp = partial.data_ptr<acc_t>();
   scalar_t* gxp = gx.data_ptr<scalar_t>();
-  parallel_row_spans(batch, n, kChunk, [&](int64_t task, int64_t b, int64_t lo, int64_t len) {
+  parallel_row_spans(batch, n, kSpanChunk, [&](int64_t task, int64_t b, int64_t lo, int64_t len) {
     const scalar_t* hs[kMaxHistory];
     scalar_t* ghs[kMaxHistory];
     for (int k = 0; k < K; ++k) {
@@ -205,13 +202,7 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& x, const std::vecto
     }
     backward_span<scalar_t, K>(gp + lo, xp + lo, hs, gxp + lo, ghs, cp + b * (K + 1), len, pp + task * (K + 1));
   });
-  acc_t* gcp = gc.data_ptr<acc_t>();
-  for (int64_t b = 0; b < batch; ++b)
-    for (int k = 0; k <= K; ++k) {
-      acc_t s = 0;
-      for (int64_t c = 0; c < chunks; ++c) s += pp[(b * chunks + c) * (K + 1) + k];
-      gcp[b * (K + 1) + k] = s;
-    }
+  sum_span_partials(pp, batch, chunks, K + 1, gc.data_ptr<acc_t>());
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> multistep_update_backward_cpu(

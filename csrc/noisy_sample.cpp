@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
       noisy_sample_rows<scalar_t, false>(x0.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
                                          nullptr, cp, batch, per_sample);
   });
-  const auto coef_type = x0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto coef_type = at::toOpMathType(x0.scalar_type());
   return {xt, net_in, coefs64.to(coef_type)};
 }
 

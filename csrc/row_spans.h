@@ -11,6 +11,9 @@
 
 namespace tdiff {
 
+// Span length for the kernels that reduce per sample: small batches of large images still use every thread.
+constexpr int64_t kSpanChunk = 16384;
+
 inline int64_t spans_per_sample(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
 
 template <typename F>
@@ -23,6 +26,18 @@ inline void parallel_row_spans(int64_t batch, int64_t n, int64_t chunk, const F&
       fn(task, b, lo, std::min(chunk, (b + 1) * n - lo));
     }
   });
+}
+
+// Per-sample totals of per-span partial results (`width` values per span, laid out task by task), added span by
+// span in a fixed order, so a reduction does not depend on the thread count.
+template <typename T>
+inline void sum_span_partials(const T* partial, int64_t batch, int64_t spans, int64_t width, T* out) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t k = 0; k < width; ++k) {
+      T s = 0;
+      for (int64_t c = 0; c < spans; ++c) s += partial[(b * spans + c) * width + k];
+      out[b * width + k] = s;
+    }
 }
 
 }  // namespace tdiff

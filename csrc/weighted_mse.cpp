@@ -6,6 +6,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "row_spans.h"
+
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
@@ -13,10 +15,6 @@
 
 namespace tdiff {
 namespace {
-
-// Each sample's row is cut into chunks so that small batches of large images still use every thread; chunk sums
-// are then added in a fixed order, so the result does not depend on the thread count.
-constexpr int64_t kChunk = 16384;
 
 template <typename scalar_t, typename acc_t>
 acc_t sum_sq_diff(const scalar_t* __restrict__ p, const scalar_t* __restrict__ q, int64_t n) {
@@ -59,8 +57,8 @@ std::tuple<at::Tensor, at::Tensor> weighted_mse_cpu(const at::Tensor& pred_in, c
   const int64_t batch = pred.size(0);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == batch, "weighted_mse_cpu: weight must have shape (B,)");
   const int64_t n = pred.numel() / batch;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const auto acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t chunks = spans_per_sample(n, kSpanChunk);  // each row in spans; their sums added in a fixed order
+  const auto acc_type = at::toOpMathType(pred.scalar_type());
   at::Tensor partial = at::empty({batch, chunks}, pred.options().dtype(acc_type));
   at::Tensor mse = at::empty({batch}, pred.options().dtype(acc_type));
   at::Tensor w = weight.to(acc_type).contiguous();
@@ -69,19 +67,12 @@ std::tuple<at::Tensor, at::Tensor> weighted_mse_cpu(const at::Tensor& pred_in, c
     const scalar_t* p = pred.data_ptr<scalar_t>();
     const scalar_t* q = target.data_ptr<scalar_t>();
     acc_t* part = partial.data_ptr<acc_t>();
-    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t b = k / chunks, c = k % chunks;
-        const int64_t lo = c * kChunk, len = std::min(kChunk, n - lo);
-        part[k] = sum_sq_diff<scalar_t, acc_t>(p + b * n + lo, q + b * n + lo, len);
-      }
+    parallel_row_spans(batch, n, kSpanChunk, [&](int64_t task, int64_t, int64_t lo, int64_t len) {
+      part[task] = sum_sq_diff<scalar_t, acc_t>(p + lo, q + lo, len);
     });
     acc_t* m = mse.data_ptr<acc_t>();
-    for (int64_t b = 0; b < batch; ++b) {
-      acc_t s = 0;
-      for (int64_t c = 0; c < chunks; ++c) s += part[b * chunks + c];
-      m[b] = s / static_cast<acc_t>(n);
-    }
+    sum_span_partials(part, batch, chunks, 1, m);
+    for (int64_t b = 0; b < batch; ++b) m[b] /= static_cast<acc_t>(n);
   });
   return {w * mse, mse};
 }
@@ -93,7 +84,7 @@ at::Tensor weighted_mse_backward_cpu(const at::Tensor& grad_loss, const at::Tens
   const at::Tensor target = target_in.contiguous();
   const int64_t batch = pred.size(0);
   const int64_t n = pred.numel() / batch;
-  const auto acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = at::toOpMathType(pred.scalar_type());
   // per-sample scale 2 w g / N, B values
   const at::Tensor scale = (grad_loss.to(acc_type) * weight.to(acc_type) * (2.0 / static_cast<double>(n))).contiguous();
   at::Tensor grad = at::empty_like(pred);
