@@ -8,23 +8,6 @@ from ..preconditioning import Preconditioning
 from .weighting_base import Weighting
 
 
-class EDMWeight(Weighting):
-    name = "edm"
-    space = "x0"
-
-    def __init__(self, schedule: NoiseSchedule, sigma_data: float = 0.5, n: int = 1000):
-        super().__init__(schedule, n)
-        if not (float(sigma_data) > 0):
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        self.sigma_data = float(sigma_data)
-
-    def formula(self, t):
-        return Preconditioning("edm", self.sigma_data).loss_weight(self.schedule.edm_sigma(t))
-
-    def config(self):
-        return {"name": self.name, "sigma_data": self.sigma_data}
-
-
 class PreconditioningWeight(Weighting):
     """A preconditioning's own x0-space weight lambda(sigma) (1/sigma^2 for VP/VE, EDM's for EDM): FDM's default."""
 
@@ -40,3 +23,16 @@ class PreconditioningWeight(Weighting):
 
     def config(self):
         return {"name": self.name, "kind": self.precond.kind, "sigma_data": self.precond.sigma_data}
+
+
+class EDMWeight(PreconditioningWeight):
+    """EDM's weight for any schedule: the EDM preconditioning's own, whatever preconditioning the loss uses."""
+
+    name = "edm"
+
+    def __init__(self, schedule: NoiseSchedule, sigma_data: float = 0.5, n: int = 1000):
+        super().__init__(schedule, Preconditioning("edm", sigma_data), n)
+        self.sigma_data = self.precond.sigma_data
+
+    def config(self):
+        return {"name": self.name, "sigma_data": self.sigma_data}
