@@ -22,12 +22,23 @@ def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float
     return m.median
 
 
-def copy_seconds(nbytes: int, dtype=torch.float32, min_run_time: float = 1.0) -> float:
+def best_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
+    """Fastest ~1 ms block of repeats (torch.utils.benchmark Timer): on a shared machine the minimum over short
+    blocks is the estimate least disturbed by other processes."""
+    fn()  # warm-up
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    once = max(timer.timeit(1).mean, 1e-7)
+    inner = max(1, int(1e-3 / once))
+    blocks = int(min(200, max(5, min_run_time / (inner * once))))
+    return min(timer.timeit(inner).mean for _ in range(blocks))
+
+
+def copy_seconds(nbytes: int, dtype=torch.float32, min_run_time: float = 1.0, timer=median_seconds) -> float:
     """Time of dst.copy_(src) moving `nbytes` in total (half read, half written): the machine's copy ceiling
-    for a memory-bound op that moves the same bytes."""
+    for a memory-bound op that moves the same bytes. `timer` should be the one the op itself is timed with."""
     n = max(1, nbytes // (2 * torch.empty((), dtype=dtype).element_size()))
     src, dst = torch.randn(n).to(dtype), torch.empty(n, dtype=dtype)
-    return median_seconds(lambda: dst.copy_(src), min_run_time)
+    return timer(lambda: dst.copy_(src), min_run_time)
 
 
 def machine() -> Dict[str, object]:

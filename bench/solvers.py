@@ -17,31 +17,13 @@ import os
 
 import torch
 
-import torch.utils.benchmark as tb
-
-from bench.common import plot_path, print_table, pyplot, write_result
+from bench.common import best_seconds, copy_seconds, plot_path, print_table, pyplot, write_result
 from tdiff import schedules as S
 from tdiff.ops import dispatch
 from tdiff.ops.multistep_update import multistep_update
 from tdiff.solvers import from_diffusers_timesteps, sample
 
-def best_seconds(fn, min_run_time: float) -> float:
-    """Fastest ~1 ms block of repeats (torch.utils.benchmark Timer): the machine is shared, and the minimum over
-    short blocks is the estimate least disturbed by other processes. Used for every timing here, copy included,
-    so the ratios are like for like."""
-    fn()  # warm-up
-    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    once = max(timer.timeit(1).mean, 1e-7)
-    inner = max(1, int(1e-3 / once))
-    blocks = int(min(200, max(5, min_run_time / (inner * once))))
-    return min(timer.timeit(inner).mean for _ in range(blocks))
 
-
-def copy_best_seconds(nbytes: int, min_run_time: float) -> float:
-    """dst.copy_(src) moving nbytes in total (half read, half written), float32."""
-    n = max(1, nbytes // 8)
-    src, dst = torch.randn(n), torch.empty(n)
-    return best_seconds(lambda: dst.copy_(src), min_run_time)
 
 
 OVERHEAD_SHAPES = [(16, 4, 32, 32), (1, 4, 128, 128)]
@@ -129,7 +111,7 @@ def bandwidth(quick: bool) -> list:
             hist = [torch.randn(shape) for _ in range(k)]
             coeffs = torch.randn(shape[0], 1 + k)
             nbytes = (k + 2) * x.numel() * x.element_size()
-            t_copy = copy_best_seconds(nbytes, min_time)
+            t_copy = copy_seconds(nbytes, min_run_time=min_time, timer=best_seconds)
 
             def eager():
                 out = coeffs[:, 0].view(-1, 1, 1, 1) * x

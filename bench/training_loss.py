@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch
 
-import time
-
-from bench.common import print_table, write_result
+from bench.common import best_seconds, copy_seconds, print_table, write_result
 from tdiff import schedules as S
 from tdiff.ops import dispatch
 from tdiff.ops.weighted_mse import weighted_mse
@@ -22,36 +20,7 @@ SHAPES_FULL = [(256, 1, 16, 16), (64, 4, 32, 32), (32, 4, 64, 64)]
 SHAPES_QUICK = [(64, 1, 16, 16), (16, 4, 32, 32)]
 
 
-def best_seconds(fn, min_time: float) -> float:
-    """Fastest of many timed calls. The CPU here is shared with other jobs, so medians measure the scheduler;
-    the minimum over repeats is the least disturbed run of the op itself."""
-    fn()
-    best, spent = float("inf"), 0.0
-    while spent < min_time:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
-    return best
 
-
-def copy_seconds(nbytes: int, min_time: float) -> float:
-    n = max(1, nbytes // 8)
-    src, dst = torch.randn(n), torch.empty(n)
-    return best_seconds(lambda: dst.copy_(src), min_time)
-
-
-def _load_dev_build() -> None:
-    """Use the C++ kernel even before tdiff._C is rebuilt with it: tests/_weighted_mse_build.py leaves a JIT
-    build of csrc/weighted_mse.cpp under build/weighted_mse_jit/."""
-    import glob
-    import os
-
-    if dispatch.cpp_has("weighted_mse_cpu"):
-        return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for lib in glob.glob(os.path.join(root, "build", "weighted_mse_jit", "*.so")):
-        torch.ops.load_library(lib)
 
 
 def _eager_wmse(p, q, w):
@@ -94,7 +63,7 @@ def _bench_wmse(shape, min_time, compile_too):
 
         kernel_s = best_seconds(kernels, min_time)
     return (best_seconds(fused, min_time), best_seconds(eager, min_time), compiled_s, kernel_s,
-            copy_seconds(nbytes, min_time))
+            copy_seconds(nbytes, min_run_time=min_time, timer=best_seconds))
 
 
 def _bench_loss(shape, min_time):
@@ -129,7 +98,6 @@ def _bench_loss(shape, min_time):
 
 
 def run(quick: bool = False) -> dict:
-    _load_dev_build()
     # one intra-op thread: on an oversubscribed machine a 2-thread OpenMP region waits for a descheduled thread
     # for a whole scheduler slice (tens of ms), which then dominates every measurement
     threads = torch.get_num_threads()
