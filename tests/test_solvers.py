@@ -274,3 +274,16 @@ def test_sampling_on_each_backend_matches_the_reference(monkeypatch, backend):
     ref = sample(MixtureDenoiser(), x, _ts(4), solver="unipc", order=3)
     monkeypatch.setenv("TDIFF_BACKEND", backend)
     torch.testing.assert_close(sample(MixtureDenoiser(), x, _ts(4), solver="unipc", order=3), ref)
+
+
+def test_heun_evaluates_its_last_corrector_at_the_given_final_condition_time():
+    x, ts = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), _ts()
+    plain = sample(MixtureDenoiser(), x, ts, solver="heun")
+    # N condition times are completed with t_N: the same solve
+    torch.testing.assert_close(sample(MixtureDenoiser(), x, ts, solver="heun", timesteps_cond=ts[:-1]), plain)
+    moved = ts.clone()
+    moved[-1] = ts[-1] * 1.5
+    assert not torch.allclose(sample(MixtureDenoiser(), x, ts, solver="heun", timesteps_cond=moved), plain)
+    # the multistep solvers never evaluate at t_N, so the (N+1)-th condition time cannot matter to them
+    torch.testing.assert_close(sample(MixtureDenoiser(), x, ts, solver="unipc", timesteps_cond=moved),
+                               sample(MixtureDenoiser(), x, ts, solver="unipc"))

@@ -82,14 +82,16 @@ def grid_from_lambda(schedule: NoiseSchedule, lam: Tensor) -> Grid:
 
 
 def condition_times(schedule: NoiseSchedule, timesteps: Tensor, timesteps_cond: Optional[Tensor]) -> Tensor:
-    """The times fed to the denoiser at t_0 .. t_{N-1} (LD3's decoupled time), validated like timesteps."""
+    """The times fed to the denoiser at t_0 .. t_N (LD3's decoupled time), validated like timesteps. N given values
+    are completed with t_N; the multistep solvers evaluate at t_0 .. t_{N-1} only, Heun's last corrector at t_N."""
     n = timesteps.numel() - 1
     if timesteps_cond is None:
-        return timesteps[:n]
+        return timesteps
     if not isinstance(timesteps_cond, Tensor):
         timesteps_cond = torch.as_tensor(timesteps_cond, dtype=timesteps.dtype)
     if timesteps_cond.dim() != 1 or timesteps_cond.numel() not in (n, n + 1):
         raise ValueError(f"timesteps_cond must be a 1-D tensor of {n} or {n + 1} times (one per model "
                          f"evaluation, like timesteps), got shape {tuple(timesteps_cond.shape)}")
     schedule.check_t(timesteps_cond.detach(), "timesteps_cond")
-    return timesteps_cond[:n].to(timesteps.dtype)
+    timesteps_cond = timesteps_cond.to(timesteps.dtype)
+    return timesteps_cond if timesteps_cond.numel() == n + 1 else torch.cat([timesteps_cond, timesteps[n:]])

@@ -56,7 +56,7 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         if g.final_zero and n == g.n_steps:
             step.append(Alias("x", "xp"))  # the Euler step to sigma = 0 lands on D exactly; nothing to correct
         else:
-            eval_times.append(cond_times[n] if n < cond_times.numel() else g.t[n])
+            eval_times.append(cond_times[n])
             a_n, s_n = g.alpha[n], g.sigma[n]
             delta = g.sigma_tilde[n] - st_hat
             half = a_n * delta / 2
