@@ -26,7 +26,7 @@ def _phi_terms(h, p: int, variant: str):
     """phi1 = expm1(hh), B(h) and the right-hand side b (length p) of UniPC's order conditions."""
     hh = -h
     phi1 = torch.expm1(hh)
-    big_b = hh if variant == "bh1" else torch.expm1(hh)
+    big_b = hh if variant == "bh1" else phi1
     b, h_phi_k, factorial = [], phi1 / hh - 1, 1.0
     for i in range(1, p + 1):
         b.append(h_phi_k * factorial / big_b)
@@ -43,36 +43,40 @@ def _solve_rhos(rks: Sequence, b, n: int) -> list:
     return list(torch.linalg.solve(powers[..., :n, :n], b[:n].transpose(0, 1)).unbind(-1))
 
 
+def _step_terms(g: Grid, i, p: int, variant: str):
+    """What UniP and UniC share for step i -> i+1 at order p: c_x = sigma_{i+1}/sigma_i, alpha_{i+1}, h, phi1,
+    B(h), the order conditions' b, and the step ratios r_k = (lambda_{i-k} - lambda_i)/h for k < p."""
+    lam = g.lam
+    h = lam[i + 1] - lam[i]
+    phi1, big_b, b = _phi_terms(h, p, variant)
+    rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+    return g.sigma[i + 1] / g.sigma[i], g.alpha[i + 1], h, phi1, big_b, b, rks
+
+
 def predictor_row(g: Grid, i, p: int, variant: str) -> list:
     """[c_x, c_m_i, c_m_{i-1}, ...] of UniP-p from point i to i+1 (i: a step index or a LongTensor of them)."""
     if p == 1:
         return first_order_row(g, i, i + 1)
-    lam, a_t = g.lam, g.alpha[i + 1]
-    h = lam[i + 1] - lam[i]
-    phi1, big_b, b = _phi_terms(h, p, variant)
-    rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant)
     if p == 2:
         rhos = [torch.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
     else:
         rhos = _solve_rhos(rks + [torch.ones_like(h)], b, p - 1)
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos, rks)]  # on (m_{i-k} - m_i)
-    return [g.sigma[i + 1] / g.sigma[i], -a_t * phi1 + sum(weights), *[-w for w in weights]]
+    return [c_x, -a_t * phi1 + sum(weights), *[-w for w in weights]]
 
 
 def corrector_row(g: Grid, i, p: int, variant: str) -> list:
     """[c_x, c_m_{i+1}, c_m_i, c_m_{i-1}, ...] of UniC-p: re-do step i -> i+1 from the corrected x_i using the
     new output m_{i+1}. p is the order of the predictor that produced x_{i+1}."""
-    lam, a_t = g.lam, g.alpha[i + 1]
-    h = lam[i + 1] - lam[i]
-    phi1, big_b, b = _phi_terms(h, p, variant)
-    rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant)
     if p == 1:
         rhos = [torch.full_like(h, 0.5)]
     else:
         rhos = _solve_rhos(rks + [torch.ones_like(h)], b, p)
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos[:-1], rks)]  # on (m_{i-k} - m_i)
     w_new = a_t * big_b * rhos[-1]  # on (m_{i+1} - m_i)
-    return [g.sigma[i + 1] / g.sigma[i], -w_new, -a_t * phi1 + sum(weights, torch.zeros_like(h)) + w_new,
+    return [c_x, -w_new, -a_t * phi1 + sum(weights, torch.zeros_like(h)) + w_new,
             *[-w for w in weights]]
 
 
