@@ -218,3 +218,18 @@ def test_bad_call_input():
         loss_fn(Recorder().double(), x0, t=torch.full((5,), 1.5, dtype=torch.float64))
     with pytest.raises(ValueError, match="noise must have the shape"):
         loss_fn(Recorder().double(), x0, noise=eps[:2])
+
+
+def test_per_device_tables_are_made_once_and_kept():
+    from tdiff.training.per_device import PerDevice
+
+    calls = []
+
+    def make():
+        calls.append(1)
+        return torch.arange(3.0), torch.ones(2)
+
+    tables = PerDevice(make)
+    first = tables.on("cpu")
+    assert tables.on(torch.device("cpu")) is first and len(calls) == 1
+    assert torch.equal(first[0], torch.arange(3.0)) and torch.equal(first[1], torch.ones(2))

@@ -31,6 +31,7 @@ from ..ops.noisy_sample import fdm_code, kernel_table  # also registers tdiff::n
 from ..ops.weighted_mse import weighted_mse_with_mse
 from ..denoisers import default_model_time
 from ..preconditioning import Preconditioning
+from .per_device import PerDevice
 from .sampler_base import TimestepSampler
 from .samplers import make_sampler
 from .time_grid import TimeGrid
@@ -104,20 +105,13 @@ class DiffusionLoss:
         else:
             self.warmup = WeightWarmup(warmup)
         self.network_time = network_time or default_network_time(schedule)
-        self._device_cache = {}
+        self._sigma_nodes = PerDevice(lambda: self.schedule.edm_sigma(self.grid.nodes))
         self.last_t = self.last_weight = self.last_per_sample = self.last_mse = None
 
     # ------------------------------------------------------------------------------------------------------
-    def _on_device(self, key, make, device):
-        k = (key, device)
-        if k not in self._device_cache:  # one host->device copy per device, then none
-            self._device_cache[k] = make().to(device)
-        return self._device_cache[k]
-
     def _edm_sigma(self, t: torch.Tensor) -> torch.Tensor:
         if self.grid.discrete:  # exact at the nodes; avoids DiscreteVP copying its table every call
-            table = self._on_device("sigma", lambda: self.schedule.edm_sigma(self.grid.nodes), t.device)
-            return table[self.grid.cell_of(t)]
+            return self._sigma_nodes.on(t.device)[self.grid.cell_of(t)]
         return self.schedule.edm_sigma(t.to(torch.float64))
 
     def _noisy(self, x0, noise, t):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import abc
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
 from ..schedules import NoiseSchedule
+from .per_device import PerDevice
 from .time_grid import TimeGrid
 
 # keep u off 0 and 1 so that inverse normal CDFs stay finite
@@ -66,18 +67,16 @@ class TableSampler(TimestepSampler):
         if torch.isnan(probs).any() or bool((probs < 0).any()) or not bool(probs.sum() > 0):
             raise ValueError("probs must be non-negative, not NaN, with a positive sum")
         self.probs = probs / probs.sum()
-        self._tables: Dict[torch.device, tuple] = {}
+        self._tables = PerDevice(self._make_tables)
+        # the density relative_density reports (a subclass that transforms its draws sets its own)
+        self.density = PerDevice(lambda: self.probs)
 
-    def _table(self, device):
-        device = torch.device(device)
-        if device not in self._tables:  # one host->device copy per device, then none
-            cdf = torch.cumsum(self.probs, 0)
-            cdf = cdf / cdf[-1]
-            self._tables[device] = (self.probs.to(device), cdf.to(device))
-        return self._tables[device]
+    def _make_tables(self):
+        cdf = torch.cumsum(self.probs, 0)
+        return self.probs, cdf / cdf[-1]
 
     def cells_from_uniform(self, u: torch.Tensor):
-        probs, cdf = self._table(u.device)
+        probs, cdf = self._tables.on(u.device)
         cell = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=self.grid.n - 1)
         below = torch.where(cell > 0, cdf[(cell - 1).clamp(min=0)], torch.zeros_like(u))
         jitter = ((u - below) / probs[cell].clamp(min=1e-300)).clamp(0.0, 1.0 - 1e-12)
@@ -88,5 +87,4 @@ class TableSampler(TimestepSampler):
         return self.grid.time_of(cell, jitter)
 
     def relative_density(self, t):
-        probs, _ = self._table(t.device)
-        return probs[self.grid.cell_of(t)] * self.grid.n
+        return self.density.on(t.device)[self.grid.cell_of(t)] * self.grid.n

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..schedules import NoiseSchedule
+from .per_device import PerDevice
 from .sampler_base import TableSampler
 from .speed_areas import speed_areas
 from .time_grid import TimeGrid
@@ -48,7 +49,7 @@ class SpeedSampler(TableSampler):
                                                              self.probs)
         # a batch element is a draw or a reflection with equal odds (exactly so for even batches)
         self.marginal = 0.5 * (self.probs + reflected) if self.reflect else self.probs
-        self._marginals = {}
+        self.density = PerDevice(lambda: self.marginal)
 
     def from_uniform(self, u):
         cell, jitter = self.cells_from_uniform(u)
@@ -58,11 +59,6 @@ class SpeedSampler(TableSampler):
             cell = cell.clone()
             cell[b - half:] = (self.ms - cell[:half]).abs().clamp(max=self.grid.n - 1)
         return self.grid.time_of(cell, jitter)
-
-    def relative_density(self, t):
-        if t.device not in self._marginals:
-            self._marginals[t.device] = self.marginal.to(t.device)
-        return self._marginals[t.device][self.grid.cell_of(t)] * self.grid.n
 
     def config(self):
         return {"name": self.name, "k": self.k, "tau": self.tau, "reflect": self.reflect, "ms": self.ms}

@@ -16,6 +16,7 @@ from .weighting_base import Weighting
 
 class SpeedWeight(Weighting):
     name = "speed"
+    tabulated = True
 
     def __init__(self, schedule: NoiseSchedule, lam: float = 0.6, tau: Optional[int] = None, n: int = 1000):
         super().__init__(schedule, n)
@@ -34,14 +35,8 @@ class SpeedWeight(Weighting):
     def table(self):
         return self._w
 
-    def formula(self, t):
-        # a table even for continuous schedules: the increment is a per-step quantity
+    def formula(self, t):  # the same per-cell lookup as __call__ makes (tabulated)
         return self._w.to(t.device)[self.grid.cell_of(t)]
-
-    def __call__(self, t):
-        if t.device not in self._tables:
-            self._tables[t.device] = self._w.to(t.device)
-        return self._tables[t.device][self.grid.cell_of(t)].to(t.dtype)
 
     def config(self):
         return {"name": self.name, "lam": self.lam, "tau": self.tau}

@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import abc
 
-from typing import Dict
-
 import torch
 
 from ..schedules import NoiseSchedule
+from .per_device import PerDevice
 from .time_grid import TimeGrid
 
 
 class Weighting(abc.ABC):
     name = "base"
     space = "target"
+    #: weights looked up in `table()` per grid cell even for continuous schedules (a per-step quantity)
+    tabulated = False
 
     def __init__(self, schedule: NoiseSchedule, n: int = 1000):
         self.schedule = schedule
         self.grid = TimeGrid(schedule, n)
-        self._tables: Dict[torch.device, torch.Tensor] = {}
+        self._tables = PerDevice(lambda: self._check_table(self.table()))
 
     @abc.abstractmethod
     def formula(self, t: torch.Tensor) -> torch.Tensor:
@@ -43,10 +44,8 @@ class Weighting(abc.ABC):
         return w
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        if self.grid.discrete:
-            if t.device not in self._tables:
-                self._tables[t.device] = self._check_table(self.table()).to(t.device)
-            return self._tables[t.device][self.grid.cell_of(t)].to(t.dtype)
+        if self.grid.discrete or self.tabulated:
+            return self._tables.on(t.device)[self.grid.cell_of(t)].to(t.dtype)
         return self.formula(t.to(torch.float64)).to(t.dtype)
 
     def config(self) -> dict:
