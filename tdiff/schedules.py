@@ -273,6 +273,7 @@ class DiscreteVP(NoiseSchedule):
         self.t_table = torch.linspace(0.0, 1.0, self.n + 1, dtype=torch.float64)[1:]
         self.t_min, self.t_max = 1.0 / self.n, 1.0
         self.domain = (0.0, 1.0)
+        self._tables_like: dict = {}
 
     @classmethod
     def from_diffusers(cls, scheduler_or_config) -> "DiscreteVP":
@@ -290,23 +291,34 @@ class DiscreteVP(NoiseSchedule):
     def alphas_cumprod(self) -> torch.Tensor:
         return (2 * self.log_alpha_table).exp()
 
-    def _interp(self, x, xp, fp):
+    def _tables(self, like: torch.Tensor) -> tuple:
+        """(t, log alpha, log alpha reversed, t reversed) in like's dtype and device, made once per pair (a copy,
+        and on a GPU a sync, at every schedule evaluation otherwise)."""
+        key = (like.dtype, like.device)
+        if key not in self._tables_like:
+            t, la = self.t_table.to(like), self.log_alpha_table.to(like)
+            self._tables_like[key] = (t, la, la.flip(0), t.flip(0))
+        return self._tables_like[key]
+
+    @staticmethod
+    def _interp(x, xp, fp):
         # piecewise-linear with linear extrapolation at both ends (DPM-Solver's interpolate_fn)
-        xp, fp = xp.to(x), fp.to(x)
         idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, xp.numel() - 1)
         x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
         return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
     def log_alpha(self, t):
         t = as_time(t)
-        return self._interp(t, self.t_table, self.log_alpha_table)
+        t_table, log_alpha_table, _, _ = self._tables(t)
+        return self._interp(t, t_table, log_alpha_table)
 
     def log_sigma(self, t):
         return _vp_log_sigma(self.log_alpha(t))
 
     def t_from_lambda(self, lam):
         log_alpha = _vp_log_alpha_from_lambda(as_time(lam))
-        return self._interp(log_alpha, self.log_alpha_table.flip(0), self.t_table.flip(0))
+        _, _, log_alpha_reversed, t_reversed = self._tables(log_alpha)
+        return self._interp(log_alpha, log_alpha_reversed, t_reversed)
 
     def t_from_index(self, i: TimeLike) -> torch.Tensor:
         """Training index i in [0, N-1] (diffusers' timestep) -> continuous t = (i+1)/N."""

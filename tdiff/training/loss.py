@@ -110,7 +110,7 @@ class DiffusionLoss:
 
     # ------------------------------------------------------------------------------------------------------
     def _edm_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        if self.grid.discrete:  # exact at the nodes; avoids DiscreteVP copying its table every call
+        if self.grid.discrete:  # exact at the nodes, one gather instead of an interpolation
             return self._sigma_nodes.on(t.device)[self.grid.cell_of(t)]
         return self.schedule.edm_sigma(t.to(torch.float64))
 

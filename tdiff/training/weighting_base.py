@@ -2,7 +2,7 @@
 
 A weighting has a closed form in t, built only from `tdiff.schedules` quantities (snr, edm_sigma, ...). On a
 discrete schedule the times are grid nodes, so the closed form is tabulated once over the N steps and looked up
-(DiscreteVP's own interpolation would copy its table to the device on every call).
+(one gather instead of DiscreteVP's interpolation per call).
 
 `space` says which error the weight multiplies: "target" (the network's regression target, as SpeeD, P2 and
 Min-SNR define theirs) or "x0" (the denoised-sample error, as EDM and FDM define theirs). The loss converts x0-space
