@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from bench.common import best_seconds, copy_seconds, print_table, write_result
-from tdiff import schedules as S
 from tdiff.ops import dispatch
 from tdiff.ops.weighted_mse import weighted_mse
+from tdiff.models.defaults import default_schedule
 from tdiff.training import DiffusionLoss
 
 SHAPES_FULL = [(256, 1, 16, 16), (64, 4, 32, 32), (32, 4, 64, 64)]
@@ -67,7 +67,7 @@ def _bench_wmse(shape, min_time, compile_too):
 
 
 def _bench_loss(shape, min_time):
-    sched = S.DiscreteVP(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    sched = default_schedule()
     loss_fn = DiffusionLoss(sched, sampler="speed", weighting="speed")
     scale = torch.tensor(0.5, requires_grad=True)
 

@@ -13,24 +13,21 @@ from tdiff.ops import dispatch
 
 
 @triton.jit
-def _wmse_partial(p_ptr, q_ptr, part_ptr, N, NBLK, FP64: tl.constexpr, BLOCK: tl.constexpr):
+def _wmse_partial(p_ptr, q_ptr, part_ptr, N, NBLK, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     base = b.to(tl.int64) * N
-    if FP64:
-        p = tl.load(p_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
-        q = tl.load(q_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
-    else:
-        p = tl.load(p_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.load(q_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = part_ptr.dtype.element_ty  # float64 for float64 data, float32 otherwise
+    p = tl.load(p_ptr + base + offs, mask=mask, other=0.0).to(acc)
+    q = tl.load(q_ptr + base + offs, mask=mask, other=0.0).to(acc)
     d = p - q
     tl.store(part_ptr + b * NBLK + blk, tl.sum(d * d, axis=0))
 
 
 @triton.jit
-def _wmse_bwd(p_ptr, q_ptr, scale_ptr, g_ptr, N, FP64: tl.constexpr, BLOCK: tl.constexpr):
+def _wmse_bwd(p_ptr, q_ptr, scale_ptr, g_ptr, N, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     s = tl.load(scale_ptr + b)
@@ -50,7 +47,7 @@ def weighted_mse_triton(pred, target, weight):
     nblk = triton.cdiv(N, block)
     acc = dispatch.coef_dtype(pred)
     partial = torch.empty((B, nblk), device=pred.device, dtype=acc)
-    _wmse_partial[(B, nblk)](pred, target, partial, N, nblk, FP64=acc == torch.float64, BLOCK=block)
+    _wmse_partial[(B, nblk)](pred, target, partial, N, nblk, BLOCK=block)
     mse = partial.sum(dim=1) / N
     return weight.to(acc) * mse, mse
 
@@ -63,5 +60,5 @@ def weighted_mse_backward_triton(grad_loss, pred, target, weight):
     scale = (grad_loss.to(acc) * weight.to(acc) * (2.0 / N)).contiguous()
     grad = torch.empty_like(pred)
     block = dispatch.triton_block(2048)
-    _wmse_bwd[(B, triton.cdiv(N, block))](pred, target, scale, grad, N, FP64=acc == torch.float64, BLOCK=block)
+    _wmse_bwd[(B, triton.cdiv(N, block))](pred, target, scale, grad, N, BLOCK=block)
     return grad

@@ -56,17 +56,21 @@ def multistep_update_backward_reference(grad: Tensor, x: Tensor, history: List[T
     return grad_x, grad_h, grad_c
 
 
-def guided_reference(cond: Tensor, uncond: Tensor, scale: Tensor) -> Tensor:
-    acc = scale.dtype
+def _guided_acc(cond: Tensor, uncond: Tensor, scale: Tensor, acc: torch.dtype) -> Tensor:
+    """uncond + w (cond - uncond) at accumulation precision: classifier-free guidance, the one formula."""
     u = uncond.to(acc)
-    return (u + dispatch.per_sample(scale, cond) * (cond.to(acc) - u)).to(cond.dtype)
+    return u + dispatch.per_sample(scale, cond) * (cond.to(acc) - u)
+
+
+def guided_reference(cond: Tensor, uncond: Tensor, scale: Tensor) -> Tensor:
+    return _guided_acc(cond, uncond, scale, scale.dtype).to(cond.dtype)
 
 
 def multistep_update_cfg_reference(x, history, coeffs, uncond, scale) -> Tuple[Tensor, Tensor]:
     guided = guided_reference(history[0], uncond, scale)
     # the combination reads the guided value at accumulation precision, like the fused kernels
     acc = coeffs.dtype
-    g_acc = uncond.to(acc) + dispatch.per_sample(scale, x) * (history[0].to(acc) - uncond.to(acc))
+    g_acc = _guided_acc(history[0], uncond, scale, acc)
     out = dispatch.per_sample(coeffs[:, 0], x) * x.to(acc) + dispatch.per_sample(coeffs[:, 1], x) * g_acc
     for k, h in enumerate(history[1:], start=1):
         out = out + dispatch.per_sample(coeffs[:, k + 1], x) * h.to(acc)
@@ -83,7 +87,7 @@ def multistep_update_cfg_backward_reference(grad, grad_guided, x, history, coeff
     grad_cond = (w * g0).to(x.dtype)
     grad_uncond = ((1 - w) * g0).to(x.dtype)
     grad_rest = [(dispatch.per_sample(coeffs[:, k + 1], x) * g).to(x.dtype) for k in range(1, len(history))]
-    guided_acc = uncond.to(acc) + w * (history[0].to(acc) - uncond.to(acc))
+    guided_acc = _guided_acc(history[0], uncond, scale, acc)
     grad_c = torch.stack([_per_sample_dot(g, t, acc) for t in [x, guided_acc, *history[1:]]], dim=1)
     grad_scale = _per_sample_dot(g0, history[0].to(acc) - uncond.to(acc), acc)
     return grad_x, [grad_cond, *grad_rest], grad_c, grad_uncond, grad_scale

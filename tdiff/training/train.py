@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 
 from .. import schedules as S
+from ..models.defaults import default_schedule
+from ..models.trainer import ema_update
 from .eval_sampler import sample_images
 from .loss import DiffusionLoss
 
@@ -28,7 +30,7 @@ SCHEDULES = ("ddpm", "vp", "edm", "flow")
 
 def make_schedule(name: str) -> S.NoiseSchedule:
     if name == "ddpm":
-        return S.DiscreteVP(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+        return default_schedule()
     if name == "vp":
         return S.VPLinear()
     if name == "edm":
@@ -108,9 +110,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         loss.backward()
         opt.step()
         loss_fn.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1.0 - cfg.ema)
+        ema_update(ema, model, cfg.ema)
         history["iter"].append(it)
         pending.append(loss.detach())  # converted at evaluations: no host sync per step on a GPU
         if it % cfg.eval_every == 0 or it == cfg.iters:
