@@ -41,3 +41,21 @@ def config_from(config_cls: type, config, kwargs: dict):
     if kwargs:
         raise ValueError(f"pass either a {config_cls.__name__} or keyword arguments, not both")
     return config
+
+
+class NetworkConfig:
+    """What the network configs (dataclasses) share: named presets and the positive-integer checks."""
+
+    PRESETS: dict = {}
+    NETWORK = "network"  # the network's name in errors
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.NETWORK} preset {name!r}; expected one of {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def check_positive(self, *keys: str) -> None:
+        for key in keys:
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_image_and_labels, config_from
+from .checks import NetworkConfig, check_image_and_labels, config_from
 from .embeddings import TimestepEmbedder, batch_time, sincos_pos_embed_2d
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(NetworkConfig):
     input_size: int = 16
     patch_size: int = 2
     in_channels: int = 1
@@ -29,6 +29,7 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
 
+    NETWORK = "DiT"
     PRESETS = {
         "DiT-S/2": dict(input_size=32, in_channels=4, hidden_size=384, depth=12, num_heads=6, patch_size=2,
                         num_classes=1000, learn_sigma=True),
@@ -40,16 +41,8 @@ class DiTConfig:
                        num_classes=10),
     }
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "DiTConfig":
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; expected one of {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
     def __post_init__(self):
-        for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
-            if int(getattr(self, key)) <= 0:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        self.check_positive("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size ({self.input_size}) must be divisible by patch_size ({self.patch_size})")
         if self.hidden_size % self.num_heads:

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_image_and_labels, config_from
+from .checks import NetworkConfig, check_image_and_labels, config_from
 from .embeddings import batch_time, timestep_features
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(NetworkConfig):
     input_size: int = 16
     in_channels: int = 1
     base_channels: int = 32
@@ -31,6 +31,7 @@ class UNetConfig:
     num_groups: int = 8
     num_heads: int = 1
 
+    NETWORK = "UNet"
     PRESETS = {
         "digits": dict(input_size=16, in_channels=1, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                        attn_resolutions=(4,), num_classes=10, num_groups=8),
@@ -38,18 +39,10 @@ class UNetConfig:
                              num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, num_groups=32),
     }
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "UNetConfig":
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown UNet preset {name!r}; expected one of {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
-        for key in ("input_size", "in_channels", "base_channels", "num_res_blocks", "num_groups", "num_heads"):
-            if int(getattr(self, key)) <= 0:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        self.check_positive("input_size", "in_channels", "base_channels", "num_res_blocks", "num_groups", "num_heads")
         if not self.channel_mult or min(self.channel_mult) <= 0:
             raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
         if self.input_size % 2 ** (len(self.channel_mult) - 1):
