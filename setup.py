@@ -15,12 +15,12 @@ There are no CUDA sources: on a GPU the ops run as Triton kernels (kernels/, ins
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
-NO_EXT = os.environ.get("TDIFF_NO_EXT") == "1"
 HOW_TO = ("install torch first (pip install torch==2.13.0 setuptools wheel ninja), then build against it with "
           "`MAX_JOBS=2 pip install --no-build-isolation .`; or set TDIFF_NO_EXT=1 to install without the "
           "extension (the ops then run on their slower pure-PyTorch reference)")
@@ -44,7 +44,7 @@ class NoTorch(build_ext):
 
 
 def extension_and_requirements():
-    if NO_EXT:
+    if os.environ.get("TDIFF_NO_EXT") == "1":
         loud("TDIFF_NO_EXT=1: building WITHOUT the extension tdiff._C; the CPU ops will run on their pure-PyTorch "
              "reference (tdiff warns once at import).")
         return [], {}, ["torch>=2.4"]
@@ -72,13 +72,20 @@ def extension_and_requirements():
     return [ext], {"build_ext": Build.with_options(use_ninja=True)}, [f"torch=={built_with}"]
 
 
-ext_modules, cmdclass, torch_requirement = extension_and_requirements()
-setup(
-    packages=find_packages(include=["tdiff", "tdiff.*"]) + ["tdiff.kernels"],
-    package_dir={"tdiff.kernels": "kernels"},
-    # the shipped weights (default DiT, UNet, metric classifier) and the PEP 561 marker
-    package_data={"tdiff": ["py.typed", "weights/*.safetensors"]},
-    install_requires=torch_requirement + BASE_REQUIREMENTS,
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+def version() -> str:
+    with open(os.path.join("tdiff", "_version.py")) as f:  # setup.py runs in the project root
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+if __name__ == "__main__":  # as pip's build backend runs it (the tests import it to check the decisions above)
+    ext_modules, cmdclass, torch_requirement = extension_and_requirements()
+    setup(
+        version=version(),
+        # tdiff.weights holds data only: the shipped weights (default DiT, UNet, metric classifier)
+        packages=find_packages(include=["tdiff", "tdiff.*"]) + ["tdiff.kernels", "tdiff.weights"],
+        package_dir={"tdiff.kernels": "kernels"},
+        package_data={"tdiff": ["py.typed"], "tdiff.weights": ["*.safetensors"]},
+        install_requires=torch_requirement + BASE_REQUIREMENTS,
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -26,8 +26,10 @@ class Report:
     def add(self, what: str, method: str, seconds, quality: str, time_note: str = "") -> None:
         if seconds is None:
             shown = "-"
+        elif seconds >= 1:
+            shown = f"{seconds:.2f} s"
         else:
-            shown = f"{seconds:.2f} s" if seconds >= 0.01 else f"{seconds * 1e6:.0f} us"
+            shown = f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} us"
         self.rows.append((what, method, shown + (f" ({time_note})" if time_note else ""), quality))
 
 
@@ -69,7 +71,8 @@ def _section_models(r: Report):
     for which in ("dit", "unet"):
         (model, schedule, den), sec = _timed(lambda: load_default(which))
         m = checkpoint_metrics(which)
-        r.add(f"default {which.upper()} (digits 16x16)", f"shipped weights ({m['iters']} training iterations)",
+        name = {"dit": "DiT", "unet": "UNet"}[which]
+        r.add(f"default {name} (digits 16x16)", f"shipped weights ({m['iters']} training iterations)",
               sec, f"FD {m['fd_clip_x0']:.1f} (untrained: {m['fd_untrained_clip_x0']:.0f}), 256 samples, "
                    f"20-step DDIM")
         loaded[which] = (model, schedule, den)

@@ -1,6 +1,7 @@
 """Packaging: the sdist holds what the build needs, a build that cannot make tdiff._C says so, an install without
 it warns once. (.ci/run builds a wheel from the sdist and imports its extension: too slow for the suite.)"""
 import os
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -13,17 +14,18 @@ from tdiff import _extension
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _setup_py(args, env=None, block_torch=False):
-    """Run setup.py in a subprocess (optionally as if torch were not installed: build isolation)."""
-    code = ("import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "") +
-            f"sys.argv = ['setup.py'] + {args!r}\nexec(compile(open('setup.py').read(), 'setup.py', 'exec'))\n")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+@pytest.fixture
+def setup_py():
+    """setup.py as a module (its build decisions, without running setup())."""
+    return runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="setup_under_test")
 
 
 def test_sdist_holds_the_sources_headers_and_shipped_weights(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), ROOT],
-                         capture_output=True, text=True)
+    # built as pip's backend would, in a subprocess, without torch: an sdist needs none
+    code = ("import sys; sys.modules['torch'] = None\n"
+            f"sys.argv = ['setup.py', '-q', 'sdist', '--dist-dir', {str(tmp_path)!r}]\n"
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     (sdist,) = tmp_path.glob("tdiff-*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
@@ -37,28 +39,34 @@ def test_sdist_holds_the_sources_headers_and_shipped_weights(tmp_path):
     assert not [n for n in names if n.endswith(".so") or n.startswith("bench/results/")]
 
 
-def test_a_build_without_torch_fails_loudly_instead_of_dropping_the_extension():
-    out = _setup_py(["build_ext"], block_torch=True)
-    assert out.returncode != 0
-    assert "torch is not importable" in out.stderr and "--no-build-isolation" in out.stderr
-    assert "TDIFF_NO_EXT=1" in out.stderr
-    # the metadata and the sdist need no torch
-    assert _setup_py(["--version"], block_torch=True).returncode == 0
+def test_a_build_without_torch_fails_loudly_instead_of_dropping_the_extension(setup_py, monkeypatch, capsys):
+    from setuptools import Distribution
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as under build isolation
+    monkeypatch.delenv("TDIFF_NO_EXT", raising=False)
+    ext_modules, cmdclass, requirements = setup_py["extension_and_requirements"]()
+    assert [e.name for e in ext_modules] == ["tdiff._C"]  # still declared: the wheel is never a pure-Python one
+    with pytest.raises(SystemExit):
+        cmdclass["build_ext"](Distribution()).run()
+    err = capsys.readouterr().err
+    assert "torch is not importable" in err and "--no-build-isolation" in err and "TDIFF_NO_EXT=1" in err
 
 
-def test_an_opt_out_build_says_so_and_requires_any_recent_torch():
-    out = _setup_py(["--version"], env={"TDIFF_NO_EXT": "1"})
-    assert out.returncode == 0 and "WITHOUT the extension" in out.stderr
+def test_an_opt_out_build_says_so_and_requires_any_recent_torch(setup_py, monkeypatch, capsys):
+    monkeypatch.setenv("TDIFF_NO_EXT", "1")
+    ext_modules, cmdclass, requirements = setup_py["extension_and_requirements"]()
+    assert ext_modules == [] and requirements == ["torch>=2.4"]
+    assert "WITHOUT the extension" in capsys.readouterr().err
 
 
-def test_the_wheel_requires_the_torch_its_extension_was_compiled_against(tmp_path):
+def test_the_wheel_requires_the_torch_its_extension_was_compiled_against(setup_py, monkeypatch):
     import torch
 
-    out = _setup_py(["-q", "egg_info", "--egg-base", str(tmp_path)])
-    assert out.returncode == 0, out.stderr[-2000:]
-    requires = (tmp_path / "tdiff.egg-info" / "requires.txt").read_text().split("\n")
-    assert f"torch=={torch.__version__.split('+')[0]}" in requires
-    assert "safetensors>=0.4" in requires
+    monkeypatch.delenv("TDIFF_NO_EXT", raising=False)
+    ext_modules, cmdclass, requirements = setup_py["extension_and_requirements"]()
+    assert requirements == [f"torch=={torch.__version__.split('+')[0]}"]
+    assert [e.name for e in ext_modules] == ["tdiff._C"] and "build_ext" in cmdclass
+    assert "safetensors>=0.4" in setup_py["BASE_REQUIREMENTS"]
 
 
 @pytest.fixture

@@ -313,8 +313,13 @@ def train_defaults(which="all", out: Optional[str] = None, progress: bool = True
     for name in names:
         if name == "classifier":
             path = os.path.join(out, "digits_classifier.safetensors")
-            results[name] = frechet.write_classifier(path)
-            print(f"classifier: {results[name]}  -> {path}")
+            report = {"metadata": frechet.write_classifier(path), "path": path}
+            shipped = shipped_path("digits_classifier")
+            if os.path.exists(shipped):
+                ship = load_safetensors(shipped, frechet.FORMAT, frechet.VERSION)[0]
+                report["bit_identical_to_shipped"] = report["metadata"]["trained_sha256"] == ship["trained_sha256"]
+            results[name] = report
+            print(f"classifier: {report}")
             continue
         path = os.path.join(out, f"default_{name}.safetensors")
         _, metrics = train_default(name, progress=progress, num_threads=RECIPE_THREADS, path=path, half=True)
