@@ -1,46 +1,91 @@
 """Builds tdiff._C (the C++ CPU kernels in csrc/) and packages kernels/ as tdiff.kernels.
 
-  MAX_JOBS=2 pip install --no-build-isolation -e .    (torch must already be installed: build isolation would
-                                                       fetch a different torch into the build environment)
-  TDIFF_NO_EXT=1       skip the extension; the library then runs on its pure-PyTorch reference ops
-  TDIFF_FORCE_CUDA=1   build csrc/cuda/*.cu even when torch has no CUDA (needs CUDA headers in torch)
+  pip install torch==2.13.0 setuptools wheel ninja
+  MAX_JOBS=2 pip install --no-build-isolation -e .     (or `.` for a regular install, or a wheel from the sdist)
+
+torch must already be installed: the extension is compiled against the torch it finds, and the wheel then requires
+exactly that torch version (its C++ ABI). Build isolation would hide the installed torch, so a build that cannot
+import torch stops with an error that says what to do, instead of producing a wheel without the extension.
+
+  TDIFF_NO_EXT=1   build without the extension (a pure-Python wheel); tdiff then warns once at import that the ops
+                   run on their pure-PyTorch reference
+  MAX_JOBS=N       parallel compile jobs (ninja)
+
+There are no CUDA sources: on a GPU the ops run as Triton kernels (kernels/, installed as tdiff.kernels).
 """
 import glob
 import os
+import re
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+HOW_TO = ("install torch first (pip install torch==2.13.0 setuptools wheel ninja), then build against it with "
+          "`MAX_JOBS=2 pip install --no-build-isolation .`; or set TDIFF_NO_EXT=1 to install without the "
+          "extension (the ops then run on their slower pure-PyTorch reference)")
+BASE_REQUIREMENTS = ["triton>=3.0", "numpy>=1.24", "scipy>=1.10", "fvcore>=0.1.5", "tqdm>=4.60",
+                     "scikit-learn>=1.2", "matplotlib>=3.6", "safetensors>=0.4"]
 
 
-def extensions():
+def loud(message: str) -> None:
+    bar = "=" * 78
+    print(f"\n{bar}\ntdiff: {message}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+class NoTorch(build_ext):
+    """Stands in for torch's BuildExtension when torch is not importable: an sdist or the metadata need no torch,
+    but building the extension does, so the build stops here rather than ship a wheel without tdiff._C."""
+
+    def run(self):
+        loud(f"cannot build the extension tdiff._C: torch is not importable in this build environment "
+             f"(build isolation?). To fix: {HOW_TO}.")
+        raise SystemExit(1)
+
+
+def extension_and_requirements():
     if os.environ.get("TDIFF_NO_EXT") == "1":
-        print("tdiff: TDIFF_NO_EXT=1, not building tdiff._C", file=sys.stderr)
-        return [], {}
+        loud("TDIFF_NO_EXT=1: building WITHOUT the extension tdiff._C; the CPU ops will run on their pure-PyTorch "
+             "reference (tdiff warns once at import).")
+        return [], {}, ["torch>=2.4"]
+    sources = sorted(glob.glob("csrc/*.cpp"))
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("tdiff: torch is not importable in the build environment; not building tdiff._C "
-              "(install torch first and use --no-build-isolation)", file=sys.stderr)
-        return [], {}
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    build_cuda = bool(cuda_sources) and (torch.version.cuda is not None or os.environ.get("TDIFF_FORCE_CUDA") == "1")
+        return [Extension("tdiff._C", sources)], {"build_ext": NoTorch}, ["torch>=2.4"]
+
+    class Build(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except BaseException:
+                loud(f"building the extension tdiff._C failed (see the compiler output above). A C++17 compiler "
+                     f"is needed; or set TDIFF_NO_EXT=1 to install without it.")
+                raise
+
     cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
-    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.abspath("csrc")])
-    if build_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3"]
-        ext = CUDAExtension("tdiff._C", sources + cuda_sources, **kwargs)
-    else:
-        ext = CppExtension("tdiff._C", sources, **kwargs)
-    # ninja honours MAX_JOBS
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    ext = CppExtension("tdiff._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+                       include_dirs=[os.path.abspath("csrc")])
+    # the extension is tied to the ABI of the torch it is compiled against: require that version
+    built_with = torch.__version__.split("+")[0]
+    return [ext], {"build_ext": Build.with_options(use_ninja=True)}, [f"torch=={built_with}"]
 
 
-ext_modules, cmdclass = extensions()
-setup(
-    packages=find_packages(include=["tdiff", "tdiff.*"]) + ["tdiff.kernels"],
-    package_dir={"tdiff.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+def version() -> str:
+    with open(os.path.join("tdiff", "_version.py")) as f:  # setup.py runs in the project root
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+if __name__ == "__main__":  # as pip's build backend runs it (the tests import it to check the decisions above)
+    ext_modules, cmdclass, torch_requirement = extension_and_requirements()
+    setup(
+        version=version(),
+        # tdiff.weights holds data only: the shipped weights (default DiT, UNet, metric classifier)
+        packages=find_packages(include=["tdiff", "tdiff.*"]) + ["tdiff.kernels", "tdiff.weights"],
+        package_dir={"tdiff.kernels": "kernels"},
+        package_data={"tdiff": ["py.typed"], "tdiff.weights": ["*.safetensors"]},
+        install_requires=torch_requirement + BASE_REQUIREMENTS,
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -5,7 +5,10 @@ feature that needs it is used.
 """
 import importlib
 
+from ._extension import check_installed as _check_installed
 from ._version import __version__
+
+_check_installed()  # one warning now if this install has no compiled extension (no torch import)
 
 _SUBMODULES = {
     "schedules", "ops", "models", "data", "metrics", "solvers", "timesteps", "training", "cache", "artefacts",

@@ -1,3 +1,4 @@
+import os
 import warnings
 
 import pytest
@@ -157,37 +158,171 @@ TINY_DIGITS_DIT = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=16
                        num_classes=10)
 
 
+def _no_training(*a, **k):
+    raise AssertionError("load_default trained a model it should have loaded")
+
+
 def test_default_checkpoint_roundtrip_corrupt_and_mismatch(tmp_path, monkeypatch):
     from tdiff.models import defaults
 
     monkeypatch.setenv("TDIFF_CACHE_DIR", str(tmp_path))
     kw = dict(config=TINY_DIGITS_DIT, iters=2, progress=False, evaluate=False)
-    model, schedule, den = defaults.load_default("dit", **kw)
-    path = defaults.checkpoint_path("dit")
-    assert path.startswith(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="train_if_missing=True"):
+        defaults.load_default("dit", **kw)  # never trains unless asked
+    model, schedule, den = defaults.load_default("dit", train_if_missing=True, **kw)
+    path = defaults.checkpoint_path("dit", TINY_DIGITS_DIT, iters=2)
+    assert path.startswith(str(tmp_path)) and os.path.exists(path)
     x = torch.randn(2, 1, 8, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a good checkpoint loads silently
+    with warnings.catch_warnings(), monkeypatch.context() as mp:
+        warnings.simplefilter("error")  # a good checkpoint loads silently, without training
+        mp.setattr(defaults, "train_default", _no_training)
         model2, _, den2 = defaults.load_default("dit", **kw)
     torch.testing.assert_close(den(x, 0.5), den2(x, 0.5))
     assert den.schedule.n == 1000
 
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.warns(RuntimeWarning, match="unusable"):
+    with pytest.raises(ValueError, match="cannot read"):
         defaults.load_default("dit", **kw)
-    defaults.load_default("dit", **kw)  # retrained file is good again
-
-    with pytest.warns(RuntimeWarning, match="config"):
-        defaults.load_default("dit", **{**kw, "config": {**TINY_DIGITS_DIT, "hidden_size": 32}})
-
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        defaults.load_default("dit", train_if_missing=True, **kw)
+    defaults.load_default("dit", **kw)  # the retrained file is good again
     with pytest.raises(ValueError, match="which"):
         defaults.load_default("vae")
+
+
+def test_other_configs_get_their_own_files_and_never_touch_the_shipped_ones(tmp_path, monkeypatch):
+    from tdiff.models import defaults
+
+    monkeypatch.setenv("TDIFF_CACHE_DIR", str(tmp_path))
+    shipped = defaults.shipped_default_path("dit")
+    with open(shipped, "rb") as f:
+        shipped_bytes = f.read()
+    kw = dict(progress=False, evaluate=False, train_if_missing=True)
+    wide = {**TINY_DIGITS_DIT, "hidden_size": 32}
+    runs = [(TINY_DIGITS_DIT, 2), (wide, 2), (TINY_DIGITS_DIT, 3)]
+    dens = [defaults.load_default("dit", config=c, iters=i, **kw)[2] for c, i in runs]
+    assert len({defaults.checkpoint_path("dit", c, iters=i) for c, i in runs}) == 3
+    assert len(os.listdir(tmp_path)) == 3
+    monkeypatch.setattr(defaults, "train_default", _no_training)
+    x = torch.randn(2, 1, 8, 8)
+    for (c, i), den in zip(runs, dens):  # each file still holds its own model
+        torch.testing.assert_close(defaults.load_default("dit", config=c, iters=i)[2](x, 0.5), den(x, 0.5))
+    with open(shipped, "rb") as f:
+        assert f.read() == shipped_bytes
+
+
+def test_damaged_default_checkpoints_are_refused_with_clear_errors(tmp_path, monkeypatch):
+    from tdiff.artefacts import load_safetensors, save_safetensors
+    from tdiff.models import defaults
+
+    monkeypatch.setenv("TDIFF_CACHE_DIR", str(tmp_path))
+    kw = dict(config=TINY_DIGITS_DIT, iters=2, progress=False, evaluate=False)
+    defaults.load_default("dit", train_if_missing=True, **kw)
+    path = defaults.checkpoint_path("dit", TINY_DIGITS_DIT, iters=2)
+    doc, tensors = load_safetensors(path, defaults.FORMAT, defaults.VERSION)
+    payload = {k: v for k, v in doc.items() if k not in ("format", "format_version", "tdiff_version")}
+    first = sorted(tensors)[0]
+
+    def write(new_tensors, new_payload=payload):
+        save_safetensors(path, defaults.FORMAT, defaults.VERSION, new_tensors, new_payload)
+
+    write({**tensors, first: torch.full_like(tensors[first], float("nan"))})
+    with pytest.raises(ValueError, match=f"{first}.*NaN"):
+        defaults.load_default("dit", **kw)
+    write({})  # no weights at all
+    with pytest.raises(ValueError, match="missing tensors"):
+        defaults.load_default("dit", **kw)
+    write({**tensors, first: tensors[first][:1]})
+    with pytest.raises(ValueError, match=f"{first}.*expects"):
+        defaults.load_default("dit", **kw)
+    write(tensors, {k: v for k, v in payload.items() if k != "recipe"})
+    with pytest.raises(ValueError, match="no 'recipe' entry"):
+        defaults.load_default("dit", **kw)
+    write(tensors, {**payload, "which": "unet"})
+    with pytest.raises(ValueError, match="holds a 'unet' model"):
+        defaults.load_default("dit", **kw)
+    with pytest.warns(RuntimeWarning, match="unusable"):  # asked to: retrained in place
+        defaults.load_default("dit", train_if_missing=True, **kw)
+    defaults.load_default("dit", **kw)
 
 
 def test_missing_checkpoint_without_training(tmp_path, monkeypatch):
     from tdiff.models import defaults
 
     monkeypatch.setenv("TDIFF_CACHE_DIR", str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError):
-        defaults.load_default("unet", train_if_missing=False)
+    with pytest.raises(FileNotFoundError, match="train_if_missing"):
+        defaults.load_default("unet", config=dict(input_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2),
+                                                  num_res_blocks=1, attn_resolutions=(4,), num_classes=10,
+                                                  num_groups=4))
+    monkeypatch.setattr(defaults, "shipped_default_path", lambda which: str(tmp_path / "gone.safetensors"))
+    with pytest.raises(FileNotFoundError, match="broken install"):
+        defaults.load_default("unet")
+
+
+# The shipped weights (tdiff/weights): written by `python -m tdiff train-defaults`.
+
+@pytest.mark.parametrize("which", ["dit", "unet"])
+def test_shipped_default_loads_untrained_matches_its_config_and_its_recorded_fd(which, monkeypatch):
+    from tdiff.models import defaults
+
+    monkeypatch.setattr(defaults, "train_default", _no_training)
+    rng = torch.get_rng_state()
+    model, schedule, den = defaults.load_default(which)
+    assert torch.equal(rng, torch.get_rng_state())  # loading does not shift the caller's random stream
+    meta = defaults.shipped_metadata(which)
+    assert model.config == defaults.default_config(which) and meta["config"] == model.config.to_dict()
+    assert meta["recipe"]["iters"] == defaults.DEFAULT_ITERS and meta["recipe"]["time_budget_s"] is None
+    assert meta["metrics"]["iters"] == defaults.DEFAULT_ITERS
+    m = meta["metrics"]
+    # stored in float16 only because that moved the FD by less than 1%
+    assert meta["precision"] == "float16"
+    for key in ("fd", "fd_clip_x0"):
+        assert m[key] == m["fd_float16"][key] and abs(m[key] - m[key.replace("fd", "fd_trained")]) <= \
+            0.01 * m[key.replace("fd", "fd_trained")]
+    assert m["fd_clip_x0"] * 4 < m["fd_untrained_clip_x0"]  # trained: far from the untrained network
+    check = m["fd_check"]
+    assert {k: check[k] for k in defaults.FD_CHECK} == defaults.FD_CHECK
+    assert defaults.fd_check(model, schedule) == pytest.approx(check["value"], rel=2e-3)
+
+
+def test_the_recipe_replays_the_start_of_the_shipped_runs(monkeypatch):
+    """The first PROBE_ITERS iterations of `train-defaults` reproduce the probe recorded in the shipped files
+    during their own training run (any CPU; bit for bit on one), whatever the caller's RNG state, and a
+    different recipe does not."""
+    from tdiff.models import defaults
+
+    runs = {}
+    for which, caller_seed in [("dit", 1), ("unet", 2), ("unet", 3)]:
+        torch.manual_seed(caller_seed)
+        runs.setdefault(which, []).append(defaults.train_default(
+            which, progress=False, num_threads=1, stop_after=defaults.PROBE_ITERS)[1])
+    for which, (first, *again) in runs.items():
+        shipped = defaults.shipped_metadata(which)["probe"]
+        assert shipped["iters"] == defaults.PROBE_ITERS
+        assert defaults.probes_agree(first["probe"], shipped["rows"])
+        assert all(a["weights_sha256"] == first["weights_sha256"] for a in again)
+    other = defaults.train_default("unet", progress=False, num_threads=1, stop_after=defaults.PROBE_ITERS,
+                                   seed=1)[1]
+    assert not defaults.probes_agree(other["probe"], defaults.shipped_metadata("unet")["probe"]["rows"])
+
+
+def test_shipped_metric_classifier_loads_without_touching_rng_and_matches_a_retrain():
+    from tdiff.artefacts import load_safetensors
+    from tdiff.data import load_digits_tensor
+    from tdiff.metrics import frechet
+    from tdiff.models.weights import shipped_path
+
+    path = frechet.classifier_path()
+    assert path == shipped_path("digits_classifier")
+    rng = torch.get_rng_state()
+    net = frechet._load_classifier(path, frechet.SHIPPED_SETTINGS)
+    assert torch.equal(rng, torch.get_rng_state())
+    meta = load_safetensors(path, frechet.FORMAT, frechet.VERSION)[0]
+    retrained, accuracy = frechet.train_classifier()
+    assert torch.equal(rng, torch.get_rng_state())
+    assert accuracy == pytest.approx(meta["test_accuracy"], abs=0.01)
+    x = load_digits_tensor(frechet.FEATURE_SIZE, "test")[0]
+    with torch.no_grad():
+        agree = (net(x).argmax(1) == retrained(x).argmax(1)).float().mean()
+    assert agree > 0.99

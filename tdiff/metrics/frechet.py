@@ -1,11 +1,16 @@
 """Fréchet distance for digits, in the feature space of a small CNN classifier that tdiff trains itself.
 
 There is no Inception network to download, so the metric network is an ~18k-parameter CNN trained on the digits
-train split in a few seconds, seeded and deterministic. It is cached under the tdiff cache dir (atomic, versioned);
-a file that cannot be read, or that was made with other settings, is reported with a warning and retrained.
+train split in a few seconds, seeded, on one thread, deterministic. Its weights ship inside the package
+(tdiff/weights/digits_classifier.safetensors, written by `python -m tdiff train-defaults classifier`); a damaged
+shipped file is an error, never silently replaced. A classifier with other TRAIN_SETTINGS (tests use a shorter
+one) is trained on first use into the cache dir; a cached file that cannot be read is reported with a warning and
+retrained. Building or loading it never touches the caller's RNG.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from functools import lru_cache
@@ -16,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artefacts import load_torch, save_torch
+from ..artefacts import hash_state
 from ..models.paths import cache_dir
+from ..models.weights import load_weights, save_weights, seeded, shipped_path
 
-FORMAT, VERSION = "tdiff-digits-classifier", 1
+FORMAT, VERSION = "tdiff-digits-classifier", 2
 FEATURE_SIZE = 16  # the classifier sees 16x16 digits; other sizes are resized first
 TRAIN_SETTINGS = {"seed": 0, "iters": 300, "batch_size": 64, "lr": 3e-3, "noise": 0.1}
+SHIPPED_SETTINGS = dict(TRAIN_SETTINGS)  # the settings of the shipped classifier
 
 
 class DigitsClassifier(nn.Module):
@@ -61,8 +68,7 @@ def train_classifier(settings: Optional[dict] = None) -> Tuple[DigitsClassifier,
 
     s = {**TRAIN_SETTINGS, **(settings or {})}
     g = torch.Generator().manual_seed(s["seed"])
-    with torch.random.fork_rng():
-        torch.manual_seed(s["seed"])
+    with seeded(s["seed"]):
         net = DigitsClassifier()
     x, y = load_digits_tensor(FEATURE_SIZE, "train")
     opt = torch.optim.Adam(net.parameters(), lr=s["lr"])
@@ -95,30 +101,52 @@ def _fit(net, opt, x, y, s, g):
 
 
 def classifier_path() -> str:
-    return os.path.join(cache_dir(), "digits_classifier.pt")
+    """The shipped classifier when TRAIN_SETTINGS are the shipped ones, else a cache-dir file for those settings."""
+    if TRAIN_SETTINGS == SHIPPED_SETTINGS:
+        return shipped_path("digits_classifier")
+    key = hashlib.sha256(json.dumps(TRAIN_SETTINGS, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(cache_dir(), f"digits_classifier-{key}.safetensors")
+
+
+def _load_classifier(path: str, settings: dict) -> DigitsClassifier:
+    def check(doc):
+        if doc.get("settings") != settings:
+            raise ValueError(f"{path!r} was trained with {doc.get('settings')}, not {settings}")
+
+    return load_weights(path, FORMAT, VERSION, lambda doc: DigitsClassifier(), check)[0]
+
+
+def write_classifier(path: str, settings: Optional[dict] = None) -> dict:
+    """Train the classifier (TRAIN_SETTINGS, or `settings`) and write it to `path`; returns its metadata."""
+    settings = {**TRAIN_SETTINGS, **(settings or {})}
+    net, acc = train_classifier(settings)
+    meta = {"settings": settings, "test_accuracy": acc, "trained_sha256": hash_state(net.state_dict())}
+    save_weights(path, FORMAT, VERSION, net, meta)
+    return meta
 
 
 @lru_cache(maxsize=4)
 def _classifier_for(path: str) -> DigitsClassifier:
+    if path == shipped_path("digits_classifier"):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"the shipped metric classifier {path!r} is missing (a broken install): "
+                                    "reinstall tdiff, or run `python -m tdiff train-defaults classifier`")
+        try:
+            return _load_classifier(path, SHIPPED_SETTINGS)
+        except ValueError as e:
+            raise ValueError(f"the shipped metric classifier is unusable ({e}); reinstall tdiff") from e
     if os.path.exists(path):
         try:
-            doc = load_torch(path, FORMAT, VERSION)
-            if doc.get("settings") != TRAIN_SETTINGS:
-                raise ValueError("it was trained with other settings")
-            net = DigitsClassifier()
-            net.load_state_dict(doc["state_dict"])
-            return net.eval()
-        except Exception as e:  # corrupt, truncated, foreign or stale: never reuse it
+            return _load_classifier(path, TRAIN_SETTINGS)
+        except ValueError as e:  # corrupt, truncated, foreign or stale: never reuse it
             warnings.warn(f"digits classifier cache {path!r} is unusable ({e}); retraining it", RuntimeWarning)
-    net, acc = train_classifier()
     _reference_stats.cache_clear()  # stats from any earlier classifier no longer apply
-    save_torch(path, FORMAT, VERSION, {"state_dict": net.state_dict(), "settings": TRAIN_SETTINGS,
-                                       "test_accuracy": acc})
-    return net
+    write_classifier(path)
+    return _load_classifier(path, TRAIN_SETTINGS)
 
 
 def digits_classifier() -> DigitsClassifier:
-    """The cached metric classifier (trained on first use)."""
+    """The metric classifier: the shipped one (or, for other TRAIN_SETTINGS, one trained into the cache dir)."""
     return _classifier_for(classifier_path())
 
 

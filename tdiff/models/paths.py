@@ -1,4 +1,5 @@
-"""Where tdiff keeps things it builds itself (default checkpoints, the metric classifier)."""
+"""Where tdiff keeps what it trains on this machine: defaults of other configs or recipes, a metric classifier
+with other settings (the shipped weights live in tdiff/weights)."""
 import os
 
 

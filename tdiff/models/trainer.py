@@ -1,12 +1,18 @@
 """A small, plain diffusion trainer for the embedded defaults: eps-prediction MSE on a DiscreteVP schedule,
-AdamW with warm-up, EMA weights and a tqdm bar. It stops at `iters` or at `time_budget_s`, whichever comes first.
+AdamW with warm-up, EMA weights and a tqdm bar. It stops at `iters` (or at `time_budget_s`, if one is given, which
+makes the result depend on the machine's speed).
+
+Deterministic for a given seed and thread count: batches and noise come from a generator seeded with `seed`, and
+the network's own randomness (label dropout, nn.Dropout), which draws from torch's global RNG, from that RNG
+seeded with `seed + 1` for the duration of training (the caller's RNG state is restored afterwards). torch seeds
+its global RNG randomly in each process, so without this a run could not be repeated.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,25 +44,35 @@ def train_diffusion(model: torch.nn.Module, schedule: DiscreteVP, images: torch.
                     labels: Optional[torch.Tensor] = None, iters: int = 1000, batch_size: int = 128,
                     lr: float = 5e-4, weight_decay: float = 0.0, warmup: int = 100, ema_decay: float = 0.999,
                     seed: int = 0, time_budget_s: Optional[float] = None, progress: bool = True,
-                    num_threads: Optional[int] = None):
+                    num_threads: Optional[int] = None, stop_after: Optional[int] = None,
+                    on_step: Optional[Callable[[int, torch.nn.Module], None]] = None):
     """Train `model` in place; returns (ema_model in eval mode, info dict with losses, iters and wall time).
-    num_threads: torch intra-op threads while training (1 is much faster on a CPU shared with other jobs)."""
+    num_threads: torch intra-op threads while training (1 is much faster on a CPU shared with other jobs, and
+    makes the run repeatable bit for bit on one machine). stop_after: stop after that many iterations of the
+    `iters`-long run (its learning-rate schedule unchanged), to check a prefix of a long run.
+    on_step(k, model): called after the k-th optimiser step."""
     if iters <= 0:
         raise ValueError(f"iters must be positive, got {iters}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if stop_after is not None and not 0 < stop_after <= iters:
+        raise ValueError(f"stop_after must be in [1, iters={iters}], got {stop_after}")
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     try:
-        return _train(model, schedule, images, labels, iters, batch_size, lr, weight_decay, warmup, ema_decay,
-                      seed, time_budget_s, progress)
+        cuda = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):
+            for gen in [torch.default_generator] + [torch.cuda.default_generators[i] for i in cuda]:
+                gen.manual_seed(seed + 1)  # the network's dropout draws (see the module doc)
+            return _train(model, schedule, images, labels, iters, batch_size, lr, weight_decay, warmup, ema_decay,
+                          seed, time_budget_s, progress, stop_after or iters, on_step)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train(model, schedule, images, labels, iters, batch_size, lr, weight_decay, warmup, ema_decay, seed,
-           time_budget_s, progress):
+           time_budget_s, progress, stop_after, on_step):
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
@@ -67,7 +83,7 @@ def _train(model, schedule, images, labels, iters, batch_size, lr, weight_decay,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1.0, (k + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(k / iters, 1.0))))
     losses, start, done = [], time.perf_counter(), 0
-    bar = tqdm(range(iters), disable=not progress, desc=f"train {type(model).__name__}", leave=True)
+    bar = tqdm(range(stop_after), disable=not progress, desc=f"train {type(model).__name__}", leave=True)
     for k in bar:
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
         loss = diffusion_loss(model, schedule, images[idx], None if labels is None else labels[idx], g)
@@ -80,6 +96,8 @@ def _train(model, schedule, images, labels, iters, batch_size, lr, weight_decay,
         ema_update(ema, model, min(ema_decay, (1 + k) / (10 + k)))
         losses.append(loss.item())
         done = k + 1
+        if on_step is not None:
+            on_step(done, model)
         if k % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import warnings
 
 import torch
 
@@ -20,19 +19,9 @@ BACKENDS = ("auto", "cpp", "triton", "torch")
 
 @functools.lru_cache(maxsize=None)
 def extension_loaded() -> bool:
-    try:
-        if os.environ.get("TDIFF_NO_EXT") == "1":  # behave as an install built without the extension
-            raise ImportError("TDIFF_NO_EXT=1")
-        importlib.import_module("tdiff._C")  # registers the tdiff::*_cpu kernels with the dispatcher
-        return True
-    except ImportError as e:
-        warnings.warn(
-            f"tdiff: the compiled extension tdiff._C is not available ({e}); using the pure-PyTorch reference "
-            "ops on CPU. Build it with `MAX_JOBS=2 pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
+    from .._extension import load  # imports tdiff._C, or warns once (naming TDIFF_NO_EXT) and returns False
+
+    return load()
 
 
 @functools.lru_cache(maxsize=None)
