@@ -146,10 +146,10 @@ def test_loop_has_no_host_syncs_and_every_update_is_the_fused_op():
     den = MixtureDenoiser()
     x = torch.randn(4, 2, dtype=torch.float64)
     prog = build_program(SCHED, _ts(8).requires_grad_(True), "unipc", 3)
-    rows = _prepare_rows(prog, x)
+    rows, _, eval_times = _prepare_rows(prog, x)
     n_updates = sum(isinstance(i, Update) for step in prog.steps for i in step)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        _run(prog, rows, prog.eval_times, den, x, None, False, None)
+        _run(prog, rows, eval_times, den, x, None, False, None)
     names = [e.name for e in prof.events()]
     assert names.count("aten::item") == 0 and names.count("aten::_local_scalar_dense") == 0
     assert names.count("tdiff::multistep_update") == n_updates

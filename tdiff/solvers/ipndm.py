@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .grid import Grid
-from .program import Eval, Program, Update, check_order, multistep_orders
+from .program import Eval, Program, Update, check_flag, check_order, choose_orders, multistep_orders
 
 ADAMS_BASHFORTH = {
     1: (1.0,),
@@ -34,10 +34,22 @@ def step_row(g: Grid, i: int, p: int) -> list:
     return [a_next / g.alpha[i], *[scale * c for c in ADAMS_BASHFORTH[p]]]
 
 
-def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = False, **_) -> Program:
+def _count_rule(n_steps: int, order: int, lower_order_final: bool, final_zero: bool) -> list:
+    # the step to sigma = 0 only reads earlier slopes, so it keeps the full order
+    return multistep_orders(n_steps, order, lower_order_final, final_zero=False)
+
+
+def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = True, order_rule: str = "diffusers",
+                orders=None) -> Program:
+    """order_rule="stable" lowers the order where a step outgrows the earlier ones (program.stable_orders, measured
+    in sigma~, the variable the Adams-Bashforth weights assume equal steps in); "diffusers" keeps the count rule of
+    diff-sampler (warm-up, and with lower_order_final the steps left)."""
     check_order("ipndm", order, (1, 2, 3, 4))
-    prog = Program(eval_times=cond_times)
-    for i, p in enumerate(multistep_orders(g.n_steps, order, lower_order_final, final_zero=False)):
+    check_flag("lower_order_final", lower_order_final)
+    orders = choose_orders("ipndm", -g.sigma_tilde, order, lower_order_final, order_rule, False, _count_rule,
+                           orders, (1, 2, 3, 4))
+    prog = Program(eval_times=cond_times, eval_points=g.t)
+    for i, p in enumerate(orders):
         prog.add_step([
             Eval(f"D{i}", "x", i),
             Update(f"d{i}", "x", (f"D{i}",), prog.row(slope_row(g, i))),
