@@ -32,6 +32,8 @@ from tdiff.data.gaussian_mixture import GaussianMixture  # noqa: E402
 from tdiff.schedules import DiscreteVP, RectifiedFlow  # noqa: E402
 from tdiff.solvers import from_diffusers_timesteps, to_diffusers  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = 1e-10
 # 4-dim mixture with means beyond [-1, 1], so clip_sample is active at high noise
 MIX = GaussianMixture([[1.5, -0.5, 0.8, 0.2], [-1.2, 0.9, -0.4, -1.1], [0.3, 1.4, -1.3, 0.6]],

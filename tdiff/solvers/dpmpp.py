@@ -40,7 +40,7 @@ import torch
 from .ddim import ddim_coefficients, first_order_row
 from .grid import Grid
 from .program import Eval, Noise, Program, Update, check_choice, check_flag, check_order, choose_orders, \
-    rows_by_group
+    mixed_rows
 
 #: solver name -> (what the history holds, stochastic, allowed orders)
 KINDS = {
@@ -157,12 +157,13 @@ def build_multistep(kind: str, g: Grid, cond_times, order: int, lower_order_fina
         return dpmpp_orders(n, p, lof, fz, euler_at_final)
 
     explicit = orders is not None
-    orders = choose_orders(kind, g.lam, order, lower_order_final, order_rule, g.final_zero, count_rule, orders,
-                           allowed)
+    mixes = choose_orders(kind, g.lam, order, lower_order_final, order_rule, g.final_zero, count_rule, orders,
+                          allowed)
     if euler_at_final and not explicit:
-        orders[-1] = 1
+        mixes[-1] = {1: None}
     prog = Program(eval_times=cond_times, eval_points=g.t)
-    rows = rows_by_group(orders, lambda p, idx: step_row(kind, g, idx, p, solver_type))
+    rows = mixed_rows(mixes, lambda p, idx: step_row(kind, g, idx, p, solver_type), tail=int(stochastic))
+    orders = [max(m) for m in mixes]
     name = "E" if target == "eps" else "D"
     for i, p in enumerate(orders):
         hist = tuple(f"{name}{i - k}" for k in range(p))

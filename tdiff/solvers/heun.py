@@ -5,12 +5,14 @@ Per step i: optional churn raises the noise level to sigma^ = sigma~_i (1 + gamm
 Euler step (the first-order formula of ddim.py) goes to t_{i+1}; then the trapezoidal (Heun) correction averages
 the slopes at both ends, except:
   - on a final step to sigma = 0 (EDM's sampler does the same: the slope there is undefined);
-  - with order_rule="stable" (the default of tdiff.sample), on a step longer than HEUN_H_MAX in lambda = -log sigma~. The
+  - with order_rule="stable" (the default of tdiff.sample), on a long step in lambda = -log sigma~: the
     correction evaluates the slope (x~ - D)/sigma~ at the *end* of the step, whose Lipschitz constant is
     ~1/sigma~_{i+1}; explicit Heun amplifies errors by ~(Delta/sigma~_{i+1})^2/2 there, so a long last step to a
     small sigma_min (uniform-t grids at NFE 4-5) blew up to errors of 8-59 where every other solver stays below
-    0.5. The Euler step alone is a convex combination of x and D there and stays bounded. order_rule="diffusers"
-    corrects every step but a final one to sigma = 0 (diffusers' HeunDiscreteScheduler, EDM).
+    0.5. The Euler step alone is a convex combination of x and D there and stays bounded. The corrected result is
+    kept in full up to h = HEUN_H[0], dropped from HEUN_H[1] (and its evaluation saved), and blended linearly
+    between (program.stable_orders explains why a blend rather than a switch). order_rule="diffusers" corrects
+    every step but a final one to sigma = 0 (diffusers' HeunDiscreteScheduler, EDM).
 NFE = 2N minus one per uncorrected step.
 
 Correction in x-space (Delta = sigma~_{i+1} - sigma^, x^ = sample at sigma^, x' = Euler result, n = i+1):
@@ -26,7 +28,7 @@ import torch
 from ..schedules import NoiseSchedule
 from .ddim import first_order_coefficients
 from .grid import Grid
-from .program import ORDER_RULES, Alias, Eval, Noise, Program, Update, check_choice
+from .program import ORDER_RULES, Alias, Eval, Noise, Program, Update, check_choice, ramp
 
 
 def _gammas(g: Grid, s_churn: float, s_min: float, s_max: float) -> list:
@@ -38,8 +40,10 @@ def _gammas(g: Grid, s_churn: float, s_min: float, s_max: float) -> list:
     return [gamma if s_min <= sig[i] <= s_max else 0.0 for i in range(g.n_steps)]
 
 
-#: the longest step, in lambda, that the stable rule still corrects (a ratio sigma~_i/sigma~_{i+1} of e^2)
-HEUN_H_MAX = 2.0
+#: the stable rule corrects a step fully up to HEUN_H[0] in lambda, not at all from HEUN_H[1] (a ratio
+#: sigma~_i/sigma~_{i+1} of e), and blends the corrected and Euler results linearly between (chosen like
+#: program.STABLE_H, for an error non-increasing in NFE)
+HEUN_H = (0.3, 1.0)
 
 
 def _check_number(name: str, value, minimum: float = None) -> float:
@@ -58,7 +62,8 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
     _check_number("s_min", s_min)
     _check_number("s_max", s_max)
     check_choice("order_rule", order_rule, ORDER_RULES)
-    h = (g.lam[1:] - g.lam[:-1]).detach().tolist()
+    h = g.lam[1:] - g.lam[:-1]
+    weights = [ramp(v, *HEUN_H) if order_rule == "stable" else None for v in h]
     prog = Program()
     eval_times, eval_points = [], []
     for i, gamma in enumerate(_gammas(g, s_churn, s_min, s_max)):
@@ -79,8 +84,10 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         step += [Eval("D", "x", len(eval_times) - 1),
                  Update("xp", "x", ("D",), prog.row(first_order_coefficients(a_hat, s_hat, g.alpha[n], g.sigma[n])))]
         last_to_zero = g.final_zero and n == g.n_steps
-        too_long = order_rule == "stable" and not h[i] <= HEUN_H_MAX
-        if last_to_zero or too_long:
+        w = weights[i]
+        if w is not None and float(w) >= 1:
+            w = None
+        if last_to_zero or (w is not None and not float(w) > 0):
             step.append(Alias("x", "xp"))  # the Euler step alone (to sigma = 0 it lands on D exactly)
         else:
             eval_times.append(cond_times[n])
@@ -89,6 +96,8 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
             delta = g.sigma_tilde[n] - st_hat
             half = a_n * delta / 2
             row = [a_n / a_hat + half / s_hat, -a_n * half / s_n, -half * a_hat / s_hat, half / s_n]
+            if w is not None:  # w (Heun) + (1 - w) (Euler, which is xp itself)
+                row = [w * c for c in row[:3]] + [w * row[3] + (1 - w)]
             step += [Eval("Dp", "xp", len(eval_times) - 1), Update("x", "x", ("Dp", "D", "xp"), prog.row(row))]
         prog.add_step(step)
     prog.eval_times, prog.eval_points = torch.stack(eval_times), torch.stack(eval_points)
