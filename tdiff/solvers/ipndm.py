@@ -9,7 +9,6 @@ fused update over up to four slopes.
 """
 from __future__ import annotations
 
-
 from .grid import Grid
 from .program import Eval, Program, Update, check_flag, check_order, choose_orders, mixed_rows, multistep_orders
 

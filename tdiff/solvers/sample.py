@@ -9,8 +9,10 @@ syncs and allocates nothing beyond the denoiser's outputs, the conversions and t
 detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
 coefficient and conversion row) and the denoiser's parameters.
 
-Denoisers: a `tdiff.denoisers.Denoiser` (anything with `network_output(x, t)` and `conversion(t, target)`) is
-called for its raw output and converted here; any other callable D(x, t) is taken to return x0 (p = 0, q = 1).
+Denoisers: a `tdiff.denoisers.Denoiser` (anything with `network_output(x, t)` and `conversion(t, target)`, and
+optionally `clip_x0`) is called for its raw output and converted here; any other callable D(x, t) is taken to
+return x0 (p = 0, q = 1), converted at whatever time it was given (a wrapper such as timesteps.remat's
+RematDenoiser, which calls D(x, t_net), therefore converts at the network's time).
 """
 from __future__ import annotations
 
@@ -142,7 +144,8 @@ def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tenso
     for e in evals:
         entries = []
         for name, target in ((e.out, e.target), *e.extra):
-            if target == "x0" and (not raw or (denoiser.prediction == "x0" and denoiser.precond is None)):
+            identity = getattr(denoiser, "prediction", None) == "x0" and getattr(denoiser, "precond", None) is None
+            if target == "x0" and (not raw or identity):
                 entries.append((name, target, None))  # p = 0, q = 1
                 continue
             t = prog.eval_points[e.k]
