@@ -175,7 +175,7 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool) -> List[dict]:
     rows stay differentiable in the time steps (a is a tensor of them). On a grid uniform in lambda with steps
     up to 0.3 every step keeps its full order. A final step to sigma = 0 (h infinite) is first order.
     The thresholds were chosen on the 2-D default mixture (default_mixture_2d, one noise seed) for an error that
-    does not grow with NFE 4-40 on any heuristic grid: on other seeds the worst growth is 1.4-1.7x where diffusers'
+    does not grow with NFE 4-40 on any heuristic grid: on other seeds the worst growth is 1.4x where diffusers'
     rule reaches 23x (tests/test_solvers_stability.py, bench/solvers). The price is accuracy at low NFE: over the
     bench's solvers and grids diffusers' count rule has 0.8x the error at NFE 4-6 and 0.9x at 7-12, 1.25x at
     13-20 and 1.3x at 21-40. Blending p with p-1 (a cascade) was more accurate at NFE 7-20 but let the error rise
