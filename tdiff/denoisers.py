@@ -6,16 +6,16 @@ All alpha/sigma maths comes from the schedule; `prediction_to_x0` is the one con
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-import contextlib
-import contextvars
-
 from .preconditioning import Preconditioning
-from .schedules import EDM, DiscreteVP, NoiseSchedule, VPCosine, VPLinear, as_time
+from .schedules import EDM, DiscreteVP, NoiseSchedule, RectifiedFlow, VPCosine, VPLinear, as_time
 
 # Set by a caller that has validated its times once up front (the solvers' sampling loop), so the per-call
 # domain check, a device sync on GPU, is not repeated at every model evaluation.
@@ -40,25 +40,68 @@ def _per_sample(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return coef.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def conversion_coefficients(prediction: str, alpha, sigma, d_alpha=None, d_sigma=None, precond: Optional[str] = None,
+                            sigma_data: float = 0.5) -> tuple:
+    """(p, q) with x0 = p x + q m, for a network output m at a sample x = alpha x0 + sigma eps. The one place the
+    conversion formulas live (SPEC_multistep): `prediction_to_x0`, `Denoiser` and the sampling loop all use it.
+
+    eps:  x0 = (x - sigma eps)/alpha                   p = 1/alpha,                 q = -sigma/alpha
+    v:    v = alpha eps - sigma x0                      p = alpha/(alpha^2+sigma^2), q = -sigma/(alpha^2+sigma^2)
+    flow: u = dx/dt = alpha' x0 + sigma' eps            p = sigma'/(alpha sigma' - sigma alpha'),
+                                                        q = -sigma/(alpha sigma' - sigma alpha')
+    x0:   p = 0, q = 1
+    precond="edm" (EDMPrecond on x^ = x/alpha at s = sigma/alpha; c_in and c_noise stay inside the network call):
+          p = c_skip(s)/alpha, q = c_out(s)
+    """
+    if precond == "edm":
+        s = sigma / alpha
+        pc = Preconditioning("edm", sigma_data)
+        return pc.c_skip(s) / alpha, pc.c_out(s)
+    if prediction == "x0":
+        return torch.zeros_like(alpha), torch.ones_like(alpha)
+    if prediction == "eps":
+        return 1 / alpha, -sigma / alpha
+    if prediction == "v":
+        norm = alpha * alpha + sigma * sigma
+        return alpha / norm, -sigma / norm
+    if prediction == "flow":
+        den = alpha * d_sigma - sigma * d_alpha
+        return d_sigma / den, -sigma / den
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def eps_coefficients(p, q, alpha, sigma) -> tuple:
+    """(p', q') of eps = p' x + q' m from the x0 row (p, q): eps = (x - alpha x0)/sigma."""
+    return (1 - alpha * p) / sigma, -alpha * q / sigma
+
+
+def schedule_conversion(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, precond: Optional[str] = None,
+                        sigma_data: float = 0.5) -> tuple:
+    """conversion_coefficients at schedule times t (the derivatives, for flow, by autograd of the schedule)."""
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    d_alpha = d_sigma = None
+    if prediction == "flow" and precond is None:
+        d_alpha, d_sigma = schedule.d_alpha(t), schedule.d_sigma(t)
+    return conversion_coefficients(prediction, alpha, sigma, d_alpha, d_sigma, precond, sigma_data)
+
+
+def convert(x: torch.Tensor, out: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """p x + q out with per-sample (B,) or shared 0-dim p, q, accumulated in p's dtype, returned in x's dtype."""
+    acc = p.dtype
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return (p.reshape(shape) * x.to(acc) + q.reshape(shape) * out.to(acc)).to(x.dtype)
+
+
 def prediction_to_x0(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
                      prediction: str) -> torch.Tensor:
-    """Convert a network output to the x0 prediction, for x = alpha x0 + sigma eps at (B,) times t.
-
-    eps:  x0 = (x - sigma eps) / alpha
-    v:    v = alpha eps - sigma x0  =>  x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)   (any family)
-    flow: u = dx/dt = alpha' x0 + sigma' eps  =>  x0 = (sigma' x - sigma u) / (alpha sigma' - sigma alpha')
-    """
+    """Convert a network output to the x0 prediction, for x = alpha x0 + sigma eps at (B,) times t
+    (`conversion_coefficients` at t)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if prediction == "x0":
         return out
-    a, s = _per_sample(schedule.alpha(t), x), _per_sample(schedule.sigma(t), x)
-    if prediction == "eps":
-        return (x - s * out) / a
-    if prediction == "v":
-        return (a * x - s * out) / (a * a + s * s)
-    if prediction == "flow":
-        da, ds = _per_sample(schedule.d_alpha(t), x), _per_sample(schedule.d_sigma(t), x)
-        return (ds * x - s * out) / (a * ds - s * da)
-    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    p, q = schedule_conversion(schedule, as_time(t).to(x.device), prediction)
+    return convert(x, out, p.to(x.device), q.to(x.device))
 
 
 def default_model_time(schedule: NoiseSchedule, precond: Optional[str] = None) -> Callable:
@@ -79,12 +122,26 @@ def _tdiff_call(model, x, t_net, y=None, **cond):
     return model(x, t_net, y, **cond)
 
 
+def _check_finite_number(name: str, value, positive: bool = False, allow_none: bool = True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number{' or None' if allow_none else ''}, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
 class Denoiser(nn.Module):
     """D(x, t, **cond) -> x0 prediction. t: scalar or (B,) schedule times; cond: e.g. y (class labels).
 
     `call(model, x, t_net, y=None, **cond)` is how the raw network is invoked; the default suits tdiff's DiT and
     UNet (`model(x, t, y)`). With `guidance=w` and labels y, conditional and unconditional inputs go through the
     network in one batch and are combined as uncond + w (cond - uncond) on the raw output.
+
+    The sampling loop calls the two halves separately: `network_output(x, t_net)` (the raw, guided output at the
+    network's time, with EDM's input scaling) and `conversion(t)` (the (p, q) rows at the *sample's* time), so a
+    solver converts at its grid point even when the network is fed a rounded or decoupled time.
     """
 
     def __init__(self, model, schedule: NoiseSchedule, prediction: str = "eps", precond: Optional[str] = None,
@@ -92,6 +149,8 @@ class Denoiser(nn.Module):
                  null_label: Optional[int] = None, call: Optional[Callable] = None, validate: bool = True,
                  clip_x0: Optional[float] = None):
         super().__init__()
+        if not callable(model):
+            raise ValueError(f"model must be callable (a network), got {type(model).__name__}")
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
         if prediction not in PREDICTIONS:
@@ -100,22 +159,25 @@ class Denoiser(nn.Module):
             raise ValueError(f"precond must be None or 'edm', got {precond!r}")
         if model_time is not None and not callable(model_time):
             raise ValueError("model_time must be None or a callable mapping schedule t to network time")
-        if guidance is not None and not isinstance(guidance, (int, float)):
-            raise ValueError(f"guidance must be a number or None, got {guidance!r}")
+        if call is not None and not callable(call):
+            raise ValueError("call must be None or a callable call(model, x, t_net, y=None, **cond)")
+        if null_label is not None and (isinstance(null_label, bool) or not isinstance(null_label, int)
+                                       or null_label < 0):
+            raise ValueError(f"null_label must be None or a class index >= 0, got {null_label!r}")
+        if not isinstance(validate, bool):
+            raise ValueError(f"validate must be True or False, got {validate!r}")
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
         self.precond = precond
         self.model_time = model_time or default_model_time(schedule, precond)
-        self.guidance = None if guidance is None else float(guidance)
+        self.guidance = _check_finite_number("guidance", guidance)
         self.null_label = null_label if null_label is not None else getattr(model, "null_label", None)
         self.call = call or _tdiff_call
         self.validate = validate
-        if clip_x0 is not None and not clip_x0 > 0:
-            raise ValueError(f"clip_x0 must be None or a positive bound, got {clip_x0!r}")
         # clamp D to [-clip_x0, clip_x0] (diffusers' clip_sample): a valid prior for images in [-1, 1] that
         # stops an undertrained eps-network's large x0 errors at high noise from ruining a sample
-        self.clip_x0 = clip_x0
+        self.clip_x0 = _check_finite_number("clip_x0", clip_x0, positive=True)
         # EDM preconditioning's sigma_data: the schedule's when it has one (EDM), else EDM's default 0.5
         self.sigma_data = float(getattr(schedule, "sigma_data", 0.5))
 
@@ -133,8 +195,14 @@ class Denoiser(nn.Module):
                                 for k, v in cond.items()})
             out_c, out_u = both[:b], both[b:]
             out = out_u + self.guidance * (out_c - out_u)
-        if out.shape[1] == 2 * x.shape[1]:
+        if not torch.is_tensor(out):
+            raise ValueError(f"the network must return a tensor shaped like x {tuple(x.shape)}, got "
+                             f"{type(out).__name__}")
+        if out.dim() == x.dim() and out.shape[0] == x.shape[0] and out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]  # learned-sigma channels: solvers only use the mean prediction
+        if out.shape != x.shape:
+            raise ValueError(f"the network returned shape {tuple(out.shape)}; expected {tuple(x.shape)} (the shape "
+                             f"of x), or twice its channels for a learned-variance output")
         return out
 
     def times(self, t, x: torch.Tensor) -> torch.Tensor:
@@ -147,27 +215,43 @@ class Denoiser(nn.Module):
             raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
         return t
 
-    def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
-        x0 = self._x0(x, t, **cond)
-        return x0 if self.clip_x0 is None else x0.clamp(-self.clip_x0, self.clip_x0)
-
-    def _x0(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
+    def network_output(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
+        """The raw network output m at network time model_time(t) (guided; with EDM preconditioning the network
+        sees c_in x/alpha), in x's dtype. x0 = p x + q m with (p, q) = conversion(t') at the sample's time t'."""
         if not torch.is_tensor(x) or x.ndim < 2:
             raise ValueError("x must be a tensor of shape (B, ...)")
-        t = self.times(t, x)
+        return self._network(x, self.times(t, x), **cond)
+
+    def _network(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         dtype = x.dtype
         model_dtype = next((p.dtype for p in self.model.parameters()), dtype) if isinstance(self.model, nn.Module) \
             else dtype
         if self.precond == "edm":
-            # EDMPrecond on the scaled sample x/alpha with noise level sigma/alpha (alpha = 1 for EDM)
-            x_hat = x / _per_sample(self.schedule.alpha(t), x)
-            s = _per_sample(self.schedule.edm_sigma(t), x)
-            pc = Preconditioning("edm", self.sigma_data)
-            c_skip, c_out, c_in = pc.c_skip(s), pc.c_out(s), pc.c_in(s)
-            f = self.raw((c_in * x_hat).to(model_dtype), self.model_time(t), **cond).to(dtype)
-            return c_skip * x_hat + c_out * f
-        out = self.raw(x.to(model_dtype), self.model_time(t), **cond).to(dtype)
-        return prediction_to_x0(out, x, t, self.schedule, self.prediction)
+            a = self.schedule.alpha(t)
+            s = self.schedule.edm_sigma(t)
+            c_in = Preconditioning("edm", self.sigma_data).c_in(s)
+            x = x * _per_sample(c_in / a, x)
+        return self.raw(x.to(model_dtype), self.model_time(t), **cond).to(dtype)
+
+    def conversion(self, t, target: str = "x0") -> torch.Tensor:
+        """(..., 2) rows [p, q]: target = p x + q m for a sample x at schedule time(s) t (target "x0" or "eps");
+        differentiable in t. The clamp (clip_x0) is not part of it."""
+        t = as_time(t)
+        p, q = schedule_conversion(self.schedule, t, self.prediction, self.precond, self.sigma_data)
+        if target == "eps":
+            p, q = eps_coefficients(p, q, self.schedule.alpha(t), self.schedule.sigma(t))
+        elif target != "x0":
+            raise ValueError(f"target must be 'x0' or 'eps', got {target!r}")
+        return torch.stack([p, q], dim=-1)
+
+    def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
+        if not torch.is_tensor(x) or x.ndim < 2:
+            raise ValueError("x must be a tensor of shape (B, ...)")
+        t = self.times(t, x)
+        m = self._network(x, t, **cond)
+        pq = self.conversion(t).to(x.device)
+        x0 = convert(x, m, pq[:, 0], pq[:, 1])
+        return x0 if self.clip_x0 is None else x0.clamp(-self.clip_x0, self.clip_x0)
 
     def edm_call(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         """k-diffusion convention: x = x_t / alpha at noise level sigma = sigma_t / alpha_t; returns x0."""
@@ -201,19 +285,36 @@ def _diffusers_call(model, x, t_net, y=None, **cond):
 
 
 def from_diffusers(model, scheduler_or_config, **kw) -> Denoiser:
-    """Wrap a diffusers DiTTransformer2DModel or UNet2DModel with its scheduler (or scheduler config).
+    """Wrap a diffusers model (DiTTransformer2DModel, UNet2DModel, or anything called as
+    model(x, t, class_labels=y, return_dict=False)[0]) with its scheduler (or scheduler config).
 
-    The schedule is DiscreteVP.from_diffusers, the network is fed the (fractional) index N t - 1, the prediction
-    comes from the config's prediction_type, and learned-sigma channels are dropped. Keywords override.
-    """
-    schedule = DiscreteVP.from_diffusers(scheduler_or_config)
+    From the scheduler: the schedule (DiscreteVP.from_diffusers, zero-terminal-SNR rescaling included; RectifiedFlow
+    for flow-matching schedulers, fed num_train_timesteps * t), the prediction type (prediction_type; "flow" for
+    FlowMatchEulerDiscreteScheduler), and clip_sample/clip_sample_range as clip_x0. The network of a DDPM-family
+    schedule is fed the (fractional) index N t - 1; learned-sigma channels are dropped. Keywords override. A
+    config the wrapper cannot honour (thresholding=True) is refused."""
     config = getattr(scheduler_or_config, "config", scheduler_or_config)
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    ptype = get("prediction_type", "epsilon")
+    cls_name = type(scheduler_or_config).__name__ if hasattr(scheduler_or_config, "config") else \
+        get("_class_name", "")
+    if get("thresholding", False):
+        raise ValueError("a scheduler with thresholding=True cannot be reproduced: dynamic thresholding of x0 is "
+                         "not implemented (clip_sample is)")
+    flow = cls_name == "FlowMatchEulerDiscreteScheduler" or bool(get("use_flow_sigmas", False))
+    if flow:
+        schedule = RectifiedFlow()
+        n_train = float(get("num_train_timesteps", 1000))
+        kw.setdefault("model_time", lambda t: n_train * t)
+        ptype = get("prediction_type", "flow_prediction") or "flow_prediction"
+    else:
+        schedule = DiscreteVP.from_diffusers(scheduler_or_config)
+        ptype = get("prediction_type", "epsilon")
     if "prediction" not in kw:
         if ptype not in _DIFFUSERS_PREDICTIONS:
             raise ValueError(f"prediction_type {ptype!r} is not supported; expected {sorted(_DIFFUSERS_PREDICTIONS)}")
         kw["prediction"] = _DIFFUSERS_PREDICTIONS[ptype]
+    if "clip_x0" not in kw and get("clip_sample", False):
+        kw["clip_x0"] = float(get("clip_sample_range", 1.0))
     mcfg = getattr(model, "config", {})
     mget = mcfg.get if isinstance(mcfg, dict) else (lambda k, d=None: getattr(mcfg, k, d))
     if "null_label" not in kw:
@@ -234,4 +335,5 @@ def from_diffusers(model, scheduler_or_config, **kw) -> Denoiser:
     return Denoiser(model, schedule, call=call, **kw)
 
 
-__all__ = ["Denoiser", "denoiser", "from_diffusers", "prediction_to_x0", "default_model_time", "PREDICTIONS"]
+__all__ = ["Denoiser", "denoiser", "from_diffusers", "prediction_to_x0", "conversion_coefficients", "convert",
+           "default_model_time", "PREDICTIONS"]

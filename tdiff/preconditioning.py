@@ -17,6 +17,7 @@ Used by the denoiser wrappers (sampling) and by DiffusionLoss (training), so bot
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -28,8 +29,12 @@ class Preconditioning:
     def __init__(self, kind: str, sigma_data: float = 0.5):
         if kind not in KINDS:
             raise ValueError(f"preconditioning kind must be one of {KINDS}, got {kind!r}")
-        if not (float(sigma_data) > 0):
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        try:
+            value = None if isinstance(sigma_data, (bool, str)) else float(sigma_data)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not math.isfinite(value) or not value > 0:
+            raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
         self.kind, self.sigma_data = kind, float(sigma_data)
 
     def c_skip(self, s: torch.Tensor) -> torch.Tensor:

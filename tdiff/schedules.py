@@ -77,8 +77,9 @@ class NoiseSchedule(abc.ABC):
     # ----- derived quantities -----
     def check_t(self, t: TimeLike, name: str = "t") -> torch.Tensor:
         t = as_time(t)
-        if torch.isnan(t).any():
-            raise ValueError(f"{name} contains NaN; expected times in [{self.domain[0]}, {self.domain[1]}]")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf; expected finite times in [{self.domain[0]}, "
+                             f"{self.domain[1]}]")
         lo, hi = self.domain
         if t.numel() and (bool((t < lo).any()) or bool((t > hi).any())):
             raise ValueError(
@@ -155,6 +156,20 @@ class NoiseSchedule(abc.ABC):
         return f"{type(self).__name__}({args})"
 
 
+def check_param(cls: str, name: str, value, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = True,
+                hi_open: bool = True) -> float:
+    """A finite real constructor argument inside (lo, hi) (closed ends where *_open is False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+            isinstance(value, torch.Tensor) and value.numel() == 1):
+        raise ValueError(f"{cls} {name} must be a number, got {value!r}")
+    v = float(value)
+    inside = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not math.isfinite(v) or not inside:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"{cls} {name} must be finite and in {lb}{lo}, {hi}{rb}, got {value!r}")
+    return v
+
+
 def _vp_log_sigma(log_alpha: torch.Tensor) -> torch.Tensor:
     # sigma = sqrt(1 - alpha^2), computed stably near alpha -> 1
     return 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
@@ -171,9 +186,10 @@ class VPLinear(NoiseSchedule):
     family = "vp"
 
     def __init__(self, beta0: float = 0.1, beta1: float = 20.0, t_min: float = 1e-3):
-        if not (beta0 > 0 and beta1 > beta0):
-            raise ValueError(f"VPLinear needs 0 < beta0 < beta1, got beta0={beta0}, beta1={beta1}")
-        self.beta0, self.beta1, self.t_min = float(beta0), float(beta1), float(t_min)
+        beta0 = check_param("VPLinear", "beta0", beta0, 0.0)
+        beta1 = check_param("VPLinear", "beta1", beta1, beta0)
+        self.beta0, self.beta1 = beta0, beta1
+        self.t_min = check_param("VPLinear", "t_min", t_min, 0.0, 1.0, lo_open=False)
 
     def log_alpha(self, t):
         t = as_time(t)
@@ -201,9 +217,10 @@ class VPCosine(NoiseSchedule):
     family = "vp"
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
-        if s <= 0:
-            raise ValueError(f"VPCosine needs s > 0, got {s}")
-        self.s, self.t_min, self.t_max = float(s), float(t_min), float(t_max)
+        # alpha reaches 0 at t = 1, where lambda is -inf: t_max must stay below it
+        self.s = check_param("VPCosine", "s", s, 0.0)
+        self.t_max = check_param("VPCosine", "t_max", t_max, 0.0, 1.0)
+        self.t_min = check_param("VPCosine", "t_min", t_min, 0.0, self.t_max, lo_open=False)
         self.domain = (0.0, self.t_max)
         self._log_alpha0 = math.log(math.cos(self.s / (1.0 + self.s) * math.pi / 2.0))
 
@@ -247,45 +264,81 @@ def betas_from_diffusers_config(config) -> torch.Tensor:
     )
 
 
+#: diffusers' schedulers whose rescaled (zero-terminal-SNR) alphas_cumprod end at 2**-24 instead of 0
+_ZERO_SNR_CLAMPED = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024 (Algorithm 1), as diffusers' rescale_betas_zero_snr: shift and scale sqrt(alphas_cumprod)
+    so that the last is 0 and the first unchanged; returns the betas (the last is 1)."""
+    ab = torch.cumprod(1 - betas, 0).sqrt()
+    a0, a_t = ab[0].clone(), ab[-1].clone()
+    ab = (ab - a_t) * (a0 / (a0 - a_t))
+    ac = ab**2
+    return 1 - torch.cat([ac[:1], ac[1:] / ac[:-1]])
+
+
 class DiscreteVP(NoiseSchedule):
     """A discrete DDPM schedule (betas over N training steps), made continuous as in DPM-Solver:
-    t_i = (i+1)/N for training index i, log alpha piecewise-linear in t between the nodes."""
+    t_i = (i+1)/N for training index i, log alpha piecewise-linear in t between the nodes.
+
+    Zero terminal SNR (Lin et al. 2024; diffusers' rescale_betas_zero_snr): alphas_cumprod may end at exactly 0
+    (the last beta is 1). log alpha is then -inf at t = 1 (lambda = -inf: pure noise), and on the last segment
+    alpha, not log alpha, is interpolated linearly, so every node is still exact and the curve stays finite
+    inside. The fused kernels (noisy_sample) do not take such a table."""
 
     family = "vp"
+    DOMAIN_SLACK = 1e-6
 
     def __init__(self, betas=None, alphas_cumprod=None):
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError("DiscreteVP needs exactly one of betas or alphas_cumprod")
         if betas is not None:
             betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
-            if betas.numel() < 2 or torch.isnan(betas).any() or bool((betas <= 0).any()) or bool((betas >= 1).any()):
-                raise ValueError("betas must hold at least 2 values, each in (0, 1), with no NaN")
-            log_alpha = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
+            if betas.numel() < 2 or not bool(torch.isfinite(betas).all()) or bool((betas <= 0).any()) \
+                    or bool((betas[:-1] >= 1).any()) or bool((betas[-1:] > 1).any()):
+                raise ValueError("betas must hold at least 2 finite values, each in (0, 1) (the last may be 1: "
+                                 "zero terminal SNR)")
+            ac = torch.cumprod(1 - betas, 0)
         else:
             ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
-            if ac.numel() < 2 or torch.isnan(ac).any() or bool((ac <= 0).any()) or bool((ac >= 1).any()):
-                raise ValueError("alphas_cumprod must hold at least 2 values, each in (0, 1), with no NaN")
+            if ac.numel() < 2 or not bool(torch.isfinite(ac).all()) or bool((ac[:-1] <= 0).any()) \
+                    or bool((ac[-1:] < 0).any()) or bool((ac >= 1).any()):
+                raise ValueError("alphas_cumprod must hold at least 2 finite values, each in (0, 1) (the last may be "
+                                 "0: zero terminal SNR)")
             if bool((ac[1:] >= ac[:-1]).any()):
-                raise ValueError("alphas_cumprod must be strictly decreasing")
-            log_alpha = 0.5 * ac.log()
+                i = int((ac[1:] >= ac[:-1]).nonzero()[0]) + 1
+                raise ValueError(f"alphas_cumprod must be strictly decreasing; alphas_cumprod[{i}]={float(ac[i]):.6g} >= "
+                                 f"alphas_cumprod[{i - 1}]={float(ac[i - 1]):.6g} (diffusers' rescale_betas_zero_snr "
+                                 f"clamps the last value to 2**-24, above the one before it for some beta schedules: "
+                                 f"the noise level is then not monotone, which tdiff does not reproduce)")
+        log_alpha = 0.5 * ac.log()
         self.n = log_alpha.numel()
+        self.zero_terminal_snr = bool(ac[-1] == 0)
         self.log_alpha_table = log_alpha
         self.t_table = torch.linspace(0.0, 1.0, self.n + 1, dtype=torch.float64)[1:]
         self.t_min, self.t_max = 1.0 / self.n, 1.0
-        self.domain = (0.0, 1.0)
+        # diffusers' schedulers round their sigmas to float32, which can put the largest one up to ~1e-7 (relative)
+        # above this table's last noise level: times that far beyond t = 1 are accepted (linear extrapolation)
+        self.domain = (0.0, 1.0 + self.DOMAIN_SLACK)
         self._tables_like: dict = {}
 
     @classmethod
     def from_diffusers(cls, scheduler_or_config) -> "DiscreteVP":
-        """From a diffusers scheduler (its alphas_cumprod) or a scheduler config dict."""
+        """From a diffusers scheduler (its alphas_cumprod) or a scheduler config dict (rescale_betas_zero_snr
+        included: the last alphas_cumprod is 0, or 2**-24 for the schedulers that clamp it)."""
         ac = getattr(scheduler_or_config, "alphas_cumprod", None)
+        if ac is not None:
+            return cls(alphas_cumprod=torch.as_tensor(ac).detach().to(torch.float64))
         config = getattr(scheduler_or_config, "config", scheduler_or_config)
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-        if get("rescale_betas_zero_snr", False):
-            raise ValueError("rescale_betas_zero_snr=True gives alpha=0 at the last step (lambda=-inf); not supported")
-        if ac is not None:
-            return cls(alphas_cumprod=torch.as_tensor(ac, dtype=torch.float64))
-        return cls(betas=betas_from_diffusers_config(config))
+        betas = betas_from_diffusers_config(config)
+        if not get("rescale_betas_zero_snr", False):
+            return cls(betas=betas)
+        ac = torch.cumprod(1 - rescale_zero_terminal_snr(betas), 0)
+        if get("_class_name", None) in _ZERO_SNR_CLAMPED:
+            ac[-1] = 2.0**-24
+        return cls(alphas_cumprod=ac)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -293,10 +346,14 @@ class DiscreteVP(NoiseSchedule):
 
     def _tables(self, like: torch.Tensor) -> tuple:
         """(t, log alpha, log alpha reversed, t reversed) in like's dtype and device, made once per pair (a copy,
-        and on a GPU a sync, at every schedule evaluation otherwise)."""
+        and on a GPU a sync, at every schedule evaluation otherwise). With zero terminal SNR the -inf node is
+        replaced by a finite stand-in (the last segment is evaluated separately), so no inf enters a gradient."""
         key = (like.dtype, like.device)
         if key not in self._tables_like:
-            t, la = self.t_table.to(like), self.log_alpha_table.to(like)
+            la = self.log_alpha_table
+            if self.zero_terminal_snr:
+                la = torch.cat([la[:-1], la[-2:-1] - 1.0])
+            t, la = self.t_table.to(like), la.to(like)
             self._tables_like[key] = (t, la, la.flip(0), t.flip(0))
         return self._tables_like[key]
 
@@ -310,15 +367,25 @@ class DiscreteVP(NoiseSchedule):
     def log_alpha(self, t):
         t = as_time(t)
         t_table, log_alpha_table, _, _ = self._tables(t)
-        return self._interp(t, t_table, log_alpha_table)
+        out = self._interp(t, t_table, log_alpha_table)
+        if self.zero_terminal_snr:  # alpha linear in t on the last segment, down to alpha = 0 at t = 1
+            t0, t1, y0 = t_table[-2], t_table[-1], log_alpha_table[-2]
+            w = ((t - t0) / (t1 - t0)).clamp(max=1.0)
+            out = torch.where(t > t0, y0 + torch.log1p(-w.clamp(min=0.0)), out)
+        return out
 
     def log_sigma(self, t):
         return _vp_log_sigma(self.log_alpha(t))
 
     def t_from_lambda(self, lam):
         log_alpha = _vp_log_alpha_from_lambda(as_time(lam))
-        _, _, log_alpha_reversed, t_reversed = self._tables(log_alpha)
-        return self._interp(log_alpha, log_alpha_reversed, t_reversed)
+        t_table, la_table, log_alpha_reversed, t_reversed = self._tables(log_alpha)
+        out = self._interp(log_alpha, log_alpha_reversed, t_reversed)
+        if self.zero_terminal_snr:
+            t0, t1, y0 = t_table[-2], t_table[-1], la_table[-2]
+            w = -torch.expm1((log_alpha - y0).clamp(max=0.0))  # 1 - alpha/alpha_0
+            out = torch.where(log_alpha < y0, t0 + w * (t1 - t0), out)
+        return out
 
     def t_from_index(self, i: TimeLike) -> torch.Tensor:
         """Training index i in [0, N-1] (diffusers' timestep) -> continuous t = (i+1)/N."""
@@ -329,10 +396,15 @@ class DiscreteVP(NoiseSchedule):
         return as_time(t) * self.n - 1.0
 
     def kernel_spec(self):
+        if self.zero_terminal_snr:
+            raise ValueError("the fused kernels do not support a zero-terminal-SNR DiscreteVP (alpha = 0 at t = 1)")
         return KernelSpec(KIND_TABLE_VP, (1.0 / self.n, 1.0 / self.n, float(self.n), 0.0), self.log_alpha_table)
 
     def config(self):
         # a short fingerprint of the table rather than all N values
+        if self.zero_terminal_snr:
+            return {"class": "DiscreteVP", "n": self.n, "zero_terminal_snr": True,
+                    "log_alpha_sum": round(float(self.log_alpha_table[:-1].sum()), 9)}
         return {"class": "DiscreteVP", "n": self.n, "log_alpha_sum": round(float(self.log_alpha_table.sum()), 9)}
 
 
@@ -342,9 +414,10 @@ class VE(NoiseSchedule):
     family = "ve"
 
     def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0, t_min: float = 0.0):
-        if not (0 < sigma_min < sigma_max):
-            raise ValueError(f"VE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        self.sigma_min, self.sigma_max, self.t_min = float(sigma_min), float(sigma_max), float(t_min)
+        sigma_min = check_param("VE", "sigma_min", sigma_min, 0.0)
+        sigma_max = check_param("VE", "sigma_max", sigma_max, sigma_min)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.t_min = check_param("VE", "t_min", t_min, 0.0, 1.0, lo_open=False)
         self._lmin, self._lmax = math.log(sigma_min), math.log(sigma_max)
 
     def log_alpha(self, t):
@@ -370,9 +443,9 @@ class EDM(NoiseSchedule):
     family = "ve"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
-        if not (0 < sigma_min < sigma_max):
-            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        self.t_min, self.t_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
+        self.t_min = check_param("EDM", "sigma_min", sigma_min, 0.0)
+        self.t_max = check_param("EDM", "sigma_max", sigma_max, self.t_min)
+        self.sigma_data = check_param("EDM", "sigma_data", sigma_data, 0.0)
         self.domain = (0.0, math.inf)
 
     def check_t(self, t, name="t"):
@@ -404,15 +477,22 @@ class RectifiedFlow(NoiseSchedule):
     family = "flow"
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3):
-        if not (0 < t_min < t_max < 1):
-            raise ValueError(f"RectifiedFlow needs 0 < t_min < t_max < 1, got {t_min}, {t_max}")
-        self.t_min, self.t_max = float(t_min), float(t_max)
+        # lambda is infinite at both ends of [0, 1]: the default sampling interval stays inside
+        self.t_max = check_param("RectifiedFlow", "t_max", t_max, 0.0, 1.0)
+        self.t_min = check_param("RectifiedFlow", "t_min", t_min, 0.0, self.t_max)
 
     def log_alpha(self, t):
         return torch.log1p(-as_time(t))
 
     def log_sigma(self, t):
         return torch.log(as_time(t))
+
+    # the closed forms themselves (exact, and with finite derivatives at t = 0 and 1, where a log is infinite)
+    def alpha(self, t):
+        return 1.0 - as_time(t)
+
+    def sigma(self, t):
+        return 1.0 * as_time(t)
 
     def t_from_lambda(self, lam):
         return torch.sigmoid(-as_time(lam))  # t = 1/(1+e^lambda)
@@ -442,6 +522,11 @@ class FDMMomentum:
     on: str = "input"
 
     def __post_init__(self):
+        check_param("FDMMomentum", "m", self.m, 0.0, lo_open=False)
+        check_param("FDMMomentum", "beta_min", self.beta_min, 0.0, lo_open=False)
+        check_param("FDMMomentum", "beta_d", self.beta_d, 0.0, lo_open=False)
+        check_param("FDMMomentum", "u_min", self.u_min)
+        check_param("FDMMomentum", "u_max", self.u_max, self.u_min)
         if self.source not in ("sigma", "time"):
             raise ValueError(f"FDMMomentum.source must be 'sigma' or 'time', got {self.source!r}")
         if self.on not in ("input", "mean"):

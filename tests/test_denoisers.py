@@ -157,7 +157,7 @@ def test_from_diffusers_dit_with_learned_sigma():
     model = _perturb(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                            out_channels=8, num_layers=1, sample_size=8, patch_size=2,
                                            num_embeds_ada_norm=10))
-    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon")
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False)
     D = from_diffusers(model, sched)
     assert D.prediction == "eps" and D.null_label == 10 and isinstance(D.schedule, DiscreteVP)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.25, 0.75]), torch.tensor([1, 7])
@@ -178,9 +178,10 @@ def test_from_diffusers_unet_v_prediction():
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
                                  norm_num_groups=4, attention_head_dim=8))
     config = dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                beta_end=0.012, prediction_type="v_prediction").config)
+                                beta_end=0.012, prediction_type="v_prediction", clip_sample=False).config)
     D = from_diffusers(model, config)
-    assert D.prediction == "v"
+    assert D.prediction == "v" and D.clip_x0 is None
+    assert from_diffusers(model, {**config, "clip_sample": True, "clip_sample_range": 2.0}).clip_x0 == 2.0
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.1, 0.6])
     with torch.no_grad():
         v = model(x, 1000 * t - 1, return_dict=False)[0]

@@ -132,3 +132,27 @@ def test_config_roundtrip():
     for sched in [S.VPLinear(0.2, 15.0), S.VPCosine(), S.VE(0.01, 50.0), S.EDM(), S.RectifiedFlow()]:
         again = S.from_config(sched.config())
         torch.testing.assert_close(again.lambda_(_t_for(sched)), sched.lambda_(_t_for(sched)))
+
+
+def test_zero_terminal_snr_discrete_vp():
+    """rescale_betas_zero_snr: alpha = 0 at t = 1 (lambda = -inf), exact at every node, alpha linear in t on the last
+    segment, and t_from_lambda its inverse; from a config as from a scheduler."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    rescaled = S.rescale_zero_terminal_snr(betas)
+    s = S.DiscreteVP(betas=rescaled)
+    ac = torch.cumprod(1 - rescaled, 0)
+    assert s.zero_terminal_snr and float(ac[-1]) == 0.0
+    torch.testing.assert_close(s.alpha(s.t_table) ** 2, ac, rtol=1e-12, atol=1e-15)
+    t0, t1 = s.t_table[-2], s.t_table[-1]
+    mid = (t0 + t1) / 2
+    torch.testing.assert_close(s.alpha(mid), s.alpha(t0) / 2)
+    t = torch.tensor([0.3, 0.9, float(mid), 0.99995], dtype=torch.float64)
+    torch.testing.assert_close(s.t_from_lambda(s.lambda_(t)), t, rtol=1e-9, atol=1e-12)
+    assert math.isinf(float(s.lambda_(1.0))) and float(s.sigma(1.0)) == 1.0
+    cfg = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True}
+    torch.testing.assert_close(S.DiscreteVP.from_diffusers(cfg).alphas_cumprod, s.alphas_cumprod)
+    clamped = S.DiscreteVP.from_diffusers({**cfg, "_class_name": "EulerDiscreteScheduler"})
+    assert not clamped.zero_terminal_snr and float(clamped.alphas_cumprod[-1]) == pytest.approx(2.0**-24)
+    g = torch.tensor([0.9999], dtype=torch.float64, requires_grad=True)
+    s.log_alpha(g).backward()
+    assert torch.isfinite(g.grad).all()

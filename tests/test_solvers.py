@@ -146,10 +146,10 @@ def test_loop_has_no_host_syncs_and_every_update_is_the_fused_op():
     den = MixtureDenoiser()
     x = torch.randn(4, 2, dtype=torch.float64)
     prog = build_program(SCHED, _ts(8).requires_grad_(True), "unipc", 3)
-    rows = _prepare_rows(prog, x)
+    rows, _, eval_times = _prepare_rows(prog, x)
     n_updates = sum(isinstance(i, Update) for step in prog.steps for i in step)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        _run(prog, rows, prog.eval_times, den, x, None, False, None)
+        _run(prog, rows, eval_times, den, x, None, False, None)
     names = [e.name for e in prof.events()]
     assert names.count("aten::item") == 0 and names.count("aten::_local_scalar_dense") == 0
     assert names.count("tdiff::multistep_update") == n_updates
@@ -195,10 +195,11 @@ def test_heun_matches_edm_algorithm():
         y_e = y + (sig[i + 1] - sig[i]) * d
         d2 = (y_e - den(y_e, sig[i + 1])) / sig[i + 1]
         y = y + (sig[i + 1] - sig[i]) * 0.5 * (d + d2)
-    torch.testing.assert_close(sample(den, x, sig, solver="heun"), y)
+    # EDM corrects every step (diffusers' rule); the stable rule would drop the correction of steps this long
+    torch.testing.assert_close(sample(den, x, sig, solver="heun", order_rule="diffusers"), y)
     # to sigma = 0 the last step is plain Euler, i.e. it lands on D
-    y0 = sample(den, x, sig, solver="heun", final_sigmas_type="zero")
-    z = sample(den, x, sig[:-1], solver="heun")
+    y0 = sample(den, x, sig, solver="heun", final_sigmas_type="zero", order_rule="diffusers")
+    z = sample(den, x, sig[:-1], solver="heun", order_rule="diffusers")
     torch.testing.assert_close(y0, den(z, sig[-2]))
 
 
@@ -223,7 +224,9 @@ def test_ipndm_matches_adams_bashforth_in_sigma():
         ds.insert(0, (y - den(y, sig[i])) / sig[i])
         p = min(4, i + 1)
         y = y + (sig[i + 1] - sig[i]) * sum(c * d for c, d in zip(coef[p], ds))
-    torch.testing.assert_close(sample(den, x, sig, solver="ipndm", order=4), y)
+    # diff-sampler's iPNDM: full order after warm-up (the count rule without lowering at the end)
+    torch.testing.assert_close(sample(den, x, sig, solver="ipndm", order=4, order_rule="diffusers",
+                                      lower_order_final=False), y)
 
 
 def test_sde_is_reproducible_with_a_generator():
@@ -243,7 +246,7 @@ def test_sampler_reuses_its_tables():
     torch.testing.assert_close(s(x), sample(MixtureDenoiser(), x, _ts(), solver="unipc", order=3))
     torch.testing.assert_close(s(2 * x), sample(MixtureDenoiser(), 2 * x, _ts(), solver="unipc", order=3))
     assert len(s._rows) == 1
-    assert Sampler(MixtureDenoiser(), _ts(4), solver="heun").nfe == 8
+    assert Sampler(MixtureDenoiser(), _ts(4), solver="heun", order_rule="diffusers").nfe == 8
 
 
 def test_loop_allocates_only_the_update_outputs(monkeypatch):
@@ -278,12 +281,64 @@ def test_sampling_on_each_backend_matches_the_reference(monkeypatch, backend):
 
 def test_heun_evaluates_its_last_corrector_at_the_given_final_condition_time():
     x, ts = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), _ts()
-    plain = sample(MixtureDenoiser(), x, ts, solver="heun")
+    kw = dict(solver="heun", order_rule="diffusers")  # every step corrected, the last one included
+    plain = sample(MixtureDenoiser(), x, ts, **kw)
     # N condition times are completed with t_N: the same solve
-    torch.testing.assert_close(sample(MixtureDenoiser(), x, ts, solver="heun", timesteps_cond=ts[:-1]), plain)
+    torch.testing.assert_close(sample(MixtureDenoiser(), x, ts, timesteps_cond=ts[:-1], **kw), plain)
     moved = ts.clone()
     moved[-1] = ts[-1] * 1.5
-    assert not torch.allclose(sample(MixtureDenoiser(), x, ts, solver="heun", timesteps_cond=moved), plain)
+    assert not torch.allclose(sample(MixtureDenoiser(), x, ts, timesteps_cond=moved, **kw), plain)
     # the multistep solvers never evaluate at t_N, so the (N+1)-th condition time cannot matter to them
     torch.testing.assert_close(sample(MixtureDenoiser(), x, ts, solver="unipc", timesteps_cond=moved),
                                sample(MixtureDenoiser(), x, ts, solver="unipc"))
+
+
+def test_the_network_output_is_converted_at_the_grid_point_not_at_the_network_time():
+    """Issue 12.1: with a decoupled (or rounded) network time, D = p x + q m uses the sample's own alpha, sigma."""
+    seen = []
+
+    class EpsNet(torch.nn.Module):
+        def forward(self, x, t_net, y=None):
+            seen.append(t_net)
+            return torch.tanh(x + 0.001 * t_net.view(-1, 1))
+
+    den = tdiff.denoiser(EpsNet(), SCHED, prediction="eps", model_time=lambda t: t)
+    ts = torch.tensor([0.8, 0.3], dtype=torch.float64)
+    cond = torch.tensor([0.75, 0.3], dtype=torch.float64)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    out = sample(den, x, ts, solver="ddim", timesteps_cond=cond)
+    a, s = SCHED.alpha(ts), SCHED.sigma(ts)
+    eps = torch.tanh(x + 0.001 * 0.75)
+    d = (x - s[0] * eps) / a[0]  # at the grid point t = 0.8, although the network was fed 0.75
+    torch.testing.assert_close(out, s[1] / s[0] * x + (a[1] - s[1] * a[0] / s[0]) * d)
+    torch.testing.assert_close(seen[0], cond[:1].expand(4))
+    # D(x, t) itself converts at the time it is given (the network's and the sample's are the same there)
+    torch.testing.assert_close(den(x, 0.75), (x - SCHED.sigma(0.75) * eps) / SCHED.alpha(0.75))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "flow"])
+def test_raw_output_conversion_matches_the_denoiser_for_every_prediction(prediction):
+    """The loop's (p, q) conversion of a Denoiser's raw output equals sampling with D(x, t) itself."""
+    net = torch.nn.Linear(2, 2, dtype=torch.float64)
+    den = tdiff.denoiser(lambda x, t, y=None: torch.tanh(net(x)), SCHED, prediction=prediction)
+
+    def plain(x, t):
+        return den(x, t)
+
+    plain.schedule = SCHED
+    x = torch.randn(3, 2, dtype=torch.float64)
+    for solver, order in [("dpmpp", 3), ("unipc", 2), ("dpmsolver", 2), ("heun", 2), ("ipndm", 3)]:
+        with torch.no_grad():
+            torch.testing.assert_close(sample(den, x, _ts(), solver=solver, order=order),
+                                       sample(plain, x, _ts(), solver=solver, order=order))
+
+
+def test_new_solvers_are_differentiable_in_the_timesteps():
+    den = tdiff.denoiser(lambda x, t, y=None: torch.tanh(x), SCHED, prediction="eps")
+    x = torch.randn(3, 2, dtype=torch.float64)
+    for solver, order, kw in [("dpmpp_ab", 3, {}), ("dpmsolver", 3, {}), ("unipc", 3, {"final_corrector": True}),
+                              ("dpmpp", 3, {})]:
+        ts = _ts(6).requires_grad_(True)
+        out = sample(den, x, ts, solver=solver, order=order, **kw)
+        (g,) = torch.autograd.grad(out.square().sum(), ts)
+        assert torch.isfinite(g).all() and bool((g[1:-1] != 0).all()), solver

@@ -92,7 +92,8 @@ def test_dm_nonuniform_beats_uniform_logsnr_on_the_exact_mixture():
     ref = reference_ode_solution(den, DDPM, x, DDPM.t_max, DDPM.t_min, rtol=1e-7, atol=1e-7)
 
     def err(ts):
-        return float((sample(den, x, ts, solver="unipc", order=3) - ref).norm(dim=1).mean())
+        # DM-NonUniform optimises for diffusers' order rule (its builders' default), so sample with that rule
+        return float((sample(den, x, ts, solver="unipc", order=3, order_rule="diffusers") - ref).norm(dim=1).mean())
 
     assert err(dm_nonuniform(DDPM, 5, "unipc")) < 0.7 * err(logsnr_uniform(DDPM, 5))
 

@@ -1,32 +1,76 @@
-"""First-order step (DDIM, eta = 0): the one formula that DDIM, Euler in EDM-sigma space and DPM-Solver++(1)
-all reduce to, so it lives here once and the others call it.
+"""DDIM (Song et al. 2021), with its stochastic family: eta = 0 is the first-order step that DDIM, Euler in
+EDM-sigma space and DPM-Solver++(1) all reduce to; eta = 1 is DDPM's ancestral step (= SDE-DPM-Solver++(1)). The
+formula lives here once and the other solvers call it.
 
-x_t = (sigma_t / sigma_s) x_s + (alpha_t - sigma_t alpha_s / sigma_s) D_s
+From (alpha_s, sigma_s) to (alpha_t, sigma_t), with e^-h = (sigma_t alpha_s)/(sigma_s alpha_t), h the step in
+lambda = log(alpha/sigma):
 
-That is DPM-Solver++'s -alpha_t expm1(-h) with h = lambda_t - lambda_s written through sigma ratios, which stays
-finite (and differentiable) when the target is clean data (sigma_t = 0, where h is infinite). It is also exactly
-Euler on dx~/dsigma~ = (x~ - D)/sigma~ in the scaled variables x~ = x/alpha, sigma~ = sigma/alpha (k-diffusion's
-and diffusers' Euler), and Euler on the flow-matching velocity for RectifiedFlow.
+    s   = eta sigma_t sqrt(1 - e^-2h)                       (the noise std; DDIM's sigma_t(eta))
+    x_t = alpha_t D + sqrt(sigma_t^2 - s^2) eps + s z,       eps = (x_s - alpha_s D)/sigma_s
+
+With eta = 0: x_t = (sigma_t/sigma_s) x_s + (alpha_t - sigma_t alpha_s/sigma_s) D, DPM-Solver++'s -alpha_t expm1(-h)
+written through sigma ratios, which stays finite (and differentiable) when the target is clean data (sigma_t = 0,
+h infinite) and at a zero-SNR start (alpha_s = 0). It is exactly Euler on dx~/dsigma~ = (x~ - D)/sigma~ in the
+scaled variables x~ = x/alpha, sigma~ = sigma/alpha (k-diffusion's and diffusers' Euler), and Euler on the
+flow-matching velocity for RectifiedFlow. With eta = 1 it is the DDPM posterior q(x_t | x_s, x0 = D): mean
+(alpha_s/alpha_t)(sigma_t/sigma_s)^2 x_s + alpha_t (1 - e^-2h) D, variance sigma_t^2 (1 - e^-2h), which is
+diffusers' DDPMScheduler (variance_type "fixed_small") on a VP schedule.
+
+use_clipped_model_output=False (diffusers' DDIM default) takes eps from the raw model output rather than from the
+clamped x0 (they differ only when the denoiser clamps its x0 prediction, `clip_x0`).
 """
 from __future__ import annotations
 
 from .grid import Grid
-from .program import Eval, Program, Update
+from .program import Eval, Noise, Program, Update, check_flag
+
+
+def ddim_coefficients(alpha_s, sigma_s, alpha_t, sigma_t, eta: float = 0.0) -> tuple:
+    """(c_x, c_D, c_eps, s): x_t = c_x x_s + c_D D + s z, or = c_D' D + c_eps eps + s z with c_D' = alpha_t."""
+    if eta == 0:
+        ratio = sigma_t / sigma_s
+        return ratio, alpha_t - ratio * alpha_s, sigma_t, None
+    emh = (sigma_t * alpha_s) / (sigma_s * alpha_t)
+    s = eta * sigma_t * (1 - emh * emh).clamp_min(0).sqrt()
+    c_eps = (sigma_t * sigma_t - s * s).clamp_min(0).sqrt()
+    c_x = c_eps / sigma_s
+    return c_x, alpha_t - c_x * alpha_s, c_eps, s
 
 
 def first_order_coefficients(alpha_s, sigma_s, alpha_t, sigma_t) -> list:
-    """[c_x, c_D] of the first-order step from (alpha_s, sigma_s) to (alpha_t, sigma_t)."""
-    ratio = sigma_t / sigma_s
-    return [ratio, alpha_t - ratio * alpha_s]
+    """[c_x, c_D] of the first-order (eta = 0) step from (alpha_s, sigma_s) to (alpha_t, sigma_t)."""
+    c_x, c_d, _, _ = ddim_coefficients(alpha_s, sigma_s, alpha_t, sigma_t)
+    return [c_x, c_d]
 
 
 def first_order_row(g: Grid, s: int, t: int) -> list:
     return first_order_coefficients(g.alpha[s], g.sigma[s], g.alpha[t], g.sigma[t])
 
 
-def build_ddim(g: Grid, cond_times, order: int = 1, **_) -> Program:
-    prog = Program(eval_times=cond_times)
+def build_ddim(g: Grid, cond_times, eta: float = 0.0, use_clipped_model_output: bool = True) -> Program:
+    """DDIM with noise weight eta (0: deterministic; 1: DDPM ancestral sampling). Steps land on g.landing()."""
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta < float("inf"):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    check_flag("use_clipped_model_output", use_clipped_model_output)
+    prog = Program(eval_times=cond_times, eval_points=g.t)
+    alpha_to, sigma_to = g.landing()
     for i in range(g.n_steps):
-        r = prog.row(first_order_row(g, i, i + 1))
-        prog.add_step([Eval(f"D{i}", "x", i), Update("x", "x", (f"D{i}",), r)])
+        c_x, c_d, c_eps, s = ddim_coefficients(g.alpha[i], g.sigma[i], alpha_to[i], sigma_to[i], float(eta))
+        noisy = s is not None and not (g.final_zero and i == g.n_steps - 1)  # no noise is added at sigma = 0
+        if use_clipped_model_output:
+            step = [Eval(f"D{i}", "x", i)]
+            row, hist = [c_x, c_d], (f"D{i}",)
+        else:
+            step = [Eval(f"D{i}", "x", i, extra=((f"E{i}", "eps"),))]
+            row, hist = [alpha_to[i] * 0, alpha_to[i], c_eps], (f"D{i}", f"E{i}")
+        if noisy:
+            step.append(Noise("z"))
+            row, hist = row + [s], hist + ("z",)
+        step.append(Update("x", "x", hist, prog.row(row)))
+        prog.add_step(step)
     return prog
+
+
+def build_ddpm(g: Grid, cond_times) -> Program:
+    """DDPM ancestral sampling (Ho et al. 2020): DDIM with eta = 1 (see the module doc)."""
+    return build_ddim(g, cond_times, eta=1.0)

@@ -1,28 +1,65 @@
-"""DPM-Solver++ multistep (Lu et al. 2022) in data-prediction form: orders 1 (=DDIM), 2M (midpoint), 3M, and the
-SDE variant of 2M. Notation: lambda = log(alpha/sigma), h = lambda_t - lambda_s, r = h_prev / h.
+"""The DPM-Solver family of multistep exponential integrators (Lu et al. 2022, 2022b), as diffusers'
+DPMSolverMultistepScheduler computes them, plus a true third-order variant. Notation: lambda = log(alpha/sigma),
+h = lambda_t - lambda_s, r_k = h_k/h for the earlier steps h_0 = lambda_s - lambda_{s-1}, h_1 = ...
 
-  2M:  x_t = (sigma_t/sigma_s) x - alpha_t phi1 D0 - 1/2 alpha_t phi1 D1,        D1 = (m0 - m1)/r0
-  3M:  x_t = (sigma_t/sigma_s) x - alpha_t phi1 D0 + alpha_t phi2 D1 - alpha_t phi3 D2
-       phi1 = expm1(-h), phi2 = phi1/h + 1, phi3 = phi2/h - 1/2, with D1, D2 the divided differences below
-  SDE-2M: x_t = (sigma_t/sigma_s) e^-h x + alpha_t (1 - e^-2h)(D0 + D1/2) + sigma_t sqrt(1 - e^-2h) z
+The history is written as divided differences of the model outputs m0 (newest), m1, m2, which are the
+coefficients of the interpolating polynomial in u = (lambda - lambda_s)/h:  P(u) = D0 + D1 u + D2 u^2, with
+  2 outputs: D1 = (m0 - m1)/r0
+  3 outputs: D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1, D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1),
+             D2 = (D1_0 - D1_1)/(r0 + r1).
+Each step is c_x x + c0 D0 + c1 D1 + c2 D2 (+ c_z z), written out as one row over (x, m0, m1, m2, z) so one fused
+update does it. phi1 = expm1(-h), phi2 = phi1/h + 1, phi3 = phi2/h - 1/2 (and psi_k the same at 2h).
 
-Each row is written over the raw model outputs m0 (newest), m1, m2, so one fused update does the step.
+  dpmpp (DPM-Solver++, data prediction D, the ODE):  c_x = sigma_t/sigma_s, c0 = -alpha_t phi1
+      2M midpoint: c1 = -alpha_t phi1 / 2          2M heun (solver_type="heun"): c1 = alpha_t phi2
+      3M:          c1 = alpha_t phi2, c2 = -alpha_t phi3
+    3M is diffusers' and the paper's formula. Its D2 term carries half the exact quadratic integral (which is
+    -2 alpha_t phi3 D2), so with exact history a step has local error O(h^3.2) rather than O(h^4): the method is
+    second order, not third (ANCHORS, "Added after the first release"; tests/test_solvers_convergence.py).
+  dpmpp_ab (exponential Adams-Bashforth in lambda): the exact integral of the interpolant,
+      c1 = alpha_t phi2, c2 = -2 alpha_t phi3. Truly order p for p = 1, 2, 3 (order 2 is 2M heun).
+  dpmpp_sde (SDE-DPM-Solver++):  c_x = (sigma_t/sigma_s) e^-h, c0 = -alpha_t psi1, c_z = sigma_t sqrt(-psi1)
+      2M midpoint: c1 = -alpha_t psi1 / 2          2M heun: c1 = alpha_t psi2
+      3M (diffusers' formula): c1 = alpha_t psi2, c2 = alpha_t (-psi2/(2h) - 1/2). That c2 tends to -alpha_t
+      as h -> 0, where the integral's -2 alpha_t psi3 tends to 0, so the third order is nominal; kept as diffusers
+      computes it (the SDE's noise limits it to a low strong order anyway).
+  dpmsolver (DPM-Solver, noise prediction E, the ODE):  c_x = alpha_t/alpha_s, c0 = -sigma_t expm1(h)
+      2 midpoint: c1 = -sigma_t expm1(h)/2         2 heun: c1 = -sigma_t (expm1(h)/h - 1)
+      3: c1 = -sigma_t (expm1(h)/h - 1), c2 = -sigma_t ((expm1(h)/h - 1)/h - 1/2)
+  dpmsolver_sde (SDE-DPM-Solver, noise prediction):  c_x = alpha_t/alpha_s, c0 = -2 sigma_t expm1(h),
+      c_z = sigma_t sqrt(expm1(2h));  2 midpoint: c1 = -sigma_t expm1(h);  2 heun: c1 = -2 sigma_t (expm1(h)/h - 1)
+
+Order 1 of the data-prediction ODE is DDIM; of the data-prediction SDE, DDPM's ancestral step (ddim.py).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
 
-from .ddim import first_order_row
+from .ddim import ddim_coefficients, first_order_row
 from .grid import Grid
-from .program import Eval, Noise, Program, Update, check_order, rows_by_group
+from .program import Eval, Noise, Program, Update, check_choice, check_flag, check_order, choose_orders, \
+    mixed_rows
+
+#: solver name -> (what the history holds, stochastic, allowed orders)
+KINDS = {
+    "dpmpp": ("x0", False, (1, 2, 3)),
+    "dpmpp_ab": ("x0", False, (1, 2, 3)),
+    "dpmpp_sde": ("x0", True, (1, 2, 3)),
+    "dpmsolver": ("eps", False, (1, 2, 3)),
+    "dpmsolver_sde": ("eps", True, (1, 2)),
+}
+SOLVER_TYPES = ("midpoint", "heun")
 
 
 def dpmpp_orders(n_steps: int, order: int, lower_order_final: bool, final_zero: bool,
                  euler_at_final: bool = False) -> List[int]:
-    """diffusers' rule: warm up from order 1; with lower_order_final, drop to order 1 at the last step and order 2
-    at the one before, but only for runs under 15 steps; a final step to sigma = 0 is always first order."""
+    """diffusers' rule (DPMSolverMultistepScheduler.step): warm up from order 1; with lower_order_final, drop to
+    order 1 at the last step and order 2 at the one before, but only for runs under 15 steps; a final step to
+    sigma = 0 (or any final step with euler_at_final) is first order. The diffusers-compatible mode
+    (order_rule="diffusers", also the builders' own default) and the interop path use it; tdiff.sample's default is
+    the stable rule (program.stable_orders)."""
     short = lower_order_final and n_steps < 15
     orders = []
     for i in range(n_steps):
@@ -36,60 +73,117 @@ def dpmpp_orders(n_steps: int, order: int, lower_order_final: bool, final_zero: 
     return orders
 
 
-def _ode_row(g: Grid, i, p: int) -> list:
-    """[c_x, c_m0, c_m1, ...] for the ODE step i -> i+1 at order p (i: a step index or a LongTensor of them)."""
-    if p == 1:
-        return first_order_row(g, i, i + 1)
-    lam, a_t = g.lam, g.alpha[i + 1]
-    h = lam[i + 1] - lam[i]
+def _phis(h):
+    """phi1 = expm1(-h), phi2 = phi1/h + 1, phi3 = phi2/h - 1/2."""
     phi1 = torch.expm1(-h)
-    c_x = g.sigma[i + 1] / g.sigma[i]
+    phi2 = phi1 / h + 1
+    return phi1, phi2, phi2 / h - 0.5
+
+
+def _step_coefficients(kind: str, g: Grid, i, p: int, solver_type: str) -> tuple:
+    """(c_x, [c0, c1, c2][:p], c_z or None) of step i -> i+1 at order p >= 2."""
+    lam, a_s, s_s, a_t, s_t = g.lam, g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
+    h = lam[i + 1] - lam[i]
+    heun = solver_type == "heun"
+    if kind in ("dpmpp", "dpmpp_ab"):
+        phi1, phi2, phi3 = _phis(h)
+        c1 = (a_t * phi2) if (p == 3 or heun or kind == "dpmpp_ab") else -0.5 * a_t * phi1
+        c2 = -(2.0 if kind == "dpmpp_ab" else 1.0) * a_t * phi3
+        return s_t / s_s, [-a_t * phi1, c1, c2][:p], None
+    if kind == "dpmpp_sde":
+        psi1, psi2, _ = _phis(2 * h)
+        c1 = (a_t * psi2) if (p == 3 or heun) else -0.5 * a_t * psi1
+        c2 = a_t * (-psi2 / (2 * h) - 0.5)
+        c_x = s_t / s_s * torch.exp(-h)
+        return c_x, [-a_t * psi1, c1, c2][:p], s_t * (-psi1).clamp_min(0).sqrt()
+    # noise prediction: e^h - 1 = expm1(h), (e^h - 1)/h - 1, ((e^h - 1)/h - 1)/h - 1/2
+    e1 = torch.expm1(h)
+    e2 = e1 / h - 1
+    e3 = e2 / h - 0.5
+    if kind == "dpmsolver":
+        c1 = -s_t * e2 if (p == 3 or heun) else -0.5 * s_t * e1
+        return a_t / a_s, [-s_t * e1, c1, -s_t * e3][:p], None
+    c1 = -2 * s_t * e2 if heun else -s_t * e1  # dpmsolver_sde
+    return a_t / a_s, [-2 * s_t * e1, c1][:p], s_t * torch.expm1(2 * h).clamp_min(0).sqrt()
+
+
+def _divided_differences(g: Grid, i, p: int) -> list:
+    """D0, D1, (D2) as rows over (m0, m1, (m2)) for step i at order p (see the module doc)."""
+    lam = g.lam
+    h = lam[i + 1] - lam[i]
+    one, zero = torch.ones_like(h), torch.zeros_like(h)
     r0 = (lam[i] - lam[i - 1]) / h
     if p == 2:
-        return [c_x, -a_t * phi1 * (1 + 0.5 / r0), a_t * phi1 * 0.5 / r0]
+        return [[one, zero], [1 / r0, -1 / r0]]
     r1 = (lam[i - 1] - lam[i - 2]) / h
-    phi2 = phi1 / h + 1
-    phi3 = phi2 / h - 0.5
-    # divided differences over (m0, m1, m2): D1_0 = (m0-m1)/r0, D1_1 = (m1-m2)/r1
-    d10 = torch.stack([1 / r0, -1 / r0, torch.zeros_like(r0)])
-    d11 = torch.stack([torch.zeros_like(r1), 1 / r1, -1 / r1])
-    d1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
-    d2 = (d10 - d11) / (r0 + r1)
-    d0 = torch.stack([torch.ones_like(h), torch.zeros_like(h), torch.zeros_like(h)])
-    cm = a_t * (-phi1 * d0 + phi2 * d1 - phi3 * d2)
-    return [c_x, cm[0], cm[1], cm[2]]
+    d10 = [1 / r0, -1 / r0, zero]
+    d11 = [zero, 1 / r1, -1 / r1]
+    w = r0 / (r0 + r1)
+    d1 = [a + w * (a - b) for a, b in zip(d10, d11)]
+    d2 = [(a - b) / (r0 + r1) for a, b in zip(d10, d11)]
+    return [[one, zero, zero], d1, d2]
 
 
-def _sde_row(g: Grid, i, p: int) -> list:
-    """[c_x, c_m0, (c_m1), c_z] for the SDE-DPM-Solver++ step i -> i+1 at order p (1 or 2)."""
-    # e^-h = (sigma_t alpha_s)/(sigma_s alpha_t), written as a ratio so a final step to sigma = 0 stays finite
-    emh = (g.sigma[i + 1] * g.alpha[i]) / (g.sigma[i] * g.alpha[i + 1])
-    one_m_e2h = 1 - emh * emh
-    c_x = g.sigma[i + 1] / g.sigma[i] * emh
-    c_z = g.sigma[i + 1] * one_m_e2h.clamp_min(0).sqrt()
-    a_t = g.alpha[i + 1]
+def step_row(kind: str, g: Grid, i, p: int, solver_type: str = "midpoint") -> list:
+    """[c_x, c_m0, ..., c_m{p-1}, (c_z)] for step i -> i+1 at order p (i: a step index or a LongTensor of them)."""
+    if p == 1 and kind in ("dpmpp", "dpmpp_ab"):
+        return first_order_row(g, i, i + 1)
+    if p == 1 and kind == "dpmpp_sde":
+        c_x, c_d, _, s = ddim_coefficients(g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta=1.0)
+        return [c_x, c_d, s]
+    c_x, cs, c_z = _step_coefficients(kind, g, i, p, solver_type)
     if p == 1:
-        return [c_x, a_t * one_m_e2h, c_z]
-    r0 = (g.lam[i] - g.lam[i - 1]) / (g.lam[i + 1] - g.lam[i])
-    return [c_x, a_t * one_m_e2h * (1 + 0.5 / r0), -a_t * one_m_e2h * 0.5 / r0, c_z]
+        cm = cs
+    else:
+        basis = _divided_differences(g, i, p)
+        cm = [sum(c * d[j] for c, d in zip(cs, basis)) for j in range(p)]
+    return [c_x, *cm] + ([] if c_z is None else [c_z])
 
 
-def build_dpmpp(g: Grid, cond_times, order: int = 2, lower_order_final: bool = True, sde: bool = False,
-                euler_at_final: bool = False, **_) -> Program:
-    check_order("dpmpp_sde" if sde else "dpmpp", order, (1, 2) if sde else (1, 2, 3))
-    prog = Program(eval_times=cond_times)
-    orders = dpmpp_orders(g.n_steps, order, lower_order_final, g.final_zero, euler_at_final)
-    rows = rows_by_group(orders, lambda p, idx: (_sde_row if sde else _ode_row)(g, idx, p))
+def build_multistep(kind: str, g: Grid, cond_times, order: int, lower_order_final: bool = True,
+                    order_rule: str = "diffusers", euler_at_final: bool = False, solver_type: str = "midpoint",
+                    orders: Optional[Sequence[int]] = None) -> Program:
+    target, stochastic, allowed = KINDS[kind]
+    check_order(kind, order, allowed)
+    check_flag("lower_order_final", lower_order_final)
+    check_flag("euler_at_final", euler_at_final)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    if target == "eps" and g.final_zero:
+        raise ValueError(f"solver {kind!r} (noise prediction) cannot step to sigma = 0 (final_sigmas_type='zero'); "
+                         f"use final_sigmas_type='sigma_min', as diffusers requires for algorithm_type="
+                         f"{'sde-dpmsolver' if stochastic else 'dpmsolver'}")
+
+    def count_rule(n, p, lof, fz):
+        return dpmpp_orders(n, p, lof, fz, euler_at_final)
+
+    explicit = orders is not None
+    mixes = choose_orders(kind, g.lam, order, lower_order_final, order_rule, g.final_zero, count_rule, orders,
+                          allowed)
+    if euler_at_final and not explicit:
+        mixes[-1] = {1: None}
+    prog = Program(eval_times=cond_times, eval_points=g.t)
+    rows = mixed_rows(mixes, lambda p, idx: step_row(kind, g, idx, p, solver_type), tail=int(stochastic))
+    orders = [max(m) for m in mixes]
+    name = "E" if target == "eps" else "D"
     for i, p in enumerate(orders):
-        hist = tuple(f"D{i - k}" for k in range(p))
-        step = [Eval(f"D{i}", "x", i)]
+        hist = tuple(f"{name}{i - k}" for k in range(p))
+        step = [Eval(f"{name}{i}", "x", i, target=target)]
         row = rows[i]
-        if sde:
+        if stochastic:
             if g.final_zero and i == g.n_steps - 1:
-                row = row[:-1]  # no noise is added at sigma = 0
+                row = row[:-1]  # no noise is added at sigma = 0 (its coefficient is 0)
             else:
                 step.append(Noise("z"))
                 hist = hist + ("z",)
         step.append(Update("x", "x", hist, prog.row(row)))
         prog.add_step(step)
     return prog
+
+
+def build_dpmpp(g: Grid, cond_times, order: int = 2, lower_order_final: bool = True, order_rule: str = "diffusers",
+                euler_at_final: bool = False, solver_type: str = "midpoint", orders=None, sde: bool = False
+                ) -> Program:
+    """DPM-Solver++ 1/2M/3M (sde=True: SDE-DPM-Solver++); see the module doc. `sde` is kept for callers that
+    built the SDE variant through this function."""
+    return build_multistep("dpmpp_sde" if sde else "dpmpp", g, cond_times, order, lower_order_final, order_rule,
+                           euler_at_final, solver_type, orders)

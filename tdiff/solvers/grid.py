@@ -23,16 +23,27 @@ FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
 
 def check_timesteps(schedule: NoiseSchedule, timesteps, name: str = "timesteps") -> Tensor:
     """A 1-D, strictly decreasing, NaN-free tensor of at least two times inside the schedule's domain."""
+    if timesteps is None:
+        raise ValueError(f"{name} must be a 1-D tensor of decreasing schedule times (or an object with .timesteps, "
+                         f"e.g. from tdiff.timesteps or from_diffusers_timesteps), got None")
     if not isinstance(timesteps, Tensor):
-        timesteps = torch.as_tensor(timesteps, dtype=torch.float64)
+        try:
+            timesteps = torch.as_tensor(timesteps, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{name} must be a 1-D tensor of decreasing schedule times, got "
+                             f"{type(timesteps).__name__} ({e})") from None
+    if timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise ValueError(f"{name} must hold real times, got dtype {timesteps.dtype}")
     if not timesteps.is_floating_point():
         timesteps = timesteps.to(torch.float64)
     if timesteps.dim() != 1 or timesteps.numel() < 2:
         raise ValueError(f"{name} must be a 1-D tensor of at least 2 times, got shape {tuple(timesteps.shape)}")
-    schedule.check_t(timesteps.detach(), name)  # NaN and domain
+    schedule.check_t(timesteps.detach(), name)  # NaN, inf and domain
     steps = timesteps[1:] - timesteps[:-1]
     if bool((steps == 0).any()):
-        raise ValueError(f"{name} must not hold duplicated times (got {timesteps.detach().tolist()})")
+        raise ValueError(f"{name} must not hold duplicated times (got {timesteps.detach().tolist()}); diffusers' "
+                         f"HeunDiscreteScheduler repeats its times by design: pass such a scheduler through "
+                         f"tdiff.solvers.from_diffusers_timesteps, which recognises that convention")
     if bool((steps > 0).any()):
         raise ValueError(f"{name} must be strictly decreasing (from noise to data), got {timesteps.detach().tolist()}")
     return timesteps
@@ -47,6 +58,11 @@ class Grid:
     sigma: Tensor
     lam: Tensor  # log(alpha/sigma); +inf at a final zero point (never used there)
     final_zero: bool
+    # Where each step lands, when that differs from the next point (diffusers' DDIM/DDPM with "trailing" or
+    # "linspace" spacing step from t_i to t_i - T//N, then evaluate at t_{i+1} as if the sample were there).
+    # None: step i lands on point i+1.
+    alpha_to: Optional[Tensor] = None  # (N,)
+    sigma_to: Optional[Tensor] = None
 
     @property
     def n_steps(self) -> int:
@@ -57,8 +73,15 @@ class Grid:
         """EDM sigma, sigma/alpha = e^-lambda; 0 at a final zero point."""
         return (-self.lam).exp()
 
+    def landing(self) -> tuple:
+        """(alpha, sigma) of the N points the steps land on."""
+        if self.alpha_to is None:
+            return self.alpha[1:], self.sigma[1:]
+        return self.alpha_to, self.sigma_to
 
-def make_grid(schedule: NoiseSchedule, timesteps: Tensor, final_sigmas_type: str = "sigma_min") -> Grid:
+
+def make_grid(schedule: NoiseSchedule, timesteps: Tensor, final_sigmas_type: str = "sigma_min",
+              targets: Optional[Tensor] = None) -> Grid:
     if final_sigmas_type not in FINAL_SIGMAS_TYPES:
         raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
     t = timesteps
@@ -71,7 +94,29 @@ def make_grid(schedule: NoiseSchedule, timesteps: Tensor, final_sigmas_type: str
         alpha = torch.cat([alpha[:-1], one])
         sigma = torch.cat([sigma[:-1], zero])
         lam = torch.cat([lam[:-1], torch.full_like(one, float("inf"))])
-    return Grid(t=t, alpha=alpha, sigma=sigma, lam=lam, final_zero=final_zero)
+    grid = Grid(t=t, alpha=alpha, sigma=sigma, lam=lam, final_zero=final_zero)
+    if targets is not None:
+        targets = check_targets(schedule, t, targets)
+        grid.alpha_to, grid.sigma_to = schedule.alpha(targets), schedule.sigma(targets)
+        if final_zero:
+            grid.alpha_to = torch.cat([grid.alpha_to[:-1], alpha[-1:]])
+            grid.sigma_to = torch.cat([grid.sigma_to[:-1], sigma[-1:]])
+    return grid
+
+
+def check_targets(schedule: NoiseSchedule, timesteps: Tensor, targets) -> Tensor:
+    """N landing times, each strictly below the time its step starts from."""
+    n = timesteps.numel() - 1
+    if not isinstance(targets, Tensor):
+        targets = torch.as_tensor(targets, dtype=timesteps.dtype)
+    if targets.dim() != 1 or targets.numel() != n:
+        raise ValueError(f"targets must be a 1-D tensor of {n} times (where each step lands), got shape "
+                         f"{tuple(targets.shape)}")
+    schedule.check_t(targets.detach(), "targets")
+    targets = targets.to(timesteps.dtype)
+    if not bool((targets < timesteps[:-1]).all()):
+        raise ValueError("targets[i] must be below timesteps[i] (each step moves towards the data)")
+    return targets
 
 
 def grid_from_lambda(schedule: NoiseSchedule, lam: Tensor) -> Grid:

@@ -9,10 +9,8 @@ fused update over up to four slopes.
 """
 from __future__ import annotations
 
-import torch
-
 from .grid import Grid
-from .program import Eval, Program, Update, check_order, multistep_orders
+from .program import Eval, Program, Update, check_flag, check_order, choose_orders, mixed_rows, multistep_orders
 
 ADAMS_BASHFORTH = {
     1: (1.0,),
@@ -27,20 +25,34 @@ def slope_row(g: Grid, i: int) -> list:
     return [1 / g.sigma[i], -g.alpha[i] / g.sigma[i]]
 
 
-def step_row(g: Grid, i: int, p: int) -> list:
-    """[c_x, c_d_i, c_d_{i-1}, ...]: x_{i+1} = alpha_{i+1} (x_i/alpha_i + dsigma~ sum_k c_k d_{i-k})."""
+def step_row(g: Grid, i, p: int) -> list:
+    """[c_x, c_d_i, c_d_{i-1}, ...]: x_{i+1} = alpha_{i+1} (x_i/alpha_i + dsigma~ sum_k c_k d_{i-k})
+    (i: a step index or a LongTensor of them)."""
     a_next = g.alpha[i + 1]
     scale = a_next * (g.sigma_tilde[i + 1] - g.sigma_tilde[i])
     return [a_next / g.alpha[i], *[scale * c for c in ADAMS_BASHFORTH[p]]]
 
 
-def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = False, **_) -> Program:
+def _count_rule(n_steps: int, order: int, lower_order_final: bool, final_zero: bool) -> list:
+    # the step to sigma = 0 only reads earlier slopes, so it keeps the full order
+    return multistep_orders(n_steps, order, lower_order_final, final_zero=False)
+
+
+def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = True, order_rule: str = "diffusers",
+                orders=None) -> Program:
+    """order_rule="stable" lowers the order by the step size in lambda (program.stable_orders; a final step to
+    sigma = 0 is then first order); "diffusers" keeps the count rule of diff-sampler (warm-up, and with
+    lower_order_final the steps left)."""
     check_order("ipndm", order, (1, 2, 3, 4))
-    prog = Program(eval_times=cond_times)
-    for i, p in enumerate(multistep_orders(g.n_steps, order, lower_order_final, final_zero=False)):
+    check_flag("lower_order_final", lower_order_final)
+    mixes = choose_orders("ipndm", g.lam, order, lower_order_final, order_rule, g.final_zero, _count_rule, orders,
+                          (1, 2, 3, 4))
+    rows = mixed_rows(mixes, lambda q, idx: step_row(g, idx, q))
+    prog = Program(eval_times=cond_times, eval_points=g.t)
+    for i, (p, row) in enumerate(zip([max(m) for m in mixes], rows)):
         prog.add_step([
             Eval(f"D{i}", "x", i),
             Update(f"d{i}", "x", (f"D{i}",), prog.row(slope_row(g, i))),
-            Update("x", "x", tuple(f"d{i - k}" for k in range(p)), prog.row(step_row(g, i, p))),
+            Update("x", "x", tuple(f"d{i - k}" for k in range(p)), prog.row(row)),
         ])
     return prog

@@ -1,31 +1,75 @@
 """`sample`: run a solver over a timestep vector. The loop interprets a Program (program.py) built up front.
 
-The loop itself does no solver arithmetic: every update is one call of the fused `tdiff::multistep_update` op
-with a coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once), so it makes no
-host syncs and allocates nothing beyond the denoiser's outputs and the update outputs. Nothing is detached and
-nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every coefficient)
-and the denoiser's parameters.
+The loop does no solver arithmetic. Per model evaluation it converts the network's raw output m (eps, v, flow or x0;
+guidance combined, input preconditioning applied inside the denoiser's call) to the data prediction
+D = p x + q m with a (p, q) row computed once per run from the *sample's* grid point (`to_prediction`, the one
+place that does it: SPEC_multistep), and every update is one call of the fused `tdiff::multistep_update` op with a
+coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once). So the loop makes no host
+syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs. Nothing is
+detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
+coefficient and conversion row) and the denoiser's parameters.
+
+Denoisers: a `tdiff.denoisers.Denoiser` (anything with `network_output(x, t)` and `conversion(t, target)`, and
+optionally `clip_x0`) is called for its raw output and converted here; any other callable D(x, t) is taken to
+return x0 (p = 0, q = 1), converted at whatever time it was given (a wrapper such as timesteps.remat's
+RematDenoiser, which calls D(x, t_net), therefore converts at the network's time).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..denoisers import times_validated
+from ..denoisers import convert, eps_coefficients, times_validated
 from ..ops import dispatch
 from ..ops.multistep_update import multistep_update
-from .ddim import build_ddim
-from .dpmpp import build_dpmpp
-from .grid import check_timesteps, condition_times, make_grid
+from .ddim import build_ddim, build_ddpm
+from .dpmpp import build_multistep
+from .grid import FINAL_SIGMAS_TYPES, check_timesteps, condition_times, make_grid
 from .heun import build_heun
 from .ipndm import build_ipndm
 from .program import Alias, Eval, Noise, Program, Update
 from .unipc import build_unipc
 
-SOLVERS = ("dpmpp", "dpmpp_sde", "unipc", "ipndm", "euler", "ddim", "heun")
-DEFAULT_ORDER = {"dpmpp": 2, "dpmpp_sde": 2, "unipc": 2, "ipndm": 4, "euler": 1, "ddim": 1, "heun": 2}
+
+@dataclass(frozen=True)
+class SolverSpec:
+    build: Callable  # build(grid, cond_times, order, schedule, **options) -> Program
+    orders: Tuple[int, ...]
+    default_order: int
+    options: Tuple[str, ...]  # the keyword options the solver accepts (besides final_sigmas_type)
+    stochastic: bool = False
+
+
+_MULTISTEP = ("lower_order_final", "order_rule", "euler_at_final", "orders")
+
+
+def _family(kind: str):
+    return lambda g, cond, order, schedule, **o: build_multistep(kind, g, cond, order, **o)
+
+
+SPECS = {
+    "dpmpp": SolverSpec(_family("dpmpp"), (1, 2, 3), 2, _MULTISTEP + ("solver_type",)),
+    "dpmpp_ab": SolverSpec(_family("dpmpp_ab"), (1, 2, 3), 3, _MULTISTEP),
+    "dpmpp_sde": SolverSpec(_family("dpmpp_sde"), (1, 2, 3), 2, _MULTISTEP + ("solver_type",), True),
+    "dpmsolver": SolverSpec(_family("dpmsolver"), (1, 2, 3), 2, _MULTISTEP + ("solver_type",)),
+    "dpmsolver_sde": SolverSpec(_family("dpmsolver_sde"), (1, 2), 2, _MULTISTEP + ("solver_type",), True),
+    "unipc": SolverSpec(lambda g, cond, order, schedule, **o: build_unipc(g, cond, order, **o), (1, 2, 3), 2,
+                        ("variant", "lower_order_final", "order_rule", "use_corrector", "disable_corrector",
+                         "final_corrector", "orders")),
+    "ipndm": SolverSpec(lambda g, cond, order, schedule, **o: build_ipndm(g, cond, order, **o), (1, 2, 3, 4), 4,
+                        ("lower_order_final", "order_rule", "orders")),
+    "euler": SolverSpec(lambda g, cond, order, schedule: build_ddim(g, cond), (1,), 1, ()),
+    "ddim": SolverSpec(lambda g, cond, order, schedule, **o: build_ddim(g, cond, **o), (1,), 1,
+                       ("eta", "use_clipped_model_output", "targets"), True),
+    "ddpm": SolverSpec(lambda g, cond, order, schedule, **o: build_ddpm(g, cond), (1,), 1, ("targets",), True),
+    "heun": SolverSpec(lambda g, cond, order, schedule, **o: build_heun(g, cond, schedule=schedule, **o), (2,), 2,
+                       ("s_churn", "s_min", "s_max", "s_noise", "order_rule"), True),
+}
+SOLVERS = tuple(SPECS)
+DEFAULT_ORDER = {name: spec.default_order for name, spec in SPECS.items()}
 
 
 def schedule_of(denoiser, schedule):
@@ -35,43 +79,100 @@ def schedule_of(denoiser, schedule):
     return schedule
 
 
+def check_options(solver: str, opts: dict) -> None:
+    """Unknown options are refused, naming the valid ones of that solver (nothing is silently ignored)."""
+    valid = SPECS[solver].options
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for solver {solver!r}; its options are "
+                         f"{sorted(valid + ('final_sigmas_type',))}")
+
+
 def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[int] = None, timesteps_cond=None,
                   final_sigmas_type: str = "sigma_min", **opts) -> Program:
     """Validate the timesteps and build the solver's program (instructions + differentiable coefficient rows)."""
-    if solver not in SOLVERS:
+    if solver not in SPECS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    order = DEFAULT_ORDER[solver] if order is None else order
+    spec = SPECS[solver]
+    check_options(solver, opts)
+    order = spec.default_order if order is None else order
+    if isinstance(order, bool) or not isinstance(order, int) or order not in spec.orders:
+        allowed = f"must be {spec.orders[0]}" if len(spec.orders) == 1 else f"must be one of {spec.orders}"
+        raise ValueError(f"order for solver {solver!r} {allowed}, got {order!r}")
+    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+        raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
     ts = check_timesteps(schedule, timesteps)
     # coefficients are formed in float64 whatever the timesteps' dtype: expm1(-h)/h style terms cancel badly
     # in float32 at small steps. The cast is differentiable.
     ts = ts.to(torch.float64)
     cond = condition_times(schedule, ts, timesteps_cond)
-    grid = make_grid(schedule, ts, final_sigmas_type)
-    if solver in ("euler", "ddim"):
-        if order != 1:
-            raise ValueError(f"order for solver {solver!r} must be 1, got {order!r}")
-        return build_ddim(grid, cond)
-    if solver in ("dpmpp", "dpmpp_sde"):
-        return build_dpmpp(grid, cond, order=order, sde=solver == "dpmpp_sde", **opts)
-    if solver == "unipc":
-        return build_unipc(grid, cond, order=order, **opts)
-    if solver == "ipndm":
-        return build_ipndm(grid, cond, order=order, **opts)
-    if order != 2:
-        raise ValueError(f"order for solver 'heun' must be 2, got {order!r}")
-    return build_heun(grid, cond, schedule=schedule, **opts)
+    targets = opts.pop("targets", None)
+    if "order_rule" in spec.options:
+        # the public path lowers orders by step size; the builders' own default is diffusers' rule, which keeps
+        # direct callers' objectives (DM-NonUniform's solver rows) smooth in the steps
+        opts.setdefault("order_rule", "stable")
+    grid = make_grid(schedule, ts, final_sigmas_type, targets)
+    return spec.build(grid, cond, order, schedule, **opts)
 
 
-def _unpack_timesteps(timesteps, timesteps_cond, opts: dict):
-    # a LearnedSchedule / DiffusersTimesteps (anything with .timesteps) carries the decoupled times and may carry
-    # its final_sigmas_type
+def _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts: dict):
+    """A LearnedSchedule / DiffusersTimesteps (anything with .timesteps) carries the decoupled times and may carry
+    its final_sigmas_type and, from a diffusers scheduler, the solver that reproduces it (solver, order, options;
+    used when solver= is not given)."""
     if hasattr(timesteps, "timesteps") and not isinstance(timesteps, Tensor):
+        obj = timesteps
         if timesteps_cond is None:
-            timesteps_cond = getattr(timesteps, "timesteps_cond", None)
-        if getattr(timesteps, "final_sigmas_type", None) is not None:
-            opts.setdefault("final_sigmas_type", timesteps.final_sigmas_type)
-        timesteps = timesteps.timesteps
-    return timesteps, timesteps_cond
+            timesteps_cond = getattr(obj, "timesteps_cond", None)
+        if getattr(obj, "final_sigmas_type", None) is not None:
+            opts.setdefault("final_sigmas_type", obj.final_sigmas_type)
+        carried = getattr(obj, "solver", None)
+        if carried is not None and solver in (None, carried):
+            solver = carried
+            order = getattr(obj, "order", None) if order is None else order
+            for k, v in (getattr(obj, "options", None) or {}).items():
+                opts.setdefault(k, v)
+        timesteps = obj.timesteps
+    return timesteps, timesteps_cond, solver or "dpmpp", order
+
+
+def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tensor], list]:
+    """Per (evaluation, target): the (p, q) row as one (R, 2) float64 tensor, differentiable in the timesteps, and
+    for every Eval a list of (buffer, target, row index or None when the conversion is the identity)."""
+    evals = prog.evals()
+    raw = _is_raw(denoiser)
+    rows, plan = [], []
+    for e in evals:
+        entries = []
+        for name, target in ((e.out, e.target), *e.extra):
+            identity = getattr(denoiser, "prediction", None) == "x0" and getattr(denoiser, "precond", None) is None
+            if target == "x0" and (not raw or identity):
+                entries.append((name, target, None))  # p = 0, q = 1
+                continue
+            t = prog.eval_points[e.k]
+            if raw:
+                row = denoiser.conversion(t, target)
+            else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma
+                p, q = eps_coefficients(torch.zeros_like(t), torch.ones_like(t), schedule.alpha(t), schedule.sigma(t))
+                row = torch.stack([p, q])
+            entries.append((name, target, len(rows)))
+            rows.append(row.to(torch.float64))
+        plan.append(entries)
+    return (torch.stack(rows) if rows else None), plan
+
+
+def _is_raw(denoiser) -> bool:
+    return callable(getattr(denoiser, "network_output", None)) and callable(getattr(denoiser, "conversion", None))
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _state_dtype(x_T: Tensor, state_dtype) -> torch.dtype:
+    if state_dtype is None:
+        return torch.float32 if x_T.dtype in HALF_DTYPES else x_T.dtype
+    if state_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state_dtype must be None, torch.float32 or torch.float64, got {state_dtype!r}")
+    return state_dtype
 
 
 class Sampler:
@@ -83,60 +184,91 @@ class Sampler:
     to the timesteps, so with timesteps that require grad, one Sampler serves one backward pass (as sample() does).
     """
 
-    def __init__(self, denoiser, timesteps, solver: str = "dpmpp", order: Optional[int] = None, timesteps_cond=None,
-                 guidance=None, progress: bool = False, schedule=None, **opts):
-        timesteps, timesteps_cond = _unpack_timesteps(timesteps, timesteps_cond, opts)
+    def __init__(self, denoiser, timesteps, solver: Optional[str] = None, order: Optional[int] = None,
+                 timesteps_cond=None, guidance=None, progress: bool = False, schedule=None,
+                 state_dtype: Optional[torch.dtype] = None, **opts):
+        if not callable(denoiser):
+            raise ValueError(f"denoiser must be callable as D(x, t), got {type(denoiser).__name__}")
+        timesteps, timesteps_cond, solver, order = _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts)
         self.denoiser = denoiser
         self.schedule = schedule_of(denoiser, schedule)
         self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond, **opts)
-        self.guidance, self.progress = guidance, progress
+        self.solver = solver
+        self.guidance, self.progress, self.state_dtype = guidance, progress, state_dtype
+        self._conversion, self._plan = _conversion_table(denoiser, self.schedule, self.program)
+        self._call = denoiser.network_output if _is_raw(denoiser) else denoiser
+        self._clip = getattr(denoiser, "clip_x0", None) if _is_raw(denoiser) else None
         self._rows = {}
 
     @property
     def nfe(self) -> int:
         return self.program.nfe
 
-    def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        if not isinstance(x_T, Tensor) or x_T.dim() < 1 or x_T.shape[0] == 0:
-            raise ValueError("x_T must be a tensor with a non-empty batch dimension")
-        dispatch.check_float("x_T", x_T)
-        key = (x_T.shape[0], x_T.dtype, x_T.device, torch.is_grad_enabled())
+    def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
+                 check_finite: bool = False) -> Tensor:
+        _check_x(x_T)
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
+        state = _state_dtype(x_T, self.state_dtype)
+        x = x_T.to(state)
+        key = (x.shape[0], state, x.device, torch.is_grad_enabled())
         if key not in self._rows:
-            self._rows[key] = (_prepare_rows(self.program, x_T), self.program.eval_times.to(x_T.device))
-        rows, eval_times = self._rows[key]
-        scale = _prepare_scale(self.guidance, x_T)
+            self._rows[key] = _prepare_rows(self.program, x, self._conversion)
+        rows, conv, eval_times = self._rows[key]
+        scale = _prepare_scale(self.guidance, x)
         with times_validated():  # the program's times were checked once, when it was built
-            return _run(self.program, rows, eval_times, self.denoiser, x_T, scale, self.progress, generator)
+            out = _run(self.program, rows, eval_times, self._call, x, scale, self.progress, generator,
+                       conv=conv, plan=self._plan, clip=self._clip, io_dtype=x_T.dtype, check_finite=check_finite)
+        return out.to(x_T.dtype)
 
 
-def sample(denoiser, x_T: Tensor, timesteps, solver: str = "dpmpp", order: Optional[int] = None,
-           timesteps_cond=None, guidance=None, progress: bool = False, generator: Optional[torch.Generator] = None,
-           schedule=None, **opts) -> Tensor:
-    """Solve the probability-flow ODE (or the SDE for dpmpp_sde / Heun churn) from x_T at timesteps[0].
-
-    denoiser: D(x, t) -> x0 prediction, with a .schedule (or pass schedule=). t is a 0-dim tensor.
-    timesteps: N+1 strictly decreasing schedule times (1-D tensor), or an object with .timesteps (and optionally
-        .timesteps_cond, .final_sigmas_type), e.g. a LearnedSchedule. The denoiser is called at the first N.
-    solver/order: dpmpp (1, 2, 3), dpmpp_sde (1, 2), unipc (1, 2, 3), ipndm (1-4), euler / ddim (1), heun (2).
-    timesteps_cond: the time handed to the denoiser instead of timesteps[i] (LD3's decoupled time); N or N+1 values.
-    guidance: classifier-free guidance scale w (float or (B,) tensor). The denoiser must then return a pair
-        (D_cond, D_uncond); the guided D_uncond + w (D_cond - D_uncond) is formed inside the fused update.
-    generator: for the noise of dpmpp_sde and Heun's churn.
-    opts: final_sigmas_type ("sigma_min": land on timesteps[-1]; "zero": land on sigma = 0),
-        lower_order_final, variant ("bh1"/"bh2", unipc), use_corrector, disable_corrector (unipc),
-        euler_at_final (dpmpp), s_churn, s_min, s_max, s_noise (heun).
-    Differentiable in x_T, the timesteps (through every coefficient) and the denoiser's parameters.
-    """
+def _check_x(x_T) -> None:
     if not isinstance(x_T, Tensor) or x_T.dim() < 1 or x_T.shape[0] == 0:
         raise ValueError("x_T must be a tensor with a non-empty batch dimension")
     dispatch.check_float("x_T", x_T)
-    sampler = Sampler(denoiser, timesteps, solver, order, timesteps_cond, guidance, progress, schedule, **opts)
-    return sampler(x_T, generator)
 
 
-def _prepare_rows(prog: Program, x: Tensor) -> list:
-    """Coefficient rows as contiguous (B, 1+K) tensors of the op's dtype, checked for NaN/inf once (one sync).
-    Rows of equal width are cast and expanded together; each row is then a contiguous slice of its group."""
+def sample(denoiser, x_T: Tensor, timesteps, solver: Optional[str] = None, order: Optional[int] = None,
+           timesteps_cond=None, guidance=None, progress: bool = False, generator: Optional[torch.Generator] = None,
+           schedule=None, check_finite: bool = False, state_dtype: Optional[torch.dtype] = None, **opts) -> Tensor:
+    """Solve the probability-flow ODE (or the SDE of a stochastic solver) from x_T at timesteps[0].
+
+    denoiser: a tdiff Denoiser (raw network + conversion, converted here at each sample's grid point) or any
+        callable D(x, t) -> x0 prediction, with a .schedule (or pass schedule=). t is a 0-dim tensor.
+    timesteps: N+1 strictly decreasing schedule times (1-D tensor), or an object with .timesteps (and optionally
+        .timesteps_cond, .final_sigmas_type, .solver/.order/.options), e.g. a LearnedSchedule or
+        `from_diffusers_timesteps(scheduler)`. The denoiser is called at the first N.
+    solver/order: dpmpp (1, 2, 3), dpmpp_ab (1, 2, 3: true order), dpmpp_sde (1, 2, 3), dpmsolver (1, 2, 3),
+        dpmsolver_sde (1, 2), unipc (1, 2, 3), ipndm (1-4), euler / ddim / ddpm (1), heun (2). Default: the
+        solver carried by `timesteps`, else dpmpp.
+    timesteps_cond: the time handed to the denoiser instead of timesteps[i] (LD3's decoupled time); N or N+1 values.
+        The output is still converted at timesteps[i], the sample's own noise level.
+    guidance: classifier-free guidance scale w (float or (B,) tensor). The denoiser must then return a pair
+        (cond, uncond); the guided uncond + w (cond - uncond) is formed inside the fused update.
+    generator: for the noise of the stochastic solvers and Heun's churn.
+    check_finite: check every model output and update for NaN/inf, with one host sync at the end; raises naming
+        the first step where a non-finite value appeared.
+    state_dtype: the dtype of the solver state (x and the history). Default: float32 for float16/bfloat16 x_T
+        (a half-precision state loses the small per-step changes at large NFE), x_T's dtype otherwise. The
+        denoiser is fed x in x_T's dtype and the result is returned in x_T's dtype.
+    opts: final_sigmas_type ("sigma_min": land on timesteps[-1]; "zero": land on sigma = 0) and the solver's own
+        options (an unknown one is an error that lists them): lower_order_final, order_rule ("stable": lower the
+        order where a step outgrows the earlier ones in lambda; "diffusers": diffusers' count rule), orders
+        (explicit per-step orders), euler_at_final, solver_type ("midpoint"/"heun"), variant ("bh1"/"bh2"),
+        use_corrector, disable_corrector, final_corrector (unipc), eta, use_clipped_model_output, targets
+        (ddim/ddpm), s_churn, s_min, s_max, s_noise (heun).
+    Differentiable in x_T, the timesteps (through every coefficient) and the denoiser's parameters.
+    """
+    _check_x(x_T)
+    sampler = Sampler(denoiser, timesteps, solver, order, timesteps_cond, guidance, progress, schedule, state_dtype,
+                      **opts)
+    return sampler(x_T, generator, check_finite=check_finite)
+
+
+def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None) -> tuple:
+    """Coefficient rows as contiguous (B, 1+K) tensors of the op's dtype, the conversion rows as (B, 2), and the
+    network times on x's device, all checked for NaN/inf once (one sync). Rows of equal width are cast and
+    expanded together; each row is then a contiguous slice of its group."""
     dtype, b = dispatch.coef_dtype(x), x.shape[0]
     by_width: dict = {}
     for r, row in enumerate(prog.rows):
@@ -149,10 +281,14 @@ def _prepare_rows(prog: Program, x: Tensor) -> list:
         group = mat.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous()  # (rows, B, 1+K)
         for j, r in enumerate(idx):
             out[r] = group[j]
-    if not bool(torch.stack(finite).all()):
-        raise ValueError("the solver coefficients are not finite for these timesteps (are two steps too close, or "
-                         "is a step at a point where sigma = 0?)")
-    return out
+    conv = None
+    if conversion is not None:
+        finite.append(torch.isfinite(conversion).all())
+        conv = conversion.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous().unbind(0)
+    if finite and not bool(torch.stack(finite).all()):
+        raise ValueError("the solver coefficients are not finite for these timesteps (are two steps too close, is a "
+                         "step at a point where sigma = 0, or does the prediction type need alpha > 0 there?)")
+    return out, conv, prog.eval_times.to(x.device)
 
 
 def _prepare_scale(guidance, x: Tensor) -> Optional[Tensor]:
@@ -168,28 +304,48 @@ def _prepare_scale(guidance, x: Tensor) -> Optional[Tensor]:
     return scale.contiguous()
 
 
-def _run(prog: Program, rows, eval_times, denoiser, x_T, scale, progress, generator) -> Tensor:
+def to_prediction(src: Tensor, m: Tensor, pq: Optional[Tensor]) -> Tensor:
+    """D = p src + q m: the raw network output m at the sample src converted with the per-sample (B, 2) row pq
+    (None: the identity, p = 0, q = 1). The loop's only conversion site; the fused
+    `multistep_update(..., src=src, convert=pq)` replaces it (SPEC_multistep)."""
+    if pq is None:
+        return m.to(src.dtype)
+    return convert(src, m, pq[:, 0], pq[:, 1])
+
+
+def _expected(x: Tensor, out, what: str) -> None:
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the denoiser returned {what} of shape {got}; expected {tuple(x.shape)} (the shape of x)")
+
+
+def _run(prog: Program, rows, eval_times, denoiser, x_T, scale, progress, generator, conv=None, plan=None,
+         clip=None, io_dtype=None, check_finite: bool = False) -> Tensor:
     last_use = prog.last_uses()
     buf = {"x": x_T}
     pending = {}  # name -> (cond, uncond): guidance not yet applied (it is fused into the first update)
+    flags = []  # (step, what, 0-dim bool) for check_finite
     steps = prog.steps
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
+    if plan is None:  # a bare program: every evaluation returns x0 as is
+        plan = [[(e.out, e.target, None)] for e in prog.evals()]
     n = 0
-    for step in steps:
+    for s, step in enumerate(steps):
         for ins in step:
             if isinstance(ins, Eval):
-                out = denoiser(buf[ins.src], eval_times[ins.k])
-                if scale is not None:
-                    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                        raise ValueError("with guidance, the denoiser must return a pair (D_cond, D_uncond)")
-                    pending[ins.out] = out
-                else:
-                    buf[ins.out] = out
+                src = buf[ins.src]
+                net_in = src if io_dtype is None or io_dtype == src.dtype else src.to(io_dtype)
+                out = denoiser(net_in, eval_times[ins.k])
+                _store_eval(ins, src, out, plan[ins.k], conv, scale, clip, buf, pending)
+                if check_finite:
+                    flags.append((s, f"the denoiser's output at evaluation {ins.k}", _finite(buf, pending, ins)))
             elif isinstance(ins, Update):
                 buf[ins.out] = _update(ins, buf, pending, rows[ins.row], scale)
+                if check_finite:
+                    flags.append((s, "the solver update", torch.isfinite(buf[ins.out]).all()))
             elif isinstance(ins, Noise):
                 x = buf["x"]
                 buf[ins.out] = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
@@ -199,7 +355,43 @@ def _run(prog: Program, rows, eval_times, denoiser, x_T, scale, progress, genera
             for name in [k for k in buf if k != "x" and last_use.get(k, -1) <= n]:
                 del buf[name]
             n += 1
+    if check_finite and flags:
+        ok = torch.stack([f for _, _, f in flags]).tolist()  # the one host sync
+        if not all(ok):
+            s, what, _ = flags[ok.index(False)]
+            raise FloatingPointError(f"sampling produced a non-finite value (NaN or inf) first at step {s} of "
+                                     f"{len(prog.steps)}, in {what}")
     return buf["x"]
+
+
+def _finite(buf: dict, pending: dict, ins: Eval) -> Tensor:
+    names = (ins.out, *(name for name, _ in ins.extra))
+    vals = [t for name in names for t in (pending[name] if name in pending else (buf[name],))]
+    return torch.stack([torch.isfinite(v).all() for v in vals]).all()
+
+
+def _store_eval(ins: Eval, src: Tensor, out, entries, conv, scale, clip, buf: dict, pending: dict) -> None:
+    """Convert one model output to each of the targets the Eval asks for (guided pairs stay pending for the fused
+    guidance of the next update, unless a clamp or a second target needs the guided value now)."""
+    if scale is not None:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ValueError("with guidance, the denoiser must return a pair (cond, uncond)")
+        for part in out:
+            _expected(src, part, "a guidance output")
+    else:
+        _expected(src, out, "an output")
+    for name, target, r in entries:
+        pq = None if r is None else conv[r]
+        clamp = clip is not None and target == "x0"
+        if scale is None:
+            value = to_prediction(src, out, pq)
+        else:
+            pair = tuple(to_prediction(src, part, pq) for part in out)
+            if not clamp and name == ins.out and not ins.extra:
+                pending[name] = pair
+                continue
+            value = _guided(pair, scale)
+        buf[name] = value.clamp(-clip, clip) if clamp else value
 
 
 def _guided(pair, scale: Tensor) -> Tensor:

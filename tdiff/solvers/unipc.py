@@ -11,13 +11,15 @@ The corrector is skipped after the last step (there is no evaluation to reuse).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
 from .ddim import first_order_row
 from .grid import Grid
-from .program import Alias, Eval, Program, Update, check_order, multistep_orders, rows_by_group
+from .program import Alias, Eval, Program, Update, check_choice, check_flag, check_order, choose_orders, \
+    mixed_rows, multistep_orders
 
 VARIANTS = ("bh1", "bh2")
 
@@ -81,18 +83,37 @@ def corrector_row(g: Grid, i, p: int, variant: str) -> list:
 
 
 def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower_order_final: bool = True,
-                use_corrector: bool = True, disable_corrector: Sequence[int] = (), **_) -> Program:
+                order_rule: str = "diffusers", use_corrector: bool = True, disable_corrector: Sequence[int] = (),
+                final_corrector: bool = False, orders=None) -> Program:
+    """UniPC-p: predictor UniP-p at every step, corrector UniC at the start of the next step (reusing the model
+    evaluation made there; none after the last step). final_corrector=True also evaluates the model at the last
+    point and corrects the last step with it (NFE N+1), which is what diffusers' UniPCMultistepScheduler does
+    when its last step has zero length (a final sigma_min equal to the last sigma)."""
     check_order("unipc", order, (1, 2, 3))
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    prog = Program(eval_times=cond_times)
-    orders = multistep_orders(g.n_steps, order, lower_order_final, g.final_zero)
-    predictors = rows_by_group(orders, lambda p, idx: predictor_row(g, idx, p, variant))
-    # the corrector at step i re-does step i-1 -> i at the order its predictor used
-    corrects = [i > 0 and use_corrector and (i - 1) not in disable_corrector for i in range(g.n_steps)]
-    correctors = rows_by_group([orders[i - 1] if c else None for i, c in enumerate(corrects)],
-                               lambda p, idx: corrector_row(g, idx - 1, p, variant))
-    for i, p in enumerate(orders):
+    check_choice("variant", variant, VARIANTS)
+    check_flag("lower_order_final", lower_order_final)
+    check_flag("use_corrector", use_corrector)
+    check_flag("final_corrector", final_corrector)
+    if isinstance(disable_corrector, (str, bytes)) or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in disable_corrector):
+        raise ValueError(f"disable_corrector must be a list of step indices, got {disable_corrector!r}")
+    if final_corrector and g.final_zero:
+        raise ValueError("final_corrector needs a last point with sigma > 0 (final_sigmas_type='sigma_min')")
+    n = g.n_steps
+    mixes = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero,
+                          functools.partial(multistep_orders, warmup=True), orders)
+    orders = [max(m) for m in mixes]
+    prog = Program(eval_times=cond_times, eval_points=g.t)
+    predictors = mixed_rows(mixes, lambda p, idx: predictor_row(g, idx, p, variant))
+    # the corrector at point i (1 <= i <= n) re-does step i-1 -> i with the order mix its predictor used; its row
+    # reads (x, m_new, m_{i-1}, ...), one output more than the predictor's, and pads the same way
+    corrects = [i > 0 and use_corrector and (i - 1) not in disable_corrector for i in range(n + 1)]
+    corrects[n] = corrects[n] and final_corrector
+    correctors = mixed_rows([mixes[i - 1] if c else None for i, c in enumerate(corrects)],
+                            lambda p, idx: corrector_row(g, idx - 1, p, variant))
+    for i in range(n + 1):
+        if i == n and not corrects[n]:
+            break
         step = [Eval(f"D{i}", "x", i)]
         # "xc" holds the (corrected) sample at the current point: the start of the predictor now and of the
         # corrector at the next point.
@@ -101,6 +122,10 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
             step.append(Update("xc", "xc", tuple(f"D{i - k}" for k in range(pc + 1)), prog.row(correctors[i])))
         else:
             step.append(Alias("xc", "x"))
-        step.append(Update("x", "xc", tuple(f"D{i - k}" for k in range(p)), prog.row(predictors[i])))
+        if i < n:
+            p = orders[i]
+            step.append(Update("x", "xc", tuple(f"D{i - k}" for k in range(p)), prog.row(predictors[i])))
+        else:
+            step.append(Alias("x", "xc"))  # the final correction is the result
         prog.add_step(step)
     return prog

@@ -44,6 +44,16 @@ def sampling_interval(schedule: NoiseSchedule, t_max: Optional[float] = None,
     return hi, lo
 
 
+def finite_ends(name: str, values: Tensor, what: str, hi: Tensor, lo: Tensor) -> None:
+    """A heuristic spaced in a coordinate that is infinite at an end (lambda at sigma = 0 or alpha = 0, log sigma at
+    sigma = 0) cannot place its points: a clear error instead of NaN times."""
+    v = values.detach()
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} spaces points in {what}, which is {v.tolist()} at t_max={float(hi):.6g}, "
+                         f"t_min={float(lo):.6g}; it must be finite at both ends (move t_max/t_min inside the schedule's "
+                         f"domain, or use uniform_t / quadratic_t)")
+
+
 def with_exact_ends(t: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
     # an inverse map (t_from_lambda, ...) is exact only up to rounding; pin the ends so every heuristic agrees
     return torch.cat([hi.reshape(1), t[1:-1], lo.reshape(1)])
@@ -71,16 +81,21 @@ def edm_rho(schedule: NoiseSchedule, nfe: int, rho: float = 7.0, t_max=None, t_m
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho!r}")
     hi, lo = sampling_interval(schedule, t_max, t_min)
-    s_hi, s_lo = schedule.edm_sigma(hi) ** (1.0 / rho), schedule.edm_sigma(lo) ** (1.0 / rho)
+    ends = schedule.edm_sigma(torch.stack([hi, lo]))
+    finite_ends("edm_rho", ends.log(), "log sigma/alpha", hi, lo)
+    s_hi, s_lo = ends[0] ** (1.0 / rho), ends[1] ** (1.0 / rho)
     u = torch.linspace(0.0, 1.0, nfe + 1, dtype=torch.float64)
     sigmas = (s_hi + u * (s_lo - s_hi)) ** rho
-    return with_exact_ends(schedule.t_from_edm_sigma(sigmas), hi, lo)
+    interior = schedule.t_from_edm_sigma(sigmas[1:-1])
+    return torch.cat([hi.reshape(1), interior, lo.reshape(1)])
 
 
 def logsnr_uniform(schedule: NoiseSchedule, nfe: int, t_max=None, t_min=None) -> Tensor:
     check_nfe(nfe)
     hi, lo = sampling_interval(schedule, t_max, t_min)
-    lam = torch.linspace(float(schedule.lambda_(hi)), float(schedule.lambda_(lo)), nfe + 1, dtype=torch.float64)
+    ends = schedule.lambda_(torch.stack([hi, lo]))
+    finite_ends("logsnr_uniform", ends, "lambda = log(alpha/sigma)", hi, lo)
+    lam = torch.linspace(float(ends[0]), float(ends[1]), nfe + 1, dtype=torch.float64)
     return with_exact_ends(schedule.t_from_lambda(lam), hi, lo)
 
 
@@ -92,6 +107,7 @@ def interpolate_schedule(schedule: NoiseSchedule, reference, nfe: int) -> Tensor
         raise ValueError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
     ref = check_timesteps(schedule, torch.as_tensor(reference, dtype=torch.float64).detach(), "reference")
     log_sigma = schedule.edm_sigma(ref).log()
+    finite_ends("interpolate_schedule", log_sigma[[0, -1]], "log sigma/alpha", ref[0], ref[-1])
     x_ref = torch.linspace(0.0, 1.0, ref.numel(), dtype=torch.float64)
     x_new = torch.linspace(0.0, 1.0, nfe + 1, dtype=torch.float64)
     idx = torch.searchsorted(x_ref, x_new).clamp(1, ref.numel() - 1)
