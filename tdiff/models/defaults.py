@@ -7,12 +7,8 @@ minutes per model on one idle core. It is deterministic: run twice on one kind o
 for bit (train-defaults reports whether a retrain matched the shipped files); on another CPU the float rounding
 differs and the Fréchet distance agrees within training noise.
 
-Provenance of the shipped files: they come from a run of this recipe whose network dropout draws (label dropout)
-were not yet seeded (torch seeds its global RNG randomly in each process; the trainer now seeds them), so a retrain
-reproduces their FD within training noise, not their bits. Their `probe` is therefore a replay of the committed
-recipe's first PROBE_ITERS iterations (`probe.source` says so); train-defaults records it during the run itself
-(a full DiT retrain recorded the same probe bit for bit, and its FD over 5 sample seeds was 18.8 ± 0.9 against the
-shipped DiT's 19.5 ± 0.9).
+Provenance of the shipped files: they are exactly what `train-defaults` wrote with this recipe (their
+`trained_sha256` records the float32 weights, so a retrain can be checked bit for bit).
 They are stored in float16: that moved their FD by under 0.1% (both are recorded; HALF_FD_RTOL is the bound).
 
 Each file records its config, schedule, recipe and metrics: the FD of 256 class-conditional samples (20-step
