@@ -14,9 +14,10 @@ The default method ("sqp") removes the kinks with slack variables, an LP-like sm
 solved by SLSQP with the exact Jacobians of smooth and c, from several starts (the reference's initialisations:
 uniform logSNR, uniform t, EDM rho = 7, quadratic t; they reach different local minima in some settings, e.g. order
 2 at NFE 16-20), keeping the best. At a solution s_n = |c_n|, so both problems have the same minimisers; the kinks
-become active constraints. SLSQP's quasi-Newton model converges only linearly along the kinks' manifold, so it stops
-at a relative change of 1e-7 and Newton on the active set's KKT system finishes (`_active_set_newton`, certified by
-its multipliers): at NFE 20 that is ~60 SLSQP iterations per start instead of ~250.
+become active constraints. SLSQP's quasi-Newton model converges only linearly along the kinks' manifold (~250
+iterations per start at NFE 20), so Newton on the active set's KKT system finishes (`_active_set_newton`, tried
+along the way and at the end, kept only where it certifies a local minimum): across VP/VE/EDM/flow schedules, p 1
+and 2, orders 2 and 3, NFE 5-20, the result matches a 1e-14-tolerance SLSQP run to 1e-13 relative.
 
 method="trust-constr" is the reference's optimiser (scipy trust-constr, BFGS Hessian, from uniform logSNR, its
 default iteration limit of 1000), with finite-difference gradients as the reference or the exact ones.
@@ -27,6 +28,7 @@ import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
+from scipy.linalg import null_space
 from scipy.optimize import LinearConstraint, OptimizeResult, minimize
 
 from ..schedules import NoiseSchedule
@@ -62,8 +64,8 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
         J counts as a candidate, so the result is never worse than the best start.
     margin: the smallest lambda gap (default 1e-3 of the lambda range / N; the reference uses 0, which lets the
         Lagrange weights divide by zero).
-    maxiter, tol: per start; defaults 300 and 1e-7 (SLSQP's ftol, relative to J at the start; the Newton polish
-        then converges) for "sqp", 1000 and 1e-8 (gtol and xtol) for trust-constr: scipy's defaults, which the
+    maxiter, tol: per start; defaults 300 and 1e-7 (SLSQP's ftol, relative to J at the start; Newton then
+        converges) for "sqp", 1000 and 1e-8 (gtol and xtol) for trust-constr: scipy's defaults, which the
         reference keeps.
     warmup_steps: the first steps counted alone, without cancellation (the reference's truncNum = 3).
     return_result: also return a scipy OptimizeResult: x (interior lambdas), fun (J there), start (the winning
@@ -111,30 +113,24 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
 
 def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margin: float, maxiter: int,
               tol: float):
-    """Run from every start; (J, z, start) of the best point seen, J per start, total iterations and evaluations.
-    The SQP's best point is then polished by Newton on its active set."""
+    """Run from every start; (J, z, start) of the best point seen, J per start, total iterations and evaluations."""
     nfe = obj.nfe
     best, per_start, nit, nfev = None, {}, 0, 0
     for start in starts:
         z0 = _start_point(obj, start, margin, maxiter, tol)
-        if _increasing(obj, z0, margin):  # a start is a candidate too
-            cand = (obj.fun(z0), z0, start)
-            best = cand if best is None or cand[0] < best[0] else best
+        candidates = [z0]  # a start is a candidate too
         if method == "sqp":
-            res = _slack_sqp(obj, z0, margin, maxiter, tol)
+            res, polished = _slack_sqp(obj, z0, margin, maxiter, tol)
+            candidates += [res.x[: nfe - 1]] + ([polished] if polished is not None else [])
         else:
             res = _trust_constr(obj, z0, margin, maxiter, tol, gradient)
+            candidates.append(res.x)
         nit, nfev = nit + res.nit, nfev + res.nfev
-        z = res.x[: nfe - 1]
-        j = obj.fun(z) if _increasing(obj, z, margin * (1 - 1e-6)) else np.inf
-        per_start[start] = j
-        if best is None or j < best[0]:
-            best = (j, z, start)
-    if method == "sqp" and best is not None and np.isfinite(best[0]):
-        polished = _active_set_newton(obj, best[1], margin)
-        if polished is not None and polished[0] <= best[0]:
-            best = (polished[0], polished[1], best[2])
-            per_start[best[2]] = best[0]
+        values = [obj.fun(z) if _increasing(obj, z, margin * (1 - 1e-6)) else np.inf for z in candidates]
+        per_start[start] = min(values[1:])
+        i = int(np.argmin(values))
+        if best is None or values[i] < best[0]:
+            best = (values[i], candidates[i], start)
     return best, per_start, nit, nfev
 
 
@@ -163,7 +159,11 @@ def _monotone_rows(n: int, lam_start: float, lam_end: float, margin: float):
     return a, lb
 
 
-def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: int, tol: float):
+def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: int, tol: float,
+               polish_every: int = 20):
+    """SLSQP on the slack reformulation; (its result, a certified local minimum from `_active_set_newton` or None).
+    After `polish_every` iterations, then at doubling intervals (20, 60, 140, ...), and at the end, Newton tries to
+    finish from the current point; SLSQP stops as soon as that certifies a local minimum at or below its own J."""
     n, m = z0.size, int(obj.coupled.sum())
     a, lb = _monotone_rows(n, obj.lam_start, obj.lam_end, margin)
     eye = np.eye(m)
@@ -183,26 +183,50 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
         _, _, _, dc = obj.parts(v[:n])
         return np.block([[-dc, eye], [dc, eye]])
 
+    found, iterations, next_try = [], [0], [polish_every, polish_every]  # (iteration of the next try, interval)
+
+    def try_newton(z):
+        if _increasing(obj, z, margin * (1 - 1e-6)):
+            done = _active_set_newton(obj, z, margin)
+            if done is not None and done[0] <= obj.fun(z) * (1 + 1e-12):
+                found.append(done[1])
+                return True
+        return False
+
+    def callback(v):
+        iterations[0] += 1
+        if iterations[0] == next_try[0]:
+            if try_newton(v[:n].copy()):
+                raise StopIteration
+            next_try[1] *= 2  # back off: a failed try costs n Jacobians
+            next_try[0] += next_try[1]
+
     zeros = np.zeros((n + 1, m))
     constraints = [{"type": "ineq", "fun": lambda v: a @ v[:n] - lb, "jac": lambda v: np.hstack([a, zeros])}]
     if m:
         constraints.append({"type": "ineq", "fun": slack, "jac": slack_jac})
     v0 = np.concatenate([z0, np.abs(obj.parts(z0)[2])])
     # SLSQP's ftol is absolute; ours is relative to J at the start
-    return minimize(f, v0, jac=f_grad, method="SLSQP", constraints=constraints,
-                    options={"maxiter": maxiter, "ftol": tol * obj.fun(z0)})
+    res = minimize(f, v0, jac=f_grad, method="SLSQP", constraints=constraints, callback=callback,
+                   options={"maxiter": maxiter, "ftol": tol * obj.fun(z0)})
+    if not found:
+        try_newton(res.x[:n].copy())
+    return res, (found[0] if found else None)
 
 
-def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, max_steps: int = 8):
+def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, max_steps: int = 12):
     """(J, z) after Newton on the KKT conditions of the active set at z, or None if that fails.
 
     Near the optimum SLSQP converges only linearly (its BFGS model has to learn the curvature along the kinks'
     manifold: ~250 iterations per start at NFE 20), so it stops early and this finishes. With the kinks z sits on
     (c_n ~ 0), the gaps at the margin, and fixed signs s_n elsewhere, it solves
         grad(smooth) + s dc_I + mu dc_A + nu a_M = 0,   c_A = 0,   a_M z = lb_M
-    by Newton, with the Lagrangian's Hessian from forward differences of the exact Jacobians. The point is kept
-    only if it is feasible and the multipliers certify the active set (|mu| <= 1, else leaving that kink would lower
-    J; nu <= 0, else opening that gap would); the caller keeps it only if J went down."""
+    by Newton, with the Lagrangian's Hessian from forward differences of the exact Jacobians, kept across steps while
+    they contract the residual tenfold (each Hessian costs n Jacobians: with the solver-row objective that is most of
+    the polish). The point is kept
+    only if it is feasible and certified a local minimum: the multipliers (|mu| <= 1, else leaving that kink would
+    lower J; nu <= 0, else opening that gap would), unchanged signs off the kinks, and a Lagrangian Hessian positive
+    semi-definite along the active set."""
     n = z.size
     _, _, c, _ = obj.parts(z)
     kinks = np.abs(c) <= 1e-4 * np.abs(c).max() if c.size else np.zeros(0, bool)
@@ -218,30 +242,52 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
 
     g, a, _ = gradient(z, np.zeros(k))
     mult = np.linalg.lstsq(np.vstack([a, rows]).T, -g, rcond=None)[0] if k else np.zeros(0)
-    h = 1e-7
+    hess, previous = None, np.inf
     for _ in range(max_steps):
         g, a, c_kinks = gradient(z, mult)
         residual = np.concatenate([g + mult[k_kinks:] @ rows, c_kinks, rows @ z - lb])
-        if np.abs(residual).max() <= 1e-13 * (1 + np.abs(g).max()):
+        size = np.abs(residual).max()
+        if size <= 1e-13 * (1 + np.abs(g).max()):
             break
-        hess = np.empty((n, n))
-        for i in range(n):  # forward differences: the Hessian sets the rate only, the residual the solution
-            e = np.zeros(n)
-            e[i] = h
-            hess[:, i] = (gradient(z + e, mult)[0] - g) / h
+        if hess is None or size > 0.1 * previous:  # chord steps while they contract fast, else a fresh Hessian
+            hess = _hessian_by_differences(lambda zz: gradient(zz, mult)[0], z, g)
+        previous = size
         jac = np.vstack([a, rows])
-        kkt = np.block([[0.5 * (hess + hess.T), jac.T], [jac, np.zeros((k, k))]])
+        kkt = np.block([[hess, jac.T], [jac, np.zeros((k, k))]])
         try:
             step = np.linalg.solve(kkt, -residual)
         except np.linalg.LinAlgError:
             return None
-        if not np.all(np.isfinite(step)):
-            return None
         z, mult = z + step[:n], mult + step[n:]
-    certified = np.all(np.abs(mult[:k_kinks]) <= 1 + 1e-9) and np.all(mult[k_kinks:] <= 1e-9)
+        if not _increasing(obj, z, margin * (1 - 1e-6)):  # left the feasible set: not this active set's minimum
+            return None
+    if hess is None:  # converged at once: the second-order check below still needs the Hessian
+        hess = _hessian_by_differences(lambda zz: gradient(zz, mult)[0], z, g)
+    c_free = obj.parts(z, jacobian=False)[2][~kinks]
+    certified = (np.all(np.abs(mult[:k_kinks]) <= 1 + 1e-9) and np.all(mult[k_kinks:] <= 1e-9)
+                 and np.all(np.sign(c_free) == signs[~kinks]) and _positive_on_null_space(hess, np.vstack([a, rows])))
     if not (certified and _increasing(obj, z, margin * (1 - 1e-9))):
         return None
     return obj.fun(z), z
+
+
+def _positive_on_null_space(hess: np.ndarray, active: np.ndarray) -> bool:
+    """Second-order condition: the Lagrangian's Hessian is positive semi-definite along the active set."""
+    basis = null_space(active) if active.size else np.eye(hess.shape[0])
+    if basis.shape[1] == 0:
+        return True
+    eig = np.linalg.eigvalsh(basis.T @ hess @ basis)
+    return bool(eig.min() >= -1e-6 * max(1.0, np.abs(hess).max()))
+
+
+def _hessian_by_differences(gradient, z: np.ndarray, g: np.ndarray, h: float = 1e-7) -> np.ndarray:
+    """Forward differences of an exact gradient, symmetrised: the Hessian sets Newton's rate, not its solution."""
+    hess = np.empty((z.size, z.size))
+    for i in range(z.size):
+        e = np.zeros(z.size)
+        e[i] = h
+        hess[:, i] = (gradient(z + e) - g) / h
+    return 0.5 * (hess + hess.T)
 
 
 def _trust_constr(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: int, tol: float, gradient: str):
