@@ -1,153 +1,298 @@
 """DM-NonUniform (Xue et al. 2024): time steps that minimise a bound on the accumulated model error.
 
-An error e_n in the model output D_n moves the final sample by sum_s P[s, n] e_n, where P[s, n] is the weight
-step s gives D_n in the whole solve (`sensitivity.step_output_weights`, read off the solver's own coefficient
-rows, so orders and the UniC corrector are covered without re-deriving their formulas). With the per-node error
-proxy eps_n = sigma_n^p / alpha_n (Lemma 1: ||x_theta - x0|| <~ sigma^2/alpha; p = 1 for pixel models):
+The objective (`dmn_objective.SurrogateObjective`) is J(lambda) = smooth(lambda) + sum_n |c_n(lambda)| over the N-1
+interior lambdas, with lambda_0 = lambda(t_max) and lambda_N = lambda(t_min) fixed and the lambdas increasing. The
+|.| terms make it non-smooth exactly where it matters: at the optimum several c_n are zero (the errors of different
+steps cancel there), so a smooth optimiser stalls at the kinks (SLSQP "converged" after 29 iterations 54% above
+the optimum at NFE 10) and the reference's finite-difference trust-constr crawls (20-40 s, poor optimality).
 
-    J(lambda_1 .. lambda_{N-1}) = sum_{s early or last} ||eps * P[s, :]||_2 + sum_n |eps_n sum_{s other} P[s, n]|
+The default method ("sqp") removes the kinks with slack variables, an LP-like smooth reformulation:
 
-with lambda_0 = lambda(t_max), lambda_N = lambda(t_min) fixed, minimised over the N-1 interior lambdas subject to
-lambda_{i+1} - lambda_i >= margin (linear constraints), locally from the uniform-logSNR start. The first
-`warmup_steps` (3) steps and the last are counted per step, without cancellation between steps, as the reference
-implementation does: if every weight may cancel (the plain sum_n eps_n |c_n| of the paper's Eq. 35), the optimum
-is degenerate -- the steps bunch at t_min, where sigma^p/alpha is tiny, and cancellation hides the large-noise
-errors; we measured a 10x lower J with 10x worse samples. The solver's own order rule is used (order 1 at the
-first and last steps, 2 next to them, `order` elsewhere, for dpmpp/unipc with lower_order_final). The gradient is
-exact: torch autograd of J in float64 (through a numpy reverse sweep for P), handed to scipy (the reference uses
-finite differences).
+    min_{lambda, s}  smooth(lambda) + sum_n s_n   s.t.   -s_n <= c_n(lambda) <= s_n,
+                     lambda_{i+1} - lambda_i >= margin,
+
+solved by SLSQP with the exact Jacobians of smooth and c, from several starts (the reference's initialisations:
+uniform logSNR, uniform t, EDM rho = 7, quadratic t; they reach different local minima in some settings, e.g. order
+2 at NFE 16-20), keeping the best. At a solution s_n = |c_n|, so both problems have the same minimisers; the kinks
+become active constraints. SLSQP's quasi-Newton model converges only linearly along the kinks' manifold (~250
+iterations per start at NFE 20), so Newton on the active set's KKT system finishes (`_active_set_newton`, tried
+along the way and at the end, kept only where it certifies a local minimum): across VP/VE/EDM/flow schedules, p 1
+and 2, orders 2 and 3, NFE 5-20, the result matches a 1e-14-tolerance SLSQP run to 1e-13 relative.
+
+method="trust-constr" is the reference's optimiser (scipy trust-constr, BFGS Hessian, from uniform logSNR, its
+default iteration limit of 1000), with finite-difference gradients as the reference or the exact ones.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Optional, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor
+from scipy.linalg import null_space
+from scipy.optimize import LinearConstraint, OptimizeResult, minimize
 
 from ..schedules import NoiseSchedule
-from ..solvers.dpmpp import build_dpmpp
-from ..solvers.grid import grid_from_lambda
-from ..solvers.unipc import build_unipc
-from .heuristics import check_nfe, sampling_interval, with_exact_ends
-from .sensitivity import step_output_weights
+from .dmn_objective import OBJECTIVES, STARTS, SurrogateObjective
 
-# build_program validates the timesteps (host syncs, errors on a non-monotone point); the optimiser may probe
-# slightly infeasible points, so the objective goes to the solver builders directly with an unchecked grid.
-# Only the exponential integrators: the surrogate is derived for solvers built on local polynomials in lambda
-# (the paper's Eq. 10). iPNDM's Adams-Bashforth weights assume equal steps and its history holds slopes, not
-# model outputs; its "optimised" steps measured 5-30x worse than the heuristics on the exact mixture.
-_BUILDERS = {"dpmpp": build_dpmpp, "unipc": build_unipc}
-METHODS = ("SLSQP", "trust-constr")
+try:  # a multi-threaded BLAS under SLSQP's tiny subproblems costs 40x on a loaded machine (2.7 vs 0.07 ms a call)
+    from threadpoolctl import threadpool_limits
+except ImportError:  # optional: without it, set OPENBLAS_NUM_THREADS=1
+    threadpool_limits = None
+
+METHODS = ("sqp", "trust-constr")
+GRADIENTS = ("analytic", "finite-difference")
+__all__ = ["dm_nonuniform", "METHODS", "GRADIENTS", "OBJECTIVES", "STARTS", "SurrogateObjective"]
 
 
-class SurrogateObjective:
-    """J and dJ/dlambda_interior for one (schedule, nfe, solver, order, p) as numpy callables for scipy."""
-
-    def __init__(self, schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", order: int = 3, p: float = 2.0,
-                 t_max=None, t_min=None, warmup_steps: int = 3, **solver_opts):
-        if solver not in _BUILDERS:
-            raise ValueError(f"solver must be one of {tuple(_BUILDERS)}, got {solver!r}")
-        if not p > 0:
-            raise ValueError(f"p must be > 0, got {p!r}")
-        self.schedule, self.nfe, self.solver, self.order, self.p = schedule, check_nfe(nfe, minimum=2), solver, \
-            order, float(p)
-        self.solver_opts, self.warmup_steps = solver_opts, int(warmup_steps)
-        hi, lo = sampling_interval(schedule, t_max, t_min)
-        self.t_hi, self.t_lo = hi, lo
-        self.lam_start, self.lam_end = schedule.lambda_(hi).reshape(1), schedule.lambda_(lo).reshape(1)
-        if not bool(torch.isfinite(torch.cat([self.lam_start, self.lam_end])).all()):
-            raise ValueError("lambda must be finite at t_max and t_min; move them inside the schedule's domain")
-
-    def timesteps(self, lam_interior: Tensor) -> Tensor:
-        lam = torch.cat([self.lam_start, lam_interior, self.lam_end])
-        return with_exact_ends(self.schedule.t_from_lambda(lam), self.t_hi, self.t_lo)
-
-    def value(self, lam_interior: Tensor) -> Tensor:
-        grid = grid_from_lambda(self.schedule, torch.cat([self.lam_start, lam_interior, self.lam_end]))
-        prog = _BUILDERS[self.solver](grid, None, order=self.order, **self.solver_opts)
-        weighted = step_output_weights(prog) * (grid.sigma[:-1] ** self.p / grid.alpha[:-1])  # (S, N)
-        steps = torch.arange(weighted.shape[0])
-        alone = (steps < self.warmup_steps) | (steps == weighted.shape[0] - 1)
-        # early steps and the last one: their errors are counted without cancellation (a norm per step); the
-        # others' weights are summed per node first, so errors that later steps cancel are not counted
-        return weighted[alone].norm(dim=1).sum() + weighted[~alone].sum(0).abs().sum()
-
-    def fun(self, z: np.ndarray) -> float:
-        with torch.no_grad():
-            return float(self.value(torch.from_numpy(np.asarray(z, dtype=np.float64))))
-
-    def fun_and_grad(self, z: np.ndarray):
-        lam = torch.from_numpy(np.array(z, dtype=np.float64)).requires_grad_(True)
-        with torch.enable_grad():
-            j = self.value(lam)
-            (g,) = torch.autograd.grad(j, lam)
-        return float(j.detach()), g.numpy().copy()
-
-    def grad(self, z: np.ndarray) -> np.ndarray:
-        return self.fun_and_grad(z)[1]
-
-    def initial(self) -> np.ndarray:
-        """Interior lambdas of the uniform-logSNR schedule (the reference's start point)."""
-        lam = np.linspace(float(self.lam_start), float(self.lam_end), self.nfe + 1)
-        return lam[1:-1]
-
-
-def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", order: int = 3, p: float = 2.0,
-                  method: str = "SLSQP", gradient: str = "analytic", t_max=None, t_min=None,
-                  margin: Optional[float] = None, maxiter: int = 100, tol: float = 1e-8,
+def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", order: int = 3, p: float = 2.0, *,
+                  objective: str = "lagrange", method: str = "sqp", gradient: str = "analytic",
+                  starts: Optional[Sequence[str]] = None, t_max=None, t_min=None, margin: Optional[float] = None,
+                  maxiter: Optional[int] = None, tol: Optional[float] = None, warmup_steps: int = 3,
                   return_result: bool = False, **solver_opts):
-    """Optimised time steps (N+1 decreasing schedule times) for `solver`/`order` at `nfe` model calls.
+    """Optimised time steps (N+1 decreasing schedule times, the ends exact) for `solver`/`order` at `nfe` calls.
 
-    p: exponent of the error proxy sigma^p/alpha (2 for latent models as in the paper, 1 for pixel models).
-    method: "SLSQP" (fast, default) or "trust-constr" (the reference's choice).
-    gradient: "analytic" (autograd, float64) or "finite-difference" (scipy 2-point, as the reference does).
-    margin: the smallest allowed lambda gap (default 1e-3 of the lambda range / N).
-    return_result: also return scipy's OptimizeResult (fun, nit, ...).
+    objective: "lagrange" (the paper's Eq. 18 weights, default) or "solver" (the solver's own coefficient rows;
+        takes the solver's options, e.g. variant= for UniPC). See `tdiff.timesteps.dmn_objective`.
+    p: exponent of the error proxy sigma^p/alpha: 2 (default, the reference's code and the paper's Lemma 1); the
+        reference recommends 1 for pixel-space models.
+    method: "sqp" (slack reformulation, exact Jacobians, several starts; default) or "trust-constr" (the reference).
+    gradient: for "trust-constr" only: "analytic" or "finite-difference" (the reference's).
+    starts: the initialisations, of `STARTS` (the reference's four heuristics) and, for objective="solver",
+        "lagrange" (the optimum of the paper's objective at the same order and p). Defaults: for "sqp" all four
+        heuristics with the paper's objective, ("lagrange", "logsnr_uniform") with the solver's (each of its
+        evaluations costs ~10x more); for trust-constr ("logsnr_uniform",), the reference's "unif". Every start's own
+        J counts as a candidate, so the result is never worse than the best start.
+    margin: the smallest lambda gap (default 1e-3 of the lambda range / N; the reference uses 0, which lets the
+        Lagrange weights divide by zero).
+    maxiter, tol: per start; defaults 300 and 1e-7 (SLSQP's ftol, relative to J at the start; Newton then
+        converges) for "sqp", 1000 and 1e-8 (gtol and xtol) for trust-constr: scipy's defaults, which the
+        reference keeps.
+    warmup_steps: the first steps counted alone, without cancellation (the reference's truncNum = 3).
+    return_result: also return a scipy OptimizeResult: x (interior lambdas), fun (J there), start (the winning
+        start), nit and nfev (summed over starts), per_start ({start: J reached}).
     """
-    from scipy.optimize import minimize
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if gradient not in ("analytic", "finite-difference"):
-        raise ValueError(f"gradient must be 'analytic' or 'finite-difference', got {gradient!r}")
-    obj = SurrogateObjective(schedule, nfe, solver, order, p, t_max, t_min, **solver_opts)
-    span = float(obj.lam_end - obj.lam_start)
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if method == "sqp" and gradient != "analytic":
+        raise ValueError("gradient='finite-difference' applies to method='trust-constr' only (the slack SQP needs "
+                         "the constraint Jacobian)")
+    obj = SurrogateObjective(schedule, nfe, solver, order, p, objective, t_max, t_min, warmup_steps, **solver_opts)
+    valid_starts = STARTS + (("lagrange",) if objective == "solver" else ())
+    if starts is None:
+        starts = ("logsnr_uniform",) if method == "trust-constr" else \
+            STARTS if objective == "lagrange" else ("lagrange", "logsnr_uniform")
+    starts = (starts,) if isinstance(starts, str) else tuple(starts)
+    if not starts or any(s not in valid_starts for s in starts):
+        raise ValueError(f"starts must be a non-empty sequence of {valid_starts}, got {starts!r}")
+    span = obj.lam_end - obj.lam_start
     margin = 1e-3 * span / nfe if margin is None else float(margin)
     if not 0 <= margin < span / nfe:
         raise ValueError(f"margin must be in [0, lambda range / nfe = {span / nfe:.4g}), got {margin}")
-    z0 = obj.initial()
-    cons = [_constraint_rows(obj, margin)]
-    if gradient == "analytic":
-        # separate callables: SLSQP's line search asks for J alone ~4x as often as for the gradient, and J without
-        # the autograd graph costs a third as much
-        fun, jac = obj.fun, obj.grad
-    else:
-        fun, jac = obj.fun, "2-point"
-    options = {"maxiter": maxiter}
-    if method == "SLSQP":
-        options["ftol"] = tol
-    else:
-        options.update(gtol=tol, xtol=tol)
-    res = minimize(fun, z0, jac=jac, method=method, constraints=cons, options=options)
-    z = res.x
-    if not np.all(np.diff(np.concatenate([[float(obj.lam_start)], z, [float(obj.lam_end)]])) > 0):
-        raise RuntimeError("DM-NonUniform returned non-monotone steps; try method='trust-constr' or a larger margin")
-    with torch.no_grad():
-        t = obj.timesteps(torch.from_numpy(np.asarray(z, dtype=np.float64)))
-    return (t, res) if return_result else t
+    maxiter = (300 if method == "sqp" else 1000) if maxiter is None else maxiter
+    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1:
+        raise ValueError(f"maxiter must be an integer >= 1, got {maxiter!r}")
+    tol = (1e-7 if method == "sqp" else 1e-8) if tol is None else float(tol)
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+
+    # SQP and Newton steps may probe far outside the interval (exp overflows there): J is then inf or NaN and the
+    # point is rejected, so the floating-point warnings say nothing
+    with threadpool_limits(1) if threadpool_limits else contextlib.nullcontext(), np.errstate(all="ignore"):
+        best, per_start, nit, nfev = _optimise(obj, starts, method, gradient, margin, maxiter, tol)
+    if best is None or not np.isfinite(best[0]):
+        raise RuntimeError(f"DM-NonUniform found no increasing lambdas (per start: {per_start}); check t_max/t_min")
+    t = obj.timesteps(best[1])
+    if not return_result:
+        return t
+    return t, OptimizeResult(x=best[1], fun=best[0], start=best[2], nit=nit, nfev=nfev, per_start=per_start,
+                             objective=objective, method=method, p=obj.p, order=order, margin=margin,
+                             warmup_steps=warmup_steps)
 
 
-def _constraint_rows(obj: SurrogateObjective, margin: float):
-    from scipy.optimize import LinearConstraint
+def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margin: float, maxiter: int,
+              tol: float):
+    """Run from every start; (J, z, start) of the best point seen, J per start, total iterations and evaluations."""
+    nfe = obj.nfe
+    best, per_start, nit, nfev = None, {}, 0, 0
+    for start in starts:
+        z0 = _start_point(obj, start, margin, maxiter, tol)
+        candidates = [z0]  # a start is a candidate too
+        if method == "sqp":
+            res, polished = _slack_sqp(obj, z0, margin, maxiter, tol)
+            candidates += [res.x[: nfe - 1]] + ([polished] if polished is not None else [])
+        else:
+            res = _trust_constr(obj, z0, margin, maxiter, tol, gradient)
+            candidates.append(res.x)
+        nit, nfev = nit + res.nit, nfev + res.nfev
+        values = [obj.fun(z) if _increasing(obj, z, margin * (1 - 1e-6)) else np.inf for z in candidates]
+        per_start[start] = min(values[1:])
+        i = int(np.argmin(values))
+        if best is None or values[i] < best[0]:
+            best = (values[i], candidates[i], start)
+    return best, per_start, nit, nfev
 
-    n = obj.nfe - 1
-    # rows: lambda_1 - lambda_0 >= m ; lambda_{i+1} - lambda_i >= m ; lambda_N - lambda_{N-1} >= m
+
+def _start_point(obj: SurrogateObjective, start: str, margin: float, maxiter: int, tol: float) -> np.ndarray:
+    if start != "lagrange":
+        return obj.initial(start)
+    # the paper's objective models the same solver: its optimum (cheap) is a good start for the solver rows'
+    paper = SurrogateObjective(obj.schedule, obj.nfe, obj.solver, obj.order, obj.p, "lagrange", float(obj.t_hi),
+                               float(obj.t_lo), obj.warmup_steps)
+    return _optimise(paper, STARTS, "sqp", "analytic", margin, maxiter, tol)[0][1]
+
+
+def _increasing(obj: SurrogateObjective, z: np.ndarray, margin: float) -> bool:
+    return bool(np.all(np.isfinite(z)) and np.all(np.diff(obj.full(z)) >= margin))
+
+
+def _monotone_rows(n: int, lam_start: float, lam_end: float, margin: float):
+    """A z >= lb for the N gaps: z_0 - lambda_0, z_{i+1} - z_i, lambda_N - z_{n-1}, each >= margin."""
     a = np.zeros((n + 1, n))
+    idx = np.arange(n)
+    a[idx, idx] = 1.0
+    a[idx + 1, idx] = -1.0
     lb = np.full(n + 1, margin)
-    for i in range(n):
-        a[i, i] += 1.0
-        a[i + 1, i] -= 1.0
-    lb[0] += float(obj.lam_start)
-    lb[n] -= float(obj.lam_end)
-    return LinearConstraint(a, lb, np.full(n + 1, np.inf))
+    lb[0] += lam_start
+    lb[n] -= lam_end
+    return a, lb
+
+
+def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: int, tol: float,
+               polish_every: int = 20):
+    """SLSQP on the slack reformulation; (its result, a certified local minimum from `_active_set_newton` or None).
+    After `polish_every` iterations, then at doubling intervals (20, 60, 140, ...), and at the end, Newton tries to
+    finish from the current point; SLSQP stops as soon as that certifies a local minimum at or below its own J."""
+    n, m = z0.size, int(obj.coupled.sum())
+    a, lb = _monotone_rows(n, obj.lam_start, obj.lam_end, margin)
+    eye = np.eye(m)
+
+    # values alone at SLSQP's line-search points, the Jacobians only where it asks for them
+    def f(v):
+        return obj.parts(v[:n], jacobian=False)[0] + v[n:].sum()
+
+    def f_grad(v):
+        return np.concatenate([obj.parts(v[:n])[1], np.ones(m)])
+
+    def slack(v):  # s - c >= 0 and s + c >= 0
+        c = obj.parts(v[:n], jacobian=False)[2]
+        return np.concatenate([v[n:] - c, v[n:] + c])
+
+    def slack_jac(v):
+        _, _, _, dc = obj.parts(v[:n])
+        return np.block([[-dc, eye], [dc, eye]])
+
+    found, iterations, next_try = [], [0], [polish_every, polish_every]  # (iteration of the next try, interval)
+
+    def try_newton(z):
+        if _increasing(obj, z, margin * (1 - 1e-6)):
+            done = _active_set_newton(obj, z, margin)
+            if done is not None and done[0] <= obj.fun(z) * (1 + 1e-12):
+                found.append(done[1])
+                return True
+        return False
+
+    def callback(v):
+        iterations[0] += 1
+        if iterations[0] == next_try[0]:
+            if try_newton(v[:n].copy()):
+                raise StopIteration
+            next_try[1] *= 2  # back off: a failed try costs n Jacobians
+            next_try[0] += next_try[1]
+
+    zeros = np.zeros((n + 1, m))
+    constraints = [{"type": "ineq", "fun": lambda v: a @ v[:n] - lb, "jac": lambda v: np.hstack([a, zeros])}]
+    if m:
+        constraints.append({"type": "ineq", "fun": slack, "jac": slack_jac})
+    v0 = np.concatenate([z0, np.abs(obj.parts(z0)[2])])
+    # SLSQP's ftol is absolute; ours is relative to J at the start
+    res = minimize(f, v0, jac=f_grad, method="SLSQP", constraints=constraints, callback=callback,
+                   options={"maxiter": maxiter, "ftol": tol * obj.fun(z0)})
+    if not found:
+        try_newton(res.x[:n].copy())
+    return res, (found[0] if found else None)
+
+
+def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, max_steps: int = 12):
+    """(J, z) after Newton on the KKT conditions of the active set at z, or None if that fails.
+
+    Near the optimum SLSQP converges only linearly (its BFGS model has to learn the curvature along the kinks'
+    manifold: ~250 iterations per start at NFE 20), so it stops early and this finishes. With the kinks z sits on
+    (c_n ~ 0), the gaps at the margin, and fixed signs s_n elsewhere, it solves
+        grad(smooth) + s dc_I + mu dc_A + nu a_M = 0,   c_A = 0,   a_M z = lb_M
+    by Newton, with the Lagrangian's Hessian from forward differences of the exact Jacobians, kept across steps while
+    they contract the residual tenfold (each Hessian costs n Jacobians: with the solver-row objective that is most of
+    the polish). The point is kept
+    only if it is feasible and certified a local minimum: the multipliers (|mu| <= 1, else leaving that kink would
+    lower J; nu <= 0, else opening that gap would), unchanged signs off the kinks, and a Lagrangian Hessian positive
+    semi-definite along the active set."""
+    n = z.size
+    _, _, c, _ = obj.parts(z)
+    kinks = np.abs(c) <= 1e-4 * np.abs(c).max() if c.size else np.zeros(0, bool)
+    signs = np.sign(c) * ~kinks
+    rows, lb = _monotone_rows(n, obj.lam_start, obj.lam_end, margin)
+    at_margin = rows @ z - lb <= 1e-9 * (obj.lam_end - obj.lam_start)
+    rows, lb = rows[at_margin], lb[at_margin]
+    k_kinks, k = int(kinks.sum()), int(kinks.sum() + at_margin.sum())
+
+    def gradient(zz, mu):  # of the Lagrangian, with the kinks' Jacobian rows and values
+        _, d_smooth, cc, dc = obj.parts(zz)
+        return d_smooth + signs @ dc + mu[:k_kinks] @ dc[kinks], dc[kinks], cc[kinks]
+
+    g, a, _ = gradient(z, np.zeros(k))
+    mult = np.linalg.lstsq(np.vstack([a, rows]).T, -g, rcond=None)[0] if k else np.zeros(0)
+    hess, previous = None, np.inf
+    for _ in range(max_steps):
+        g, a, c_kinks = gradient(z, mult)
+        residual = np.concatenate([g + mult[k_kinks:] @ rows, c_kinks, rows @ z - lb])
+        size = np.abs(residual).max()
+        if size <= 1e-13 * (1 + np.abs(g).max()):
+            break
+        if hess is None or size > 0.1 * previous:  # chord steps while they contract fast, else a fresh Hessian
+            hess = _hessian_by_differences(lambda zz: gradient(zz, mult)[0], z, g)
+        previous = size
+        jac = np.vstack([a, rows])
+        kkt = np.block([[hess, jac.T], [jac, np.zeros((k, k))]])
+        try:
+            step = np.linalg.solve(kkt, -residual)
+        except np.linalg.LinAlgError:
+            return None
+        z, mult = z + step[:n], mult + step[n:]
+        if not _increasing(obj, z, margin * (1 - 1e-6)):  # left the feasible set: not this active set's minimum
+            return None
+    if hess is None:  # converged at once: the second-order check below still needs the Hessian
+        hess = _hessian_by_differences(lambda zz: gradient(zz, mult)[0], z, g)
+    c_free = obj.parts(z, jacobian=False)[2][~kinks]
+    certified = (np.all(np.abs(mult[:k_kinks]) <= 1 + 1e-9) and np.all(mult[k_kinks:] <= 1e-9)
+                 and np.all(np.sign(c_free) == signs[~kinks]) and _positive_on_null_space(hess, np.vstack([a, rows])))
+    if not (certified and _increasing(obj, z, margin * (1 - 1e-9))):
+        return None
+    return obj.fun(z), z
+
+
+def _positive_on_null_space(hess: np.ndarray, active: np.ndarray) -> bool:
+    """Second-order condition: the Lagrangian's Hessian is positive semi-definite along the active set."""
+    basis = null_space(active) if active.size else np.eye(hess.shape[0])
+    if basis.shape[1] == 0:
+        return True
+    eig = np.linalg.eigvalsh(basis.T @ hess @ basis)
+    return bool(eig.min() >= -1e-6 * max(1.0, np.abs(hess).max()))
+
+
+def _hessian_by_differences(gradient, z: np.ndarray, g: np.ndarray, h: float = 1e-7) -> np.ndarray:
+    """Forward differences of an exact gradient, symmetrised: the Hessian sets Newton's rate, not its solution."""
+    hess = np.empty((z.size, z.size))
+    for i in range(z.size):
+        e = np.zeros(z.size)
+        e[i] = h
+        hess[:, i] = (gradient(z + e) - g) / h
+    return 0.5 * (hess + hess.T)
+
+
+def _trust_constr(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: int, tol: float, gradient: str):
+    """The reference's optimiser: scipy trust-constr on J itself, its options otherwise scipy's defaults."""
+    a, lb = _monotone_rows(z0.size, obj.lam_start, obj.lam_end, margin)
+    jac = obj.grad if gradient == "analytic" else "2-point"
+    return minimize(obj.fun, z0, jac=jac, method="trust-constr", constraints=[LinearConstraint(a, lb, np.inf)],
+                    options={"maxiter": maxiter, "gtol": tol, "xtol": tol})

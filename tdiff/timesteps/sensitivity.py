@@ -8,13 +8,16 @@ by the update(s) of program step s, reaches the final sample:
     x_N = a x_T + sum_s sum_n P[s, n] D_n        (the model's dependence on x is ignored: errors, not dynamics)
 
 Each buffer is an (S, N+1) array: column 0 is x_T, column n+1 is D_n, the row says at which step a model output
-entered an update. DM-NonUniform's objective is built on P (Xue et al. 2024, Eq. 35): an error e_n in D_n moves
-the result by sum_s P[s, n] e_n.
+entered an update. DM-NonUniform's "solver" objective is built on P (Xue et al. 2024, Eq. 35): an error e_n in D_n
+moves the result by sum_s P[s, n] e_n.
 
-The interpretation runs in numpy with a hand-written reverse sweep (an autograd Function over the rows): the
-arrays are tiny, so torch's per-op and per-autograd-node cost would be nearly all of DM-NonUniform's run time.
+The interpretation runs in numpy, with a hand-written reverse sweep (an autograd Function over the rows) and a
+forward sweep of tangents (the Jacobian of P in the program's inputs): the arrays are tiny, so torch's per-op and
+per-autograd-node cost would be nearly all of DM-NonUniform's run time.
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -26,6 +29,32 @@ from ..solvers.program import Alias, Eval, Noise, Program, Update
 def step_output_weights(prog: Program) -> Tensor:
     """(S, N) weights P[s, n], differentiable in the program's rows."""
     return _StepOutputWeights.apply(prog, torch.cat([r.reshape(-1) for r in prog.rows]))
+
+
+def step_output_weight_tangents(build: Callable[[Tensor], Program], inputs: Tensor, jacobian: bool = True):
+    """P (S, N) for the program build(inputs) makes and, if asked, dP/d inputs (S, N, L), both as numpy arrays.
+
+    The rows' Jacobian in the (L,) inputs comes from torch (reverse mode, vectorised over the rows); it is pushed
+    forward through the program in numpy, one tangent per input."""
+    if not jacobian:
+        with torch.no_grad():
+            prog = build(inputs)
+        weights, _, _ = _interpret(prog, [r.detach().double().numpy() for r in prog.rows])
+        return weights[:, 1:], None
+    built = {}
+
+    def flat_rows(x):
+        built["prog"] = build(x)  # the instructions are plain data; the rows come back through jacrev
+        flat = torch.cat([r.reshape(-1) for r in built["prog"].rows])
+        return flat, flat
+
+    flat_jac, flat = torch.func.jacrev(flat_rows, has_aux=True)(inputs)
+    prog = built["prog"]
+    split = np.cumsum([r.numel() for r in prog.rows])[:-1]
+    rows = np.split(flat.detach().double().numpy(), split)
+    drows = np.split(flat_jac.detach().double().numpy(), split)
+    weights, _, tangent = _interpret(prog, rows, drows)
+    return weights[:, 1:], np.moveaxis(tangent[:, :, 1:], 0, -1)
 
 
 def output_weights(prog: Program) -> Tensor:
@@ -40,7 +69,7 @@ class _StepOutputWeights(torch.autograd.Function):
     def forward(ctx, prog: Program, flat_rows: Tensor) -> Tensor:
         flat = flat_rows.detach().cpu().double().numpy()
         np_rows = np.split(flat, np.cumsum([r.numel() for r in prog.rows])[:-1])
-        weights, tape = _interpret(prog, np_rows)
+        weights, tape, _ = _interpret(prog, np_rows)
         ctx.tape, ctx.np_rows, ctx.final, ctx.dtype = tape, np_rows, weights, flat_rows.dtype
         return torch.from_numpy(weights[:, 1:].copy()).to(flat_rows.dtype)
 
@@ -52,29 +81,37 @@ class _StepOutputWeights(torch.autograd.Function):
         return None, torch.from_numpy(np.concatenate(grads)).to(ctx.dtype)
 
 
-def _interpret(prog: Program, rows: list):
-    """Forward pass over (S, N+1) arrays; the tape lists (row index, output array, read arrays) per Update."""
+def _interpret(prog: Program, rows: list, drows: Optional[list] = None):
+    """Forward pass over (S, N+1) arrays; the tape lists (row index, output array, read arrays) per Update. With
+    drows (each row's (K, L) Jacobian), also the (L, S, N+1) tangent of the result (None while it is zero)."""
     n_steps = len(prog.steps)
     start = np.zeros((n_steps, prog.nfe + 1))
     start[0, 0] = 1.0
-    buf, tape = {"x": start}, []
+    buf, tangent, tape = {"x": start}, {"x": None}, []
     for s, step in enumerate(prog.steps):
         for ins in step:
             if isinstance(ins, Eval):
                 buf[ins.out] = ins.k  # a raw model output: tagged with the step that first combines it
+                tangent[ins.out] = None
             elif isinstance(ins, Alias):
-                buf[ins.out] = buf[ins.src]
+                buf[ins.out], tangent[ins.out] = buf[ins.src], tangent[ins.src]
             elif isinstance(ins, Update):
-                row = rows[ins.row]
-                reads = [_tagged(buf[name], s, start.shape) for name in (ins.x, *ins.hist)]
+                row, names = rows[ins.row], (ins.x, *ins.hist)
+                reads = [_tagged(buf[name], s, start.shape) for name in names]
                 acc = row[0] * reads[0]
                 for j in range(1, len(reads)):
                     acc = acc + row[j] * reads[j]
                 buf[ins.out] = acc
                 tape.append((ins.row, acc, reads))
+                if drows is not None:  # d(sum_j row_j read_j) = sum_j drow_j read_j + row_j dread_j
+                    d_acc = np.einsum("jl,jsn->lsn", drows[ins.row], np.stack(reads))
+                    for j, name in enumerate(names):
+                        if tangent[name] is not None:
+                            d_acc = d_acc + row[j] * tangent[name]
+                    tangent[ins.out] = d_acc
             elif isinstance(ins, Noise):
                 raise ValueError("output weights are defined for ODE solvers only (this program adds noise)")
-    return buf["x"], tape
+    return buf["x"], tape, tangent["x"]
 
 
 def _reverse(tape: list, rows: list, final: np.ndarray, grad_out: np.ndarray) -> list:
