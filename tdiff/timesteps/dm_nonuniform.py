@@ -24,7 +24,6 @@ default iteration limit of 1000), with finite-difference gradients as the refere
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -34,10 +33,8 @@ from scipy.optimize import LinearConstraint, OptimizeResult, minimize
 from ..schedules import NoiseSchedule
 from .dmn_objective import OBJECTIVES, STARTS, SurrogateObjective
 
-try:  # a multi-threaded BLAS under SLSQP's tiny subproblems costs 40x on a loaded machine (2.7 vs 0.07 ms a call)
-    from threadpoolctl import threadpool_limits
-except ImportError:  # optional: without it, set OPENBLAS_NUM_THREADS=1
-    threadpool_limits = None
+# a multi-threaded BLAS under SLSQP's tiny subproblems costs 40x on a loaded machine (2.7 vs 0.07 ms a call)
+from threadpoolctl import threadpool_limits
 
 METHODS = ("sqp", "trust-constr")
 GRADIENTS = ("analytic", "finite-difference")
@@ -99,7 +96,7 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
 
     # SQP and Newton steps may probe far outside the interval (exp overflows there): J is then inf or NaN and the
     # point is rejected, so the floating-point warnings say nothing
-    with threadpool_limits(1) if threadpool_limits else contextlib.nullcontext(), np.errstate(all="ignore"):
+    with threadpool_limits(1), np.errstate(all="ignore"):
         best, per_start, nit, nfev = _optimise(obj, starts, method, gradient, margin, maxiter, tol)
     if best is None or not np.isfinite(best[0]):
         raise RuntimeError(f"DM-NonUniform found no increasing lambdas (per start: {per_start}); check t_max/t_min")
