@@ -62,10 +62,12 @@ def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[in
     return build_heun(grid, cond, schedule=schedule, **opts)
 
 
-def _unpack_timesteps(timesteps, timesteps_cond, opts: dict):
+def _unpack_timesteps(timesteps, timesteps_cond, opts: dict, solver=None, order=None):
     # a LearnedSchedule / DiffusersTimesteps (anything with .timesteps) carries the decoupled times and may carry
     # its final_sigmas_type
     if hasattr(timesteps, "timesteps") and not isinstance(timesteps, Tensor):
+        if hasattr(timesteps, "check_solver"):  # a LearnedSchedule refuses a solver it was not learned for
+            timesteps.check_solver(solver, order)
         if timesteps_cond is None:
             timesteps_cond = getattr(timesteps, "timesteps_cond", None)
         if getattr(timesteps, "final_sigmas_type", None) is not None:
@@ -85,7 +87,7 @@ class Sampler:
 
     def __init__(self, denoiser, timesteps, solver: str = "dpmpp", order: Optional[int] = None, timesteps_cond=None,
                  guidance=None, progress: bool = False, schedule=None, **opts):
-        timesteps, timesteps_cond = _unpack_timesteps(timesteps, timesteps_cond, opts)
+        timesteps, timesteps_cond = _unpack_timesteps(timesteps, timesteps_cond, opts, solver, order)
         self.denoiser = denoiser
         self.schedule = schedule_of(denoiser, schedule)
         self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond, **opts)
