@@ -12,4 +12,5 @@ from .learned import LearnedSchedule
 from .remat import RematDenoiser, sample_remat
 
 __all__ = ["uniform_t", "quadratic_t", "edm_rho", "logsnr_uniform", "interpolate_schedule", "HEURISTICS",
-           "dm_nonuniform", "ld3_learn", "LD3DivergedError", "LD3Interrupted", "steps_for_nfe", "LearnedSchedule", "RematDenoiser", "sample_remat"]
+           "dm_nonuniform", "ld3_learn", "LD3DivergedError", "LD3Interrupted", "steps_for_nfe", "LearnedSchedule",
+           "RematDenoiser", "sample_remat"]
