@@ -97,7 +97,7 @@ def _probe(mode: str, nfe: int) -> None:
 
 
 def _memory(quick: bool) -> list:
-    nfes = (4, 20) if quick else (4, 8, 12, 16, 20)
+    nfes = (4, 20) if quick else (4, 12, 20)
     out = []
     for mode in ("plain", "remat"):
         for nfe in nfes:
@@ -162,21 +162,36 @@ class _Problem:
         return float((y - self.exact).pow(2).mean().sqrt())
 
 
-def _ld3_runs(prob: _Problem, nfe: int, seeds, train: dict, **kw) -> dict:
+#: what the pool's forked workers read (set before the pool starts, so each worker inherits it)
+_SHARED: dict = {}
+
+
+def _pool():
+    """Independent LD3 runs go to forked workers (one thread each; TDIFF_BENCH_WORKERS, default 2): the CPU time of
+    each run is its own process's, so the figures do not change, only the wall time."""
+    import multiprocessing as mp
+
+    return mp.get_context("fork").Pool(int(os.environ.get("TDIFF_BENCH_WORKERS", "2")))
+
+
+def _one_run(job: tuple) -> dict:
     from tdiff.timesteps import HEURISTICS, ld3_learn
 
-    runs = []
-    for seed in seeds:
-        learned, wall, cpu = _timed(lambda: ld3_learn(prob.den, prob.schedule, solver=SOLVER, order=ORDER, nfe=nfe,
-                                                      shape=(16,), dtype=torch.float64, seed=seed, progress=False,
-                                                      **train, **kw))
-        m = learned.metadata
-        start = HEURISTICS[m["init"]](prob.schedule, nfe)
-        runs.append({"seed": seed, "rmse": prob.error(learned), "start": m["init"], "start_rmse": prob.error(start),
-                     "returned": m["returned"], "best_val_loss": m["best_val_loss"],
-                     "start_val_loss": m["val_history"][0], "iterations": m["iterations"],
-                     "stopped_early": m["stopped_early"], "x_step_over_radius": m["x_step_over_radius_median"],
-                     "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)})
+    key, nfe, seed, train, kw = job
+    prob = _SHARED[key]
+    torch.set_num_threads(1)
+    learned, wall, cpu = _timed(lambda: ld3_learn(prob.den, prob.schedule, solver=SOLVER, order=ORDER, nfe=nfe,
+                                                  shape=(16,), dtype=torch.float64, seed=seed, progress=False,
+                                                  **train, **kw))
+    m = learned.metadata
+    start = HEURISTICS[m["init"]](prob.schedule, nfe)
+    return {"seed": seed, "rmse": prob.error(learned), "start": m["init"], "start_rmse": prob.error(start),
+            "returned": m["returned"], "best_val_loss": m["best_val_loss"], "start_val_loss": m["val_history"][0],
+            "iterations": m["iterations"], "stopped_early": m["stopped_early"],
+            "x_step_over_radius": m["x_step_over_radius_median"], "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+
+
+def _summary(runs: list) -> dict:
     mean, ci = _mean_ci([r["rmse"] for r in runs])
     return {"mean": mean, "ci95": ci, "worst": max(r["rmse"] for r in runs),
             "worse_than_start": sum(r["rmse"] > r["start_rmse"] for r in runs), "runs": runs}
@@ -199,23 +214,37 @@ def _teacher(prob: _Problem) -> list:
     return sorted(rows, key=lambda r: r["rmse"])
 
 
-def _choose_data(name: str, schedule) -> tuple:
-    """LD3's settings for mixture `name` (DATA_CHOICES), chosen by the error on a selection set (noise seed 20_000,
-    not the reported 10_000) at NFE 5, seed 0."""
-    sel = _Problem(name, schedule, 500, noise_seed=20_000)
-    errors = {choice: _ld3_runs(sel, 5, (0,), train)["mean"] for choice, train in DATA_CHOICES.items()}
-    best = min(errors, key=errors.get)
-    print(f"  {name}: settings chosen on selection noise: {best} (selection RMSE {errors})", flush=True)
-    return best, errors
+def _choose_data(problems: dict) -> dict:
+    """LD3's settings per mixture (DATA_CHOICES), chosen by the error on a selection set (noise seed 20_000, not
+    the reported 10_000) at NFE 5, seed 0."""
+    for name, prob in problems.items():
+        _SHARED[f"select {name}"] = _Problem(name, prob.schedule, 500, noise_seed=20_000)
+    jobs = [(f"select {name}", 5, 0, train, {}) for name in problems for train in DATA_CHOICES.values()]
+    with _pool() as pool:
+        runs = iter(pool.map(_one_run, jobs))
+    chosen = {}
+    for name in problems:
+        errors = {choice: next(runs)["rmse"] for choice in DATA_CHOICES}
+        chosen[name] = (min(errors, key=errors.get), errors)
+        print(f"  {name}: settings chosen on selection noise: {chosen[name][0]} (selection RMSE {errors})",
+              flush=True)
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # (3) + (4) the mixture tables
 # ---------------------------------------------------------------------------------------------------------------
-def _table(prob: _Problem, nfes, seeds, train: dict, reference=None) -> list:
-    """reference: None, or (seeds, training-data settings) of the reference-style runs."""
+def _table(key: str, nfes, seeds, train: dict, reference=None) -> list:
+    """The heuristics, DM-NonUniform and LD3 (and the reference-style loop when reference = (seeds, settings)) for
+    the problem _SHARED[key] at each NFE."""
     from tdiff.timesteps import HEURISTICS, dm_nonuniform
 
+    prob = _SHARED[key]
+    jobs = [(key, nfe, seed, train, {}) for nfe in nfes for seed in seeds]
+    if reference:
+        jobs += [(key, nfe, seed, reference[1], REFERENCE_STYLE) for nfe in nfes for seed in reference[0]]
+    with _pool() as pool:
+        runs = pool.map(_one_run, jobs)
     records = []
     for nfe in nfes:
         rec = {"mixture": prob.name, "schedule": type(prob.schedule).__name__, "nfe": nfe}
@@ -225,9 +254,9 @@ def _table(prob: _Problem, nfes, seeds, train: dict, reference=None) -> list:
         rec["DM-NonUniform"], rec["DM-NonUniform wall_s"] = prob.error(steps), round(wall, 2)
         rec["best heuristic"] = min(rec[n] for n in HEURISTICS)
         rec["best heuristic name"] = min(HEURISTICS, key=lambda n: rec[n])
-        rec["LD3"] = _ld3_runs(prob, nfe, seeds, train)
+        rec["LD3"] = _summary([r for j, r in zip(jobs, runs) if j[1] == nfe and not j[4]])
         if reference:
-            rec["LD3 reference-style"] = _ld3_runs(prob, nfe, reference[0], reference[1], **REFERENCE_STYLE)
+            rec["LD3 reference-style"] = _summary([r for j, r in zip(jobs, runs) if j[1] == nfe and j[4]])
         rec["LD3 reduction vs best heuristic"] = 1 - rec["LD3"]["mean"] / rec["best heuristic"]
         records.append(rec)
         ref = rec.get("LD3 reference-style", {}).get("mean", float("nan"))
@@ -241,11 +270,33 @@ def _table(prob: _Problem, nfes, seeds, train: dict, reference=None) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # (5) the default digits DiT (only when its checkpoint is already there: training it is another bench's job)
 # ---------------------------------------------------------------------------------------------------------------
-def _dit(quick: bool) -> dict:
+def _dit_scores(ts) -> dict:
     from tdiff.metrics import frechet_distance, rmse
+    from tdiff.solvers import sample
+
+    d = _SHARED["dit"]
+    with torch.no_grad():
+        y = sample(d["den"], d["x"], ts, solver=SOLVER, order=ORDER)
+    return {"fd": float(frechet_distance(y.clamp(-1, 1), size=d["size"])), "rmse": float(rmse(y, d["teacher"]))}
+
+
+def _dit_run(job: tuple) -> dict:
+    from tdiff.timesteps import ld3_learn
+
+    nfe, loss = job
+    d = _SHARED["dit"]
+    torch.set_num_threads(1)
+    learned, wall, cpu = _timed(lambda: ld3_learn(d["den"], d["schedule"], solver=SOLVER, order=ORDER, nfe=nfe,
+                                                  shape=d["shape"], loss=loss, progress=False, **d["train"]))
+    m = learned.metadata
+    return dict(_dit_scores(learned), start=m["init"], returned=m["returned"], iterations=m["iterations"],
+                wall_s=round(wall, 1), cpu_s=round(cpu, 1))
+
+
+def _dit(quick: bool) -> dict:
     from tdiff.models.defaults import load_default
     from tdiff.solvers import sample
-    from tdiff.timesteps import HEURISTICS, dm_nonuniform, ld3_learn
+    from tdiff.timesteps import HEURISTICS, dm_nonuniform
 
     try:
         model, schedule, den = load_default("dit", train_if_missing=False)
@@ -255,35 +306,27 @@ def _dit(quick: bool) -> dict:
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     n = 64 if quick else 500
     x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(10_000))  # held out
-    teacher_ts = HEURISTICS["logsnr_uniform"](schedule, 20)
     with torch.no_grad():
-        teacher = sample(den, x, teacher_ts, solver=SOLVER, order=ORDER)
-
-    def scores(ts):
-        with torch.no_grad():
-            y = sample(den, x, ts, solver=SOLVER, order=ORDER)
-        return {"fd": float(frechet_distance(y.clamp(-1, 1), size=cfg.input_size)), "rmse": float(rmse(y, teacher))}
-
-    nfes = (5,) if quick else (4, 5, 6)
-    losses = ("l2",) if quick else ("l2", "digits_perceptual")
+        teacher = sample(den, x, HEURISTICS["logsnr_uniform"](schedule, 20), solver=SOLVER, order=ORDER)
     train = dict(n_train=10, n_val=10, epochs=2, phase1_epochs=1) if quick else {}
+    _SHARED["dit"] = dict(den=den, schedule=schedule, shape=shape, x=x, teacher=teacher, size=cfg.input_size,
+                          train=train)
+    nfes = (5,) if quick else (4, 5, 6)
+    # the perceptual loss costs a full run: at NFE 5 only
+    jobs = [(nfe, "l2") for nfe in nfes] + ([] if quick else [(5, "digits_perceptual")])
+    with _pool() as pool:
+        runs = pool.map(_dit_run, jobs)
     rows = {}
     for nfe in nfes:
         for name, fn in HEURISTICS.items():
-            rows[f"{name} NFE={nfe}"] = scores(fn(schedule, nfe))
-        rows[f"DM-NonUniform NFE={nfe}"] = scores(dm_nonuniform(schedule, nfe, solver=SOLVER, order=ORDER))
-        for loss in losses:
-            if loss != "l2" and nfe != 5:
-                continue  # the perceptual loss costs a full run: at NFE 5 only
-            learned, wall, cpu = _timed(lambda: ld3_learn(den, schedule, solver=SOLVER, order=ORDER, nfe=nfe,
-                                                          shape=shape, loss=loss, progress=False, **train))
-            m = learned.metadata
-            key = f"LD3 ({loss}) NFE={nfe}"
-            rows[key] = dict(scores(learned), start=m["init"], returned=m["returned"], iterations=m["iterations"],
-                             wall_s=round(wall, 1), cpu_s=round(cpu, 1))
-            print(f"  DiT {key}: {rows[key]}", flush=True)
-    rows["teacher NFE=20"] = {"fd": float(frechet_distance(teacher.clamp(-1, 1), size=cfg.input_size)), "rmse": 0.0}
-    return {"results": rows, "n_samples": n, "torch_threads": torch.get_num_threads()}
+            rows[f"{name} NFE={nfe}"] = _dit_scores(fn(schedule, nfe))
+        rows[f"DM-NonUniform NFE={nfe}"] = _dit_scores(dm_nonuniform(schedule, nfe, solver=SOLVER, order=ORDER))
+        for (job_nfe, loss), r in zip(jobs, runs):
+            if job_nfe == nfe:
+                rows[f"LD3 ({loss}) NFE={nfe}"] = r
+                print(f"  DiT LD3 ({loss}) NFE={nfe}: {r}", flush=True)
+    rows["teacher NFE=20"] = _dit_scores(HEURISTICS["logsnr_uniform"](schedule, 20))
+    return {"results": rows, "n_samples": n, "torch_threads": 1, "settings": train or "paper defaults"}
 
 
 def run(quick: bool) -> dict:
@@ -305,21 +348,20 @@ def run(quick: bool) -> dict:
     seeds = (0,) if quick else (0, 1, 2, 3)
     ref_seeds = (0,) if quick else (0, 1)
     problems = {name: _Problem(name, default_schedule(), n_eval) for name in MIXTURES}
+    _SHARED.update(problems)
     teacher = _teacher(problems["smooth"])
     print_table("Teacher candidates at 20 model calls, smooth mixture: RMSE vs the exact ODE", ["solver", "order",
                 "timesteps", "RMSE"], [[r["solver"], r["order"], r["timesteps"], r["rmse"]] for r in teacher])
-    mix, data_choice = [], {}
-    for name, prob in problems.items():
-        if quick:
-            train, data_choice[name] = dict(n_train=20, n_val=20, epochs=3, phase1_epochs=1), ("quick", {})
-        else:
-            data_choice[name] = _choose_data(name, prob.schedule)
-            train = DATA_CHOICES[data_choice[name][0]]
-        mix += _table(prob, (4,) if quick else (4, 5, 6, 7, 8), seeds, train,
-                      reference=(ref_seeds, train if quick else DATA_CHOICES[PAPER]))
-    edm_train = DATA_CHOICES[data_choice["smooth"][0]] if not quick else train
-    edm = _table(_Problem("smooth", EDM(), n_eval), (4,) if quick else (4, 5, 6), seeds[:2], edm_train,
-                 reference=None)
+    quick_train = dict(n_train=20, n_val=20, epochs=3, phase1_epochs=1)
+    data_choice = {name: ("quick", {}) for name in MIXTURES} if quick else _choose_data(problems)
+    mix = []
+    for name in problems:
+        train = quick_train if quick else DATA_CHOICES[data_choice[name][0]]
+        mix += _table(name, (4,) if quick else (4, 5, 6, 7, 8), seeds, train,
+                      reference=(ref_seeds, quick_train if quick else DATA_CHOICES[PAPER]))
+    _SHARED["smooth EDM"] = _Problem("smooth", EDM(), n_eval)
+    edm = _table("smooth EDM", (4,) if quick else (4, 5, 6), seeds[:2],
+                 quick_train if quick else DATA_CHOICES[data_choice["smooth"][0]])
     heur = ["uniform_t", "quadratic_t", "edm_rho", "logsnr_uniform"]
     print_table(f"Mixtures, {SOLVER}-{ORDER}: RMSE vs the exact ODE on {n_eval} held-out samples (LD3: mean +- 95% CI "
                 f"over {len(seeds)} seeds)", ["mixture", "schedule", "NFE", *heur, "DMN", "LD3", "+-", "ref-style",
