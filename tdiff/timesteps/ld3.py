@@ -182,7 +182,8 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
     init: "best" (the heuristic with the lowest validation loss), a heuristic name, or a tensor of times.
     val_every / patience / lr_decay / min_lr_xi / min_lr_xi_c / min_lr_hits / lr_x_decay: the reference's loop.
     keep_init_if_better: return the start when the learned state is worse on validation at eps' = eps.
-    checkpoint: a file path; the run is checkpointed there and resumed from it (see the module doc).
+    checkpoint: a file path; the run is checkpointed there and resumed from it (see the module doc). Under
+        torch.distributed every rank must see the same file (rank 0 writes it, every rank reads it on resume).
     """
     from ..solvers.sample import DEFAULT_ORDER, SOLVERS, schedule_of
 
