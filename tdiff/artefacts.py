@@ -124,7 +124,9 @@ def load_json(path: str, fmt: str, version: int, max_bytes: Optional[int] = None
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+    except UnicodeDecodeError as e:
+        raise ValueError(f"cannot read {fmt} file {path!r}: it is not UTF-8 text ({e})") from e
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError
         raise ValueError(f"cannot read {fmt} file {path!r}: {e}") from e
     _check_header(doc, path, fmt, version)
     return doc

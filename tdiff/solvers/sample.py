@@ -131,6 +131,8 @@ def _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts: dict):
             order = getattr(obj, "order", None) if order is None else order
             for k, v in (getattr(obj, "options", None) or {}).items():
                 opts.setdefault(k, v)
+        if hasattr(obj, "check_solver"):  # a LearnedSchedule refuses a solver it was not learned for
+            obj.check_solver(solver or "dpmpp", order)
         timesteps = obj.timesteps
     return timesteps, timesteps_cond, solver or "dpmpp", order
 

@@ -7,9 +7,10 @@
 """
 from .dm_nonuniform import dm_nonuniform
 from .heuristics import HEURISTICS, edm_rho, interpolate_schedule, logsnr_uniform, quadratic_t, uniform_t
-from .ld3 import LD3DivergedError, ld3_learn
+from .ld3 import LD3DivergedError, LD3Interrupted, ld3_learn, steps_for_nfe
 from .learned import LearnedSchedule
 from .remat import RematDenoiser, sample_remat
 
 __all__ = ["uniform_t", "quadratic_t", "edm_rho", "logsnr_uniform", "interpolate_schedule", "HEURISTICS",
-           "dm_nonuniform", "ld3_learn", "LD3DivergedError", "LearnedSchedule", "RematDenoiser", "sample_remat"]
+           "dm_nonuniform", "ld3_learn", "LD3DivergedError", "LD3Interrupted", "steps_for_nfe", "LearnedSchedule",
+           "RematDenoiser", "sample_remat"]

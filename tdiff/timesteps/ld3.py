@@ -1,37 +1,64 @@
 """LD3: learn a time discretisation by distilling a many-step teacher into a few-step student solve
-(Tong et al. 2024, Algorithm 1, Sec. 3.3, App. B).
+(Tong et al. 2024, Algorithm 1, Sec. 3.3, App. B; the loop follows the reference, vinhsuhi/LD3 `trainer.py`).
 
-  data      x_T ~ N(0, sigma_T^2 I), teacher x0 = Psi_*(x_T) from `teacher_solver` at `teacher_nfe` steps.
-  student   timesteps from xi (parameterisation.py), decoupled network times from xi_c, solved with `solver`
-            through the rematerialised backward (remat.py), so memory does not grow with NFE.
-  loss      soft teacher forcing: d(Psi_xi(x'_T), x0) with x'_T kept inside the ball ||x'_T - x_T|| <= r sigma_T,
-            r = r_gamma * d / NFE^2. x'_T takes a projected SGD step (lr 12/NFE) that is kept only where it lowers
-            that sample's loss. r = 0 is the hard (plain distillation) loss.
-  optimiser RMSprop on xi (lr 5e-3, momentum 0.9), SGD on xi_c (lr 0.1/NFE), grad-norm clip 1.0 each, learning
-            rates x0.8 after 5 validation checks without improvement. Phase 1 trains xi (and x'_T) only; phase 2
-            trains xi_c too. The start is the heuristic with the lowest validation loss; the best schedule by
-            validation loss is returned.
-  scale-out under torch.distributed, every rank builds the same x_T, computes teacher outputs only for its own
+  data      unit noise eps ~ N(0, I), x_T = sigma_T eps; teacher x0 = Psi_*(x_T), by default UniPC-3 on logSNR-uniform
+            steps at 20 model calls (the paper's "best solver at 20 NFE"; the bench checks it against the exact ODE).
+  student   N+1 times from xi (parameterisation.py) and decoupled network times from xi_c, solved with `solver`
+            through the rematerialised backward (remat.py), so memory does not grow with NFE. `nfe` counts model
+            calls for every solver (Heun makes two per step); the step count is read off the built solver Program.
+  loss      soft teacher forcing: d(Psi_xi(sigma_T eps'), x0) with eps' inside the ball ||eps' - eps|| <= r,
+            r = r_gamma * d / NFE^2 in unit-noise space (the paper's ball of radius r sigma_T around x_T). eps' takes a
+            projected SGD step (lr 12/NFE), kept per sample only where it lowers that sample's loss; r = 0 is the
+            hard (plain distillation) loss. d is L2 by default (see ld3_losses.py: the paper uses LPIPS).
+  optimiser RMSprop on xi (lr 5e-3, momentum 0.9), SGD on xi_c (lr 0.1/NFE), gradient-norm clip 1.0 each. Phase 1
+            (the first `phase1_epochs`) trains xi only, phase 2 trains xi_c too.
+  loop      validation every `val_every` iterations (default 1, as the paper and the reference): the best state
+            (xi, xi_c and every eps') is kept. After `patience` (5) validations without improvement the best state
+            is reloaded and the learning rates decay x0.8 (floors 5e-5 and 1e-6); training stops once a decay finds
+            the trained rates at their floor for the 5th time. Each epoch starts from the best xi / xi_c. At the end
+            of each epoch the validation eps' take a kept-if-better step too; if none of them moved, the eps' rate
+            halves. The start is the heuristic with the lowest validation loss.
+  result    the best state by validation loss; if the starting schedule's validation loss at eps' = eps (what a
+            fresh sample sees) is lower than the best state's, the start is returned (`metadata["returned"]`), so
+            the result is never worse on validation than its initialisation.
+  resume    with `checkpoint=path`, the full state is written atomically at the end of every epoch and on SIGTERM
+            (then the signal is passed on, or LD3Interrupted is raised); calling ld3_learn again with the same
+            arguments resumes bit-identically. A checkpoint of other settings, another model or another seed is
+            refused, never overwritten.
+  scale-out under torch.distributed every rank builds the same noise, computes teacher outputs only for its own
             shard, and the xi / xi_c gradients and the loss sums are all-reduced, so W ranks with batch B give the
-            result of one process with batch W*B.
+            result of one process with batch W*B. Rank 0 writes the checkpoint (the eps' rows are gathered).
+
+Deviations from the reference (also listed in the artefact's metadata): the L2 default loss; each sample's eps'
+step uses that sample's own loss gradient (`x_grad="sample"`; the reference differentiates the batch mean, a step
+lr/B per sample: `x_grad="batch_mean"` reproduces it); the kept-if-better test compares losses at the same xi
+(the reference compares after its xi update); the final guard against a worse-than-start result.
 """
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from .._version import __version__
+from ..artefacts import load_torch, save_torch
 from .distributed import all_reduce_sum, rank_and_world
-from .heuristics import HEURISTICS, check_nfe, sampling_interval
+from .heuristics import HEURISTICS, check_nfe, logsnr_uniform, sampling_interval
+from .ld3_losses import LOSS_NOTES, resolve_loss
 from .learned import LearnedSchedule, model_fingerprint
 from .parameterisation import StepParameterisation
 from .remat import sample_remat
 
-LOSSES = ("l2", "l1")
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "tdiff-ld3-checkpoint", 1
+#: the teacher's order when only teacher_solver is given: the highest each solver offers
+TEACHER_ORDER = {"unipc": 3, "dpmpp": 3, "ipndm": 4}
+X_GRADS = ("sample", "batch_mean")
 
 
 class LD3DivergedError(RuntimeError):
@@ -42,14 +69,39 @@ class LD3DivergedError(RuntimeError):
         self.best = best
 
 
-def _per_sample_loss(loss) -> Callable[[Tensor, Tensor], Tensor]:
-    if callable(loss):
-        return loss
-    if loss == "l2":
-        return lambda a, b: (a - b).pow(2).flatten(1).mean(1)
-    if loss == "l1":
-        return lambda a, b: (a - b).abs().flatten(1).mean(1)
-    raise ValueError(f"loss must be one of {LOSSES} or a callable (pred, target) -> (B,) losses, got {loss!r}")
+class LD3Interrupted(RuntimeError):
+    """SIGTERM arrived (on any rank): the state is in `.checkpoint`; call ld3_learn again with the same arguments
+    to resume."""
+
+    def __init__(self, message: str, checkpoint: str):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def fixed_call_options(solver: str) -> dict:
+    """Solver options under which the number of model calls does not depend on the steps. Heun's default (stable)
+    order rule drops the correction's evaluation on long steps, so its call count moves with the grid; LD3 moves the
+    grid while it learns, and `nfe` must mean the same model calls throughout, so Heun runs with diffusers' rule
+    (a correction on every step but a final one to sigma = 0). The options are recorded in the LearnedSchedule, and
+    `sample()` uses them with it."""
+    return {"order_rule": "diffusers"} if solver == "heun" else {}
+
+
+def steps_for_nfe(schedule, solver: str, order: Optional[int], nfe: int, name: str = "nfe") -> int:
+    """The number of steps at which `solver` makes exactly `nfe` model calls, read off the built Program."""
+    from ..solvers import build_program
+
+    made = []
+    for steps in range(1, nfe + 1):
+        calls = build_program(schedule, logsnr_uniform(schedule, steps), solver, order,
+                              **fixed_call_options(solver)).nfe
+        if calls == nfe:
+            return steps
+        made.append(calls)
+        if calls > nfe:
+            break
+    raise ValueError(f"{name}={nfe}: solver {solver!r} (order {order}) cannot make exactly {nfe} model calls; with "
+                     f"1, 2, ... steps it makes {made} calls")
 
 
 def _project(x: Tensor, centre: Tensor, radius: float) -> Tensor:
@@ -60,241 +112,537 @@ def _project(x: Tensor, centre: Tensor, radius: float) -> Tensor:
     return centre + d * scale
 
 
-def _check_args(nfe, teacher_nfe, r_gamma, r, epochs, phase1_epochs, n_train, n_val, batch_size):
+def _epoch_order(seed: int, epoch: int, n: int) -> list:
+    # a pure function of (seed, epoch): a resumed run draws the same batch order without saving generator state
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)).tolist()
+
+
+def _probe(denoiser, x: Tensor, t: Tensor) -> list:
+    """A short, rounded summary of one model call, so that a checkpoint is not resumed with another (even
+    analytic) denoiser; seeded, so a model with dropout gives the same summary."""
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)
+        out = denoiser(x, t)
+    out = (out[0] if isinstance(out, (tuple, list)) else out).double()
+    return [float(f"{float(v):.6g}") for v in (out.mean(), out.norm())]
+
+
+class _SigTerm:
+    """Notes a SIGTERM instead of dying at once, so the loop can checkpoint first (main thread only)."""
+
+    def __init__(self, enabled: bool):
+        self.received, self.prev = False, None
+        if enabled and threading.current_thread() is threading.main_thread():
+            prev = signal.signal(signal.SIGTERM, self._note)
+            self.prev = signal.SIG_DFL if prev is None else prev
+
+    def _note(self, signum, frame):
+        self.received = True
+
+    def restore(self) -> None:
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+            self.prev = None
+
+
+def _check_args(nfe, teacher_nfe, r_gamma, r, epochs, phase1_epochs, n_train, n_val, batch_size, val_every,
+                patience, min_lr_hits, lr_decay, lr_x_decay, x_grad):
     check_nfe(nfe, "nfe", minimum=2)
     check_nfe(teacher_nfe, "teacher_nfe", minimum=1)
     if teacher_nfe <= nfe:
         raise ValueError(f"teacher_nfe must be greater than the student's nfe ({nfe}), got {teacher_nfe}")
-    if r_gamma < 0 or (r is not None and r < 0):
-        raise ValueError(f"the ball radius must be >= 0, got r_gamma={r_gamma}, r={r}")
+    for name, v in (("r_gamma", r_gamma), ("r", 0.0 if r is None else r)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"the ball radius must be finite and >= 0, got {name}={v!r}")
     check_nfe(epochs, "epochs")
     if not 0 <= phase1_epochs <= epochs:
         raise ValueError(f"phase1_epochs must be in [0, epochs={epochs}], got {phase1_epochs}")
-    check_nfe(n_train, "n_train")
-    check_nfe(n_val, "n_val")
-    check_nfe(batch_size, "batch_size")
+    for name, v in (("n_train", n_train), ("n_val", n_val), ("batch_size", batch_size), ("val_every", val_every),
+                    ("patience", patience), ("min_lr_hits", min_lr_hits)):
+        check_nfe(v, name)
+    for name, v in (("lr_decay", lr_decay), ("lr_x_decay", lr_x_decay)):
+        if not 0 < v <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+    if x_grad not in X_GRADS:
+        raise ValueError(f"x_grad must be one of {X_GRADS}, got {x_grad!r}")
 
 
 def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[int] = None, nfe: int = 5,
-              teacher_solver: Optional[str] = None, teacher_order: Optional[int] = None, teacher_nfe: int = 20,
+              teacher_solver: str = "unipc", teacher_order: Optional[int] = None, teacher_nfe: int = 20,
               teacher_timesteps: Union[str, Tensor] = "logsnr_uniform", shape=None, n_train: int = 50,
-              n_val: int = 50, loss="l2", epochs: int = 7, phase1_epochs: int = 2, batch_size: int = 2,
-              space: str = "time", decoupled: bool = True, r_gamma: float = 0.001, r: Optional[float] = None,
-              lr_xi: float = 5e-3, lr_xi_c: Optional[float] = None, lr_x: Optional[float] = None,
-              init: Union[str, Tensor] = "best", val_every: Optional[int] = None, remat: bool = True,
-              t_max=None, t_min=None, dtype: torch.dtype = torch.float32, seed: int = 0,
+              n_val: int = 50, loss="l2", lpips_weights: Optional[str] = None, epochs: int = 7,
+              phase1_epochs: int = 2, batch_size: int = 2, space: str = "time", decoupled: bool = True,
+              r_gamma: float = 0.001, r: Optional[float] = None, lr_xi: float = 5e-3, lr_xi_c: Optional[float] = None,
+              lr_x: Optional[float] = None, x_grad: str = "sample", init: Union[str, Tensor] = "best",
+              val_every: int = 1, patience: int = 5, lr_decay: float = 0.8, min_lr_xi: float = 5e-5,
+              min_lr_xi_c: float = 1e-6, min_lr_hits: int = 5, lr_x_decay: float = 0.5,
+              keep_init_if_better: bool = True, remat: bool = True, t_max=None, t_min=None,
+              dtype: torch.dtype = torch.float32, seed: int = 0, checkpoint: Optional[str] = None,
               progress: bool = True) -> LearnedSchedule:
-    """Learn N+1 timesteps (and decoupled network times) for `solver` at `nfe` model calls. See module doc.
+    """Learn the timesteps (and decoupled network times) for `solver` at `nfe` model calls. See the module doc.
 
     denoiser: D(x, t) -> x0 prediction with a .schedule (or pass schedule=).
     shape: the shape of one sample (e.g. (1, 16, 16)); required.
-    teacher_timesteps: a heuristic name (see HEURISTICS) or a tensor of teacher_nfe+1 times.
-    r: the ball radius factor directly (overrides r_gamma * d / nfe^2); 0 gives the hard loss.
+    teacher_solver / teacher_order / teacher_nfe / teacher_timesteps: the teacher (default UniPC-3, 20 model calls,
+        logSNR-uniform); teacher_timesteps is a heuristic name (see HEURISTICS) or a tensor of times.
+    loss: "l2" (default), "l1", "lpips" (needs the lpips package and local VGG weights: lpips_weights=), or
+        "digits_perceptual", or a callable (pred, target) -> (B,) losses. See ld3_losses.py.
+    r: the ball radius in unit-noise space directly (overrides r_gamma * d / nfe^2); 0 gives the hard loss.
+    x_grad: "sample" (each eps' steps on its own loss gradient) or "batch_mean" (the reference's step).
     init: "best" (the heuristic with the lowest validation loss), a heuristic name, or a tensor of times.
-    val_every: validate every this many iterations (default: once per epoch).
+    val_every / patience / lr_decay / min_lr_xi / min_lr_xi_c / min_lr_hits / lr_x_decay: the reference's loop.
+    keep_init_if_better: return the start when the learned state is worse on validation at eps' = eps.
+    checkpoint: a file path; the run is checkpointed there and resumed from it (see the module doc). Under
+        torch.distributed every rank must see the same file (rank 0 writes it, every rank reads it on resume).
     """
-    from ..solvers import sample
     from ..solvers.sample import DEFAULT_ORDER, SOLVERS, schedule_of
 
-    _check_args(nfe, teacher_nfe, r_gamma, r, epochs, phase1_epochs, n_train, n_val, batch_size)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    teacher_solver = teacher_solver or solver
-    order = DEFAULT_ORDER[solver] if order is None else order
-    teacher_order = DEFAULT_ORDER[teacher_solver] if teacher_order is None else teacher_order
-    schedule = schedule_of(denoiser, schedule)
+    _check_args(nfe, teacher_nfe, r_gamma, r, epochs, phase1_epochs, n_train, n_val, batch_size, val_every,
+                patience, min_lr_hits, lr_decay, lr_x_decay, x_grad)
+    for name, s in (("solver", solver), ("teacher_solver", teacher_solver)):
+        if s not in SOLVERS:
+            raise ValueError(f"{name} must be one of {SOLVERS}, got {s!r}")
     if shape is None:
         raise ValueError("shape (the shape of one sample, e.g. (1, 16, 16)) is required")
-    shape = tuple(int(s) for s in shape)
-    loss_fn = _per_sample_loss(loss)
-    hi, lo = sampling_interval(schedule, t_max, t_min)
-    param = StepParameterisation(schedule, nfe, hi, lo, space)
-    rank, world = rank_and_world()
-    dim = math.prod(shape)
-    ball = (r if r is not None else r_gamma * dim / nfe**2) * float(schedule.sigma(hi))
-    lr_xi_c = 0.1 / nfe if lr_xi_c is None else lr_xi_c
-    lr_x = 12.0 / nfe if lr_x is None else lr_x
-    started = time.perf_counter()
+    order = DEFAULT_ORDER[solver] if order is None else order
+    if teacher_order is None:
+        teacher_order = TEACHER_ORDER.get(teacher_solver, DEFAULT_ORDER[teacher_solver])
+    run = _LD3Run(denoiser, schedule_of(denoiser, schedule), locals())
+    sig = _SigTerm(enabled=checkpoint is not None)
+    run.sig = sig
+    try:
+        return run.learn()
+    finally:
+        sig.restore()
 
-    # ---- data: the same x_T on every rank; teacher outputs only for this rank's shard ----
-    gen = torch.Generator().manual_seed(seed)
-    x_all = torch.randn((n_train + n_val, *shape), generator=gen, dtype=torch.float64).to(dtype)
-    x_all = x_all * schedule.sigma(hi).to(dtype)
-    group = batch_size * world
-    batches = [list(range(b, min(b + group, n_train))) for b in range(0, n_train, group)]
-    mine = [b[rank * batch_size:(rank + 1) * batch_size] for b in batches]  # this rank's slice of each batch
-    train_idx = sorted(i for b in mine for i in b)
-    val_idx = [n_train + j for j in range(n_val) if j % world == rank]
-    owned = train_idx + val_idx
-    if isinstance(teacher_timesteps, str):
-        if teacher_timesteps not in HEURISTICS:
-            raise ValueError(f"teacher_timesteps must be one of {tuple(HEURISTICS)} or a tensor of times")
-        t_teacher = HEURISTICS[teacher_timesteps](schedule, teacher_nfe, t_max=float(hi), t_min=float(lo))
-    else:
-        t_teacher = torch.as_tensor(teacher_timesteps, dtype=torch.float64)
-        if t_teacher.numel() != teacher_nfe + 1:
-            raise ValueError(f"teacher_timesteps must hold teacher_nfe+1 = {teacher_nfe + 1} times")
-    target = {}
-    with torch.no_grad():
-        for c in range(0, len(owned), 64):
-            chunk = owned[c:c + 64]
-            out = sample(denoiser, x_all[chunk], t_teacher, solver=teacher_solver, order=teacher_order,
-                         schedule=schedule)
-            target.update(zip(chunk, out))
-    if any(not bool(torch.isfinite(v).all()) for v in target.values()):
-        raise ValueError("the teacher produced non-finite samples; check the denoiser and teacher settings")
-    x_prime = {i: x_all[i].clone() for i in owned}  # the soft starting points x'_T
 
-    def student(x, t, tc, grad: bool):
-        run = sample_remat if (grad and remat) else sample
-        return run(denoiser, x, t, solver=solver, order=order, timesteps_cond=tc, schedule=schedule)
+class _LD3Run:
+    """One ld3_learn call: the data, the trained state and the loop (see the module doc)."""
 
-    def stack(idx, table):
-        return torch.stack([table[i] for i in idx])
+    def __init__(self, denoiser, schedule, a: dict):
+        self.denoiser, self.schedule = denoiser, schedule
+        self.solver, self.order, self.nfe = a["solver"], a["order"], a["nfe"]
+        self.loss_fn, self.loss_name = resolve_loss(a["loss"], a["lpips_weights"])
+        self.shape = tuple(int(s) for s in a["shape"])
+        self.dtype, self.seed, self.remat, self.decoupled = a["dtype"], a["seed"], a["remat"], a["decoupled"]
+        self.epochs, self.phase1_epochs, self.batch_size = a["epochs"], a["phase1_epochs"], a["batch_size"]
+        self.val_every, self.patience, self.lr_decay = a["val_every"], a["patience"], a["lr_decay"]
+        self.min_lr_xi, self.min_lr_xi_c, self.min_lr_hits = a["min_lr_xi"], a["min_lr_xi_c"], a["min_lr_hits"]
+        self.lr_x_decay, self.x_grad, self.keep_init = a["lr_x_decay"], a["x_grad"], a["keep_init_if_better"]
+        self.checkpoint, self.progress, self.n_val = a["checkpoint"], a["progress"], a["n_val"]
+        self.hi, self.lo = sampling_interval(schedule, a["t_max"], a["t_min"])
+        self.steps = steps_for_nfe(schedule, self.solver, self.order, self.nfe)
+        if self.steps < 2:
+            raise ValueError(f"nfe={self.nfe} gives {self.solver} a single step, which leaves no time to learn")
+        self.param = StepParameterisation(schedule, self.steps, self.hi, self.lo, a["space"])
+        self.rank, self.world = rank_and_world()
+        dim = math.prod(self.shape)
+        self.ball = float(a["r"] if a["r"] is not None else a["r_gamma"] * dim / self.nfe**2)
+        self.sigma_T = schedule.sigma(self.hi).to(self.dtype)
+        self.started = time.perf_counter()
 
-    def losses(idx, t, tc, x_grad: bool):
-        """Per-sample losses at the current x'_T (with a graph when anything needs a gradient), and x'_T."""
-        xr = stack(idx, x_prime).detach().requires_grad_(x_grad)
-        grad = x_grad or t.requires_grad
-        with torch.set_grad_enabled(grad):
-            per = loss_fn(student(xr, t, tc, grad=grad), stack(idx, target))
-        return per, xr
+        # ---- data: the same unit noise on every rank; each rank owns a shard of the batches and of validation ----
+        n_total = a["n_train"] + a["n_val"]
+        gen = torch.Generator().manual_seed(self.seed)
+        self.eps = torch.randn((n_total, *self.shape), generator=gen, dtype=torch.float64).to(self.dtype)
+        group = self.batch_size * self.world
+        self.batches = [list(range(b, min(b + group, a["n_train"]))) for b in range(0, a["n_train"], group)]
+        self.mine = [b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for b in self.batches]
+        self.val_idx = [a["n_train"] + j for j in range(a["n_val"]) if j % self.world == self.rank]
+        self.owned = torch.zeros(n_total, dtype=torch.bool)
+        self.owned[[i for b in self.mine for i in b] + self.val_idx] = True
 
-    def step_x_prime(idx, xr, gx, per, t, tc) -> Tensor:
-        """The projected SGD step on x'_T, kept per sample only where it lowers that sample's loss (at the current
-        timesteps). Returns the per-sample losses after the step."""
-        cand = _project(xr.detach() - lr_x * gx, x_all[idx], ball)
-        with torch.no_grad():
-            per_c = loss_fn(student(cand, t.detach(), None if tc is None else tc.detach(), grad=False),
-                            stack(idx, target))
-        better = per_c < per.detach()
-        for j, i in enumerate(idx):
-            if bool(better[j]):
-                x_prime[i] = cand[j]
-        return torch.where(better, per_c, per.detach())
+        # ---- teacher, init and settings (what a checkpoint must match) ----
+        self.teacher = dict(solver=a["teacher_solver"], order=a["teacher_order"], nfe=a["teacher_nfe"])
+        teacher_steps = steps_for_nfe(schedule, a["teacher_solver"], a["teacher_order"], a["teacher_nfe"],
+                                      "teacher_nfe")
+        tt = a["teacher_timesteps"]
+        if isinstance(tt, str):
+            if tt not in HEURISTICS:
+                raise ValueError(f"teacher_timesteps must be one of {tuple(HEURISTICS)} or a tensor of times")
+            self.t_teacher = HEURISTICS[tt](schedule, teacher_steps, t_max=float(self.hi), t_min=float(self.lo))
+        else:
+            self.t_teacher = torch.as_tensor(tt, dtype=torch.float64)
+            if self.t_teacher.numel() != teacher_steps + 1:
+                raise ValueError(f"teacher_timesteps must hold {teacher_steps + 1} times ({a['teacher_nfe']} model "
+                                 f"calls of {a['teacher_solver']})")
+        self.teacher["timesteps"] = tt if isinstance(tt, str) else self.t_teacher.tolist()
+        init = a["init"]
+        if isinstance(init, str):
+            if init != "best" and init not in HEURISTICS:
+                raise ValueError(f"init must be 'best', one of {tuple(HEURISTICS)}, or a tensor of times")
+        else:
+            init = torch.as_tensor(init, dtype=torch.float64)
+            if init.numel() != self.steps + 1:
+                raise ValueError(f"init must hold {self.steps + 1} times ({self.nfe} model calls of {self.solver})")
+        self.init = init
+        self.lr = dict(xi=a["lr_xi"], xi_c=0.1 / self.nfe if a["lr_xi_c"] is None else a["lr_xi_c"],
+                       x=12.0 / self.nfe if a["lr_x"] is None else a["lr_x"])
+        probe_x = torch.randn((1, *self.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        probe_x = (probe_x * self.sigma_T).to(self.dtype)
+        self.settings = {
+            "solver": self.solver, "order": self.order, "nfe": self.nfe, "teacher": self.teacher,
+            "shape": list(self.shape), "n_train": a["n_train"], "n_val": a["n_val"], "loss": self.loss_name,
+            "epochs": self.epochs, "phase1_epochs": self.phase1_epochs, "batch_size": self.batch_size,
+            "space": a["space"], "decoupled": self.decoupled, "r": self.ball, "lr": dict(self.lr),
+            "x_grad": self.x_grad,
+            "init": init if isinstance(init, str) else init.tolist(), "val_every": self.val_every,
+            "patience": self.patience, "lr_decay": self.lr_decay, "min_lr": [self.min_lr_xi, self.min_lr_xi_c],
+            "min_lr_hits": self.min_lr_hits, "lr_x_decay": self.lr_x_decay, "keep_init_if_better": self.keep_init,
+            "remat": self.remat, "interval": [float(self.hi), float(self.lo)], "dtype": str(self.dtype),
+            "seed": self.seed, "world_size": self.world, "schedule": schedule.config(),
+            "model_fingerprint": model_fingerprint(denoiser), "model_probe": _probe(denoiser, probe_x, self.hi),
+        }
 
-    def times(xi, xi_c):
-        t = param.timesteps(xi)
-        tc = StepParameterisation.condition_times(t, xi_c) if decoupled else None
+    # ------------------------------------------------------------------------------------------------------------
+    # the student and its losses
+    # ------------------------------------------------------------------------------------------------------------
+    def times(self, xi: Tensor, xi_c: Tensor):
+        t = self.param.timesteps(xi)
+        tc = StepParameterisation.condition_times(t, xi_c) if self.decoupled else None
         return t, tc
 
-    def validate(t, tc, soft: bool) -> float:
-        """Mean validation loss over all ranks; with soft, after one kept-if-better step of the val x'_T."""
+    def student(self, x, t, tc, grad: bool) -> Tensor:
+        from ..solvers import sample
+
+        run = sample_remat if (grad and self.remat) else sample
+        return run(self.denoiser, x, t, solver=self.solver, order=self.order, timesteps_cond=tc,
+                   schedule=self.schedule, **fixed_call_options(self.solver))
+
+    def losses(self, idx: list, t, tc, eps_grad: bool, hard: bool = False):
+        """Per-sample losses at the current eps' (or at eps when hard), with a graph when anything needs one."""
+        e = (self.eps if hard else self.eps_prime)[idx].detach().requires_grad_(eps_grad)
+        grad = eps_grad or t.requires_grad
+        with torch.set_grad_enabled(grad):
+            per = self.loss_fn(self.student(self.sigma_T * e, t, tc, grad), self.target[idx])
+        return per, e
+
+    def step_eps(self, idx: list, e: Tensor, g: Tensor, per: Tensor, t, tc, record: bool) -> int:
+        """The projected SGD step on eps' (unit-noise space), kept per sample only where it lowers that sample's
+        loss at the same timesteps. Returns how many moved."""
+        step = self.lr_x_now * g
+        if record:
+            self.x_steps.extend((step.detach().flatten(1).norm(dim=1).double() / self.ball).tolist())
+        cand = _project(e.detach() - step, self.eps[idx], self.ball)
+        tc = None if tc is None else tc.detach()
+        with torch.no_grad():
+            per_c = self.loss_fn(self.student(self.sigma_T * cand, t.detach(), tc, grad=False), self.target[idx])
+        better = per_c < per.detach()
+        rows = torch.tensor(idx)[better]
+        self.eps_prime[rows] = cand[better]
+        return int(better.sum())
+
+    def validate(self, xi: Tensor, xi_c: Tensor, hard: bool = False) -> float:
+        """Mean validation loss over all ranks at the current validation eps' (or at eps when hard)."""
         total = torch.zeros(1, dtype=torch.float64)
-        t, tc = t.detach(), None if tc is None else tc.detach()
-        for c in range(0, len(val_idx), 64):
-            idx = val_idx[c:c + 64]
-            per, xr = losses(idx, t, tc, x_grad=soft and ball > 0)
-            if soft and ball > 0:
-                (gx,) = torch.autograd.grad(per.sum(), xr)
-                per = step_x_prime(idx, xr, gx, per, t, tc)
-            total += per.detach().double().sum()
-        return float(all_reduce_sum(total)) / n_val
+        with torch.no_grad():
+            t, tc = self.times(xi, xi_c)
+        for c in range(0, len(self.val_idx), 64):
+            per, _ = self.losses(self.val_idx[c:c + 64], t, tc, eps_grad=False, hard=hard)
+            total += per.double().sum()
+        return float(all_reduce_sum(total)) / self.n_val
 
-    # ---- start: the heuristic with the lowest validation loss (hard loss: x'_T = x_T) ----
-    init_losses = {}
-    if isinstance(init, str):
-        names = list(HEURISTICS) if init == "best" else [init]
-        if init != "best" and init not in HEURISTICS:
-            raise ValueError(f"init must be 'best', one of {tuple(HEURISTICS)}, or a tensor of times")
-        for name in names:
-            t0 = HEURISTICS[name](schedule, nfe, t_max=float(hi), t_min=float(lo))
-            init_losses[name] = validate(t0, None, soft=False)
-        init_name = min(init_losses, key=lambda k: init_losses[k] if math.isfinite(init_losses[k]) else math.inf)
-        t_init = HEURISTICS[init_name](schedule, nfe, t_max=float(hi), t_min=float(lo))
-    else:
-        init_name, t_init = "given", torch.as_tensor(init, dtype=torch.float64)
-        if t_init.numel() != nfe + 1:
-            raise ValueError(f"init must hold nfe+1 = {nfe + 1} times")
-    xi = param.xi_from_timesteps(t_init).requires_grad_(True)
-    xi_c = torch.zeros(nfe + 1, dtype=torch.float64, requires_grad=True)
-    opt_xi = torch.optim.RMSprop([xi], lr=lr_xi, momentum=0.9)
-    opt_c = torch.optim.SGD([xi_c], lr=lr_xi_c)
-    plateau = [torch.optim.lr_scheduler.ReduceLROnPlateau(opt_xi, factor=0.8, patience=5, min_lr=5e-5),
-               torch.optim.lr_scheduler.ReduceLROnPlateau(opt_c, factor=0.8, patience=5, min_lr=1e-6)]
+    # ------------------------------------------------------------------------------------------------------------
+    # set-up: teacher data and the starting point (or a checkpoint)
+    # ------------------------------------------------------------------------------------------------------------
+    def compute_teacher(self) -> None:
+        from ..solvers import sample
 
-    meta = {
-        "schedule": schedule.config(), "solver": solver, "order": order, "nfe": nfe,
-        "model_fingerprint": model_fingerprint(denoiser), "guidance": getattr(denoiser, "guidance", None),
-        "tdiff_version": __version__, "space": space, "decoupled": decoupled,
-        "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"), "r": ball,
-        "teacher": {"solver": teacher_solver, "order": teacher_order, "nfe": teacher_nfe,
-                    "timesteps": teacher_timesteps if isinstance(teacher_timesteps, str) else "given"},
-        "n_train": n_train, "n_val": n_val, "epochs": epochs, "batch_size": batch_size, "world_size": world,
-        "seed": seed, "init": init_name, "init_val_losses": init_losses,
-    }
-    with torch.no_grad():
-        t_best, tc_best = times(xi, xi_c)
-    best_val = validate(t_best, tc_best, soft=ball > 0)
-    history = [best_val]
+        self.target = torch.zeros_like(self.eps)
+        owned = self.owned.nonzero().flatten().tolist()
+        with torch.no_grad():
+            for c in range(0, len(owned), 64):
+                chunk = owned[c:c + 64]
+                self.target[chunk] = sample(self.denoiser, self.sigma_T * self.eps[chunk], self.t_teacher,
+                                            solver=self.teacher["solver"], order=self.teacher["order"],
+                                            schedule=self.schedule,
+                                            **fixed_call_options(self.teacher["solver"])).to(self.dtype)
+        if not bool(torch.isfinite(self.target[self.owned]).all()):
+            raise ValueError("the teacher produced non-finite samples; check the denoiser and teacher settings")
 
-    def result(val):
-        m = dict(meta, best_val_loss=val, val_history=list(history),
-                 train_seconds=round(time.perf_counter() - started, 3))
-        return LearnedSchedule(t_best.detach().clone(), None if tc_best is None else tc_best.detach().clone(), m,
-                               schedule)
+    def start(self) -> None:
+        self.compute_teacher()
+        self.eps_prime = self.eps.clone()
+        self.init_losses = {}
+        zeros = torch.zeros(self.steps + 1, dtype=torch.float64)
+        if isinstance(self.init, str):
+            names = list(HEURISTICS) if self.init == "best" else [self.init]
+            for name in names:
+                t0 = HEURISTICS[name](self.schedule, self.steps, t_max=float(self.hi), t_min=float(self.lo))
+                self.init_losses[name] = self.validate(self.param.xi_from_timesteps(t0), zeros)
+            finite = {k: v for k, v in self.init_losses.items() if math.isfinite(v)}
+            if not finite:
+                raise ValueError(f"every starting heuristic gives a non-finite validation loss: {self.init_losses}")
+            self.init_name = min(finite, key=finite.get)
+            t_init = HEURISTICS[self.init_name](self.schedule, self.steps, t_max=float(self.hi), t_min=float(self.lo))
+        else:
+            self.init_name, t_init = "given", self.init
+        self.xi0 = self.param.xi_from_timesteps(t_init)
+        self.xi = self.xi0.clone().requires_grad_(True)
+        self.xi_c = zeros.clone().requires_grad_(True)
+        self.make_optimisers()
+        self.epoch = self.pos = self.it = self.bad = self.min_hits = 0
+        self.stopped, self.done = False, False
+        self.lr_x_now = self.lr["x"]
+        self.x_steps, self.history = [], []
+        self.best = {"val": math.inf}
+        self.seconds_before = 0.0
+        self.examine()  # the start's validation loss (eps' = eps) is the first record and the first best
+        self.init_val = self.history[0]
 
-    bar = None
-    n_iters = epochs * len(batches)
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
+    def make_optimisers(self) -> None:
+        self.opt_xi = torch.optim.RMSprop([self.xi], lr=self.lr["xi"], momentum=0.9)
+        self.opt_c = torch.optim.SGD([self.xi_c], lr=self.lr["xi_c"])
 
-        bar = tqdm(total=n_iters, desc=f"LD3 {solver} NFE={nfe}", leave=False)
-    order_gen = torch.Generator().manual_seed(seed + 1)
-    it = 0
-    for epoch in range(epochs):
-        phase2 = epoch >= phase1_epochs
-        for b in torch.randperm(len(batches), generator=order_gen).tolist():
-            idx = mine[b]
-            t, tc = times(xi, xi_c)
-            loss_sum = torch.zeros(1, dtype=torch.float64)
-            if idx:
-                per, xr = losses(idx, t, tc, x_grad=ball > 0)
-                obj = per.sum() / len(batches[b])  # the mean over the whole (all-rank) batch
-                params = ([xi, xi_c] if decoupled else [xi]) + ([xr] if ball > 0 else [])
-                got = torch.autograd.grad(obj, params, allow_unused=True)  # one backward for all three
-                grads = got[:2] if decoupled else (got[0], None)
-                if ball > 0:
-                    step_x_prime(idx, xr, got[-1] * len(batches[b]), per, t, tc)  # per-sample gradient
-                loss_sum += per.detach().double().sum()
-            else:
-                grads = (None, None)
-            flat = torch.cat([torch.zeros_like(xi) if grads[0] is None else grads[0],
-                              torch.zeros_like(xi_c) if len(grads) < 2 or grads[1] is None else grads[1],
-                              loss_sum])
-            flat = all_reduce_sum(flat)
-            if not bool(torch.isfinite(flat).all()):
-                raise LD3DivergedError(
-                    f"LD3 stopped at epoch {epoch}, iteration {it}: the loss or its gradient is not finite (the "
-                    f"model returned NaN/inf at these timesteps: {t.detach().tolist()}). The best schedule so far "
-                    f"(validation loss {best_val:.4g}) is attached as .best", result(best_val))
-            n = nfe + 1
-            xi.grad, xi_c.grad = flat[:n].clone(), flat[n:2 * n].clone()
-            torch.nn.utils.clip_grad_norm_([xi], 1.0)
-            torch.nn.utils.clip_grad_norm_([xi_c], 1.0)
-            opt_xi.step()
-            if phase2 and decoupled:
-                opt_c.step()
-            opt_xi.zero_grad(set_to_none=True)
-            opt_c.zero_grad(set_to_none=True)
-            it += 1
+    # ------------------------------------------------------------------------------------------------------------
+    # the reference's loop
+    # ------------------------------------------------------------------------------------------------------------
+    def snapshot(self, val: float) -> dict:
+        return {"val": val, "xi": self.xi.detach().clone(), "xi_c": self.xi_c.detach().clone(),
+                "eps_prime": self.eps_prime.clone()}
+
+    def restore_best(self, latents: bool) -> None:
+        with torch.no_grad():
+            self.xi.copy_(self.best["xi"])
+            self.xi_c.copy_(self.best["xi_c"])
+        if latents:
+            self.eps_prime = self.best["eps_prime"].clone()
+
+    def examine(self) -> None:
+        """Validate; keep the best state; on patience reload it and decay the learning rates."""
+        val = self.validate(self.xi, self.xi_c)
+        self.history.append(val)
+        if not math.isfinite(val):
+            raise LD3DivergedError(
+                f"LD3 stopped at epoch {self.epoch}: the validation loss is not finite (the model returned NaN/inf). "
+                f"The best schedule so far (validation loss {self.best['val']:.4g}) is attached as .best",
+                self.result())
+        if val < self.best["val"]:
+            self.best, self.bad = self.snapshot(val), 0
+            return
+        self.bad += 1
+        if self.bad < self.patience:
+            return
+        self.restore_best(latents=True)
+        self.bad = 0
+        group = self.opt_xi.param_groups[0]
+        group["lr"] = max(self.lr_decay * group["lr"], self.min_lr_xi)
+        hit = group["lr"] <= self.min_lr_xi and not self.decoupled
+        if self.decoupled and self.epoch >= self.phase1_epochs:
+            group = self.opt_c.param_groups[0]
+            group["lr"] = max(self.lr_decay * group["lr"], self.min_lr_xi_c)
+            hit = group["lr"] <= self.min_lr_xi_c
+        self.min_hits += int(hit)
+        self.stopped = self.min_hits >= self.min_lr_hits
+
+    def train_step(self, b: int) -> bool:
+        """One iteration on batch b; returns whether some rank received SIGTERM."""
+        idx, n = self.mine[b], len(self.batches[b])
+        t, tc = self.times(self.xi, self.xi_c)
+        gxi, gxc = torch.zeros_like(self.xi), torch.zeros_like(self.xi_c)
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        if idx:
+            soft = self.ball > 0
+            per, e = self.losses(idx, t, tc, eps_grad=soft)
+            params = [self.xi] + ([self.xi_c] if self.decoupled else []) + ([e] if soft else [])
+            got = torch.autograd.grad(per.sum() / n, params, allow_unused=True)  # one backward for all
+            gxi = got[0] if got[0] is not None else gxi
+            if self.decoupled and got[1] is not None:
+                gxc = got[1]
+            if soft:  # d(mean)/d eps'_j is (1/n) d loss_j / d eps'_j
+                self.step_eps(idx, e, got[-1] * (n if self.x_grad == "sample" else 1), per, t, tc, record=True)
+            loss_sum += per.detach().double().sum()
+        stop = torch.tensor([float(self.sig.received)], dtype=torch.float64)
+        flat = all_reduce_sum(torch.cat([gxi.detach(), gxc.detach(), loss_sum, stop]))
+        if not bool(torch.isfinite(flat).all()):
+            raise LD3DivergedError(
+                f"LD3 stopped at epoch {self.epoch}, iteration {self.it}: the loss or its gradient is not finite "
+                f"(the model returned NaN/inf at these timesteps: {t.detach().tolist()}). The best schedule so far "
+                f"(validation loss {self.best['val']:.4g}) is attached as .best", self.result())
+        k = self.steps + 1
+        self.xi.grad, self.xi_c.grad = flat[:k].clone(), flat[k:2 * k].clone()
+        torch.nn.utils.clip_grad_norm_([self.xi], 1.0)
+        torch.nn.utils.clip_grad_norm_([self.xi_c], 1.0)
+        self.opt_xi.step()
+        if self.decoupled and self.epoch >= self.phase1_epochs:
+            self.opt_c.step()
+        self.opt_xi.zero_grad(set_to_none=True)
+        self.opt_c.zero_grad(set_to_none=True)
+        self.last_loss = float(flat[-2]) / n
+        return bool(flat[-1] > 0)
+
+    def move_val_latents(self) -> bool:
+        """End of epoch: a kept-if-better step for every validation eps'; halve the eps' rate if none moved.
+        Returns whether some rank received SIGTERM."""
+        moved = 0
+        if self.ball > 0:
+            with torch.no_grad():
+                t, tc = self.times(self.xi, self.xi_c)
+            for c in range(0, len(self.val_idx), 64):
+                idx = self.val_idx[c:c + 64]
+                per, e = self.losses(idx, t, tc, eps_grad=True)
+                (g,) = torch.autograd.grad(per.sum(), e)  # each sample's own gradient
+                if self.x_grad == "batch_mean":
+                    g = g / self.batch_size
+                moved += self.step_eps(idx, e, g, per, t, tc, record=False)
+        flat = all_reduce_sum(torch.tensor([float(moved), float(self.sig.received)], dtype=torch.float64))
+        if self.ball > 0 and flat[0] == 0:
+            self.lr_x_now *= self.lr_x_decay
+        return bool(flat[1] > 0)
+
+    def loop(self) -> None:
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.epochs * len(self.batches), initial=self.it, leave=False,
+                       desc=f"LD3 {self.solver} NFE={self.nfe}")
+        try:
+            while self.epoch < self.epochs and not self.stopped:
+                if self.pos == 0 and self.epoch > 0:  # each epoch starts from the best xi / xi_c
+                    self.restore_best(latents=False)
+                    self.bad = 0
+                    self.examine()
+                order = _epoch_order(self.seed, self.epoch, len(self.batches))
+                while self.pos < len(order) and not self.stopped:
+                    signalled = self.train_step(order[self.pos])
+                    self.pos, self.it = self.pos + 1, self.it + 1
+                    if self.it % self.val_every == 0:
+                        self.examine()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=self.last_loss, best_val=self.best["val"])
+                    if signalled:
+                        self.interrupt()
+                if self.stopped:
+                    break
+                signalled = self.move_val_latents()
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.save()
+                if signalled:
+                    self.interrupt()
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=float(flat[-1]) / len(batches[b]), best_val=best_val)
-            if (val_every and it % val_every == 0) or (not val_every and it % len(batches) == 0):
-                with torch.no_grad():
-                    tv, tcv = times(xi, xi_c)
-                val = validate(tv, tcv, soft=ball > 0)
-                history.append(val)
-                if not math.isfinite(val):
-                    raise LD3DivergedError(
-                        f"LD3 stopped at epoch {epoch}: the validation loss is not finite (the model returned "
-                        f"NaN/inf). The best schedule so far (validation loss {best_val:.4g}) is attached as .best",
-                        result(best_val))
-                if val < best_val:
-                    best_val, t_best, tc_best = val, tv, tcv
-                for p in plateau:
-                    p.step(val)
-    if bar is not None:
-        bar.close()
-    return result(best_val)
+                bar.close()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+    def gathered(self, x: Tensor) -> Tensor:
+        """x with every rank's own rows filled in (each row is owned by exactly one rank, the rest are zero)."""
+        if self.world == 1:
+            return x.clone()
+        mask = self.owned.reshape(-1, *([1] * len(self.shape)))
+        return all_reduce_sum(torch.where(mask, x, torch.zeros_like(x)))
+
+    def state(self) -> dict:
+        best = dict(self.best, eps_prime=self.gathered(self.best["eps_prime"]))
+        return {
+            "epoch": self.epoch, "pos": self.pos, "it": self.it, "bad": self.bad, "min_hits": self.min_hits,
+            "stopped": self.stopped, "done": self.done, "xi": self.xi.detach().clone(),
+            "xi_c": self.xi_c.detach().clone(), "xi0": self.xi0, "opt_xi": self.opt_xi.state_dict(),
+            "opt_c": self.opt_c.state_dict(), "lr_x_now": self.lr_x_now, "history": list(self.history),
+            "x_steps": list(self.x_steps), "eps_prime": self.gathered(self.eps_prime),
+            "target": self.gathered(self.target), "best": best, "init_name": self.init_name,
+            "init_losses": self.init_losses, "init_val": self.init_val, "rng": torch.get_rng_state(),
+            "seconds": self.seconds_before + time.perf_counter() - self.started,
+        }
+
+    def save(self) -> None:
+        if self.checkpoint is None:
+            return
+        state = self.state()  # a collective under torch.distributed: every rank takes part
+        if self.rank == 0:
+            save_torch(self.checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                       {"settings": self.settings, "state": state})
+
+    def resume(self) -> bool:
+        """Load the checkpoint when there is one; False when the run starts from scratch."""
+        if self.checkpoint is None or not os.path.exists(self.checkpoint):
+            return False
+        doc = load_torch(self.checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+        if not isinstance(doc.get("settings"), dict) or not isinstance(doc.get("state"), dict):
+            raise ValueError(f"{self.checkpoint!r} is a damaged LD3 checkpoint (no settings or state)")
+        if doc["settings"] != self.settings:
+            diff = sorted(k for k in set(doc["settings"]) | set(self.settings)
+                          if doc["settings"].get(k) != self.settings.get(k))
+            raise ValueError(f"{self.checkpoint!r} is the checkpoint of another LD3 run (it differs in {diff}); "
+                             f"pass another checkpoint path, or delete the file to start afresh")
+        s = doc["state"]
+        try:
+            for key in ("epoch", "pos", "it", "bad", "min_hits", "stopped", "done", "history", "x_steps",
+                        "init_name", "init_losses", "init_val"):
+                setattr(self, key, s[key])
+            self.xi0 = s["xi0"].to(torch.float64)
+            self.xi = s["xi"].to(torch.float64).clone().requires_grad_(True)
+            self.xi_c = s["xi_c"].to(torch.float64).clone().requires_grad_(True)
+            self.make_optimisers()
+            self.opt_xi.load_state_dict(s["opt_xi"])
+            self.opt_c.load_state_dict(s["opt_c"])
+            self.lr_x_now = float(s["lr_x_now"])
+            self.eps_prime, self.target = s["eps_prime"].to(self.dtype), s["target"].to(self.dtype)
+            self.best = dict(s["best"], eps_prime=s["best"]["eps_prime"].to(self.dtype))
+            self.seconds_before = float(s["seconds"])
+            torch.set_rng_state(s["rng"])
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{self.checkpoint!r} is a damaged LD3 checkpoint: {e}") from e
+        if self.eps_prime.shape != self.eps.shape or self.target.shape != self.eps.shape:
+            raise ValueError(f"{self.checkpoint!r} is a damaged LD3 checkpoint: wrong data shape")
+        return True
+
+    def interrupt(self) -> None:
+        self.save()
+        self.sig.restore()
+        if self.sig.received:  # pass the signal on to whoever handled it before (by default: the process ends)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise LD3Interrupted(f"LD3 interrupted by SIGTERM at epoch {self.epoch}, iteration {self.it}; the state is "
+                             f"in {self.checkpoint!r}: call ld3_learn again with the same arguments to resume",
+                             self.checkpoint)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # result
+    # ------------------------------------------------------------------------------------------------------------
+    def learn(self) -> LearnedSchedule:
+        if not self.resume():
+            self.start()
+        if not self.done:
+            self.loop()
+            self.done = True
+            self.save()
+        return self.result()
+
+    def result(self) -> LearnedSchedule:
+        zeros = torch.zeros(self.steps + 1, dtype=torch.float64)
+        xi, xi_c, returned = self.best.get("xi", self.xi0), self.best.get("xi_c", zeros), "best"
+        # the start's validation loss at eps' = eps is the first record (init_val)
+        if self.keep_init and "xi" in self.best and self.validate(xi, xi_c, hard=True) > self.init_val:
+            xi, xi_c, returned = self.xi0, zeros, "init"
+        with torch.no_grad():
+            t, tc = self.times(xi, xi_c)
+        guidance = getattr(self.denoiser, "guidance", None)
+        deviations = [] if self.loss_name == "lpips" else [f"loss: {self.loss_name} instead of LPIPS"]
+        if self.x_grad == "sample":
+            deviations.append("eps' steps on each sample's own loss gradient (the reference: the batch mean)")
+        if self.keep_init:
+            deviations.append("the start is returned when it is better on validation at eps' = eps")
+        meta = {
+            "schedule": self.schedule.config(), "solver": self.solver, "order": self.order, "nfe": self.nfe,
+            "solver_options": fixed_call_options(self.solver), "steps": self.steps,
+            "model_fingerprint": self.settings["model_fingerprint"],
+            "guidance": float(guidance) if isinstance(guidance, (int, float)) else None,
+            "tdiff_version": __version__, "space": self.settings["space"], "decoupled": self.decoupled,
+            "loss": self.loss_name, "loss_note": LOSS_NOTES.get(self.loss_name, "a user-supplied callable"),
+            "r": self.ball, "r_x_space": self.ball * float(self.sigma_T), "teacher": self.teacher,
+            "n_train": self.settings["n_train"], "n_val": self.n_val, "epochs": self.epochs,
+            "epochs_run": self.epoch, "iterations": self.it, "stopped_early": self.stopped,
+            "batch_size": self.batch_size, "world_size": self.world, "seed": self.seed, "init": self.init_name,
+            "init_val_losses": self.init_losses, "best_val_loss": self.best["val"], "val_history": list(self.history),
+            "returned": returned, "lr_final": {"xi": self.opt_xi.param_groups[0]["lr"],
+                                               "xi_c": self.opt_c.param_groups[0]["lr"], "x": self.lr_x_now},
+            "x_step_over_radius_median": (float(torch.tensor(self.x_steps, dtype=torch.float64).median())
+                                          if self.x_steps else None),
+            "train_seconds": round(self.seconds_before + time.perf_counter() - self.started, 3),
+            "deviations_from_paper": deviations,
+        }
+        return LearnedSchedule(t.detach().clone(), None if tc is None else tc.detach().clone(), meta, self.schedule)
+
