@@ -23,10 +23,12 @@ def extensions():
         print("tdiff: torch is not importable in the build environment; not building tdiff._C "
               "(install torch first and use --no-build-isolation)", file=sys.stderr)
         return [], {}
-    sources = sorted(glob.glob("csrc/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp"))  # csrc/isa/*.cpp are compiled apart, with their own flags
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     build_cuda = bool(cuda_sources) and (torch.version.cuda is not None or os.environ.get("TDIFF_FORCE_CUDA") == "1")
     cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+    if x86_64():
+        cxx.append("-DTDIFF_X86_ISA")
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.abspath("csrc")])
     if build_cuda:
         kwargs["extra_compile_args"]["nvcc"] = ["-O3"]
@@ -34,7 +36,42 @@ def extensions():
     else:
         ext = CppExtension("tdiff._C", sources, **kwargs)
     # ninja honours MAX_JOBS
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class BuildWithInstructionSets(BuildExtension):
+        """Compiles each csrc/isa/<isa>.cpp with that instruction set's flags and links it into tdiff._C, after
+        the baseline objects (so the linker keeps the baseline copy of any inline function they share). The
+        extension still loads on any x86-64 machine: csrc/cpu_kernels.cpp picks the table at run time."""
+
+        def build_extension(self, ext):
+            flags = ext.extra_compile_args["cxx"]
+            for isa, isa_flags in instruction_sets().items():
+                ext.extra_objects += self.compiler.compile(
+                    [f"csrc/isa/{isa.lower()}.cpp"], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": flags + [f"-DCPU_CAPABILITY={isa}"] + isa_flags + QUIET}, depends=ext.depends)
+            super().build_extension(ext)
+
+    ext.depends = sorted(glob.glob("csrc/**/*.h", recursive=True)) + sorted(glob.glob("csrc/isa/*.cpp"))
+    return [ext], {"build_ext": BuildWithInstructionSets.with_options(use_ninja=True)}
+
+
+def x86_64() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+# ATen's vector headers trip these under the AVX-512 flags (intrinsics' masked-off lanes, #pragma unroll)
+QUIET = ["-Wno-uninitialized", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
+
+
+def instruction_sets() -> dict:
+    """The instruction sets the CPU kernels are compiled for, with ATen's flags for each (its CPU_CAPABILITY)."""
+    isas = {"DEFAULT": []}
+    if x86_64():
+        isas["AVX2"] = ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c", "-mbmi2"]
+        isas["AVX512"] = ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2",
+                          "-mfma", "-mf16c", "-mbmi2"]
+    return isas
 
 
 ext_modules, cmdclass = extensions()
