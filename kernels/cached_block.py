@@ -53,6 +53,8 @@ def cached_block_triton(x, gate, fresh, cache, source):
     fresh = fresh.contiguous() if fresh.numel() else cache
     B, N, C = x.shape
     out, branch = torch.empty_like(x), torch.empty_like(x)
+    if N * C == 0:
+        return out, branch
     grid = lambda meta: (launch.programs(B * max(1, triton.cdiv(N * C, meta["BLOCK"]))),)  # noqa: E731
     with launch.device_guard(x):
         _cached_block_fwd[grid](x, gate, fresh, cache, source, out, branch, B, N * C, C, K,

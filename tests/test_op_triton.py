@@ -87,3 +87,17 @@ def test_samples_of_zero_elements(triton_backend):
         gx, ggate, gfresh, gcache = torch.ops.tdiff.cached_block_backward(x, x, torch.randn(2, ch), x,
                                                                           torch.tensor([0, -1]), 1)
         assert torch.equal(ggate, torch.zeros(2, ch)) and gfresh.shape == (1, n, ch)
+
+
+def test_launches_are_guarded_on_the_data_device():
+    # multi-GPU: a launch for a tensor on cuda:1 must run under torch.cuda.device(cuda:1), whatever is current
+    from tdiff.kernels import launch
+
+    class OnSecondGpu:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    guard = launch.device_guard(OnSecondGpu())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with launch.device_guard(torch.empty(1)):  # CPU (the interpreter): nothing to guard
+        pass
