@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "cpu_kernels.h"
@@ -70,19 +71,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
   const at::Tensor x0 = x0_in.contiguous();
   const at::Tensor eps = eps_in.contiguous();
 
-  // Per-sample coefficients in double: B values, negligible next to the data pass.
-  const at::Tensor t64 = t.to(at::kDouble).contiguous();
-  at::Tensor coefs64 = at::empty({batch, 3}, t64.options());
+  // Per-sample coefficients in double: B values, negligible next to the data pass (and no tensor ops: at small
+  // sizes each one costs as much as the pass).
+  const at::Tensor t64 = t.scalar_type() == at::kDouble ? t.contiguous() : t.to(at::kDouble).contiguous();
   const double* tp = t64.data_ptr<double>();
-  double* cp = coefs64.data_ptr<double>();
-  for (int64_t b = 0; b < batch; ++b) sample_coefficients(spec, tp[b], cp + 3 * b);
+  std::vector<double> cp(static_cast<size_t>(3 * batch));
+  for (int64_t b = 0; b < batch; ++b) sample_coefficients(spec, tp[b], cp.data() + 3 * b);
 
   at::Tensor xt = at::empty_like(x0);
   at::Tensor net_in = write_input ? at::empty_like(x0) : at::empty({0}, x0.options());
+  at::Tensor coefs = at::empty({batch, 3}, x0.options().dtype(at::toOpMathType(x0.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "noisy_sample", [&] {
-    noisy_sample_rows<scalar_t>(x0, eps, xt, write_input ? &net_in : nullptr, cp);
+    noisy_sample_rows<scalar_t>(x0, eps, xt, write_input ? &net_in : nullptr, cp.data());
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* out = coefs.data_ptr<acc_t>();
+    for (int64_t i = 0; i < 3 * batch; ++i) out[i] = static_cast<acc_t>(cp[i]);
   });
-  return {xt, net_in, coefs64.to(at::toOpMathType(x0.scalar_type()))};
+  return {xt, net_in, coefs};
 }
 
 template <typename T>
@@ -122,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> noisy_sample_backward_cpu(const at::Tensor& g
   check_rows(op, "coefs", coefs, grad_xt_in.size(0), 3, /*shared=*/false, std::nullopt);
   const at::Tensor gxt = grad_xt_in.contiguous();
   const at::Tensor gin = has_in ? grad_in_in.contiguous() : grad_in_in;
-  const at::Tensor c64 = coefs.to(at::kDouble).contiguous();
+  const at::Tensor c64 = coefs.scalar_type() == at::kDouble ? coefs.contiguous() : coefs.to(at::kDouble).contiguous();
   at::Tensor gx0 = at::empty_like(gxt);
   at::Tensor geps = at::empty_like(gxt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gxt.scalar_type(), "noisy_sample", [&] {

@@ -12,6 +12,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace tdiff {
 namespace {
@@ -34,22 +35,28 @@ std::tuple<at::Tensor, at::Tensor> weighted_mse_cpu(const at::Tensor& pred_in, c
   const int64_t n = pred.numel() / batch;
   const int64_t spans = spans_per_sample(n, kSpanChunk);  // each row in spans; their sums added in a fixed order
   const auto acc_type = at::toOpMathType(pred.scalar_type());
-  at::Tensor partial = at::empty({batch, spans}, pred.options().dtype(acc_type));
   at::Tensor mse = at::empty({batch}, pred.options().dtype(acc_type));
+  at::Tensor loss = at::empty({batch}, pred.options().dtype(acc_type));
+  const at::Tensor w = weight.to(acc_type).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "weighted_mse", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto& kern = kernels_for<scalar_t>();
     const scalar_t* p = pred.data_ptr<scalar_t>();
     const scalar_t* q = target.data_ptr<scalar_t>();
-    acc_t* part = partial.data_ptr<acc_t>();
+    std::vector<acc_t> part(static_cast<size_t>(batch * spans));
     parallel_row_spans(batch, n, kSpanChunk, [&](int64_t task, int64_t, int64_t lo, int64_t len) {
       part[task] = kern.sum_sq_diff(p + lo, q + lo, len);
     });
     acc_t* m = mse.data_ptr<acc_t>();
-    sum_span_partials(part, batch, spans, 1, m);
-    for (int64_t b = 0; b < batch; ++b) m[b] /= static_cast<acc_t>(n);
+    acc_t* l = loss.data_ptr<acc_t>();
+    const acc_t* wp = w.data_ptr<acc_t>();
+    sum_span_partials(part.data(), batch, spans, 1, m);
+    for (int64_t b = 0; b < batch; ++b) {
+      m[b] /= static_cast<acc_t>(n);
+      l[b] = wp[b] * m[b];
+    }
   });
-  return {weight.to(acc_type) * mse, mse};
+  return {loss, mse};
 }
 
 at::Tensor weighted_mse_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& pred_in,
