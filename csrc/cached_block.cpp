@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "cpu_kernels.h"
+#include "direct.h"
 #include "row_spans.h"
 
 #include <algorithm>
@@ -145,6 +146,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cached_block_backward
 }
 
 }  // namespace
+
+namespace direct {
+std::tuple<at::Tensor, at::Tensor> cached_block_cpu(const at::Tensor& x, const at::Tensor& gate,
+                                                    const at::Tensor& fresh, const at::Tensor& cache,
+                                                    const at::Tensor& source) {
+  return ::tdiff::cached_block_cpu(x, gate, fresh, cache, source);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tdiff, m) {
   m.def("cached_block_cpu(Tensor x, Tensor gate, Tensor fresh, Tensor cache, Tensor source) -> (Tensor, Tensor)");

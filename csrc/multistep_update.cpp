@@ -12,6 +12,7 @@
 
 #include "checks.h"
 #include "cpu_kernels.h"
+#include "direct.h"
 #include "row_spans.h"
 
 #include <optional>
@@ -196,6 +197,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> multistep_update_bac
 }
 
 }  // namespace
+
+namespace direct {
+at::Tensor multistep_update_cpu(const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs) {
+  return ::tdiff::multistep_update_cpu(x, history, coeffs);
+}
+std::tuple<at::Tensor, at::Tensor> multistep_update_convert_cpu(
+    const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs, const std::optional<at::Tensor>& uncond,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& src,
+    const std::optional<at::Tensor>& convert) {
+  return ::tdiff::multistep_update_convert_cpu(x, history, coeffs, uncond, scale, src, convert);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tdiff, m) {
   m.def("multistep_update_cpu(Tensor x, Tensor[] history, Tensor coeffs) -> Tensor");

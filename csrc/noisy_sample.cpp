@@ -12,6 +12,7 @@
 
 #include "checks.h"
 #include "cpu_kernels.h"
+#include "direct.h"
 #include "row_spans.h"
 #include "schedule_coefficients.h"
 
@@ -137,6 +138,15 @@ std::tuple<at::Tensor, at::Tensor> noisy_sample_backward_cpu(const at::Tensor& g
 }
 
 }  // namespace
+
+namespace direct {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
+    const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t, int64_t kind, at::ArrayRef<double> params,
+    const std::optional<at::Tensor>& table, double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on,
+    bool write_input) {
+  return ::tdiff::noisy_sample_cpu(x0, eps, t, kind, params, table, precond_sigma_data, fdm, fdm_on, write_input);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tdiff, m) {
   m.def(

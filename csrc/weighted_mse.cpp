@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "cpu_kernels.h"
+#include "direct.h"
 #include "row_spans.h"
 
 #include <optional>
@@ -87,6 +88,13 @@ at::Tensor weighted_mse_backward_cpu(const at::Tensor& grad_loss, const at::Tens
 }
 
 }  // namespace
+
+namespace direct {
+std::tuple<at::Tensor, at::Tensor> weighted_mse_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                    const at::Tensor& weight) {
+  return ::tdiff::weighted_mse_cpu(pred, target, weight);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tdiff, m) {
   m.def("weighted_mse_cpu(Tensor pred, Tensor target, Tensor weight) -> (Tensor, Tensor)");

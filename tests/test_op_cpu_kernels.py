@@ -88,3 +88,32 @@ def test_every_table_matches_the_reference(restore_capability, dtype):
         _close(got, cached_block_reference(xb, gate, fresh, cache, source), dtype)
         bargs = (cache, xb, gate, got[1], source, 2)
         _close(ops.cached_block_backward_cpu(*bargs), cached_block_backward_reference(*bargs), dtype)
+
+
+def test_direct_bindings_are_the_registered_ops():
+    # tdiff._C binds the forward ops for the eager fast path: same results, same refusals as through torch.ops
+    import tdiff._C as ext
+
+    x, h, c = torch.randn(2, 3, 5), [torch.randn(2, 3, 5)], torch.randn(2, 2)
+    pq = torch.randn(2)
+    assert torch.equal(ext.multistep_update_cpu(x, h, c), torch.ops.tdiff.multistep_update_cpu(x, h, c))
+    for a, b in zip(ext.multistep_update_convert_cpu(x, h, c, None, None, None, pq),
+                    torch.ops.tdiff.multistep_update_convert_cpu(x, h, c, None, None, None, pq)):
+        assert torch.equal(a, b)
+    t = torch.tensor([0.3, 0.6], dtype=torch.float64)
+    args = (x, h[0], t, 0, [0.1, 20.0, 0.0, 0.0], None, 1.0, [], 0, True)
+    for a, b in zip(ext.noisy_sample_cpu(*args), torch.ops.tdiff.noisy_sample_cpu(*args)):
+        assert torch.equal(a, b)
+    w = torch.rand(2)
+    for a, b in zip(ext.weighted_mse_cpu(x, h[0], w), torch.ops.tdiff.weighted_mse_cpu(x, h[0], w)):
+        assert torch.equal(a, b)
+    src = torch.tensor([0, -1])
+    block = (x, x[:, 0], x[:1], x, src)
+    for a, b in zip(ext.cached_block_cpu(*block), torch.ops.tdiff.cached_block_cpu(*block)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"history\[0\] must have the shape"):
+        ext.multistep_update_cpu(x, [torch.randn(1)], c)
+    with pytest.raises(ValueError, match="source"):
+        ext.cached_block_cpu(x, x[:, 0], x[:1], x, torch.tensor([0, 5]))
+    with pytest.raises(TypeError):
+        ext.multistep_update_cpu(x, [None], c)

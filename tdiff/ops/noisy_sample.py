@@ -240,32 +240,24 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
             -1.0 if precond_sigma_data is None else float(precond_sigma_data),
             [] if fdm is None else fdm.kernel_params(), fdm_code(fdm), write_input)
     if torch.compiler.is_compiling():
-        run = torch.ops.tdiff.noisy_sample  # traced through its fake and autograd registrations
+        xt, net_in, coefs = torch.ops.tdiff.noisy_sample(*args)  # traced through its fake and autograd registrations
     elif torch.is_grad_enabled() and (getattr(x0, "requires_grad", False) or getattr(eps, "requires_grad", False)):
-        run = _EagerNoisySample.apply
+        xt, net_in, coefs = _EagerNoisySample.apply(*args)
     else:
-        run = _eager(x0)
-    xt, net_in, coefs = run(*args)
+        # eager, no autograd: the C++ kernel itself when it is the backend (it validates its inputs; a refusal is
+        # re-explained by the Python validation, which names arguments as the public API does)
+        kernel = dispatch.eager_kernel(x0, "noisy_sample_cpu")
+        if kernel is None:
+            xt, net_in, coefs = _forward_impl(*args)
+        else:
+            try:
+                xt, net_in, coefs = kernel(*args)
+            except (RuntimeError, TypeError, ValueError):
+                _validate(*args[:6], *args[7:9])
+                raise
     if check:
         _check_times(t, coefs, schedule)
     return xt, (net_in if write_input else None)
-
-
-def _eager(x0):
-    """The eager no-grad body: the C++ kernel itself when it is the backend (it validates its inputs; a refusal is
-    re-explained by the Python validation, which names arguments as the public API does), else the routed body."""
-    kernel = dispatch.eager_kernel(x0, "noisy_sample_cpu")
-    if kernel is None:
-        return _forward_impl
-
-    def run(*args):
-        try:
-            return kernel(*args)
-        except (RuntimeError, TypeError, ValueError):
-            _validate(*args[:6], *args[7:9])
-            raise
-
-    return run
 
 
 def _check_times(t: Tensor, coefs: Tensor, schedule: S.NoiseSchedule) -> None:
