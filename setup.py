@@ -57,6 +57,10 @@ def extension_and_requirements():
         return [Extension("tdiff._C", sources)], {"build_ext": NoTorch}, ["torch>=2.4"]
 
     class Build(BuildExtension):
+        """Compiles each csrc/isa/<isa>.cpp with that instruction set's flags and links it into tdiff._C, after
+        the baseline objects (so the linker keeps the baseline copy of any inline function they share). The
+        extension still loads on any x86-64 machine: csrc/cpu_kernels.cpp picks the table at run time."""
+
         def run(self):
             try:
                 super().run()
@@ -65,12 +69,45 @@ def extension_and_requirements():
                      f"is needed; or set TDIFF_NO_EXT=1 to install without it.")
                 raise
 
+        def build_extension(self, ext):
+            flags = ext.extra_compile_args["cxx"]
+            for isa, isa_flags in instruction_sets().items():
+                ext.extra_objects += self.compiler.compile(
+                    [f"csrc/isa/{isa.lower()}.cpp"], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": flags + [f"-DCPU_CAPABILITY={isa}"] + isa_flags + QUIET},
+                    depends=ext.depends)
+            super().build_extension(ext)
+
     cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+    if x86_64():
+        cxx.append("-DTDIFF_X86_ISA")
+    # csrc/isa/*.cpp are compiled apart, with their own flags (Build.build_extension)
     ext = CppExtension("tdiff._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
                        include_dirs=[os.path.abspath("csrc")])
+    ext.depends = sorted(glob.glob("csrc/**/*.h", recursive=True)) + sorted(glob.glob("csrc/isa/*.cpp"))
     # the extension is tied to the ABI of the torch it is compiled against: require that version
     built_with = torch.__version__.split("+")[0]
     return [ext], {"build_ext": Build.with_options(use_ninja=True)}, [f"torch=={built_with}"]
+
+
+def x86_64() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+# ATen's vector headers trip these under the AVX-512 flags (intrinsics' masked-off lanes, #pragma unroll)
+QUIET = ["-Wno-uninitialized", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
+
+
+def instruction_sets() -> dict:
+    """The instruction sets the CPU kernels are compiled for, with ATen's flags for each (its CPU_CAPABILITY)."""
+    isas = {"DEFAULT": []}
+    if x86_64():
+        isas["AVX2"] = ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c", "-mbmi2"]
+        isas["AVX512"] = ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2",
+                          "-mfma", "-mf16c", "-mbmi2"]
+    return isas
 
 
 def version() -> str:

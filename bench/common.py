@@ -41,6 +41,14 @@ def copy_seconds(nbytes: int, dtype=torch.float32, min_run_time: float = 1.0, ti
     return timer(lambda: dst.copy_(src), min_run_time)
 
 
+def copy_fn(nbytes: int, dtype=torch.float32) -> Callable[[], object]:
+    """dst.copy_(src) moving `nbytes` in total (half read, half written): the copy ceiling as a function, to time
+    side by side with the op that moves the same bytes (`interleaved`)."""
+    n = max(1, nbytes // (2 * torch.empty((), dtype=dtype).element_size()))
+    src, dst = torch.randn(n).to(dtype), torch.empty(n, dtype=dtype)
+    return lambda: dst.copy_(src)
+
+
 def machine() -> Dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -95,3 +103,51 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 30, block_seconds: float = 2e-3,
+                warmup: int = 2) -> Dict[str, List[float]]:
+    """Per-call seconds of every fn, measured side by side: `rounds` rounds, each timing one block of every fn in
+    turn (a block repeats the fn enough times to last about `block_seconds`). Interleaving puts every candidate
+    under the same machine load; ratios should be taken round by round (`paired_ratio`)."""
+    import time
+
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - t0, 1e-7)
+        inner[name] = max(1, int(block_seconds / once))
+    out: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = inner[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out[name].append((time.perf_counter() - t0) / n)
+    return out
+
+
+def median_ci(values: Sequence[float], confidence: float = 0.95) -> Dict[str, float]:
+    """The median with a distribution-free confidence interval (binomial order statistics)."""
+    import math
+
+    v = sorted(values)
+    n = len(v)
+    z = 1.959963984540054 if confidence == 0.95 else __import__("statistics").NormalDist().inv_cdf(0.5 + confidence / 2)
+    lo = max(0, int(math.floor(n / 2 - z * math.sqrt(n) / 2)) - 1)
+    hi = min(n - 1, int(math.ceil(n / 2 + z * math.sqrt(n) / 2)))
+    mid = v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+    return {"median": mid, "lo": v[lo], "hi": v[hi], "n": n}
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> Dict[str, float]:
+    """Median (and interval) of num[i] / den[i] over the rounds of one interleaved run."""
+    return median_ci([a / b for a, b in zip(num, den)])
+
+
+def load_average() -> List[float]:
+    return list(os.getloadavg())

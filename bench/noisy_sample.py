@@ -1,24 +1,31 @@
-"""Noisy-sample construction: tdiff's fused op against eager PyTorch, torch.compile and the copy ceiling.
+"""Noisy-sample construction and the weighted per-sample MSE (the training hot path): tdiff's fused ops against
+eager PyTorch, torch.compile and the copy ceiling, in and out of cache, in float32, and in float16 / bfloat16
+against eager.
 
-The op reads x0 and eps and writes x_t (plus the network input when asked): 3 (or 4) tensors' worth of bytes.
-Effective bandwidth = those bytes / time; the ceiling is dst.copy_(src) moving the same bytes, in the same run.
+noisy_sample reads x0 and eps and writes x_t (plus the network input when asked): 3 (or 4) tensors' worth of bytes.
+weighted_mse reads pred and target and writes (B,) values: 2 tensors. Effective bandwidth = those bytes / time; the
+ceiling is dst.copy_(src) moving the same bytes, timed in the same interleaved rounds (a read-only reduction such
+as weighted_mse may pass it: reading needs no write-allocate). "In cache" is 16x4x32x32 (256 KiB a tensor in
+float32, inside the L2 cache), "out of cache" 128x4x64x64 (8 MiB a tensor). One thread, medians with 95%
+intervals; ratios round by round.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from bench.common import copy_seconds, median_seconds, plot_path, print_table, pyplot, write_result
+from bench.common import (copy_fn, interleaved, load_average, median_ci, paired_ratio, plot_path, print_table, pyplot,
+                          write_result)
 from tdiff import schedules as S
 from tdiff.ops import dispatch
 from tdiff.ops.noisy_sample import noisy_sample
+from tdiff.ops.weighted_mse import weighted_mse
 
-SIZES = [(64, 4, 32, 32), (256, 4, 64, 64)]
-QUICK_SIZES = [(16, 4, 32, 32)]
+SIZES = {"in cache": (16, 4, 32, 32), "out of cache": (128, 4, 64, 64)}
+QUICK_SIZES = {"in cache": (4, 4, 32, 32), "out of cache": (16, 4, 64, 64)}
+TARGETS = {"frac_of_copy": 0.8, "half_speedup_vs_eager": 1.5, "half_speedup_goal": 2.0}
 
 
-def eager(sched):
+def eager_noisy(sched):
     # What a user writes without tdiff: schedule coefficients, broadcast, multiply-add (and the c_in input).
     def fn(x0, eps, t):
         a = sched.alpha(t).to(x0.dtype).view(-1, 1, 1, 1)
@@ -29,84 +36,119 @@ def eager(sched):
     return fn
 
 
-def run(quick: bool = False) -> dict:
-    rows, records = [], []
-    threads_before = torch.get_num_threads()
-    # 1 thread is robust on a shared machine; all cores is the real configuration (OpenMP barriers stall when
-    # another process holds a core, so trust those figures only on an idle machine).
-    for threads in sorted({1, threads_before}):
-        torch.set_num_threads(threads)
-        _measure(quick, threads, rows, records)
-    torch.set_num_threads(threads_before)
-    print_table("noisy-sample construction (fp32, CPU)", ["threads", "shape", "impl", "us", "GB/s", "of copy bw"],
-                rows)
-    path = write_result("noisy_sample", {
-        "targets": {"frac_of_copy": 0.8, "speedup_vs_eager": 2.5, "speedup_vs_compile": 1.2},
-        "records": records}, quick)
-    _plot(records, plot_path("noisy_sample", quick))
-    print(f"wrote {path}")
-    return {"records": records}
+def eager_wmse(pred, target, weight):
+    return weight * ((pred - target) ** 2).flatten(1).mean(1)
 
 
-def _measure(quick, threads, rows, records):
+def _record(where, shape, dtype, impl, times, copy_times, nbytes):
+    t = median_ci(times)
+    frac = paired_ratio(copy_times, times)
+    return {"where": where, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": impl,
+            "us": t["median"] * 1e6, "us_lo": t["lo"] * 1e6, "us_hi": t["hi"] * 1e6, "GBps": nbytes / t["median"] / 1e9,
+            "frac_of_copy": frac["median"], "frac_lo": frac["lo"], "frac_hi": frac["hi"],
+            "us_best": min(times) * 1e6, "frac_of_copy_best": min(copy_times) / min(times)}
+
+
+def measure(quick: bool) -> list:
     sched = S.VPLinear()
-    min_time = 0.2 if quick else 1.0
-    backends = ["cpp"] if dispatch.cpp_has("noisy_sample_cpu") else []
-    backends.append("torch")
-    for shape in QUICK_SIZES if quick else SIZES:
-        x0, eps = torch.randn(shape), torch.randn(shape)
-        t = torch.rand(shape[0]) * 0.98 + 0.01
-        nbytes_xt = 3 * x0.numel() * x0.element_size()
-        nbytes_in = 4 * x0.numel() * x0.element_size()
-        t_copy = copy_seconds(nbytes_xt, min_run_time=min_time)
-        t_copy_in = copy_seconds(nbytes_in, min_run_time=min_time)
-        eager_fn = eager(sched)
-        compiled = torch.compile(eager_fn, dynamic=False)
-
-        timings = {
-            "eager (x_t, input)": (median_seconds(lambda: eager_fn(x0, eps, t), min_time), nbytes_in, t_copy_in),
-            "torch.compile (x_t, input)": (median_seconds(lambda: compiled(x0, eps, t), min_time), nbytes_in,
-                                           t_copy_in),
-        }
-        for b in backends:
-            os.environ["TDIFF_BACKEND"] = b
-            timings[f"tdiff[{b}] (x_t)"] = (median_seconds(
-                lambda: noisy_sample(x0, eps, t, sched, check=False), min_time), nbytes_xt, t_copy)
-            timings[f"tdiff[{b}] (x_t, input)"] = (median_seconds(
-                lambda: noisy_sample(x0, eps, t, sched, write_input=True, precond_sigma_data=1.0, check=False),
-                min_time), nbytes_in, t_copy_in)
-        os.environ.pop("TDIFF_BACKEND", None)
-
-        ours = timings.get("tdiff[cpp] (x_t, input)", timings["tdiff[torch] (x_t, input)"])[0]
-        for name, (sec, nbytes, tc) in timings.items():
-            rec = {"threads": threads, "shape": list(shape), "impl": name, "us": sec * 1e6, "GBps": nbytes / sec / 1e9,
-                   "copy_GBps": nbytes / tc / 1e9, "frac_of_copy": tc / sec}
-            records.append(rec)
-            rows.append([threads, "x".join(map(str, shape)), name, sec * 1e6, rec["GBps"], rec["frac_of_copy"]])
-        eager_s = timings["eager (x_t, input)"][0]
-        comp_s = timings["torch.compile (x_t, input)"][0]
-        records.append({"threads": threads, "shape": list(shape), "speedup_vs_eager": eager_s / ours,
-                        "speedup_vs_compile": comp_s / ours})
-        rows.append([threads, "x".join(map(str, shape)), "=> tdiff speed-up vs eager / vs compile",
-                     f"{eager_s / ours:.2f}x", f"{comp_s / ours:.2f}x", ""])
+    rounds = 7 if quick else 25
+    records = []
+    for where, shape in (QUICK_SIZES if quick else SIZES).items():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x0, eps = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+            t = torch.rand(shape[0], dtype=torch.float64) * 0.98 + 0.01
+            w = torch.rand(shape[0])
+            es = x0.element_size() * x0.numel()
+            eager = eager_noisy(sched)
+            fns = {
+                "copy (x_t)": copy_fn(3 * es, dtype),
+                "copy (x_t, input)": copy_fn(4 * es, dtype),
+                "copy (mse)": copy_fn(2 * es, dtype),
+                "noisy_sample eager (x_t, input)": lambda: eager(x0, eps, t),
+                "noisy_sample tdiff (x_t)": lambda: noisy_sample(x0, eps, t, sched, check=False),
+                "noisy_sample tdiff (x_t, input)": lambda: noisy_sample(x0, eps, t, sched, write_input=True,
+                                                                        precond_sigma_data=1.0, check=False),
+                "weighted_mse eager": lambda: eager_wmse(x0, eps, w.to(dtype)),
+                "weighted_mse tdiff": lambda: weighted_mse(x0, eps, w),
+            }
+            if dtype == torch.float32:
+                compiled, compiled_wmse = torch.compile(eager, dynamic=False), torch.compile(eager_wmse,
+                                                                                           dynamic=False)
+                fns["noisy_sample torch.compile (x_t, input)"] = lambda: compiled(x0, eps, t)
+                fns["weighted_mse torch.compile"] = lambda: compiled_wmse(x0, eps, w)
+            with torch.no_grad():
+                times = interleaved(fns, rounds=rounds)
+            for impl, ts in times.items():
+                if impl.startswith("copy"):
+                    continue
+                nbytes, copy = (3 * es, "copy (x_t)") if impl.endswith("(x_t)") else (
+                    (4 * es, "copy (x_t, input)") if impl.startswith("noisy") else (2 * es, "copy (mse)"))
+                records.append(_record(where, shape, dtype, impl, ts, times[copy], nbytes))
+            for op, eager_name, ours in (("noisy_sample", "noisy_sample eager (x_t, input)",
+                                          "noisy_sample tdiff (x_t, input)"),
+                                         ("weighted_mse", "weighted_mse eager", "weighted_mse tdiff")):
+                s = paired_ratio(times[eager_name], times[ours])
+                records.append({"where": where, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                                "op": op, "speedup_vs_eager": s["median"], "speedup_lo": s["lo"],
+                                "speedup_hi": s["hi"], "speedup_best": min(times[eager_name]) / min(times[ours])})
+                comp = eager_name.replace("eager", "torch.compile")
+                if comp in times:
+                    c = paired_ratio(times[comp], times[ours])
+                    records[-1].update({"speedup_vs_compile": c["median"], "speedup_vs_compile_lo": c["lo"],
+                                        "speedup_vs_compile_hi": c["hi"]})
+    return records
 
 
 def _plot(records, path):
     plt = pyplot()
-    recs = [r for r in records if "impl" in r]
-    shapes = sorted({(r["threads"],) + tuple(r["shape"]) for r in recs})
+    recs = [r for r in records if "impl" in r and r["dtype"] == "float32"]
+    groups = sorted({r["where"] for r in recs})
     impls = list(dict.fromkeys(r["impl"] for r in recs))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(impls)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / max(1, len(impls))
     for i, impl in enumerate(impls):
-        vals = [next((r["frac_of_copy"] for r in recs if r["impl"] == impl and (r["threads"],) + tuple(r["shape"]) == s), 0)
-                for s in shapes]
-        ax.bar([k + i * width for k in range(len(shapes))], vals, width, label=impl)
-    ax.axhline(0.8, color="k", ls="--", lw=1, label="target 80% of copy")
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(shapes))], [f"{s[0]} thr, " + "x".join(map(str, s[1:])) for s in shapes])
+        vals = [next((r["frac_of_copy"] for r in recs if r["impl"] == impl and r["where"] == g), 0) for g in groups]
+        ax.bar([k + i * width for k in range(len(groups))], vals, width, label=impl)
+    ax.axhline(0.8, color="k", ls="--", lw=1, label="target 0.8 of copy")
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(groups))], groups)
     ax.set_ylabel("effective bandwidth / copy bandwidth")
-    ax.set_title("noisy-sample construction, CPU fp32")
+    ax.set_title("noisy_sample and weighted_mse, CPU float32, one thread")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run(quick: bool = False) -> dict:
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    load_before = load_average()
+    try:
+        records = measure(quick)
+    finally:
+        torch.set_num_threads(threads_before)
+    print_table("noisy_sample / weighted_mse (CPU, one thread): time and bandwidth against copy",
+                ["where", "dtype", "impl", "us", "GB/s", "of copy [95%]", "best rounds"],
+                [[r["where"], r["dtype"], r["impl"], r["us"], r["GBps"],
+                  f"{r['frac_of_copy']:.2f} [{r['frac_lo']:.2f}, {r['frac_hi']:.2f}]", r["frac_of_copy_best"]]
+                 for r in records if "impl" in r])
+    print_table("speed-up of the fused op", ["where", "dtype", "op", "vs eager [95%]", "best rounds",
+                                             "vs torch.compile"],
+                [[r["where"], r["dtype"], r["op"],
+                  f"{r['speedup_vs_eager']:.2f} [{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]", r["speedup_best"],
+                  f"{r['speedup_vs_compile']:.2f}" if "speedup_vs_compile" in r else ""]
+                 for r in records if "op" in r])
+    backend = dispatch.backend_for(torch.empty(1), "noisy_sample_cpu")
+    isa = torch.ops.tdiff.cpu_capability() if dispatch.cpp_has("cpu_capability") else None
+    payload = {"threads": 1, "backend": backend, "cpu_capability": isa, "targets": TARGETS, "records": records,
+               "loadavg_before": load_before, "loadavg_after": load_average()}
+    _plot(records, plot_path("noisy_sample", quick))
+    path = write_result("noisy_sample", payload, quick)
+    print(f"backend {backend} ({isa}); load average {load_before} -> {payload['loadavg_after']}; wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    import sys
+
+    run(quick="--quick" in sys.argv)

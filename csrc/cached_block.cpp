@@ -1,67 +1,83 @@
 // Fused cached-block scatter on CPU: branch = fresh[source[b]] or cache[b], out = x + gate[b] * branch.
-// One pass; each (sample, token) row of C channels picks its source pointer once, then a vectorisable loop.
+// One pass; each (sample, token) row of C channels picks its source pointer once, then a vector loop
+// (csrc/loops/cached_block.h).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "checks.h"
+#include "cpu_kernels.h"
+#include "direct.h"
+#include "row_spans.h"
+
 #include <algorithm>
 #include <tuple>
-#include <vector>
 
 namespace tdiff {
 namespace {
 
-template <typename scalar_t>
-void cached_block_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gate,
-                       const scalar_t* __restrict__ fresh, const scalar_t* __restrict__ cache,
-                       const int64_t* __restrict__ source, scalar_t* __restrict__ out, scalar_t* __restrict__ branch,
-                       int64_t batch, int64_t tokens, int64_t channels) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = batch * tokens;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(channels, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / tokens;
-      const int64_t n = r % tokens;
-      const int64_t src = source[b];
-      // the row's branch comes from the freshly computed rows or from this sample's cache
-      const scalar_t* br = src >= 0 ? fresh + (src * tokens + n) * channels : cache + r * channels;
-      const scalar_t* g = gate + b * channels;
-      const scalar_t* xr = x + r * channels;
-      scalar_t* o = out + r * channels;
-      scalar_t* bo = branch + r * channels;
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const scalar_t v = br[c];
-        bo[c] = v;
-        o[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) + static_cast<acc_t>(g[c]) * static_cast<acc_t>(v));
-      }
-    }
-  });
+// x (B, N, C), gate (B, C), fresh (K, N, C), cache like x, source (B,) as checks.h's check_source says.
+void check_block(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& gate, int64_t fresh_rows) {
+  check_data(op, x_name, x);
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) > 0, op, ": ", x_name, " must be (B, N, C) with B > 0, got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(gate.defined() && gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(2), op,
+                    ": gate must have shape (", x.size(0), ", ", x.size(2), "), got ",
+                    gate.defined() ? gate.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(gate.scalar_type() == x.scalar_type() && gate.device() == x.device(), op,
+                    ": gate must have the dtype and device of ", x_name, " (", x.scalar_type(), ", ", x.device(),
+                    "), got ", gate.scalar_type(), ", ", gate.device());
+  TORCH_CHECK_VALUE(fresh_rows >= 0 && fresh_rows <= x.size(0), op, ": the number of fresh rows must be in [0, ",
+                    x.size(0), "], got ", fresh_rows);
 }
 
 std::tuple<at::Tensor, at::Tensor> cached_block_cpu(const at::Tensor& x_in, const at::Tensor& gate_in,
                                                     const at::Tensor& fresh_in, const at::Tensor& cache_in,
                                                     const at::Tensor& source_in) {
-  TORCH_CHECK(x_in.device().is_cpu(), "cached_block_cpu: x must be a CPU tensor");
-  TORCH_CHECK(x_in.dim() == 3, "cached_block_cpu: x must be (B, N, C)");
-  TORCH_CHECK(cache_in.sizes() == x_in.sizes(), "cached_block_cpu: cache must have the shape of x");
-  TORCH_CHECK(source_in.scalar_type() == at::kLong, "cached_block_cpu: source must be int64");
+  const char* op = "tdiff::cached_block_cpu";
+  TORCH_CHECK_VALUE(fresh_in.defined() && x_in.defined(), op, ": x and fresh must be tensors");
+  TORCH_CHECK_VALUE(fresh_in.dim() == 3, op, ": fresh must have shape (K, ", x_in.dim() == 3 ? x_in.size(1) : -1, ", ",
+                    x_in.dim() == 3 ? x_in.size(2) : -1, ") (the computing rows), got ", fresh_in.sizes());
+  check_block(op, "x", x_in, gate_in, fresh_in.size(0));
+  check_like(op, "cache", cache_in, "x", x_in);
+  TORCH_CHECK_VALUE(fresh_in.size(1) == x_in.size(1) && fresh_in.size(2) == x_in.size(2), op,
+                    ": fresh must have shape (K, ", x_in.size(1), ", ", x_in.size(2), "), got ", fresh_in.sizes());
+  TORCH_CHECK_VALUE(fresh_in.scalar_type() == x_in.scalar_type() && fresh_in.device() == x_in.device(), op,
+                    ": fresh must have the dtype and device of x (", x_in.scalar_type(), ", ", x_in.device(),
+                    "), got ", fresh_in.scalar_type(), ", ", fresh_in.device());
+  check_source(op, source_in, x_in.size(0), fresh_in.size(0));
   const at::Tensor x = x_in.contiguous(), gate = gate_in.contiguous(), fresh = fresh_in.contiguous();
   const at::Tensor cache = cache_in.contiguous(), source = source_in.contiguous();
   const int64_t batch = x.size(0), tokens = x.size(1), channels = x.size(2);
-  TORCH_CHECK(gate.size(0) == batch && gate.size(1) == channels, "cached_block_cpu: gate must be (B, C)");
-  const int64_t* sp = source.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(sp[b] < fresh.size(0), "cached_block_cpu: source index ", sp[b], " out of range for ",
-                fresh.size(0), " fresh rows");
   at::Tensor out = at::empty_like(x);
   at::Tensor branch = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cached_block_cpu", [&] {
-    cached_block_rows<scalar_t>(x.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),
-                                fresh.numel() ? fresh.data_ptr<scalar_t>() : nullptr, cache.data_ptr<scalar_t>(), sp,
-                                out.data_ptr<scalar_t>(), branch.data_ptr<scalar_t>(), batch, tokens, channels);
+  const int64_t* sp = source.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cached_block", [&] {
+    using T = scalar_t;
+    const auto& kern = kernels_for<T>();
+    const T* xp = x.data_ptr<T>();
+    const T* gp = gate.data_ptr<T>();
+    const T* fp = fresh.numel() ? fresh.data_ptr<T>() : nullptr;
+    const T* cp = cache.data_ptr<T>();
+    T* op_ = out.data_ptr<T>();
+    T* bp = branch.data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(channels, 1));
+    at::parallel_for(0, batch * tokens, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / tokens, n = r % tokens;
+        const int64_t src = sp[b];
+        CachedBlockRow<T> a{};
+        a.x = xp + r * channels;
+        a.gate = gp + b * channels;
+        // the row's branch comes from the freshly computed rows or from this sample's cache
+        a.branch_in = src >= 0 ? fp + (src * tokens + n) * channels : cp + r * channels;
+        a.out = op_ + r * channels;
+        a.branch_out = bp + r * channels;
+        a.c = channels;
+        kern.cached_block(a);
+      }
+    });
   });
   return {out, branch};
 }
@@ -69,64 +85,75 @@ std::tuple<at::Tensor, at::Tensor> cached_block_cpu(const at::Tensor& x_in, cons
 // Backward: with d = grad_out * gate + grad_branch (the gradient reaching the selected branch),
 //   grad_x = grad_out, grad_gate[b] = sum_n grad_out[b, n] * branch[b, n],
 //   grad_fresh[source[b]] = d[b] for computing rows, grad_cache[b] = d[b] for reusing rows (0 otherwise).
-// Parallel over samples, so the token reduction for grad_gate needs no atomics.
-template <typename scalar_t>
-void cached_block_backward_rows(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ gbr,
-                                const scalar_t* __restrict__ gate, const scalar_t* __restrict__ branch,
-                                const int64_t* __restrict__ source, scalar_t* __restrict__ gx,
-                                scalar_t* __restrict__ ggate, scalar_t* __restrict__ gfresh,
-                                scalar_t* __restrict__ gcache, int64_t batch, int64_t tokens, int64_t channels) {
-  using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(channels);
-    for (int64_t b = begin; b < end; ++b) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      const int64_t src = source[b];
-      const scalar_t* g = gate + b * channels;
-      for (int64_t n = 0; n < tokens; ++n) {
-        const int64_t r = (b * tokens + n) * channels;
-        scalar_t* to = src >= 0 ? gfresh + (src * tokens + n) * channels : gcache + r;
-        scalar_t* zero = src >= 0 ? gcache + r : nullptr;
-#pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          const acc_t go = static_cast<acc_t>(gout[r + c]);
-          gx[r + c] = gout[r + c];
-          acc[c] += go * static_cast<acc_t>(branch[r + c]);
-          to[c] = static_cast<scalar_t>(go * static_cast<acc_t>(g[c]) + static_cast<acc_t>(gbr[r + c]));
-        }
-        if (zero) std::fill(zero, zero + channels, scalar_t(0));
-      }
-      for (int64_t c = 0; c < channels; ++c) ggate[b * channels + c] = static_cast<scalar_t>(acc[c]);
-    }
-  });
-}
-
+// Parallel over (sample, block of tokens); each block sums its grad_gate share into its own row of partial sums,
+// and the blocks' shares are added in a fixed order (deterministic for any thread count).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cached_block_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& grad_branch_in, const at::Tensor& gate_in,
     const at::Tensor& branch_in, const at::Tensor& source_in, int64_t computed) {
-  TORCH_CHECK(grad_out_in.dim() == 3, "cached_block_backward_cpu: grad_out must be (B, N, C)");
-  TORCH_CHECK(grad_branch_in.sizes() == grad_out_in.sizes() && branch_in.sizes() == grad_out_in.sizes(),
-              "cached_block_backward_cpu: grad_branch and branch must have the shape of grad_out");
+  const char* op = "tdiff::cached_block_backward_cpu";
+  check_block(op, "grad_out", grad_out_in, gate_in, computed);
+  check_like(op, "grad_branch", grad_branch_in, "grad_out", grad_out_in);
+  check_like(op, "branch", branch_in, "grad_out", grad_out_in);
+  check_source(op, source_in, grad_out_in.size(0), computed);
   const at::Tensor gout = grad_out_in.contiguous(), gbr = grad_branch_in.contiguous();
   const at::Tensor gate = gate_in.contiguous(), branch = branch_in.contiguous(), source = source_in.contiguous();
   const int64_t batch = gout.size(0), tokens = gout.size(1), channels = gout.size(2);
-  const int64_t* sp = source.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(sp[b] < computed, "cached_block_backward_cpu: source index ", sp[b], " out of range");
+  const int64_t chunk = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(channels, 1));
+  const int64_t blocks = std::max<int64_t>(1, (tokens + chunk - 1) / chunk);
+  const auto acc_type = at::toOpMathType(gout.scalar_type());
+  at::Tensor partial = at::zeros({batch, blocks, channels}, gout.options().dtype(acc_type));
   at::Tensor gx = at::empty_like(gout), gcache = at::empty_like(gout);
-  at::Tensor ggate = at::empty({batch, channels}, gout.options());
   at::Tensor gfresh = at::empty({computed, tokens, channels}, gout.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gout.scalar_type(), "cached_block_backward_cpu", [&] {
-    cached_block_backward_rows<scalar_t>(gout.data_ptr<scalar_t>(), gbr.data_ptr<scalar_t>(),
-                                         gate.data_ptr<scalar_t>(), branch.data_ptr<scalar_t>(), sp,
-                                         gx.data_ptr<scalar_t>(), ggate.data_ptr<scalar_t>(),
-                                         computed ? gfresh.data_ptr<scalar_t>() : nullptr, gcache.data_ptr<scalar_t>(),
-                                         batch, tokens, channels);
+  const int64_t* sp = source.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gout.scalar_type(), "cached_block", [&] {
+    using T = scalar_t;
+    using acc_t = at::opmath_type<T>;
+    const auto& kern = kernels_for<T>();
+    const T* gop = gout.data_ptr<T>();
+    const T* gbp = gbr.data_ptr<T>();
+    const T* gp = gate.data_ptr<T>();
+    const T* bp = branch.data_ptr<T>();
+    T* gxp = gx.data_ptr<T>();
+    T* gcp = gcache.data_ptr<T>();
+    T* gfp = computed ? gfresh.data_ptr<T>() : nullptr;
+    acc_t* pp = partial.data_ptr<acc_t>();
+    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, blk = task % blocks;
+        const int64_t src = sp[b];
+        for (int64_t n = blk * chunk; n < std::min(tokens, (blk + 1) * chunk); ++n) {
+          const int64_t r = (b * tokens + n) * channels;
+          CachedBlockBackwardRow<T> a{};
+          a.gout = gop + r;
+          a.gbr = gbp + r;
+          a.gate = gp + b * channels;
+          a.branch = bp + r;
+          a.gx = gxp + r;
+          a.to = src >= 0 ? gfp + (src * tokens + n) * channels : gcp + r;
+          a.zero = src >= 0 ? gcp + r : nullptr;
+          a.gate_acc = pp + task * channels;
+          a.c = channels;
+          kern.cached_block_backward(a);
+        }
+      }
+    });
   });
-  return {gx, ggate, gfresh, gcache};
+  at::Tensor ggate_acc = at::empty({batch, channels}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "cached_block", [&] {
+    sum_span_partials(partial.data_ptr<scalar_t>(), batch, blocks, channels, ggate_acc.data_ptr<scalar_t>());
+  });
+  return {gx, ggate_acc.to(gout.scalar_type()), gfresh, gcache};
 }
 
 }  // namespace
+
+namespace direct {
+std::tuple<at::Tensor, at::Tensor> cached_block_cpu(const at::Tensor& x, const at::Tensor& gate,
+                                                    const at::Tensor& fresh, const at::Tensor& cache,
+                                                    const at::Tensor& source) {
+  return ::tdiff::cached_block_cpu(x, gate, fresh, cache, source);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tdiff, m) {
   m.def("cached_block_cpu(Tensor x, Tensor gate, Tensor fresh, Tensor cache, Tensor source) -> (Tensor, Tensor)");

@@ -1,46 +1,47 @@
 // Fused noisy-sample construction on CPU: x_t = a x0 + s eps (and net_in = c x_t), coefficients per sample
-// computed here from the schedule's kernel spec. Formulas mirror tdiff/schedules.py (the tests hold them equal).
+// computed here from the schedule's kernel spec. Formulas mirror tdiff/schedules.py (the tests hold them equal);
+// the span loops are in csrc/loops/noisy_sample.h.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
-#include "schedule_coefficients.h"
+#include "checks.h"
+#include "cpu_kernels.h"
+#include "direct.h"
 #include "row_spans.h"
-#include "simd.h"
+#include "schedule_coefficients.h"
 
 namespace tdiff {
 namespace {
 
-// One row of one sample: a plain multiply-add over contiguous memory, vectorised and cloned per ISA.
-template <typename scalar_t, bool WRITE_INPUT>
-TDIFF_SIMD_CLONES void noisy_sample_row(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ eps,
-                                        scalar_t* __restrict__ xt, scalar_t* __restrict__ net_in,
-                                        at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> s,
-                                        at::opmath_type<scalar_t> c, int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t v = a * static_cast<acc_t>(x0[j]) + s * static_cast<acc_t>(eps[j]);
-    xt[j] = static_cast<scalar_t>(v);
-    if constexpr (WRITE_INPUT) net_in[j] = static_cast<scalar_t>(c * v);
-  }
-}
-
-// One pass over the data, in per-sample spans (each with its sample's coefficients).
-template <typename scalar_t, bool WRITE_INPUT>
-void noisy_sample_rows(const scalar_t* x0, const scalar_t* eps, scalar_t* xt, scalar_t* net_in, const double* coefs,
-                       int64_t batch, int64_t n_per_sample) {
-  using acc_t = at::opmath_type<scalar_t>;
-  parallel_row_spans(batch, n_per_sample, at::internal::GRAIN_SIZE, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
-    noisy_sample_row<scalar_t, WRITE_INPUT>(x0 + lo, eps + lo, xt + lo, WRITE_INPUT ? net_in + lo : nullptr,
-                                            static_cast<acc_t>(coefs[3 * b]), static_cast<acc_t>(coefs[3 * b + 1]),
-                                            static_cast<acc_t>(coefs[3 * b + 2]), len);
+// One pass over the data, in per-sample spans (each with its sample's coefficients, coefs[b] = [a, s, c]).
+template <typename T>
+void noisy_sample_rows(const at::Tensor& x0, const at::Tensor& eps, at::Tensor& xt, at::Tensor* net_in,
+                       const double* coefs) {
+  using acc_t = at::opmath_type<T>;
+  const auto& kern = kernels_for<T>();
+  const int64_t batch = x0.size(0);
+  const int64_t n = x0.numel() / batch;
+  const T* xp = x0.data_ptr<T>();
+  const T* ep = eps.data_ptr<T>();
+  T* op = xt.data_ptr<T>();
+  T* ip = net_in ? net_in->data_ptr<T>() : nullptr;
+  parallel_row_spans(batch, n, at::internal::GRAIN_SIZE, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
+    NoisySampleSpan<T> a{};
+    a.x0 = xp + lo;
+    a.eps = ep + lo;
+    a.xt = op + lo;
+    a.net_in = ip ? ip + lo : nullptr;
+    a.a = static_cast<acc_t>(coefs[3 * b]);
+    a.s = static_cast<acc_t>(coefs[3 * b + 1]);
+    a.c = static_cast<acc_t>(coefs[3 * b + 2]);
+    a.n = len;
+    kern.noisy_sample(a);
   });
 }
 
@@ -48,97 +49,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
     const at::Tensor& x0_in, const at::Tensor& eps_in, const at::Tensor& t, int64_t kind, at::ArrayRef<double> params,
     const std::optional<at::Tensor>& table, double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on,
     bool write_input) {
-  TORCH_CHECK(x0_in.device().is_cpu(), "noisy_sample_cpu: x0 must be a CPU tensor");
-  TORCH_CHECK(x0_in.sizes() == eps_in.sizes(), "noisy_sample_cpu: eps must have the shape of x0");
-  TORCH_CHECK(x0_in.scalar_type() == eps_in.scalar_type(), "noisy_sample_cpu: eps must have the dtype of x0");
-  const at::Tensor x0 = x0_in.contiguous();
-  const at::Tensor eps = eps_in.contiguous();
-  const int64_t batch = x0.size(0);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, "noisy_sample_cpu: t must have shape (B,)");
-
-  // Per-sample coefficients in double: B values, negligible next to the data pass.
-  const at::Tensor t64 = t.to(at::kDouble).contiguous();
+  const char* op = "tdiff::noisy_sample_cpu";
+  check_data(op, "x0", x0_in);
+  check_batch(op, "x0", x0_in);
+  check_like(op, "eps", eps_in, "x0", x0_in);
+  const int64_t batch = x0_in.size(0);
+  check_rows(op, "t", t, batch, 0, /*shared=*/false, std::nullopt);
   at::Tensor table64;
   const double* table_ptr = nullptr;
   int64_t table_n = 0;
   if (table.has_value() && table->defined()) {
-    table64 = table->to(at::kDouble).contiguous();
+    TORCH_CHECK_VALUE(table->device().is_cpu() && table->scalar_type() == at::kDouble && table->dim() == 1, op,
+                      ": table must be a 1-D float64 CPU tensor of log-alpha, got ", table->scalar_type(), " ",
+                      table->sizes(), " on ", table->device());
+    table64 = table->contiguous();
     table_ptr = table64.data_ptr<double>();
     table_n = table64.numel();
+    TORCH_CHECK_VALUE(kind == TABLE_VP, op, ": table is only for a discrete schedule (kind ", TABLE_VP, "), got kind ",
+                      kind);
   }
-  ScheduleSpec spec = make_spec(kind, params, table_ptr, table_n, precond_sigma_data, fdm, fdm_on);
-  at::Tensor coefs64 = at::empty({batch, 3}, t64.options());
+  const ScheduleSpec spec = make_spec(kind, params, table_ptr, table_n, precond_sigma_data, fdm, fdm_on);
+  const at::Tensor x0 = x0_in.contiguous();
+  const at::Tensor eps = eps_in.contiguous();
+
+  // Per-sample coefficients in double: B values, negligible next to the data pass (and no tensor ops: at small
+  // sizes each one costs as much as the pass).
+  const at::Tensor t64 = t.scalar_type() == at::kDouble ? t.contiguous() : t.to(at::kDouble).contiguous();
   const double* tp = t64.data_ptr<double>();
-  double* cp = coefs64.data_ptr<double>();
-  for (int64_t b = 0; b < batch; ++b) sample_coefficients(spec, tp[b], cp + 3 * b);
+  std::vector<double> cp(static_cast<size_t>(3 * batch));
+  for (int64_t b = 0; b < batch; ++b) sample_coefficients(spec, tp[b], cp.data() + 3 * b);
 
   at::Tensor xt = at::empty_like(x0);
   at::Tensor net_in = write_input ? at::empty_like(x0) : at::empty({0}, x0.options());
-  const int64_t total = x0.numel();
-  const int64_t per_sample = batch ? total / batch : 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "noisy_sample_cpu", [&] {
-    if (write_input)
-      noisy_sample_rows<scalar_t, true>(x0.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
-                                        net_in.data_ptr<scalar_t>(), cp, batch, per_sample);
-    else
-      noisy_sample_rows<scalar_t, false>(x0.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
-                                         nullptr, cp, batch, per_sample);
+  at::Tensor coefs = at::empty({batch, 3}, x0.options().dtype(at::toOpMathType(x0.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "noisy_sample", [&] {
+    noisy_sample_rows<scalar_t>(x0, eps, xt, write_input ? &net_in : nullptr, cp.data());
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* out = coefs.data_ptr<acc_t>();
+    for (int64_t i = 0; i < 3 * batch; ++i) out[i] = static_cast<acc_t>(cp[i]);
   });
-  const auto coef_type = at::toOpMathType(x0.scalar_type());
-  return {xt, net_in, coefs64.to(coef_type)};
+  return {xt, net_in, coefs};
 }
 
-// grad_x0 = a g, grad_eps = s g with g = grad_xt + c grad_in (grad_in may be empty).
-template <typename scalar_t, bool HAS_IN>
-TDIFF_SIMD_CLONES void noisy_sample_backward_row(const scalar_t* __restrict__ gxt, const scalar_t* __restrict__ gin,
-                                                 scalar_t* __restrict__ gx0, scalar_t* __restrict__ geps,
-                                                 at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> s,
-                                                 at::opmath_type<scalar_t> c, int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    acc_t g = static_cast<acc_t>(gxt[j]);
-    if constexpr (HAS_IN) g += c * static_cast<acc_t>(gin[j]);
-    gx0[j] = static_cast<scalar_t>(a * g);
-    geps[j] = static_cast<scalar_t>(s * g);
-  }
-}
-
-template <typename scalar_t, bool HAS_IN>
-void noisy_sample_backward_rows(const scalar_t* gxt, const scalar_t* gin, scalar_t* gx0, scalar_t* geps,
-                                const double* coefs, int64_t batch, int64_t n_per_sample) {
-  using acc_t = at::opmath_type<scalar_t>;
-  parallel_row_spans(batch, n_per_sample, at::internal::GRAIN_SIZE, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
-    noisy_sample_backward_row<scalar_t, HAS_IN>(gxt + lo, HAS_IN ? gin + lo : nullptr, gx0 + lo, geps + lo,
-                                                static_cast<acc_t>(coefs[3 * b]), static_cast<acc_t>(coefs[3 * b + 1]),
-                                                static_cast<acc_t>(coefs[3 * b + 2]), len);
+template <typename T>
+void noisy_sample_backward_rows(const at::Tensor& gxt, const at::Tensor* gin, at::Tensor& gx0, at::Tensor& geps,
+                                const double* coefs) {
+  using acc_t = at::opmath_type<T>;
+  const auto& kern = kernels_for<T>();
+  const int64_t batch = gxt.size(0);
+  const int64_t n = gxt.numel() / batch;
+  const T* gp = gxt.data_ptr<T>();
+  const T* ip = gin ? gin->data_ptr<T>() : nullptr;
+  T* xp = gx0.data_ptr<T>();
+  T* ep = geps.data_ptr<T>();
+  parallel_row_spans(batch, n, at::internal::GRAIN_SIZE, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
+    NoisySampleBackwardSpan<T> a{};
+    a.gxt = gp + lo;
+    a.gin = ip ? ip + lo : nullptr;
+    a.gx0 = xp + lo;
+    a.geps = ep + lo;
+    a.a = static_cast<acc_t>(coefs[3 * b]);
+    a.s = static_cast<acc_t>(coefs[3 * b + 1]);
+    a.c = static_cast<acc_t>(coefs[3 * b + 2]);
+    a.n = len;
+    kern.noisy_sample_backward(a);
   });
 }
 
+// grad_x0 = a g, grad_eps = s g with g = grad_xt + c grad_in (grad_in may be empty: no network-input gradient).
 std::tuple<at::Tensor, at::Tensor> noisy_sample_backward_cpu(const at::Tensor& grad_xt_in, const at::Tensor& grad_in_in,
                                                              const at::Tensor& coefs) {
-  const at::Tensor gxt = grad_xt_in.contiguous();
+  const char* op = "tdiff::noisy_sample_backward_cpu";
+  check_data(op, "grad_xt", grad_xt_in);
+  check_batch(op, "grad_xt", grad_xt_in);
+  TORCH_CHECK_VALUE(grad_in_in.defined(), op, ": grad_in must be a tensor (empty for none)");
   const bool has_in = grad_in_in.numel() > 0;
+  if (has_in) check_like(op, "grad_in", grad_in_in, "grad_xt", grad_xt_in);
+  check_rows(op, "coefs", coefs, grad_xt_in.size(0), 3, /*shared=*/false, std::nullopt);
+  const at::Tensor gxt = grad_xt_in.contiguous();
   const at::Tensor gin = has_in ? grad_in_in.contiguous() : grad_in_in;
-  TORCH_CHECK(!has_in || gin.sizes() == gxt.sizes(), "noisy_sample_backward_cpu: grad_in must match grad_xt");
-  const at::Tensor c64 = coefs.to(at::kDouble).contiguous();
+  const at::Tensor c64 = coefs.scalar_type() == at::kDouble ? coefs.contiguous() : coefs.to(at::kDouble).contiguous();
   at::Tensor gx0 = at::empty_like(gxt);
   at::Tensor geps = at::empty_like(gxt);
-  const int64_t total = gxt.numel();
-  const int64_t per_sample = gxt.size(0) ? total / gxt.size(0) : 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gxt.scalar_type(), "noisy_sample_backward_cpu", [&] {
-    if (has_in)
-      noisy_sample_backward_rows<scalar_t, true>(gxt.data_ptr<scalar_t>(), gin.data_ptr<scalar_t>(),
-                                                 gx0.data_ptr<scalar_t>(), geps.data_ptr<scalar_t>(),
-                                                 c64.data_ptr<double>(), gxt.size(0), per_sample);
-    else
-      noisy_sample_backward_rows<scalar_t, false>(gxt.data_ptr<scalar_t>(), nullptr, gx0.data_ptr<scalar_t>(),
-                                                  geps.data_ptr<scalar_t>(), c64.data_ptr<double>(), gxt.size(0), per_sample);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gxt.scalar_type(), "noisy_sample", [&] {
+    noisy_sample_backward_rows<scalar_t>(gxt, has_in ? &gin : nullptr, gx0, geps, c64.data_ptr<double>());
   });
   return {gx0, geps};
 }
 
 }  // namespace
+
+namespace direct {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
+    const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t, int64_t kind, at::ArrayRef<double> params,
+    const std::optional<at::Tensor>& table, double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on,
+    bool write_input) {
+  return ::tdiff::noisy_sample_cpu(x0, eps, t, kind, params, table, precond_sigma_data, fdm, fdm_on, write_input);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tdiff, m) {
   m.def(

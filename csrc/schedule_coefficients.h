@@ -27,11 +27,16 @@ struct ScheduleSpec {
 
 inline ScheduleSpec make_spec(int64_t kind, c10::ArrayRef<double> params, const double* table, int64_t table_n,
                               double precond_sigma_data, c10::ArrayRef<double> fdm, int64_t fdm_on) {
-  TORCH_CHECK(kind >= VP_LINEAR && kind <= FLOW, "tdiff: unknown schedule kind ", kind);
-  TORCH_CHECK(params.size() == 4, "tdiff: schedule params must hold 4 floats");
-  TORCH_CHECK(kind != TABLE_VP || (table != nullptr && table_n == static_cast<int64_t>(params[2]) && table_n >= 2),
-              "tdiff: a discrete schedule needs its log-alpha table");
-  TORCH_CHECK(fdm_on == FDM_OFF || fdm.size() == 6, "tdiff: fdm must hold 6 floats");
+  TORCH_CHECK_VALUE(kind >= VP_LINEAR && kind <= FLOW, "tdiff: kind must be a schedule kind code 0..5, got ", kind);
+  TORCH_CHECK_VALUE(params.size() == 4, "tdiff: params must hold 4 floats, got ", params.size());
+  TORCH_CHECK_VALUE(kind != TABLE_VP || (table != nullptr && table_n >= 2 && params[2] == static_cast<double>(table_n)),
+                    "tdiff: a discrete schedule needs its float64 log-alpha table with params[2] >= 2 entries");
+  TORCH_CHECK_VALUE(kind != TABLE_VP || (std::isfinite(params[1]) && params[1] > 0.0),
+                    "tdiff: a discrete schedule's grid step params[1] must be finite and positive, got ", params[1]);
+  TORCH_CHECK_VALUE(fdm_on >= FDM_OFF && fdm_on <= FDM_MEAN, "tdiff: fdm_on must be 0 (off), 1 (input) or 2 (mean), got ",
+                    fdm_on);
+  TORCH_CHECK_VALUE(fdm_on == FDM_OFF || fdm.size() == 6,
+                    "tdiff: fdm must hold 6 floats [m, beta_min, beta_d, u_min, u_max, source], got ", fdm.size());
   ScheduleSpec s{};
   s.kind = kind;
   std::copy(params.begin(), params.end(), s.p);
@@ -58,7 +63,10 @@ inline void log_alpha_sigma(const ScheduleSpec& sp, double t, double& la, double
     case TABLE_VP: {
       // piecewise-linear in t with linear extrapolation past both ends (DPM-Solver's interpolation)
       const double x = (t - sp.p[0]) / sp.p[1];
-      const int64_t i = std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(std::floor(x)), 0), sp.table_n - 2);
+      // the segment index, in range whatever t is (NaN and +-inf included; their coefficients come out non-finite
+      // and the public wrapper reports them)
+      const double last = static_cast<double>(sp.table_n - 2);
+      const int64_t i = x >= 1.0 ? static_cast<int64_t>(std::floor(std::min(x, last))) : 0;
       la = sp.table[i] + (x - static_cast<double>(i)) * (sp.table[i + 1] - sp.table[i]);
       ls = vp_log_sigma(la);
       break;

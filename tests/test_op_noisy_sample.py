@@ -127,23 +127,24 @@ def test_gradcheck(monkeypatch, backend, write_input):
     assert torch.autograd.gradcheck(f, (x0, eps), fast_mode=backend == "triton")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(monkeypatch, backend):
-    monkeypatch.setenv("TDIFF_BACKEND", backend)
-    sched = S.VPLinear()
-    spec = sched.kernel_spec()
-    x0 = torch.randn(3, 4, 5, requires_grad=True)
-    eps = torch.randn(3, 4, 5, requires_grad=True)
-    t = torch.tensor([0.1, 0.5, 0.9])
-    fdm = S.FDMMomentum(source="time", u_min=0.0, u_max=1.0).kernel_params()
-    torch.library.opcheck(torch.ops.tdiff.noisy_sample.default,
-                          (x0, eps, t, spec.kind, list(spec.params), None, 1.0, fdm, 1, True))
-    coefs = torch.rand(3, 3)
-    torch.library.opcheck(torch.ops.tdiff.noisy_sample_backward.default,
-                          (torch.randn(3, 4, 5), torch.randn(3, 4, 5), coefs))
+@pytest.mark.parametrize("sched_name", list(SCHEDULES))
+def test_torch_compile_fullgraph_every_schedule(sched_name):
+    # the first call traces: kernel_table must not mutate module state, check=True must not branch on data
+    torch._dynamo.reset()
+    sched = SCHEDULES[sched_name]
+
+    def step(x0, eps, t):
+        xt, net_in = noisy_sample(x0, eps, t, sched, write_input=True, precond_sigma_data=1.0)
+        return (xt * 2 + net_in).sum()
+
+    x0, eps, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), _times(sched_name, 4)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x0, eps, t), step(x0, eps, t))
+    with pytest.raises(RuntimeError, match="t must be finite and inside the domain"):
+        compiled(x0, eps, torch.tensor([0.5, math.nan, 0.5, 0.5], dtype=torch.float64))
 
 
-def test_torch_compile_smoke():
+def test_torch_compile_inductor():
     sched = S.VPLinear()
 
     def step(x0, eps, t):
@@ -151,10 +152,7 @@ def test_torch_compile_smoke():
         return (xt * 2 + net_in).sum()
 
     x0, eps, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.rand(4) * 0.9 + 0.05
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(x0, eps, t), step(x0, eps, t))
-    compiled_inductor = torch.compile(step, fullgraph=True)
-    torch.testing.assert_close(compiled_inductor(x0, eps, t), step(x0, eps, t))
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(x0, eps, t), step(x0, eps, t))
 
 
 def test_coefficients_match_schedules_in_every_backend(monkeypatch):
@@ -188,10 +186,44 @@ def test_bad_shapes_dtypes_devices_and_nan():
         noisy_sample(x0, torch.randn(2, 3), torch.rand(3), sched)
     with pytest.raises(ValueError, match="x0 must be float32"):
         noisy_sample(x0.long(), torch.randn(2, 3).long(), torch.rand(2), sched)
-    with pytest.raises(ValueError, match="non-finite coefficients"):
+    with pytest.raises(ValueError, match=r"t must be finite and inside the domain .* for samples \[1\]"):
         noisy_sample(x0, torch.randn(2, 3), torch.tensor([0.5, math.nan]), sched)
+    with pytest.raises(TypeError, match="eps must be a tensor"):
+        noisy_sample(x0, None, torch.rand(2), sched)
     with pytest.raises(ValueError, match="device"):
         noisy_sample(x0, torch.randn(2, 3, device="meta"), torch.rand(2), sched)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sched_name", list(SCHEDULES))
+def test_times_outside_the_domain_are_refused(monkeypatch, backend, sched_name):
+    monkeypatch.setenv("TDIFF_BACKEND", backend)
+    sched = SCHEDULES[sched_name]
+    x0, eps = torch.randn(2, 3), torch.randn(2, 3)
+    for bad in (2.0, -1.0, math.inf, -math.inf, math.nan) if sched_name != "edm" else (-1.0, math.inf, math.nan):
+        t = torch.tensor([0.5 * (sched.t_min + sched.t_max), bad], dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"inside the domain .* for samples \[1\]"):
+            noisy_sample(x0, eps, t, sched)
+    noisy_sample(x0, eps, torch.tensor([sched.t_min, sched.t_max], dtype=torch.float64), sched)  # the ends pass
+
+
+def test_registered_cpu_ops_validate_their_inputs():
+    ops = torch.ops.tdiff
+    spec = S.DiscreteVP(betas=torch.linspace(1e-4, 0.02, 50)).kernel_spec()
+    x0 = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="coefs must have shape"):
+        ops.noisy_sample_backward_cpu(torch.randn(4, 4096), torch.empty(0), torch.rand(1, 3))
+    with pytest.raises(ValueError, match="grad_in must have the shape"):
+        ops.noisy_sample_backward_cpu(torch.randn(2, 3), torch.randn(2, 2), torch.rand(2, 3))
+    with pytest.raises(ValueError, match="table"):
+        ops.noisy_sample_cpu(x0, x0, torch.rand(2), spec.kind, list(spec.params), spec.table[:10].double(), -1.0,
+                             [], 0, False)
+    with pytest.raises(ValueError, match="t must have shape"):
+        ops.noisy_sample_cpu(x0, x0, torch.rand(3), 0, [0.1, 20.0, 0.0, 0.0], None, -1.0, [], 0, False)
+    with pytest.raises(ValueError, match="kind must be"):
+        ops.noisy_sample_cpu(x0, x0, torch.rand(2), 9, [0.1, 20.0, 0.0, 0.0], None, -1.0, [], 0, False)
+    with pytest.raises(ValueError, match="fdm must hold 6"):
+        ops.noisy_sample_cpu(x0, x0, torch.rand(2), 0, [0.1, 20.0, 0.0, 0.0], None, -1.0, [1.0], 1, False)
 
 
 def test_backend_override_errors(monkeypatch):

@@ -73,17 +73,8 @@ def test_gradcheck(monkeypatch, backend):
     target = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
     weight = (torch.rand(3, dtype=torch.float64) + 0.1).requires_grad_(True)
     # both outputs, so the gradient through the unweighted mse is checked too
-    assert torch.autograd.gradcheck(lambda p, t, w: torch.ops.tdiff.weighted_mse(p, t, w), (pred, target, weight))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(monkeypatch, backend):
-    monkeypatch.setenv("TDIFF_BACKEND", backend)
-    pred, target = torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 4, 5)
-    weight = torch.rand(3)
-    torch.library.opcheck(torch.ops.tdiff.weighted_mse.default, (pred, target, weight))
-    torch.library.opcheck(torch.ops.tdiff.weighted_mse_backward.default,
-                          (torch.randn(3), torch.randn(3, 4, 5), torch.randn(3, 4, 5), weight))
+    assert torch.autograd.gradcheck(lambda p, t, w: torch.ops.tdiff.weighted_mse(p, t, w), (pred, target, weight),
+                                    fast_mode=backend == "triton")
 
 
 def test_torch_compile_smoke():
@@ -108,8 +99,22 @@ def test_torch_compile_smoke():
         (torch.randn(3, 4), torch.randn(3, 4), torch.ones(3, dtype=torch.long), "weight must be float"),
         (torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), torch.rand(3), "pred must be float"),
         (torch.randn(0, 4), torch.randn(0, 4), torch.rand(0), "non-empty"),
+        (torch.randn(3, 0), torch.randn(3, 0), torch.rand(3), "non-empty"),
     ],
 )
-def test_bad_input(pred, target, weight, match):
+@pytest.mark.parametrize("grad", [False, True])
+def test_bad_input(pred, target, weight, match, grad):
+    if grad and pred.is_floating_point():
+        pred.requires_grad_(True)
     with pytest.raises(ValueError, match=match):
         weighted_mse(pred, target, weight)
+
+
+def test_registered_cpu_ops_validate_their_inputs():
+    p = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="target must have the shape"):
+        torch.ops.tdiff.weighted_mse_cpu(p, torch.randn(1), torch.rand(3))
+    with pytest.raises(ValueError, match=r"grad_loss must have shape \(3,\)"):
+        torch.ops.tdiff.weighted_mse_backward_cpu(torch.randn(1), p, p, torch.rand(3))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        torch.ops.tdiff.weighted_mse_backward_cpu(torch.randn(3), p, p, torch.rand(1))

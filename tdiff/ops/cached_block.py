@@ -36,7 +36,7 @@ def cached_block_reference(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor
         branch = cache.clone()
     acc = dispatch.coef_dtype(x)
     out = x.to(acc) + gate.to(acc).unsqueeze(1) * branch.to(acc)
-    return out.to(x.dtype), branch
+    return out.to(x.dtype).contiguous(), branch.contiguous()
 
 
 def cached_block_backward_reference(grad_out: Tensor, grad_branch: Tensor, gate: Tensor, branch: Tensor,
@@ -49,13 +49,17 @@ def cached_block_backward_reference(grad_out: Tensor, grad_branch: Tensor, gate:
     grad_fresh.index_copy_(0, source.index_select(0, rows), total.index_select(0, rows))
     grad_cache = torch.where((source >= 0).view(-1, 1, 1), torch.zeros_like(total), total)
     dt = grad_out.dtype
-    return grad_out.clone(), grad_gate.to(dt), grad_fresh.to(dt), grad_cache.to(dt)
+    return (grad_out.clone(memory_format=torch.contiguous_format), grad_gate.to(dt).contiguous(),
+            grad_fresh.to(dt).contiguous(), grad_cache.to(dt).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation shared by every backend
 # ---------------------------------------------------------------------------------------------------------------
 def _validate(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> None:
+    for name, v in (("x", x), ("gate", gate), ("fresh", fresh), ("cache", cache), ("source", source)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(v).__name__}")
     dispatch.check_float("x", x)
     if x.dim() != 3 or x.shape[0] == 0:
         raise ValueError(f"x must be (B, N, C) with B > 0, got shape {tuple(x.shape)}")
@@ -72,11 +76,30 @@ def _validate(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Ten
                          f"{source.dtype} {tuple(source.shape)} on {source.device}")
 
 
+def _check_source_values(source: Tensor, rows: int) -> None:
+    """Each source entry is -1 (reuse the cache) or a row of fresh, and the computing samples map one-to-one onto
+    the fresh rows (each fresh row is read, and its gradient written, by exactly one sample). A host check on the
+    CPU; a device-side assert elsewhere (no sync)."""
+    dispatch.check_indices("source", source, -1, rows, "-1 (reuse the cache) or a row of fresh")
+    if source.device.type == "meta" or isinstance(source, torch._subclasses.FakeTensor):
+        return
+    counts = torch.zeros(rows + 1, dtype=torch.int64, device=source.device)
+    counts.index_add_(0, source.clamp(-1, rows - 1) + 1, torch.ones_like(source))
+    one_to_one = (counts[1:] == 1).all()
+    message = f"source must map the computing samples one-to-one onto the {rows} rows of fresh"
+    if source.is_cpu:
+        if not bool(one_to_one):
+            raise ValueError(f"{message}; got {source.tolist()}")
+    else:
+        torch._assert_async(one_to_one, message)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The ops
 # ---------------------------------------------------------------------------------------------------------------
 def _cached_block_forward(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor):
     _validate(x, gate, fresh, cache, source)
+    _check_source_values(source, fresh.shape[0])
     return dispatch.route(x, "cached_block_cpu", "tdiff.kernels.cached_block:cached_block_triton",
                           cached_block_reference, x, gate, fresh, cache, source)
 
@@ -103,6 +126,10 @@ def cached_block_backward_op(grad_out: Tensor, grad_branch: Tensor, gate: Tensor
                          f"{tuple(gate.shape)}")
     if not 0 <= computed <= grad_out.shape[0]:
         raise ValueError(f"computed must be in [0, {grad_out.shape[0]}], got {computed}")
+    dispatch.check_same("grad_out", grad_out, "gate", gate, shape=False)
+    if source.shape != (grad_out.shape[0],) or source.dtype != torch.int64 or source.device != grad_out.device:
+        raise ValueError(f"source must be an int64 tensor of shape ({grad_out.shape[0]},) on {grad_out.device}")
+    _check_source_values(source, computed)
     return dispatch.route(grad_out, "cached_block_backward_cpu",
                           "tdiff.kernels.cached_block:cached_block_backward_triton", cached_block_backward_reference,
                           grad_out, grad_branch, gate, branch, source, computed)
@@ -140,6 +167,13 @@ cached_block_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------------
 def cached_block(x: Tensor, gate: Tensor, fresh: Tensor, cache: Tensor, source: Tensor) -> Tuple[Tensor, Tensor]:
     """(out, refreshed cache) for one unit with per-sample masks; see the module docstring."""
-    if dispatch.plain_call(x, gate, fresh, cache):  # it runs once per unit per model call when serving
+    if dispatch.fast_call(x, gate, fresh, cache):  # it runs once per unit per model call when serving
+        kernel = dispatch.eager_kernel(x, "cached_block_cpu")
+        if kernel is not None:
+            try:
+                return kernel(x, gate, fresh, cache, source)
+            except (RuntimeError, TypeError, ValueError):
+                _validate(x, gate, fresh, cache, source)
+                raise
         return _cached_block_forward(x, gate, fresh, cache, source)
     return torch.ops.tdiff.cached_block(x, gate, fresh, cache, source)  # traced, or differentiated

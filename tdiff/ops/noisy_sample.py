@@ -14,8 +14,8 @@ Ops (schemas under tdiff::):
 """
 from __future__ import annotations
 
+import math
 import weakref
-
 from typing import List, Optional, Tuple
 
 import torch
@@ -55,7 +55,7 @@ def noisy_sample_reference(x0, eps, t, kind, params, table, precond_sigma_data, 
     a, s, c = (dispatch.per_sample(cf[:, i], x0) for i in range(3))
     xt = a * x0.to(acc) + s * eps.to(acc)
     net_in = (c * xt).to(x0.dtype) if write_input else x0.new_empty(0)
-    return xt.to(x0.dtype), net_in, cf
+    return xt.to(x0.dtype).contiguous(), net_in.contiguous(), cf
 
 
 def noisy_sample_backward_reference(grad_xt, grad_in, coefs):
@@ -64,7 +64,7 @@ def noisy_sample_backward_reference(grad_xt, grad_in, coefs):
     g = grad_xt.to(acc)
     if grad_in.numel():
         g = g + c * grad_in.to(acc)
-    return (a * g).to(grad_xt.dtype), (s * g).to(grad_xt.dtype)
+    return (a * g).to(grad_xt.dtype).contiguous(), (s * g).to(grad_xt.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,6 +72,9 @@ def noisy_sample_backward_reference(grad_xt, grad_in, coefs):
 # ---------------------------------------------------------------------------------------------------------------
 def _validate(x0: Tensor, eps: Tensor, t: Tensor, kind: int, params: List[float], table: Optional[Tensor],
               fdm: List[float], fdm_on: int) -> None:
+    for name, v in (("x0", x0), ("eps", eps), ("t", t)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(v).__name__}")
     dispatch.check_float("x0", x0)
     dispatch.check_same("x0", x0, "eps", eps)
     if x0.dim() < 1 or x0.shape[0] == 0:
@@ -87,10 +90,15 @@ def _validate(x0: Tensor, eps: Tensor, t: Tensor, kind: int, params: List[float]
     if len(params) != 4:
         raise ValueError(f"params must hold 4 floats, got {len(params)}")
     if kind == S.KIND_TABLE_VP:
-        if table is None or table.dim() != 1 or table.numel() != int(params[2]) or table.dtype != torch.float64:
-            raise ValueError("a discrete schedule needs a float64 table of log-alpha with params[2] entries")
+        if (table is None or table.dim() != 1 or table.numel() < 2 or table.numel() != params[2]
+                or table.dtype != torch.float64):
+            raise ValueError("a discrete schedule needs a float64 table of log-alpha with params[2] >= 2 entries")
         if table.device != x0.device:
             raise ValueError(f"table must be on the device of x0 ({x0.device}), got {table.device}")
+        if not (math.isfinite(params[1]) and params[1] > 0):
+            raise ValueError(f"a discrete schedule's grid step params[1] must be finite and positive, got {params[1]}")
+    elif table is not None:
+        raise ValueError(f"table is only for a discrete schedule (kind {S.KIND_TABLE_VP}), got kind {kind}")
     if fdm_on not in (FDM_OFF, FDM_ON_INPUT, FDM_ON_MEAN):
         raise ValueError(f"fdm_on must be 0 (off), 1 (input) or 2 (mean), got {fdm_on}")
     if fdm_on != FDM_OFF and len(fdm) != 6:
@@ -195,6 +203,9 @@ def kernel_table(spec: S.KernelSpec, device: torch.device) -> Optional[Tensor]:
     GPU a host sync, on every call otherwise)."""
     if spec.table is None:
         return None
+    if torch.compiler.is_compiling():
+        # traced: a graph-local copy (the cache below is module state, which a trace must not mutate)
+        return spec.table.to(device=device, dtype=torch.float64)
     per_device = _TABLES_ON_DEVICE.get(id(spec.table))
     if per_device is None:
         per_device = _TABLES_ON_DEVICE[id(spec.table)] = {}
@@ -214,28 +225,48 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
                  write_input: bool = False, check: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """x_t = alpha(t) x0 + sigma(t) eps in one fused pass; with write_input, also the network input c_in x_t.
 
+    t: (B,) times, or one float for the batch.
     precond_sigma_data: write c_in = 1/sqrt(sigma^2 + sigma_data^2 alpha^2) into the input (EDM preconditioning).
     fdm: an FDMMomentum to apply FDM's factor to the input or to the mean.
-    check: raise if any coefficient is NaN/inf (costs one device sync on GPU; the CPU kernels pay nothing).
+    check: raise if a time lies outside the schedule's domain or a coefficient is NaN/inf (one host sync; under
+        torch.compile an asynchronous assert instead). check=False trusts the caller.
     """
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
     spec = schedule.kernel_spec()
     if isinstance(t, (int, float)):
         t = torch.full((x0.shape[0],), float(t), device=x0.device, dtype=torch.float64)
+    args = (x0, eps, t, spec.kind, [float(p) for p in spec.params], kernel_table(spec, x0.device),
+            -1.0 if precond_sigma_data is None else float(precond_sigma_data),
+            [] if fdm is None else fdm.kernel_params(), fdm_code(fdm), write_input)
     if torch.compiler.is_compiling():
-        run = torch.ops.tdiff.noisy_sample  # traced through its fake and autograd registrations
-    elif torch.is_grad_enabled() and (x0.requires_grad or eps.requires_grad):
-        run = _EagerNoisySample.apply
+        xt, net_in, coefs = torch.ops.tdiff.noisy_sample(*args)  # traced through its fake and autograd registrations
+    elif torch.is_grad_enabled() and (getattr(x0, "requires_grad", False) or getattr(eps, "requires_grad", False)):
+        xt, net_in, coefs = _EagerNoisySample.apply(*args)
     else:
-        run = _forward_impl
-    xt, net_in, coefs = run(
-        x0, eps, t, spec.kind, [float(p) for p in spec.params], kernel_table(spec, x0.device),
-        -1.0 if precond_sigma_data is None else float(precond_sigma_data),
-        [] if fdm is None else fdm.kernel_params(),
-        fdm_code(fdm),
-        write_input,
-    )
-    if check and not bool(torch.isfinite(coefs).all()):
-        bad = (~torch.isfinite(coefs).all(dim=1)).nonzero().flatten()[:4].tolist()
-        raise ValueError(f"noisy_sample: non-finite coefficients for samples {bad} (t={t[bad].tolist()}); "
-                         f"t must be finite and inside the domain of {schedule!r}")
+        # eager, no autograd: the C++ kernel itself when it is the backend (it validates its inputs; a refusal is
+        # re-explained by the Python validation, which names arguments as the public API does)
+        kernel = dispatch.eager_kernel(x0, "noisy_sample_cpu")
+        if kernel is None:
+            xt, net_in, coefs = _forward_impl(*args)
+        else:
+            try:
+                xt, net_in, coefs = kernel(*args)
+            except (RuntimeError, TypeError, ValueError):
+                _validate(*args[:6], *args[7:9])
+                raise
+    if check:
+        _check_times(t, coefs, schedule)
     return xt, (net_in if write_input else None)
+
+
+def _check_times(t: Tensor, coefs: Tensor, schedule: S.NoiseSchedule) -> None:
+    lo, hi = schedule.domain
+    bad = ~torch.isfinite(coefs).all(dim=1) | ~(t >= lo) | ~(t <= hi)  # ~(t >= lo) also catches NaN
+
+    def message(compiling: bool) -> str:
+        where = "" if compiling else f" for samples {bad.nonzero().flatten()[:4].tolist()} (t={t[bad][:4].tolist()})"
+        return (f"noisy_sample: t must be finite and inside the domain [{lo}, {hi}] of {type(schedule).__name__}, "
+                f"with finite coefficients{where}")
+
+    dispatch.assert_true(~bad.any(), message)

@@ -39,13 +39,16 @@ def weighted_mse_backward_reference(grad_loss: Tensor, pred: Tensor, target: Ten
     n = pred[0].numel()
     scale = (2.0 / n) * weight.to(acc) * grad_loss.to(acc)
     scale = scale.reshape((-1,) + (1,) * (pred.dim() - 1))
-    return (scale * (pred.to(acc) - target.to(acc))).to(pred.dtype)
+    return (scale * (pred.to(acc) - target.to(acc))).to(pred.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation shared by every backend
 # ---------------------------------------------------------------------------------------------------------------
 def _validate(pred: Tensor, target: Tensor, weight: Tensor) -> None:
+    for name, v in (("pred", pred), ("target", target), ("weight", weight)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(v).__name__}")
     dispatch.check_float("pred", pred)
     dispatch.check_same("pred", pred, "target", target)
     if pred.dim() < 1 or pred.shape[0] == 0 or pred.numel() == 0:
@@ -78,8 +81,9 @@ def _(pred, target, weight):
 @torch.library.custom_op("tdiff::weighted_mse_backward", mutates_args=())
 def weighted_mse_backward_op(grad_loss: Tensor, pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     _validate(pred, target, weight)
-    if grad_loss.shape != (pred.shape[0],):
-        raise ValueError(f"grad_loss must have shape ({pred.shape[0]},), got {tuple(grad_loss.shape)}")
+    if grad_loss.shape != (pred.shape[0],) or not grad_loss.is_floating_point() or grad_loss.device != pred.device:
+        raise ValueError(f"grad_loss must be a floating ({pred.shape[0]},) tensor on {pred.device}, got "
+                         f"{grad_loss.dtype} {tuple(grad_loss.shape)} on {grad_loss.device}")
     return dispatch.route(pred, "weighted_mse_backward_cpu", "tdiff.kernels.weighted_mse:weighted_mse_backward_triton",
                           weighted_mse_backward_reference, grad_loss, pred, target, weight)
 
@@ -123,9 +127,20 @@ weighted_mse_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------------
 def weighted_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     """(B,) per-sample weight_b * mean((pred_b - target_b)^2), fused, differentiable in pred, target and weight."""
-    return torch.ops.tdiff.weighted_mse(pred, target, weight)[0]
+    return weighted_mse_with_mse(pred, target, weight)[0]
 
 
 def weighted_mse_with_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     """Like `weighted_mse`, also returning the unweighted per-sample MSE (for logging)."""
+    if dispatch.fast_call(pred, target, weight):  # eager, no autograd: the C++ kernel directly when it runs
+        kernel = dispatch.eager_kernel(pred, "weighted_mse_cpu")
+        if kernel is not None:
+            try:
+                return kernel(pred, target, weight)
+            except (RuntimeError, TypeError, ValueError):
+                _validate(pred, target, weight)
+                raise
+        _validate(pred, target, weight)
+        return dispatch.route(pred, "weighted_mse_cpu", "tdiff.kernels.weighted_mse:weighted_mse_triton",
+                              weighted_mse_reference, pred, target, weight)
     return torch.ops.tdiff.weighted_mse(pred, target, weight)

@@ -1,0 +1,204 @@
+"""The fused multistep update (tdiff::multistep_update): effective bandwidth at every history length K, in and out of
+cache, against eager PyTorch, torch.compile and the copy ceiling; the convert form (raw model output -> data
+prediction folded in); half precision against eager; and the public wrapper's per-call overhead.
+
+Bandwidth = the bytes the op must move / its time; the ceiling is dst.copy_(src) moving the same bytes, timed in
+the same interleaved rounds. The update reads x and K history tensors and writes x_next: (K + 2) tensors. The
+convert form (src = x) also writes h_0: (K + 3). "In cache" is a working set that fits the L2 cache (16x4x32x32,
+256 KiB a tensor); "out of cache" one well beyond it (64x4x64x64, 4 MiB a tensor). One thread, interleaved
+rounds, medians with 95% intervals (bench.common.median_ci); ratios are taken round by round.
+
+Overhead: the public wrapper (eager, no grad, check=False, as the sampling loop calls it) against calling the C++
+kernel through the dispatcher directly, at a size where the kernel itself is negligible.
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.common import (copy_fn, interleaved, load_average, median_ci, paired_ratio, plot_path, print_table,
+                          pyplot, write_result)
+from tdiff.ops import dispatch
+from tdiff.ops.multistep_update import multistep_update
+
+IN_CACHE, OUT_OF_CACHE = (16, 4, 32, 32), (64, 4, 64, 64)
+QUICK_IN, QUICK_OUT = (4, 4, 32, 32), (16, 4, 64, 64)
+TARGET_FRAC_OF_COPY = 0.8
+TARGET_HALF_SPEEDUP = 1.5  # and 2.0 as the goal (issue 16 item 4)
+TARGET_OVERHEAD_US = 10.0
+
+
+def eager_update(x, hist, coeffs):
+    view = (-1,) + (1,) * (x.dim() - 1)
+    out = coeffs[:, 0].view(view) * x
+    for j, h in enumerate(hist):
+        out = out + coeffs[:, j + 1].view(view) * h
+    return out
+
+
+def _eager_convert(x, hist, coeffs, pq):
+    # what a loop does without the fused conversion: D = p x + q m, then the update with D as h_0
+    view = (-1,) + (1,) * (x.dim() - 1)
+    d = pq[:, 0].view(view) * x + pq[:, 1].view(view) * hist[0]
+    return eager_update(x, [d, *hist[1:]], coeffs), d
+
+
+def _stats(times, copy_times, nbytes):
+    t = median_ci(times)
+    frac = paired_ratio(copy_times, times)
+    # the best round of each (least disturbed by other processes) as a second view on a loaded machine
+    return {"us": t["median"] * 1e6, "us_lo": t["lo"] * 1e6, "us_hi": t["hi"] * 1e6,
+            "GBps": nbytes / t["median"] / 1e9, "frac_of_copy": frac["median"], "frac_lo": frac["lo"],
+            "frac_hi": frac["hi"], "us_best": min(times) * 1e6, "frac_of_copy_best": min(copy_times) / min(times)}
+
+
+def bandwidth(quick: bool) -> list:
+    rounds = 7 if quick else 31
+    records = []
+    for where, shape in (("in cache", QUICK_IN if quick else IN_CACHE),
+                         ("out of cache", QUICK_OUT if quick else OUT_OF_CACHE)):
+        for k in (1, 2, 3, 4):
+            for form in ("update", "convert"):
+                x = torch.randn(shape)
+                hist = [torch.randn(shape) for _ in range(k)]
+                coeffs, pq = torch.randn(shape[0], 1 + k), torch.randn(shape[0], 2)
+                tensors = k + 2 if form == "update" else k + 3
+                nbytes = tensors * x.numel() * x.element_size()
+                if form == "update":
+                    eager = lambda x=x, hist=hist, coeffs=coeffs: eager_update(x, hist, coeffs)  # noqa: E731
+                    ours = lambda x=x, hist=hist, coeffs=coeffs: multistep_update(x, hist, coeffs,  # noqa: E731
+                                                                                   check=False)
+                else:
+                    eager = lambda x=x, hist=hist, coeffs=coeffs, pq=pq: _eager_convert(x, hist, coeffs, pq)  # noqa
+                    ours = lambda x=x, hist=hist, coeffs=coeffs, pq=pq: multistep_update(  # noqa: E731
+                        x, hist, coeffs, convert=pq, check=False)
+                compiled = torch.compile(eager, dynamic=False)
+                fns = {"copy": copy_fn(nbytes), "eager": eager, "torch.compile": compiled, "tdiff": ours}
+                with torch.no_grad():
+                    times = interleaved(fns, rounds=rounds)
+                for name in ("eager", "torch.compile", "tdiff"):
+                    records.append({"where": where, "shape": list(shape), "K": k, "form": form, "impl": name,
+                                    "bytes": nbytes, **_stats(times[name], times["copy"], nbytes)})
+                records.append({"where": where, "shape": list(shape), "K": k, "form": form, "impl": "copy",
+                                "bytes": nbytes, **_stats(times["copy"], times["copy"], nbytes)})
+    print_table("Fused update, float32, one thread: effective bandwidth / copy bandwidth (median [95% interval]; "
+                "best rounds)", ["where", "shape", "K", "form", "impl", "us", "GB/s", "of copy", "best of copy"],
+                [[r["where"], "x".join(map(str, r["shape"])), r["K"], r["form"], r["impl"], r["us"], r["GBps"],
+                  f"{r['frac_of_copy']:.2f} [{r['frac_lo']:.2f}, {r['frac_hi']:.2f}]", r["frac_of_copy_best"]]
+                 for r in records])
+    return records
+
+
+def half_precision(quick: bool) -> list:
+    rounds = 7 if quick else 21
+    records = []
+    for where, shape in (("in cache", QUICK_IN if quick else IN_CACHE),
+                         ("out of cache", QUICK_OUT if quick else OUT_OF_CACHE)):
+        for dtype in (torch.float16, torch.bfloat16):
+            for k in (2, 4):
+                x = torch.randn(shape).to(dtype)
+                hist = [torch.randn(shape).to(dtype) for _ in range(k)]
+                coeffs = torch.randn(shape[0], 1 + k)
+                # eager in the data's dtype, as a user writes it (a float32 upcast would be slower still)
+                ch = coeffs.to(dtype)
+                fns = {"eager": lambda: eager_update(x, hist, ch),
+                       "tdiff": lambda: multistep_update(x, hist, coeffs, check=False)}
+                with torch.no_grad():
+                    times = interleaved(fns, rounds=rounds)
+                speed = paired_ratio(times["eager"], times["tdiff"])
+                records.append({"where": where, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                                "K": k, "eager_us": median_ci(times["eager"])["median"] * 1e6,
+                                "tdiff_us": median_ci(times["tdiff"])["median"] * 1e6,
+                                "speedup_vs_eager": speed["median"], "speedup_lo": speed["lo"],
+                                "speedup_hi": speed["hi"],
+                                "speedup_best": min(times["eager"]) / min(times["tdiff"])})
+    print_table("Half precision: fused update vs eager PyTorch (same dtype), one thread",
+                ["where", "shape", "dtype", "K", "eager us", "tdiff us", "speed-up [95%]", "best rounds"],
+                [[r["where"], "x".join(map(str, r["shape"])), r["dtype"], r["K"], r["eager_us"], r["tdiff_us"],
+                  f"{r['speedup_vs_eager']:.2f} [{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]", r["speedup_best"]]
+                 for r in records])
+    return records
+
+
+def overhead(quick: bool) -> dict:
+    """Per-call cost of the public wrapper above the C++ kernel called through the dispatcher (tiny tensors)."""
+    x = torch.randn(1, 4, 8, 8)
+    hist = [torch.randn(1, 4, 8, 8) for _ in range(2)]
+    coeffs, row, pq = torch.randn(1, 3), torch.randn(3), torch.randn(2)
+    kernel = torch.ops.tdiff.multistep_update_cpu.default
+    convert_kernel = torch.ops.tdiff.multistep_update_convert_cpu.default
+    fns = {
+        "C++ kernel via dispatcher": lambda: kernel(x, hist, coeffs),
+        "public wrapper": lambda: multistep_update(x, hist, coeffs, check=False),
+        "public wrapper, shared row": lambda: multistep_update(x, hist, row, check=False),
+        "C++ convert kernel via dispatcher": lambda: convert_kernel(x, hist, row, None, None, None, pq),
+        "public wrapper, convert": lambda: multistep_update(x, hist, row, convert=pq, check=False),
+        "registered custom op": lambda: torch.ops.tdiff.multistep_update(x, hist, coeffs),
+        "eager (2 muls, 2 adds)": lambda: eager_update(x, hist, coeffs),
+    }
+    with torch.no_grad():
+        times = interleaved(fns, rounds=7 if quick else 31, block_seconds=5e-3)
+    stats = {name: dict(median_ci(t), best=min(t)) for name, t in times.items()}
+    base = times["C++ kernel via dispatcher"]
+    cbase = times["C++ convert kernel via dispatcher"]
+    result = {name: {"us": s["median"] * 1e6, "us_lo": s["lo"] * 1e6, "us_hi": s["hi"] * 1e6,
+                     "us_best": s["best"] * 1e6} for name, s in stats.items()}
+    for name, ref in (("public wrapper", base), ("public wrapper, shared row", base),
+                      ("public wrapper, convert", cbase)):
+        d = median_ci([a - b for a, b in zip(times[name], ref)])
+        result[name].update({"overhead_us": d["median"] * 1e6, "overhead_lo": d["lo"] * 1e6,
+                             "overhead_hi": d["hi"] * 1e6, "overhead_best_us": (min(times[name]) - min(ref)) * 1e6})
+    print_table("Per-call cost at 1x4x8x8 (eager, no grad, one thread), median [95% interval]",
+                ["call", "us", "best us", "wrapper overhead us", "overhead, best rounds"],
+                [[n, f"{r['us']:.2f} [{r['us_lo']:.2f}, {r['us_hi']:.2f}]", r["us_best"],
+                  f"{r['overhead_us']:.2f} [{r['overhead_lo']:.2f}, {r['overhead_hi']:.2f}]"
+                  if "overhead_us" in r else "", r.get("overhead_best_us", "")] for n, r in result.items()])
+    return result
+
+
+def _plot(records, path):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, where in zip(axes, ("in cache", "out of cache")):
+        for impl, marker in (("tdiff", "o"), ("torch.compile", "s"), ("eager", "^")):
+            for form, ls in (("update", "-"), ("convert", "--")):
+                rs = [r for r in records if r["where"] == where and r["impl"] == impl and r["form"] == form]
+                ax.plot([r["K"] for r in rs], [r["frac_of_copy"] for r in rs], marker=marker, ls=ls,
+                        label=f"{impl} ({form})")
+        ax.axhline(TARGET_FRAC_OF_COPY, color="k", lw=1, ls=":", label="target 0.8 of copy")
+        ax.set_title(f"{where} ({'x'.join(map(str, rs[0]['shape'])) if rs else ''}, float32)")
+        ax.set_xlabel("history length K")
+        ax.set_xticks([1, 2, 3, 4])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("effective bandwidth / copy bandwidth")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool = False) -> dict:
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    backend = dispatch.backend_for(torch.empty(1), "multistep_update_cpu")
+    isa = torch.ops.tdiff.cpu_capability() if dispatch.cpp_has("cpu_capability") else None
+    load_before = load_average()
+    try:
+        payload = {"threads": 1, "backend": backend, "cpu_capability": isa,
+                   "targets": {"frac_of_copy": TARGET_FRAC_OF_COPY, "half_speedup_vs_eager": TARGET_HALF_SPEEDUP,
+                               "half_speedup_goal": 2.0, "wrapper_overhead_us": TARGET_OVERHEAD_US},
+                   "bandwidth": bandwidth(quick), "half_precision": half_precision(quick),
+                   "overhead": overhead(quick)}
+    finally:
+        torch.set_num_threads(threads_before)
+    payload["loadavg_before"], payload["loadavg_after"] = load_before, load_average()
+    _plot(payload["bandwidth"], plot_path("multistep_update", quick))
+    path = write_result("multistep_update", payload, quick)
+    print(f"backend {backend} ({isa}); load average {payload['loadavg_before']} -> {payload['loadavg_after']}")
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    import sys
+
+    run(quick="--quick" in sys.argv)

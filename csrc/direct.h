@@ -1,0 +1,32 @@
+// The registered CPU ops' entry points, callable from C++ without the dispatcher: csrc/module.cpp binds them as
+// tdiff._C.<name> for the public functions' eager no-grad fast path (tdiff/ops/dispatch.py: eager_kernel). The
+// dispatcher call from Python costs several microseconds per op, as much as the op itself at small sizes.
+// Each function validates its inputs exactly as the registered op does (it is the same function).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace tdiff {
+namespace direct {
+
+at::Tensor multistep_update_cpu(const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs);
+std::tuple<at::Tensor, at::Tensor> multistep_update_convert_cpu(
+    const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs, const std::optional<at::Tensor>& uncond,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& src,
+    const std::optional<at::Tensor>& convert);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
+    const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t, int64_t kind, at::ArrayRef<double> params,
+    const std::optional<at::Tensor>& table, double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on,
+    bool write_input);
+std::tuple<at::Tensor, at::Tensor> weighted_mse_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                    const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor> cached_block_cpu(const at::Tensor& x, const at::Tensor& gate,
+                                                    const at::Tensor& fresh, const at::Tensor& cache,
+                                                    const at::Tensor& source);
+
+}  // namespace direct
+}  // namespace tdiff

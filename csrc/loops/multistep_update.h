@@ -1,0 +1,102 @@
+// Span loops of tdiff::multistep_update (see csrc/cpu_kernels.h for the maths). Per instruction set.
+#pragma once
+
+#include "cpu_kernels.h"
+#include "loops/vec_io.h"
+
+template <typename T, int K, bool CFG, bool CONVERT>
+void multistep_span(const tdiff::MultistepSpan<T>& a) {
+  using IO = Io<T>;
+  using V = typename IO::V;
+  constexpr int P = IO::P;
+  V c[K + 1];
+  for (int k = 0; k <= K; ++k) c[k] = V(a.c[k]);
+  const V w(a.w), p(a.p), q(a.q);
+  for_each_step<T>(a.n, [&](int64_t j, int64_t count) {
+    V x[P], m[P], acc[P];
+    IO::load(a.x + j, count, x);
+    IO::load(a.h[0] + j, count, m);
+    if constexpr (CFG) {
+      V u[P];
+      IO::load(a.uncond + j, count, u);
+      for (int i = 0; i < P; ++i) m[i] = at::vec::fmadd(w, m[i] - u[i], u[i]);
+    }
+    if constexpr (CONVERT) {
+      V s[P];
+      IO::load(a.src + j, count, s);
+      for (int i = 0; i < P; ++i) m[i] = at::vec::fmadd(p, s[i], q * m[i]);
+    }
+    for (int i = 0; i < P; ++i) acc[i] = at::vec::fmadd(c[1], m[i], c[0] * x[i]);
+    for (int k = 1; k < K; ++k) {
+      V h[P];
+      IO::load(a.h[k] + j, count, h);
+      for (int i = 0; i < P; ++i) acc[i] = at::vec::fmadd(c[k + 1], h[i], acc[i]);
+    }
+    IO::store(a.out + j, count, acc);
+    if constexpr (CFG || CONVERT) IO::store(a.h0 + j, count, m);
+  });
+}
+
+template <typename T, int K>
+void multistep_mode(const tdiff::MultistepSpan<T>& a) {
+  if (a.cfg && a.convert)
+    multistep_span<T, K, true, true>(a);
+  else if (a.cfg)
+    multistep_span<T, K, true, false>(a);
+  else if (a.convert)
+    multistep_span<T, K, false, true>(a);
+  else
+    multistep_span<T, K, false, false>(a);
+}
+
+template <typename T>
+void multistep(const tdiff::MultistepSpan<T>& a) {
+  switch (a.k) {
+    case 1: multistep_mode<T, 1>(a); break;
+    case 2: multistep_mode<T, 2>(a); break;
+    case 3: multistep_mode<T, 3>(a); break;
+    default: multistep_mode<T, 4>(a); break;
+  }
+}
+
+template <typename T, int K>
+void multistep_backward_k(const tdiff::MultistepBackwardSpan<T>& a) {
+  using IO = Io<T>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int P = IO::P;
+  V c[K + 1], d[K + 1];
+  for (int k = 0; k <= K; ++k) {
+    c[k] = V(a.c[k]);
+    d[k] = V(acc_t(0));
+  }
+  for_each_step<T>(a.n, [&](int64_t j, int64_t count) {
+    V g[P], t[P], r[P];
+    IO::load(a.g + j, count, g);
+    IO::load(a.x + j, count, t);  // zero-filled past `count`: the dot products ignore those lanes
+    for (int i = 0; i < P; ++i) {
+      d[0] = at::vec::fmadd(g[i], t[i], d[0]);
+      r[i] = c[0] * g[i];
+    }
+    IO::store(a.gx + j, count, r);
+    for (int k = 0; k < K; ++k) {
+      IO::load(a.h[k] + j, count, t);
+      for (int i = 0; i < P; ++i) {
+        d[k + 1] = at::vec::fmadd(g[i], t[i], d[k + 1]);
+        r[i] = c[k + 1] * g[i];
+      }
+      IO::store(a.gh[k] + j, count, r);
+    }
+  });
+  for (int k = 0; k <= K; ++k) a.dots[k] = at::vec::vec_reduce_all<acc_t>([](V& x, V& y) { return x + y; }, d[k]);
+}
+
+template <typename T>
+void multistep_backward(const tdiff::MultistepBackwardSpan<T>& a) {
+  switch (a.k) {
+    case 1: multistep_backward_k<T, 1>(a); break;
+    case 2: multistep_backward_k<T, 2>(a); break;
+    case 3: multistep_backward_k<T, 3>(a); break;
+    default: multistep_backward_k<T, 4>(a); break;
+  }
+}

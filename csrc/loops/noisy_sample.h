@@ -1,0 +1,61 @@
+// Span loops of tdiff::noisy_sample and its backward. Per instruction set.
+#pragma once
+
+#include "cpu_kernels.h"
+#include "loops/vec_io.h"
+
+template <typename T, bool WRITE_INPUT>
+void noisy_sample_span(const tdiff::NoisySampleSpan<T>& a) {
+  using IO = Io<T>;
+  using V = typename IO::V;
+  constexpr int P = IO::P;
+  const V va(a.a), vs(a.s), vc(a.c);
+  for_each_step<T>(a.n, [&](int64_t j, int64_t count) {
+    V x[P], e[P];
+    IO::load(a.x0 + j, count, x);
+    IO::load(a.eps + j, count, e);
+    for (int i = 0; i < P; ++i) x[i] = at::vec::fmadd(va, x[i], vs * e[i]);
+    IO::store(a.xt + j, count, x);
+    if constexpr (WRITE_INPUT) {
+      for (int i = 0; i < P; ++i) x[i] = vc * x[i];
+      IO::store(a.net_in + j, count, x);
+    }
+  });
+}
+
+template <typename T>
+void noisy_sample(const tdiff::NoisySampleSpan<T>& a) {
+  if (a.net_in != nullptr)
+    noisy_sample_span<T, true>(a);
+  else
+    noisy_sample_span<T, false>(a);
+}
+
+template <typename T, bool HAS_IN>
+void noisy_sample_backward_span(const tdiff::NoisySampleBackwardSpan<T>& a) {
+  using IO = Io<T>;
+  using V = typename IO::V;
+  constexpr int P = IO::P;
+  const V va(a.a), vs(a.s), vc(a.c);
+  for_each_step<T>(a.n, [&](int64_t j, int64_t count) {
+    V g[P], r[P];
+    IO::load(a.gxt + j, count, g);
+    if constexpr (HAS_IN) {
+      V gi[P];
+      IO::load(a.gin + j, count, gi);
+      for (int i = 0; i < P; ++i) g[i] = at::vec::fmadd(vc, gi[i], g[i]);
+    }
+    for (int i = 0; i < P; ++i) r[i] = va * g[i];
+    IO::store(a.gx0 + j, count, r);
+    for (int i = 0; i < P; ++i) r[i] = vs * g[i];
+    IO::store(a.geps + j, count, r);
+  });
+}
+
+template <typename T>
+void noisy_sample_backward(const tdiff::NoisySampleBackwardSpan<T>& a) {
+  if (a.gin != nullptr)
+    noisy_sample_backward_span<T, true>(a);
+  else
+    noisy_sample_backward_span<T, false>(a);
+}
