@@ -197,7 +197,7 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool) -> List[dict]:
             if hd[i] < hi and ratio < STABLE_RATIO[1]:
                 a = ramp(h[i], lo, hi) * ramp(torch.stack([h[i] / h[i - k] for k in range(1, p)]).max(),
                                               *STABLE_RATIO)
-                mix = {p: None} if float(a) >= 1 else {1: 1 - a, p: a}
+                mix = {p: None} if float(a.detach()) >= 1 else {1: 1 - a, p: a}
         mixes.append(mix)
     return mixes
 
