@@ -85,9 +85,9 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
                  Update("xp", "x", ("D",), prog.row(first_order_coefficients(a_hat, s_hat, g.alpha[n], g.sigma[n])))]
         last_to_zero = g.final_zero and n == g.n_steps
         w = weights[i]
-        if w is not None and float(w) >= 1:
+        if w is not None and float(w.detach()) >= 1:
             w = None
-        if last_to_zero or (w is not None and not float(w) > 0):
+        if last_to_zero or (w is not None and not float(w.detach()) > 0):
             step.append(Alias("x", "xp"))  # the Euler step alone (to sigma = 0 it lands on D exactly)
         else:
             eval_times.append(cond_times[n])
