@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..integrations.diffusers.pipelines import from_pipeline, is_pipeline
 from ..schedules import NoiseSchedule
 from ..solvers.dpmpp import build_dpmpp
 from ..solvers.grid import grid_from_lambda
@@ -105,6 +106,8 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
     margin: the smallest allowed lambda gap (default 1e-3 of the lambda range / N).
     return_result: also return scipy's OptimizeResult (fun, nit, ...).
     """
+    if is_pipeline(schedule):  # a diffusers pipeline: a TdiffScheduler for its config (integrations.diffusers)
+        return from_pipeline(dm_nonuniform, locals())
     from scipy.optimize import minimize
 
     if method not in METHODS:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .._version import __version__
+from ..integrations.diffusers.pipelines import from_pipeline, is_pipeline
 from .distributed import all_reduce_sum, rank_and_world
 from .heuristics import HEURISTICS, check_nfe, sampling_interval
 from .learned import LearnedSchedule, model_fingerprint
@@ -83,7 +84,7 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
               lr_xi: float = 5e-3, lr_xi_c: Optional[float] = None, lr_x: Optional[float] = None,
               init: Union[str, Tensor] = "best", val_every: Optional[int] = None, remat: bool = True,
               t_max=None, t_min=None, dtype: torch.dtype = torch.float32, seed: int = 0,
-              progress: bool = True) -> LearnedSchedule:
+              progress: bool = True, pipeline_kwargs: Optional[dict] = None) -> LearnedSchedule:
     """Learn N+1 timesteps (and decoupled network times) for `solver` at `nfe` model calls. See module doc.
 
     denoiser: D(x, t) -> x0 prediction with a .schedule (or pass schedule=).
@@ -92,7 +93,11 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
     r: the ball radius factor directly (overrides r_gamma * d / nfe^2); 0 gives the hard loss.
     init: "best" (the heuristic with the lowest validation loss), a heuristic name, or a tensor of times.
     val_every: validate every this many iterations (default: once per epoch).
+    A diffusers pipeline in place of the denoiser (with pipeline_kwargs, its conditioning: prompt, class_labels,
+    guidance_scale, ...) learns from its network and returns a TdiffScheduler (tdiff.integrations.diffusers.pipelines).
     """
+    if is_pipeline(denoiser, pipeline_kwargs):
+        return from_pipeline(ld3_learn, locals())
     from ..solvers import sample
     from ..solvers.sample import DEFAULT_ORDER, SOLVERS, schedule_of
 
