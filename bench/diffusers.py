@@ -1,5 +1,7 @@
 """TdiffScheduler in diffusers pipelines (issue 11, measured claim): the per-step overhead of the scheduler against
 the pipeline's own (DPMSolverMultistepScheduler, UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler).
+A last row per shape times the output conversion D = p x + q m alone: until the fused op of SPEC_multistep lands it
+is three unfused passes, most of a step at the SD3 shape.
 
 The model call is excluded: a pipeline's loop is replayed with one precomputed network output, so what is timed is
 set_timesteps + N x (scale_model_input + step), divided by N. Latents at real shapes: DiT-XL/2 (4x32x32, batch 2:
@@ -59,6 +61,7 @@ def _loop(scheduler, x_T: torch.Tensor, out: torch.Tensor, steps: int):
 
 def _measure(shape_name: str, shape, steps: int, rounds: int) -> dict:
     from tdiff.schedulers import TdiffScheduler
+    from tdiff.solvers.sample import to_prediction
 
     gen = torch.Generator().manual_seed(0)
     x_T = torch.randn(shape, generator=gen)
@@ -77,6 +80,16 @@ def _measure(shape_name: str, shape, steps: int, rounds: int) -> dict:
             same = variants[f"{name}: TdiffScheduler('diffusers')"]()
         meta[f"{name}: TdiffScheduler('diffusers')"]["max_abs_diff_vs_diffusers"] = float((same - ref).abs().max())
         meta[f"{name}: TdiffScheduler('diffusers')"]["max_abs_result"] = float(ref.abs().max())
+    # what the output conversion alone costs per step (unfused until SPEC_multistep's fused op lands)
+    pq = torch.tensor([[1.0, -0.5]]).expand(shape[0], 2).contiguous()
+    conversion = "the output conversion D = p x + q m alone (tdiff, unfused)"
+
+    def convert_only():
+        for _ in range(steps):
+            to_prediction(x_T, out, pq)  # each result freed at once, as in a run
+
+    variants[conversion] = convert_only
+    meta[conversion] = {"scheduler": "-", "kind": "conversion"}
     with torch.no_grad():
         seconds = interleaved_seconds(variants, rounds=rounds, warmup=1)
     floor = copy_seconds(3 * x_T.numel() * x_T.element_size(), min_run_time=0.3)
@@ -85,7 +98,7 @@ def _measure(shape_name: str, shape, steps: int, rounds: int) -> dict:
         per_step = [s / steps for s in times]
         row = dict(meta[label], per_step_seconds=median_ci(per_step), copy_floor_seconds=floor)
         ref = f"{meta[label]['scheduler']}: diffusers"
-        if label != ref:
+        if label != ref and ref in seconds:
             row["ratio_to_diffusers"] = median_ci([a / b for a, b in zip(times, seconds[ref])])
         rows[label] = row
     return rows
@@ -96,7 +109,7 @@ def run(quick: bool = False) -> dict:
     torch.set_num_threads(1)
     load = os.getloadavg()
     started = time.perf_counter()
-    steps, rounds = (8, 3) if quick else (20, 25)
+    steps, rounds = (8, 3) if quick else (20, 60)
     out = {}
     try:
         for shape_name, shape in SHAPES.items():
@@ -109,7 +122,10 @@ def run(quick: bool = False) -> dict:
                          for k, v in out[shape_name].items()])
     finally:
         torch.set_num_threads(threads)
-    payload = dict(command="python -m bench " + ("--quick " if quick else "") + "diffusers", argv=sys.argv,
+    note = ("TdiffScheduler's step = the output conversion D = p x + q m (tdiff.solvers.sample.to_prediction, three "
+            "elementwise passes until SPEC_multistep's fused multistep_update(src=, convert=) replaces it) + one fused "
+            "multistep_update + Python bookkeeping; at the SD3 shape the conversion row shows the share it takes")
+    payload = dict(note=note, command="python -m bench " + ("--quick " if quick else "") + "diffusers", argv=sys.argv,
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    machine=machine(), quick=quick, steps=steps, rounds=rounds, loadavg_start=load,
                    loadavg_end=os.getloadavg(), seconds=time.perf_counter() - started, shapes=out)
