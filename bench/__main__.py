@@ -7,8 +7,8 @@ import sys
 import time
 
 # In order; a script that is not present yet is skipped with a note.
-SCRIPTS = ["noisy_sample", "multistep_update", "training_loss", "solvers", "dmn", "ld3", "caching", "training_speedup",
-           "gpu"]
+SCRIPTS = ["noisy_sample", "multistep_update", "training_loss", "solvers", "dmn", "ld3", "caching", "diffusers",
+           "training_speedup", "gpu"]
 
 
 def main(argv=None) -> int:

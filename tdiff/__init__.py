@@ -12,7 +12,7 @@ _check_installed()  # one warning now if this install has no compiled extension 
 
 _SUBMODULES = {
     "schedules", "ops", "models", "data", "metrics", "solvers", "timesteps", "training", "cache", "artefacts",
-    "denoisers",
+    "denoisers", "schedulers",
 }
 # public name -> (module, attribute)
 _EXPORTS = {

@@ -141,7 +141,7 @@ def test_gradcheck_timesteps_through_unipc_rks_solve():
 
 
 def test_loop_has_no_host_syncs_and_every_update_is_the_fused_op():
-    from tdiff.solvers.sample import _prepare_rows, _run
+    from tdiff.solvers.sample import Execution, _prepare_rows, _run
 
     den = MixtureDenoiser()
     x = torch.randn(4, 2, dtype=torch.float64)
@@ -149,7 +149,7 @@ def test_loop_has_no_host_syncs_and_every_update_is_the_fused_op():
     rows, _, eval_times = _prepare_rows(prog, x)
     n_updates = sum(isinstance(i, Update) for step in prog.steps for i in step)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        _run(prog, rows, eval_times, den, x, None, False, None)
+        _run(Execution(prog, rows, eval_times, x), den, progress=False)
     names = [e.name for e in prof.events()]
     assert names.count("aten::item") == 0 and names.count("aten::_local_scalar_dense") == 0
     assert names.count("tdiff::multistep_update") == n_updates

@@ -208,3 +208,24 @@ def test_dm_nonuniform_rejects_schedules_without_the_needed_quantities():
     # flow matching has lambda = -inf at t = 1: the interval must stay inside
     with pytest.raises(ValueError, match="lambda .* must be finite at t_max"):
         dm_nonuniform(RectifiedFlow(), 5, t_max=1.0)
+
+
+def test_sampling_options_give_the_order_plan_the_objective_assumed():
+    from tdiff.timesteps import sampling_options
+
+    assert sampling_options(6, 3) == {"orders": [1, 2, 3, 3, 2, 1]}
+    assert sampling_options(6, 3, "solver") == {"order_rule": "diffusers"}
+    with pytest.raises(ValueError, match="objective"):
+        sampling_options(6, 3, "lagrangian")
+
+
+def test_tdiff_scheduler_samples_dm_nonuniform_steps_with_their_order_plan():
+    from diffusers import DDPMScheduler
+
+    from tdiff.schedulers import TdiffScheduler
+
+    sched = TdiffScheduler.from_config(DDPMScheduler().config, timesteps="dm_nonuniform", solver="dpmpp", order=3)
+    assert sched._recipe(6, None, None, None)["options"]["orders"] == [1, 2, 3, 3, 2, 1]
+    given = TdiffScheduler.from_config(DDPMScheduler().config, timesteps="dm_nonuniform", solver="dpmpp", order=3,
+                                       solver_options={"orders": [1, 2, 2, 2, 2, 1]})
+    assert given._recipe(6, None, None, None)["options"]["orders"] == [1, 2, 2, 2, 2, 1]

@@ -206,8 +206,9 @@ class Sampler:
     def nfe(self) -> int:
         return self.program.nfe
 
-    def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
-                 check_finite: bool = False) -> Tensor:
+    def start(self, x_T: Tensor, generator=None, check_finite: bool = False) -> "Execution":
+        """A run from x_T, its rows prepared for x_T's batch, dtype and device: `__call__` drives it through the
+        whole program; a diffusers scheduler (tdiff.schedulers.TdiffScheduler) drives it one model call at a time."""
         _check_x(x_T)
         if not isinstance(check_finite, bool):
             raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
@@ -217,10 +218,15 @@ class Sampler:
         if key not in self._rows:
             self._rows[key] = _prepare_rows(self.program, x, self._conversion)
         rows, conv, eval_times = self._rows[key]
-        scale = _prepare_scale(self.guidance, x)
+        return Execution(self.program, rows, eval_times, x, scale=_prepare_scale(self.guidance, x),
+                         generator=generator, conv=conv, plan=self._plan, clip=self._clip, io_dtype=x_T.dtype,
+                         check_finite=check_finite)
+
+    def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
+                 check_finite: bool = False) -> Tensor:
+        run = self.start(x_T, generator, check_finite)
         with times_validated():  # the program's times were checked once, when it was built
-            out = _run(self.program, rows, eval_times, self._call, x, scale, self.progress, generator,
-                       conv=conv, plan=self._plan, clip=self._clip, io_dtype=x_T.dtype, check_finite=check_finite)
+            out = _run(run, self._call, self.progress)
         return out.to(x_T.dtype)
 
 
@@ -247,7 +253,8 @@ def sample(denoiser, x_T: Tensor, timesteps, solver: Optional[str] = None, order
         The output is still converted at timesteps[i], the sample's own noise level.
     guidance: classifier-free guidance scale w (float or (B,) tensor). The denoiser must then return a pair
         (cond, uncond); the guided uncond + w (cond - uncond) is formed inside the fused update.
-    generator: for the noise of the stochastic solvers and Heun's churn.
+    generator: for the noise of the stochastic solvers and Heun's churn (a list: one generator per sample, drawn
+        as diffusers' randn_tensor draws them).
     check_finite: check every model output and update for NaN/inf, with one host sync at the end; raises naming
         the first step where a non-finite value appeared.
     state_dtype: the dtype of the solver state (x and the history). Default: float32 for float16/bfloat16 x_T
@@ -321,49 +328,86 @@ def _expected(x: Tensor, out, what: str) -> None:
         raise ValueError(f"the denoiser returned {what} of shape {got}; expected {tuple(x.shape)} (the shape of x)")
 
 
-def _run(prog: Program, rows, eval_times, denoiser, x_T, scale, progress, generator, conv=None, plan=None,
-         clip=None, io_dtype=None, check_finite: bool = False) -> Tensor:
-    last_use = prog.last_uses()
-    buf = {"x": x_T}
-    pending = {}  # name -> (cond, uncond): guidance not yet applied (it is fused into the first update)
-    flags = []  # (step, what, 0-dim bool) for check_finite
-    steps = prog.steps
+def _run(run: "Execution", denoiser, progress: bool) -> Tensor:
+    steps = run.prog.steps
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
-    if plan is None:  # a bare program: every evaluation returns x0 as is
-        plan = [[(e.out, e.target, None)] for e in prog.evals()]
-    n = 0
     for s, step in enumerate(steps):
         for ins in step:
-            if isinstance(ins, Eval):
-                src = buf[ins.src]
-                net_in = src if io_dtype is None or io_dtype == src.dtype else src.to(io_dtype)
-                out = denoiser(net_in, eval_times[ins.k])
-                _store_eval(ins, src, out, plan[ins.k], conv, scale, clip, buf, pending)
-                if check_finite:
-                    flags.append((s, f"the denoiser's output at evaluation {ins.k}", _finite(buf, pending, ins)))
-            elif isinstance(ins, Update):
-                buf[ins.out] = _update(ins, buf, pending, rows[ins.row], scale)
-                if check_finite:
-                    flags.append((s, "the solver update", torch.isfinite(buf[ins.out]).all()))
-            elif isinstance(ins, Noise):
-                x = buf["x"]
-                buf[ins.out] = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-            elif isinstance(ins, Alias):
-                buf[ins.out] = buf[ins.src]
-            # free buffers nobody reads any more (the history of a multistep solver stays bounded)
-            for name in [k for k in buf if k != "x" and last_use.get(k, -1) <= n]:
-                del buf[name]
-            n += 1
-    if check_finite and flags:
-        ok = torch.stack([f for _, _, f in flags]).tolist()  # the one host sync
-        if not all(ok):
-            s, what, _ = flags[ok.index(False)]
-            raise FloatingPointError(f"sampling produced a non-finite value (NaN or inf) first at step {s} of "
-                                     f"{len(prog.steps)}, in {what}")
-    return buf["x"]
+            run.execute(ins, s, call=denoiser)
+    return run.result()
+
+
+def draw_noise(like: Tensor, generator=None) -> Tensor:
+    """Standard normal noise shaped like `like`: drawn on the generator's device and moved (diffusers'
+    randn_tensor convention), one sample per generator when given a list of them (one per batch row)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"a list of generators must hold one per sample ({like.shape[0]}), got {len(generator)}")
+        return torch.cat([draw_noise(like[i:i + 1], g) for i, g in enumerate(generator)])
+    device = like.device if generator is None else generator.device
+    return torch.randn(like.shape, dtype=like.dtype, device=device, generator=generator).to(like.device)
+
+
+class Execution:
+    """One run of a Program from x_T: the named buffers and the interpreter of its instructions (conversion of the
+    network's raw output, guidance, the fused update, noise). The sampling loop (`_run`) and diffusers' scheduler
+    protocol (TdiffScheduler: one `step()` per Eval, the pipeline calling the network) share it, so the solver
+    machinery exists once. Instructions must be executed in program order (`n` counts them)."""
+
+    def __init__(self, prog: Program, rows, eval_times, x_T: Tensor, scale=None, generator=None, conv=None,
+                 plan=None, clip=None, io_dtype=None, check_finite: bool = False):
+        self.prog, self.rows, self.eval_times = prog, rows, eval_times
+        self.scale, self.generator, self.conv, self.clip, self.io_dtype = scale, generator, conv, clip, io_dtype
+        # a bare program: every evaluation returns x0 as is
+        self.plan = plan if plan is not None else [[(e.out, e.target, None)] for e in prog.evals()]
+        self.check_finite = check_finite
+        self.last_use = prog.last_uses()
+        self.buf = {"x": x_T}
+        self.pending = {}  # name -> (cond, uncond): guidance not yet applied (it is fused into the first update)
+        self.flags = []  # (step, what, 0-dim bool) for check_finite
+        self.n = 0  # index of the next instruction in the flat program
+
+    def network_input(self, ins: Eval) -> Tensor:
+        """The sample an Eval hands to the network, in the caller's dtype."""
+        src = self.buf[ins.src]
+        return src if self.io_dtype is None or self.io_dtype == src.dtype else src.to(self.io_dtype)
+
+    def execute(self, ins, step: int, call=None, out=None) -> None:
+        """Interpret the next instruction. An Eval calls call(network input, network time) for the raw output,
+        unless the output is given (`out`: the network was called by someone else, a diffusers pipeline)."""
+        buf = self.buf
+        if isinstance(ins, Eval):
+            src = buf[ins.src]
+            if out is None:
+                out = call(self.network_input(ins), self.eval_times[ins.k])
+            _store_eval(ins, src, out, self.plan[ins.k], self.conv, self.scale, self.clip, buf, self.pending)
+            if self.check_finite:
+                self.flags.append((step, f"the denoiser's output at evaluation {ins.k}",
+                                   _finite(buf, self.pending, ins)))
+        elif isinstance(ins, Update):
+            buf[ins.out] = _update(ins, buf, self.pending, self.rows[ins.row], self.scale)
+            if self.check_finite:
+                self.flags.append((step, "the solver update", torch.isfinite(buf[ins.out]).all()))
+        elif isinstance(ins, Noise):
+            buf[ins.out] = draw_noise(buf["x"], self.generator)
+        elif isinstance(ins, Alias):
+            buf[ins.out] = buf[ins.src]
+        # free buffers nobody reads any more (the history of a multistep solver stays bounded)
+        for name in [k for k in buf if k != "x" and self.last_use.get(k, -1) <= self.n]:
+            del buf[name]
+        self.n += 1
+
+    def result(self) -> Tensor:
+        if self.check_finite and self.flags:
+            ok = torch.stack([f for _, _, f in self.flags]).tolist()  # the one host sync
+            if not all(ok):
+                s, what, _ = self.flags[ok.index(False)]
+                raise FloatingPointError(f"sampling produced a non-finite value (NaN or inf) first at step {s} of "
+                                         f"{len(self.prog.steps)}, in {what}")
+        return self.buf["x"]
 
 
 def _finite(buf: dict, pending: dict, ins: Eval) -> Tensor:

@@ -5,7 +5,7 @@
     learned = tdiff.ld3_learn(denoiser, solver="unipc", nfe=5, shape=(1, 16, 16))
     x0 = tdiff.sample(denoiser, x_T, learned, solver="unipc")
 """
-from .dm_nonuniform import dm_nonuniform
+from .dm_nonuniform import dm_nonuniform, sampling_options
 from .heuristics import HEURISTICS, edm_rho, interpolate_schedule, logsnr_uniform, quadratic_t, uniform_t
 from .ld3 import LD3DivergedError, LD3Interrupted, ld3_learn, steps_for_nfe
 from .learned import LearnedSchedule

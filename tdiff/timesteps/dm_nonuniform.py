@@ -30,15 +30,28 @@ import numpy as np
 from scipy.linalg import null_space
 from scipy.optimize import LinearConstraint, OptimizeResult, minimize
 
+from ..integrations.diffusers.pipelines import from_pipeline, is_pipeline
 from ..schedules import NoiseSchedule
-from .dmn_objective import OBJECTIVES, STARTS, SurrogateObjective
+from .dmn_objective import OBJECTIVES, STARTS, SurrogateObjective, paper_orders
 
 # a multi-threaded BLAS under SLSQP's tiny subproblems costs 40x on a loaded machine (2.7 vs 0.07 ms a call)
 from threadpoolctl import threadpool_limits
 
 METHODS = ("sqp", "trust-constr")
 GRADIENTS = ("analytic", "finite-difference")
-__all__ = ["dm_nonuniform", "METHODS", "GRADIENTS", "OBJECTIVES", "STARTS", "SurrogateObjective"]
+__all__ = ["dm_nonuniform", "sampling_options", "METHODS", "GRADIENTS", "OBJECTIVES", "STARTS", "SurrogateObjective"]
+
+
+def sampling_options(nfe: int, order: int, objective: str = "lagrange") -> dict:
+    """The solver options to sample DM-NonUniform's steps with: the order plan its objective assumed. The paper's
+    objective assumes the reference's orders (1 at the first and last steps, 2 next to them, `order` elsewhere),
+    the solver-row objective the builders' own (diffusers') rule; `sample()`'s default stable rule is neither.
+    `tdiff.sample(den, x, dm_nonuniform(s, n, "dpmpp", 3), "dpmpp", 3, **sampling_options(n, 3))`."""
+    if objective == "lagrange":
+        return {"orders": paper_orders(nfe, order)}
+    if objective == "solver":
+        return {"order_rule": "diffusers"}
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 
 def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", order: int = 3, p: float = 2.0, *,
@@ -68,6 +81,8 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
     return_result: also return a scipy OptimizeResult: x (interior lambdas), fun (J there), start (the winning
         start), nit and nfev (summed over starts), per_start ({start: J reached}).
     """
+    if is_pipeline(schedule):  # a diffusers pipeline: a TdiffScheduler for its config (integrations.diffusers)
+        return from_pipeline(dm_nonuniform, locals())
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if gradient not in GRADIENTS:

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from .._version import __version__
 from ..artefacts import load_torch, save_torch
+from ..integrations.diffusers.pipelines import from_pipeline, is_pipeline
 from .distributed import all_reduce_sum, rank_and_world
 from .heuristics import HEURISTICS, check_nfe, logsnr_uniform, sampling_interval
 from .ld3_losses import LOSS_NOTES, resolve_loss
@@ -178,7 +179,7 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
               min_lr_xi_c: float = 1e-6, min_lr_hits: int = 5, lr_x_decay: float = 0.5,
               keep_init_if_better: bool = True, remat: bool = True, t_max=None, t_min=None,
               dtype: torch.dtype = torch.float32, seed: int = 0, checkpoint: Optional[str] = None,
-              progress: bool = True) -> LearnedSchedule:
+              progress: bool = True, pipeline_kwargs: Optional[dict] = None) -> LearnedSchedule:
     """Learn the timesteps (and decoupled network times) for `solver` at `nfe` model calls. See the module doc.
 
     denoiser: D(x, t) -> x0 prediction with a .schedule (or pass schedule=).
@@ -194,7 +195,12 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
     keep_init_if_better: return the start when the learned state is worse on validation at eps' = eps.
     checkpoint: a file path; the run is checkpointed there and resumed from it (see the module doc). Under
         torch.distributed every rank must see the same file (rank 0 writes it, every rank reads it on resume).
+
+    A diffusers pipeline in place of the denoiser (with pipeline_kwargs, its conditioning: prompt, class_labels,
+    guidance_scale, ...) learns from its network and returns a TdiffScheduler (tdiff.integrations.diffusers.pipelines).
     """
+    if is_pipeline(denoiser, pipeline_kwargs):
+        return from_pipeline(ld3_learn, locals())
     from ..solvers.sample import DEFAULT_ORDER, SOLVERS, schedule_of
 
     _check_args(nfe, teacher_nfe, r_gamma, r, epochs, phase1_epochs, n_train, n_val, batch_size, val_every,
