@@ -7,7 +7,7 @@ import sys
 import time
 
 # In order; a script that is not present yet is skipped with a note.
-SCRIPTS = ["noisy_sample", "training_loss", "solvers", "dmn", "ld3", "caching", "training_speedup"]
+SCRIPTS = ["noisy_sample", "training_loss", "solvers", "dmn", "ld3", "caching", "diffusers_cache", "training_speedup"]
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,55 @@
+"""Side-by-side timing: every variant once per round, rounds repeated, on one thread; medians with 95% intervals,
+and speed-ups as per-round ratios against a reference variant (so that both sides of a ratio saw the same machine
+state), each checked against its ceiling."""
+from __future__ import annotations
+
+import random
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+
+def interleaved_seconds(variants: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                        seed: int = 0) -> Dict[str, List[float]]:
+    """{name: [seconds per round]}: each round runs every variant once, in a fresh random order (so no variant
+    always follows another), on one thread, after `warmup` untimed rounds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    order = list(variants)
+    rng = random.Random(seed)
+    out: Dict[str, List[float]] = {k: [] for k in order}
+    try:
+        for r in range(warmup + rounds):
+            rng.shuffle(order)
+            for name in order:
+                t0 = time.perf_counter()
+                variants[name]()
+                if r >= warmup:
+                    out[name].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def median_ci(values: List[float], n_boot: int = 4000, seed: int = 0) -> Dict[str, float]:
+    """Median and its 95% percentile-bootstrap interval."""
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boots = np.median(rng.choice(v, size=(n_boot, v.size), replace=True), axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"median": float(np.median(v)), "ci95": [float(lo), float(hi)], "n": int(v.size)}
+
+
+def speedup(times: Dict[str, List[float]], name: str, reference: str, mac_fraction: Optional[float]) -> dict:
+    """Per-round ratios reference / variant: median with 95% interval, the ceiling 1 / mac_fraction, and whether the
+    median exceeds it (a measurement error: such a figure must be re-measured, never reported)."""
+    ratios = [a / b for a, b in zip(times[reference], times[name])]
+    out = median_ci(ratios)
+    out["seconds"] = median_ci(times[name])
+    if mac_fraction is not None:
+        out["ceiling"] = 1.0 / mac_fraction
+        out["of_ceiling"] = out["median"] / out["ceiling"]
+        out["above_ceiling"] = out["median"] > out["ceiling"]
+    return out
