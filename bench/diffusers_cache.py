@@ -23,7 +23,7 @@ import torch
 from tdiff.cache import LearnedCacheConfig, apply_learned_cache, find_units, macs
 
 from .common import RESULTS, machine, print_table
-from .interleaved import speedup
+from .interleaved import format_speedup, speedup
 
 TARGET = 0.9  # of the ceiling 1 / MAC fraction
 
@@ -69,15 +69,37 @@ def _masks(net):
 
 
 def _measure(net, args, kwargs, rounds: int) -> dict:
-    """Per round, every variant in a fresh random order: an untimed call (the first step, filling the caches), then
-    the timed call (the cached step); the uncached variant runs the plain network the same way."""
+    """Every mask's cached call against the uncached call, interleaved (see _time), with ceilings checked."""
     rows = {"uncached": dict(mac_fraction=1.0, mask=None, formulation=None)}
     for label, form, row in _masks(net):
         mask = torch.tensor([[True] * len(row), row])
         counted = macs(net, mask, args, kwargs, formulation=form)
         rows[label] = dict(formulation=form, mac_fraction=counted["per_step"][1] / counted["per_step"][0], mask=mask)
-    seconds = {k: [] for k in rows}
-    order, rng = list(rows), random.Random(0)
+    seconds = _time(net, args, kwargs, rows, list(rows), rounds, seed=0)
+    for label, v in rows.items():
+        v["time"] = speedup(seconds, label, "uncached", v["mac_fraction"])
+    suspect = [k for k, v in rows.items() if v["time"].get("above_ceiling")]
+    if suspect:  # above the ceiling is a measurement error: measure again; if it stays above, drop the figure
+        again = _time(net, args, kwargs, rows, suspect + ["uncached"], rounds + 2, seed=1)
+        for k in suspect:
+            t = dict(speedup(again, k, "uncached", rows[k]["mac_fraction"]), remeasured=True)
+            if t["above_ceiling"]:
+                t.update(valid=False, median=None, note="above its ceiling twice: a measurement error, not reported")
+            rows[k]["time"] = t
+    for label, v in rows.items():
+        v.pop("mask")
+        m = v["time"]["median"]
+        v["reaches_target"] = None if m is None else m >= TARGET * v["time"].get("ceiling", 1.0)
+    return rows
+
+
+def _time(net, args, kwargs, rows, labels, rounds: int, seed: int) -> dict:
+    """{label: [seconds of the cached call per round]}: per round every label in a fresh random order, each an
+    untimed call at the previous step's time (filling the caches; an equal time would start a new run), then the
+    timed call; the uncached label runs the plain network the same way."""
+    seconds = {k: [] for k in labels}
+    order, rng = list(labels), random.Random(seed)
+    first = dict(kwargs, timestep=kwargs["timestep"] + 100)
     with torch.no_grad():
         for r in range(rounds + 1):  # round 0 warms up
             rng.shuffle(order)
@@ -86,7 +108,7 @@ def _measure(net, args, kwargs, rounds: int) -> dict:
                 handle = None if v["mask"] is None else apply_learned_cache(
                     net, LearnedCacheConfig(v["mask"], formulation=v["formulation"]))
                 try:
-                    net(*args, **kwargs)
+                    net(*args, **first)
                     t0 = time.perf_counter()
                     net(*args, **kwargs)
                     elapsed = time.perf_counter() - t0
@@ -95,11 +117,7 @@ def _measure(net, args, kwargs, rounds: int) -> dict:
                         handle.remove()
                 if r:
                     seconds[label].append(elapsed)
-    for label, v in rows.items():
-        v.pop("mask")
-        v["time"] = speedup(seconds, label, "uncached", v["mac_fraction"])
-        v["reaches_target"] = v["time"]["median"] >= TARGET * v["time"].get("ceiling", 1.0)
-    return rows
+    return seconds
 
 
 def run(quick: bool = False) -> dict:
@@ -114,10 +132,8 @@ def run(quick: bool = False) -> dict:
             net, args, kwargs = build(quick)
             out[name] = _measure(net, args, kwargs, rounds)
             print_table(f"learned cache hook, {name}: one cached call vs one uncached call (1 thread)",
-                        ["variant", "MAC frac", "speed-up [95% CI]", "ceiling", "of ceiling"],
-                        [[k, f"{v['mac_fraction']:.3f}",
-                          f"{v['time']['median']:.2f}x [{v['time']['ci95'][0]:.2f}, {v['time']['ci95'][1]:.2f}]",
-                          f"{v['time'].get('ceiling', 1):.2f}", f"{v['time'].get('of_ceiling', 1):.2f}"]
+                        ["variant", "MAC frac", "speed-up [95% CI] (ceiling)", ">= 0.9 x ceiling"],
+                        [[k, f"{v['mac_fraction']:.3f}", format_speedup(v["time"]), v["reaches_target"]]
                          for k, v in out[name].items()])
     finally:
         torch.set_num_threads(threads)

@@ -53,3 +53,12 @@ def speedup(times: Dict[str, List[float]], name: str, reference: str, mac_fracti
         out["of_ceiling"] = out["median"] / out["ceiling"]
         out["above_ceiling"] = out["median"] > out["ceiling"]
     return out
+
+
+def format_speedup(t: dict) -> str:
+    """'1.62x [1.58, 1.66] (ceiling 1.78)', or why there is no figure."""
+    if t.get("median") is None:
+        return t.get("note", "invalid")
+    lo, hi = t["ci95"]
+    ceiling = f" (ceiling {t['ceiling']:.2f})" if "ceiling" in t else ""
+    return f"{t['median']:.2f}x [{lo:.2f}, {hi:.2f}]{ceiling}"

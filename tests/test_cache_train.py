@@ -36,7 +36,7 @@ def test_objective_extremes_and_mask_metadata():
 
 
 @pytest.mark.parametrize("options", [dict(), dict(feature_loss="relative", lambda1=2e-3, lambda2=2e-3),
-                                     dict(cache_update="hard", formulation="branch")])
+                                     dict(cache_update="hard", formulation="branch", relaxation="bernoulli")])
 def test_scores_converge_to_zero_or_one(options):
     """The bimodal term's schedule drives the scores to {0, 1}, so the 0.5 threshold is decided by the loss."""
     model = tiny_dit(depth=2)
@@ -125,7 +125,8 @@ def test_bad_arguments():
                        (dict(init_score=2.0), "init_score"), (dict(lr=float("nan")), "lr"),
                        (dict(lambda1=-1.0), "lambda1"), (dict(lambda2=float("inf")), "lambda2"),
                        (dict(threshold=1.5), "threshold"), (dict(feature_loss="l1"), "feature_loss"),
-                       (dict(cache_update="lazy"), "cache_update"), (dict(bimodal_growth=0.5), "bimodal_growth"),
+                       (dict(cache_update="lazy"), "cache_update"), (dict(relaxation="gumbel"), "relaxation"),
+                       (dict(bimodal_growth=0.5), "bimodal_growth"),
                        (dict(formulation="gated"), "formulation"), (dict(granularity="layer"), "granularity"),
                        (dict(pipeline_kwargs={}), "pipeline")]:
         with pytest.raises(ValueError, match=match):

@@ -4,8 +4,9 @@ sampling step at a time.
 1. Record: run the sampler (or a diffusers pipeline) once with the plain network, storing every network call's
    inputs (the trajectory from Gaussian noise; no data set is used), its cache context (split CFG halves) and its
    output, the reference end features x^ori_{t,end}.
-2. Per step i (row 0 always computes), continuous scores s_i in [0, 1] are optimised with the units relaxed
-   by random sampling, m ~ Bernoulli(s) with a straight-through gradient to s (seed Sec. 3.3, not Gumbel-softmax):
+2. Per step i (row 0 always computes), continuous scores s_i in [0, 1] are optimised with every unit relaxed as
+   in Eq. 4, x = m f(x_in) + (1 - m) cache with m = s (`relaxation="soft"`, default), or with m ~ Bernoulli(s) and a
+   straight-through gradient to s (`relaxation="bernoulli"`, the seed's "random sampling", not Gumbel-softmax):
      L_i = ||f_i(m) - f_i^ref||^2 + w_i (lambda1 sum s + lambda2(k) sum s(1 - s))          (Eqs. 5-8, 11)
    where w_i is the timestep-aware weight (loss_scaling.py, Eqs. 9-10) and k the iteration. Caches from step i - 1
    are detached, so gradients and memory stay within one step however many steps there are.
@@ -28,6 +29,13 @@ Choices against the seed, each recorded in the mask's `extra`:
   add up. The "end features" are the network output, for every architecture.
 - delta (Eq. 9) is the backward difference, the direction in which step i uses the cache (loss_scaling.py).
 - Inputs follow the uncached (teacher) trajectory; caches follow the committed masked steps.
+- Relaxation: the seed's text speaks of random sampling, its Eq. 4 of the soft mixture s f + (1 - s) cache; soft
+  is the default because the straight-through estimate is blind at s = 1: with m = 1 the output equals the
+  reference and the gradient is exactly 0, so any lambda1 > 0 pulls every score down until draws of m = 0 appear,
+  whatever the cost of skipping. Under the soft mixture the error grows as (1 - s)^2 ||f - cache||^2, so a unit
+  ends on exactly when reusing it alone costs more than ~lambda1 w_i (on the digits DiT, DDIM-50, output
+  formulation, lambda1 1e-2: MACs 0.48 at FD +4% soft, against MACs 0.12 at FD x18 with Bernoulli sampling even at
+  lambda1 1e-4; bench/caching.py keeps the Bernoulli variant as an ablation).
 - Row 0 always computes (there is no cache at the first step). Scores start at `init_score` (1: compute all).
 - Optimiser (the seed names none): signed momentum, s -= lr * sign(m) with m an exponential average (0.9) of the
   gradient, so a score moves lr per iteration whatever the loss scale; the straight-through gradient of a unit
@@ -62,6 +70,7 @@ from .units import check_formulation, check_granularity, column_groups, unit_col
 CHECKPOINT_FORMAT = "tdiff.cache.mask_training"
 CHECKPOINT_VERSION = 2
 FEATURE_LOSSES = ("sq", "relative")
+RELAXATIONS = ("bernoulli", "soft")
 CACHE_UPDATES = ("soft", "hard")
 MOMENTUM = 0.9
 
@@ -119,7 +128,8 @@ def bimodal_weight(k: int, iterations: int, lambda2: float, bimodal_start: float
 def train_mask(model: nn.Module, sample_fn: Optional[Callable[[nn.Module], object]] = None, *,
                pipeline_kwargs: Optional[dict] = None, formulation: str = "output", granularity: str = "unit",
                iterations: int = 40, lr: float = 0.05, lambda1: float = 1e-2, lambda2: float = 1e-2,
-               bimodal_start: float = 0.5, bimodal_growth: float = 2.0, feature_loss: str = "sq", cache_update: str = "soft",
+               bimodal_start: float = 0.5, bimodal_growth: float = 2.0, feature_loss: str = "sq",
+               relaxation: str = "soft", cache_update: str = "soft",
                loss_scaling: bool = True, rectify: Optional[bool] = None, lossy_rectify: bool = False,
                threshold: float = 0.5, target_mac_fraction: Optional[float] = None, init_score: float = 1.0,
                checkpoint: Optional[str] = None, solver: Optional[str] = None,
@@ -152,6 +162,8 @@ def train_mask(model: nn.Module, sample_fn: Optional[Callable[[nn.Module], objec
     granularity = check_granularity(granularity)
     _check_settings(iterations, lr, lambda1, lambda2, bimodal_start, init_score, threshold, feature_loss,
                     cache_update)
+    if relaxation not in RELAXATIONS:
+        raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
     if isinstance(bimodal_growth, bool) or not isinstance(bimodal_growth, (int, float)) or not 1.0 <= bimodal_growth < 10:
         raise ValueError(f"bimodal_growth must be a number in [1, 10), got {bimodal_growth!r}")
     if rectify is None:
@@ -195,7 +207,7 @@ def train_mask(model: nn.Module, sample_fn: Optional[Callable[[nn.Module], objec
         trajectory = trajectory_hash(calls, solver, timesteps)
         settings = dict(formulation=formulation, granularity=granularity, steps=steps, iterations=iterations, lr=lr,
                         lambda1=lambda1, lambda2=lambda2, bimodal_start=bimodal_start,
-                        bimodal_growth=bimodal_growth, feature_loss=feature_loss,
+                        bimodal_growth=bimodal_growth, relaxation=relaxation, feature_loss=feature_loss,
                         cache_update=cache_update, loss_scaling=loss_scaling, init_score=init_score, seed=seed,
                         threshold=threshold)
         rank, world = _dist()
@@ -248,8 +260,8 @@ def train_mask(model: nn.Module, sample_fn: Optional[Callable[[nn.Module], objec
             for k in range(iterations):
                 loss = 0.0
                 for call, ref in zip(by_step[i], reference[i]):
-                    with cache.soft(row[col_of_unit], sample=True, commit=False, step=i, context=call.context,
-                                    generator=generator):
+                    with cache.soft(row[col_of_unit], sample=relaxation == "bernoulli", commit=False, step=i,
+                                    context=call.context, generator=generator):
                         out = _end_feature(model(*call.args, **call.kwargs)).float()
                     err = (out - ref).pow(2).flatten(1).sum(1)
                     if feature_loss == "relative":
