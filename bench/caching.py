@@ -583,8 +583,8 @@ def _plots(plots, quick):
                     ax.scatter([xv], [v["fd"]], marker=marker, s=25)
                     ax.annotate(f"{label}" if gname == "tdiff DiT" else f"{label} [d]", (xv, v["fd"]), fontsize=6)
             ax.axhline((1 + FD_TOLERANCE) * fd_eval, ls="--", lw=0.8, color="grey")
-            ax.set(xlabel=xlabel, ylabel="Frechet distance (digits features)", title=f"{key}: FD vs {xlabel.split(' (')[0]}",
-                   yscale="log")
+            ax.set(xlabel=xlabel, ylabel="Frechet distance (digits features)", yscale="log",
+                   title=f"{key}: FD vs {xlabel.split(' (')[0]}")
     fig.suptitle("learned caching frontier (dashed: uncached FD + 5%; [d]: diffusers DiT)")
     fig.tight_layout()
     fig.savefig(plot_path(NAME + "_frontier", quick))

@@ -13,6 +13,8 @@ from tdiff.integrations.diffusers import denoiser_network
 
 from cache_pipelines import BUILDERS, STEPS
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
+
 # how many network rows one prompt / label occupies: 2 where the pipeline batches CFG's two halves together
 CFG_ROWS = {"ddpm": 1, "sd": 2, "dit": 2, "pixart": 2, "sd3": 2, "flux": 1}
 UNIT_NAMES = {
@@ -195,9 +197,6 @@ def test_remove_leaves_no_trace_and_bad_input():
     unet = denoiser_network(BUILDERS["ddpm"]()[0])
     with pytest.raises(ValueError, match="formulation"):
         find_units(unet, "branch")
-
-    class NotAPipeline:
-        pass
 
     from diffusers import DiffusionPipeline
 

@@ -7,6 +7,8 @@ from tdiff.cache import cached_dit, macs, unit_macs
 
 from test_cache_models import tiny_dit
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
+
 
 def analytic_dit_macs(batch, tokens, hidden, depth, heads, mlp_hidden, patch, in_ch, out_ch, freq=256):
     """Multiply-adds of our DiT per call, counted by hand (fvcore's convention: LayerNorm without affine costs

@@ -6,6 +6,8 @@ from torch import nn
 from tdiff.cache import CacheAdapter, find_units, mask_columns, register_adapter
 from tdiff.models.dit import DiT, DiTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
+
 
 def tiny_dit(depth=3, hidden=32, seed=0) -> DiT:
     """Our reference DiT at test size, with random (non-zero) adaLN weights so every gate matters."""

@@ -8,6 +8,8 @@ from tdiff.cache import UnitGraph, cached_dit, find_units, mask_columns, rectify
 
 from test_cache_models import dit_inputs, tiny_dit, tiny_unet
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
+
 
 def M(rows):
     return torch.tensor(rows, dtype=torch.bool)

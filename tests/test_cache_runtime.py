@@ -8,6 +8,8 @@ from tdiff.cache import LearnedCacheConfig, LearnedMask, apply_learned_cache, ca
 
 from test_cache_models import dit_inputs, tiny_dit, tiny_unet
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
+
 
 def _run(model, xs, ts, y=None):
     with torch.no_grad():

@@ -11,6 +11,8 @@ from tdiff.models.defaults import default_schedule
 
 from test_cache_models import tiny_dit
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
+
 STEPS = 4
 
 

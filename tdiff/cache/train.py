@@ -164,7 +164,8 @@ def train_mask(model: nn.Module, sample_fn: Optional[Callable[[nn.Module], objec
                     cache_update)
     if relaxation not in RELAXATIONS:
         raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
-    if isinstance(bimodal_growth, bool) or not isinstance(bimodal_growth, (int, float)) or not 1.0 <= bimodal_growth < 10:
+    if isinstance(bimodal_growth, bool) or not isinstance(bimodal_growth, (int, float)) \
+            or not 1.0 <= bimodal_growth < 10:
         raise ValueError(f"bimodal_growth must be a number in [1, 10), got {bimodal_growth!r}")
     if rectify is None:
         rectify = formulation == "output" or lossy_rectify

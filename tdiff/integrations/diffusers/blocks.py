@@ -7,7 +7,7 @@ feed-forward outputs inside a transformer block (the gates, norms and residual a
 
 | model class | "output" units | "branch" units |
 | --- | --- | --- |
-| UNet2DModel, UNet2DConditionModel | resnets and attentions of every down, mid and up block | (none: no gated branches) |
+| UNet2DModel, UNet2DConditionModel | resnets, attentions of every down, mid and up block | (none: no gates) |
 | DiTTransformer2DModel, PixArtTransformer2DModel | transformer_blocks[i] | attn1, ff (PixArt's attn2 always runs) |
 | SD3Transformer2DModel | transformer_blocks[i] (JointTransformerBlock) | attn (both streams), attn2, ff, ff_context |
 | FluxTransformer2DModel | transformer_blocks[i], single_transformer_blocks[i] | attn, ff, ff_context; proj_mlp, attn |
