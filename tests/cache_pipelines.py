@@ -109,9 +109,9 @@ def dit():
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
-    transformer = _jitter(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
-                                                norm_num_groups=1))
+    transformer = _jitter(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                out_channels=4, num_layers=2, sample_size=8, patch_size=2,
+                                                num_embeds_ada_norm=1000, norm_num_groups=1))
     pipe = DiTPipeline(transformer=transformer, vae=vae(), scheduler=DDIMScheduler(num_train_timesteps=1000))
     pipe.set_progress_bar_config(disable=True)
 

@@ -62,3 +62,32 @@ def uniform_interval_mask(steps: int, columns: int, interval: int) -> torch.Tens
     m = torch.zeros(steps, columns, dtype=torch.bool)
     m[::interval] = True
     return m
+
+
+def uniform_mask_at_fraction(steps: int, column_macs: Sequence[float], base_macs: float,
+                             fraction: float) -> torch.Tensor:
+    """The uniform-interval baseline at a MAC budget: k evenly spaced steps compute every unit (step 0 among
+    them), the largest k whose run fits `fraction` of the uncached MACs; the rest of the budget goes to one more
+    step, in the middle of the longest gap, computing the first units in execution order (the prefix whose cost
+    brings the total closest to the budget). So it can match another mask's MACs to within one unit's cost."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    cost = [float(c) for c in column_macs]
+    per_step = base_macs + sum(cost)
+    target = fraction * steps * per_step
+    k = max(1, min(steps, int((target - steps * base_macs) // sum(cost)) if sum(cost) > 0 else steps))
+    m = torch.zeros(steps, len(cost), dtype=torch.bool)
+    computing = sorted({(j * steps) // k for j in range(k)})
+    m[computing] = True
+    left = target - (steps * base_macs + len(computing) * sum(cost))
+    gaps = [(b - a, a) for a, b in zip(computing, computing[1:] + [steps]) if b - a > 1]
+    if left > 0 and gaps:
+        length, start = max(gaps)
+        extra = start + length // 2
+        spent, best, best_err = 0.0, 0, abs(left)
+        for n, c in enumerate(cost, start=1):
+            spent += c
+            if abs(left - spent) < best_err:
+                best, best_err = n, abs(left - spent)
+        m[extra, :best] = True
+    return m

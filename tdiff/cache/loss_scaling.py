@@ -1,8 +1,13 @@
 """Timestep-aware loss scaling (seed Sec. 3.4, Eqs. 9-10).
 
-delta[i] = ||end_{i+1} - end_i|| / ||end_i|| is the relative change of the uncached model's end-block features
-from sampling step i to the next. Where features barely move (small delta) caching is safe, so the sparsity
-terms get a larger weight there and the mask is pushed harder; where they change a lot, fidelity wins.
+delta[i] = ||end_i - end_{i-1}|| / ||end_i|| is the relative change of the uncached network's end features between
+the step whose cache step i reuses (i - 1) and step i itself. Where features barely move (small delta) caching is
+safe, so the sparsity terms get a larger weight there and the mask is pushed harder; where they change a lot,
+fidelity wins.
+
+Deviation from the seed: Eq. 9 as printed, ||x_{t-1} - x_t|| / ||x_t|| with t counting down, is a forward
+difference (step i against step i + 1), but the cache used at step i was filled at step i - 1, so the change that
+matters for step i is the backward one. Step 0 (never cached) takes step 1's value.
 """
 from __future__ import annotations
 
@@ -12,13 +17,12 @@ import torch
 
 
 def relative_feature_variation(features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(T,) delta from the end-block features of each step. The last step has no successor and takes the value
-    of the one before it."""
+    """(T,) delta from the end features of each step (any shape; each step's tensor as a whole)."""
     if len(features) < 2:
         return torch.ones(len(features), dtype=torch.float64)
-    d = [float((features[i + 1].double() - features[i].double()).norm() / features[i].double().norm().clamp_min(1e-12))
-         for i in range(len(features) - 1)]
-    return torch.tensor(d + [d[-1]], dtype=torch.float64)
+    d = [float((features[i].double() - features[i - 1].double()).norm() /
+               features[i].double().norm().clamp_min(1e-12)) for i in range(1, len(features))]
+    return torch.tensor([d[0]] + d, dtype=torch.float64)
 
 
 def loss_weights(delta: torch.Tensor) -> torch.Tensor:

@@ -1,117 +1,97 @@
-"""Where the cacheable units of a network are, and how a learned mask's columns map onto them.
+"""Cacheable units, the two caching formulations, and how a mask's columns map onto units.
 
-A *unit* is one callable whose output is cached between sampling steps: the pre-gate attention branch and the
-pre-gate MLP branch of a transformer block, or the residual `branch` of a UNet ResBlock / AttnBlock. Caching the
-branch *before* its adaLN gate means the gate, which depends on the current time step, is still recomputed from
-the current conditioning every step; only the expensive part is reused.
+A *unit* is one piece of a network whose result is cached between sampling steps; which result depends on the
+formulation:
 
-Granularities:
-- "branch" (default): every unit is its own mask column (2 per transformer block).
-- "block": one column per block; all units of a block share it.
+- "output" (seed Eq. 3, the default): a skipped unit returns its cached *output*: the residual stream after a
+  DiT attention / MLP sub-block, the output of a UNet ResBlock / AttnBlock, of a diffusers transformer block.
+  A unit's output feeds only the units that read it, so the seed's rectification (Eq. 12) is exact here.
+- "branch" (Learning-to-Cache / FORA): a skipped unit reuses its cached *pre-gate residual branch* (attention or
+  MLP before the adaLN gate); the gate and the residual add are recomputed from the current step. Every branch
+  reaches the model output through the residual stream, so no rectification is lossless here.
+
+Units are listed in execution order by a per-model-class adapter (adapters.py). Mask columns:
+- granularity "unit" (default; "branch" is accepted as its old name): one column per unit;
+- granularity "block": one column per block (a DiT / transformer block, a UNet level); its units share it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-GRANULARITIES = ("branch", "block")
+FORMULATIONS = ("output", "branch")
+GRANULARITIES = ("unit", "block")
+_GRANULARITY_ALIASES = {"branch": "unit"}  # masks written before the formulations existed
 
-# ModuleList attribute names that hold the transformer blocks, in the order we look for them.
-BLOCK_LIST_NAMES = ("blocks", "transformer_blocks")
-
-# Per block type, the attributes whose outputs are the cacheable pre-gate branches, tried in order.
-# - tdiff DiTBlock: attn_branch / mlp_branch methods.
-# - diffusers BasicTransformerBlock (DiT, PixArt): the attn1 and ff submodules (their outputs are gated by the
-#   block afterwards; PixArt's cross-attention attn2 is cheap and text-dependent, so it always runs).
-# - tdiff UNet ResBlock / AttnBlock: `branch`.
-UNIT_ATTRIBUTES = (("attn_branch", "mlp_branch"), ("attn1", "ff"), ("branch",))
+# how a unit is wrapped: its module's forward, a method of its module, or by its block's forward (the adapter
+# supplies one, for units that are not a call of their own, e.g. a DiT sub-block sharing the block's adaLN)
+VIA = ("forward", "method", "block")
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Unit:
-    block_index: int
-    block_name: str  # qualified module name of the owning block
-    attribute: str  # attribute of the block that is patched
+    index: int  # position in execution order
+    name: str  # qualified name, e.g. "blocks.0.attn", "down_blocks.1.resnets.0"
+    block: int  # index of the block it belongs to (granularity "block")
+    module: nn.Module  # the module that owns it
+    attribute: Optional[str]  # the method wrapped (via "method"), or the unit's role in its block (via "block")
+    via: str = "forward"
 
-    @property
-    def name(self) -> str:
-        return f"{self.block_name}.{self.attribute}"
+
+def check_formulation(formulation: str) -> str:
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    return formulation
 
 
 def check_granularity(granularity: str) -> str:
+    granularity = _GRANULARITY_ALIASES.get(granularity, granularity)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     return granularity
 
 
-def _unit_attributes(block: nn.Module):
-    for attrs in UNIT_ATTRIBUTES:
-        if all(hasattr(block, a) for a in attrs):
-            return attrs
-    return None
-
-
-def find_blocks(model: nn.Module) -> List[tuple]:
-    """(qualified name, block) pairs in execution order.
-
-    Transformers: the first ModuleList named in BLOCK_LIST_NAMES (searched on the model and its submodules).
-    UNets: every module that has a `branch` (ResBlock / AttnBlock), in registration order, which for our UNet
-    is the order of execution.
-    """
-    for list_name in BLOCK_LIST_NAMES:
-        for prefix, module in model.named_modules():
-            candidate = getattr(module, list_name, None)
-            if isinstance(candidate, nn.ModuleList) and len(candidate) and all(
-                _unit_attributes(b) for b in candidate
-            ):
-                base = f"{prefix}.{list_name}" if prefix else list_name
-                return [(f"{base}.{i}", b) for i, b in enumerate(candidate)]
-    found = [(name, m) for name, m in model.named_modules() if name and _unit_attributes(m) == ("branch",)]
-    if found:
-        return found
-    raise ValueError(
-        f"cannot find cacheable blocks in {type(model).__name__}: looked for an nn.ModuleList named one of "
-        f"{BLOCK_LIST_NAMES} whose blocks have {' or '.join('+'.join(a) for a in UNIT_ATTRIBUTES[:2])}, and for "
-        f"modules with a `branch` (UNet ResBlock/AttnBlock)"
-    )
-
-
-def find_units(model: nn.Module) -> List[Unit]:
-    units = []
-    for index, (name, block) in enumerate(find_blocks(model)):
-        for attr in _unit_attributes(block):
-            units.append(Unit(index, name, attr))
-    return units
-
-
 def column_groups(units: List[Unit], granularity: str) -> List[List[int]]:
-    """For each mask column, the unit indices it controls."""
-    check_granularity(granularity)
-    if granularity == "branch":
-        return [[i] for i in range(len(units))]
+    """For each mask column, the unit indices it controls (in execution order)."""
+    if check_granularity(granularity) == "unit":
+        return [[u.index] for u in units]
     groups: dict = {}
-    for i, u in enumerate(units):
-        groups.setdefault(u.block_index, []).append(i)
+    for u in units:
+        groups.setdefault(u.block, []).append(u.index)
     return [groups[k] for k in sorted(groups)]
 
 
-def mask_columns(model: nn.Module, granularity: str = "branch") -> int:
-    """How many columns a mask for this model and granularity has."""
-    return len(column_groups(find_units(model), granularity))
+def unit_columns(units: List[Unit], granularity: str) -> torch.Tensor:
+    """(units,) long: the mask column of each unit."""
+    out = torch.empty(len(units), dtype=torch.long)
+    for col, members in enumerate(column_groups(units, granularity)):
+        out[members] = col
+    return out
 
 
 def expand_to_units(mask: torch.Tensor, units: List[Unit], granularity: str) -> torch.Tensor:
-    """(T, columns) mask -> (T, units) mask: a block column is copied to each of its units."""
+    """(..., columns) mask -> (..., units) mask: a block column is copied to each of its units."""
     groups = column_groups(units, granularity)
-    if mask.ndim != 2 or mask.shape[1] != len(groups):
+    if mask.ndim not in (2, 3) or mask.shape[-1] != len(groups):
         raise ValueError(
-            f"mask must have shape (steps, {len(groups)}) for {granularity!r} granularity over "
-            f"{len(units)} units, got {tuple(mask.shape)}"
+            f"mask must have shape (steps, {len(groups)}) (or (batch, steps, {len(groups)}) for one mask per "
+            f"sample) for {check_granularity(granularity)!r} granularity over {len(units)} units, got "
+            f"{tuple(mask.shape)}"
         )
-    out = mask.new_zeros(mask.shape[0], len(units))
-    for col, members in enumerate(groups):
-        out[:, members] = mask[:, col : col + 1]
-    return out
+    return mask[..., unit_columns(units, granularity)]
+
+
+def find_units(model: nn.Module, formulation: str = "output") -> List[Unit]:
+    """The model's cacheable units for `formulation`, in execution order (from its class's adapter)."""
+    from .adapters import resolve
+
+    _, network, adapter = resolve(model)
+    return adapter.units(network, check_formulation(formulation))
+
+
+def mask_columns(model: nn.Module, granularity: str = "unit", formulation: str = "output") -> int:
+    """How many columns a mask for this model, granularity and formulation has."""
+    return len(column_groups(find_units(model, formulation), granularity))

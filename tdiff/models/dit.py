@@ -1,7 +1,8 @@
 """Reference DiT (Peebles & Xie): patchify, adaLN-Zero transformer blocks, unpatchify.
 
-The block interface (`modulation`, `attn_branch`, `mlp_branch`) is what tdiff.cache relies on: it caches the
-pre-gate branch outputs and recomputes the gates from the conditioning each step.
+The block interface is what tdiff.cache relies on: `modulation` (adaLN shift/scale/gate), the pre-gate branches
+`attn_branch` / `mlp_branch` (cached by the "branch" formulation, gates recomputed each step) and the two residual
+sub-blocks `attn_residual` / `mlp_residual` (whose outputs the "output" formulation caches, seed Eq. 3).
 """
 from __future__ import annotations
 
@@ -112,11 +113,21 @@ class DiTBlock(nn.Module):
     def mlp_branch(self, x, shift, scale):
         return self.mlp(modulate(self.norm2(x), shift, scale))
 
+    @staticmethod
+    def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """adaLN-Zero residual update x + gate * branch, with the (B, C) gate broadcast over the tokens."""
+        return x + gate.unsqueeze(1) * branch
+
+    def attn_residual(self, x, shift, scale, gate):
+        return self.gated_residual(x, gate, self.attn_branch(x, shift, scale))
+
+    def mlp_residual(self, x, shift, scale, gate):
+        return self.gated_residual(x, gate, self.mlp_branch(x, shift, scale))
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         sm, cm, gm, sp, cp, gp = self.modulation(c)
-        x = x + gm.unsqueeze(1) * self.attn_branch(x, sm, cm)
-        x = x + gp.unsqueeze(1) * self.mlp_branch(x, sp, cp)
-        return x
+        x = self.attn_residual(x, sm, cm, gm)
+        return self.mlp_residual(x, sp, cp, gp)
 
 
 class FinalLayer(nn.Module):
