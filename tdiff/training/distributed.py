@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .sampler_base import TimestepSampler
+from .samplers import TimestepSampler
 
 _MASK = (1 << 63) - 1
 
