@@ -9,13 +9,13 @@ from .samplers import (SAMPLERS, LogitNormalSampler, LogNormalSampler, LogUnifor
                        TimestepSampler, UniformSampler, make_sampler)
 from .speed_areas import SpeedAreas, speed_areas
 from .warmup import WeightWarmup
-from .weightings import (WEIGHTINGS, EDMWeight, MinSNRWeight, P2Weight, PreconditioningWeight, SpeedWeight,
-                         UnitWeight, Weighting, make_weighting)
+from .weightings import (WEIGHTINGS, EDMWeight, MinSNRWeight, P2Weight, PreconditioningWeight, ProductWeight,
+                         SpeedWeight, UnitWeight, Weighting, make_weighting)
 
 __all__ = [
     "DiffusionLoss", "TrainedDenoiser", "default_network_time", "network_output", "Preconditioning",
     "TimestepSampler", "TableSampler", "UniformSampler", "SpeedSampler", "LogNormalSampler", "LogitNormalSampler",
     "LogUniformSampler", "make_sampler", "SAMPLERS", "SpeedAreas", "speed_areas", "TimeCells", "PerDevice",
     "WeightWarmup", "Weighting", "UnitWeight", "SpeedWeight", "MinSNRWeight", "P2Weight", "EDMWeight",
-    "PreconditioningWeight", "make_weighting", "WEIGHTINGS", "RankStreams", "stream_seed",
+    "PreconditioningWeight", "ProductWeight", "make_weighting", "WEIGHTINGS", "RankStreams", "stream_seed",
 ]

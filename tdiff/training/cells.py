@@ -17,7 +17,7 @@ from typing import Callable, Dict, Tuple, Union
 import torch
 
 from ..schedules import DiscreteVP, NoiseSchedule
-from . import checks
+from .. import checks
 
 Tables = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 

@@ -53,7 +53,7 @@ from ..denoisers import default_model_time, prediction_to_x0
 from ..ops.noisy_sample import kernel_table, noisy_sample
 from ..ops.weighted_mse import weighted_mse_with_mse
 from ..preconditioning import KINDS as PRECOND_KINDS, Preconditioning
-from . import checks
+from .. import checks
 from .cells import PerDevice, TimeCells, check_schedule
 from .samplers import TableSampler, TimestepSampler, make_sampler
 from .warmup import WeightWarmup

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..schedules import EDM, NoiseSchedule
-from . import checks
+from .. import checks
 from .cells import PerDevice, TimeCells, build_from_registry
 from .speed_areas import DEFAULT_THRESHOLD, speed_areas
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schedules import NoiseSchedule
-from . import checks
+from .. import checks
 from .cells import TimeCells
 
 DEFAULT_THRESHOLD = 1e-4

@@ -39,7 +39,7 @@ from .. import schedules as S
 from ..artefacts import load_torch, save_json, save_torch
 from ..models.defaults import default_schedule
 from ..models.trainer import ema_update
-from . import checks
+from .. import checks
 from .loss import DiffusionLoss, _first_difference
 from .samplers import SAMPLERS
 from .warmup import WeightWarmup

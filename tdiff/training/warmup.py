@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import checks
+from .. import checks
 
 
 class WeightWarmup:

@@ -33,7 +33,7 @@ import torch
 
 from ..preconditioning import Preconditioning
 from ..schedules import NoiseSchedule
-from . import checks
+from .. import checks
 from .cells import PerDevice, TimeCells, build_from_registry
 from .speed_areas import DEFAULT_THRESHOLD, speed_areas
 
@@ -202,6 +202,47 @@ class EDMWeight(PreconditioningWeight):
 
     def config(self):
         return {"name": self.name, "sigma_data": self.sigma_data}
+
+
+class ProductWeight(Weighting):
+    """The product of weightings, e.g. SpeeD's change-aware weights on top of FDM's lambda(sigma) (SpeeD + FDM,
+    SpeeD's supplement A.4). At most one factor may weigh the x0 error; the product is then an x0-space weight
+    (the other factors multiply the target error as they would alone), and a warm-up clamps the whole product."""
+
+    name = "product"
+
+    def __init__(self, *factors: Weighting):
+        if len(factors) < 2 or not all(isinstance(f, Weighting) for f in factors):
+            raise TypeError("ProductWeight takes two or more Weighting objects")
+        schedule = factors[0].schedule
+        if any(f.schedule is not schedule for f in factors):
+            raise ValueError("the factors of a ProductWeight must be built on the same schedule object")
+        if sum(f.space == "x0" for f in factors) > 1:
+            raise ValueError("at most one factor of a ProductWeight may be an x0-space weight")
+        super().__init__(schedule, factors[0].cells.n)
+        self.factors = tuple(factors)
+        self.space = "x0" if any(f.space == "x0" for f in factors) else "target"
+
+    def formula(self, t):
+        out = self.factors[0].formula(t)
+        for f in self.factors[1:]:
+            out = out * f.formula(t)
+        return out
+
+    def __call__(self, t):
+        out = self.factors[0](t)
+        for f in self.factors[1:]:
+            out = out * f(t)
+        return out
+
+    def table_on(self, device):
+        for f in self.factors:
+            if f.cells.discrete or f.tabulated:
+                f.table_on(device)
+        return super().table_on(device)
+
+    def config(self):
+        return {"name": self.name, "factors": [f.config() for f in self.factors]}
 
 
 WEIGHTINGS = {

@@ -1,5 +1,5 @@
-"""Argument checks for the training API: a wrong type is a TypeError, a wrong value a ValueError, and both name the
-argument and say what was expected (no NaN, no inf, nothing silently clamped)."""
+"""Argument checks shared by the public API (training, metrics, data): a wrong type is a TypeError, a wrong value
+a ValueError, and both name the argument and say what was expected (no NaN, no inf, nothing silently clamped)."""
 from __future__ import annotations
 
 import math
