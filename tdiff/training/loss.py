@@ -219,7 +219,11 @@ class DiffusionLoss:
         psd = self.precond.input_sigma_data() if self.precond is not None else None
         xt, net_in = noisy_sample(x0, noise, t, self.schedule, precond_sigma_data=psd, write_input=psd is not None,
                                   check=self.check)
-        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        if self.schedule.family == "vp":  # log alpha once (a table interpolation for DiscreteVP), sigma from it
+            la = self.schedule.log_alpha(t)
+            a, s = la.exp(), S._vp_log_sigma(la).exp()
+        else:
+            a, s = self.schedule.alpha(t), self.schedule.sigma(t)
         return (net_in if psd is not None else xt), a, s, a
 
     def _target_coefficients(self, t, a, s, d):
