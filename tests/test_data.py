@@ -124,3 +124,90 @@ def test_reference_ode_rejects_bad_times():
         reference_ode_solution(gm.denoiser(VPLinear()), VPLinear(), torch.zeros(1, 2), 2.0, 0.1)
     with pytest.raises(ValueError, match="lambda"):
         reference_ode_solution(gm.denoiser(RectifiedFlow()), RectifiedFlow(), torch.zeros(1, 2), 1.0, 0.1)
+
+
+def test_digits_read_from_the_bundled_csv_equal_sklearns_loader():
+    from sklearn.datasets import load_digits
+
+    from tdiff.data import digits
+
+    assert digits._bundled_csv() is not None  # read directly, without importing scikit-learn
+    images, labels = digits._raw()
+    d = load_digits()
+    assert torch.equal(images, torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0)
+    assert torch.equal(labels, torch.as_tensor(d.target))
+
+
+def _full_cov_mixture():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    cov = a @ a.transpose(1, 2) * 0.2 + 0.01 * torch.eye(4, dtype=torch.float64)
+    return GaussianMixture(torch.randn(3, 4, generator=g, dtype=torch.float64), covariances=cov,
+                           weights=torch.tensor([1.0, 2.0, 3.0])), cov
+
+
+def test_full_covariance_mixture_samples_scores_and_denoises_exactly():
+    gm, cov = _full_cov_mixture()
+    x = gm.sample(200_000, generator=torch.Generator().manual_seed(1), return_labels=True)
+    sel = x[0][x[1] == 2]
+    torch.testing.assert_close(torch.cov(sel.T), cov[2], atol=0.03, rtol=0.03)
+    for sch in SCHEDULES:
+        t = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64) * (10 if isinstance(sch, EDM) else 1)
+        xt = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(gm.log_prob(xt, t, sch).sum(), xt)
+        torch.testing.assert_close(gm.score(xt, t, sch), grad)
+        a, s = sch.alpha(t).view(-1, 1), sch.sigma(t).view(-1, 1)
+        torch.testing.assert_close(gm.score(xt, t, sch), (a * gm.posterior_mean(xt, t, sch) - xt) / s**2)
+    # a diagonal covariance given in full form is the diagonal mixture
+    v = torch.rand(3, 4, dtype=torch.float64) + 0.1
+    diag = GaussianMixture(gm.means, v, gm.weights)
+    full = GaussianMixture(gm.means, covariances=torch.diag_embed(v), weights=gm.weights)
+    xt = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(full.posterior_mean(xt, 0.4, VPLinear()), diag.posterior_mean(xt, 0.4, VPLinear()))
+
+
+def test_full_covariance_denoiser_matches_monte_carlo():
+    gm, _ = _full_cov_mixture()
+    sch = VPLinear()
+    g = torch.Generator().manual_seed(2)
+    x0 = gm.sample(400_000, generator=g)
+    t = torch.tensor(0.5, dtype=torch.float64)
+    a, s = sch.alpha(t), sch.sigma(t)
+    xt = a * gm.sample(4, generator=g) + s * torch.randn(4, 4, generator=g, dtype=torch.float64)
+    w = torch.softmax(-((xt[:, None, :] - a * x0[None]) ** 2).sum(-1) / (2 * s * s), dim=1)
+    torch.testing.assert_close(gm.posterior_mean(xt, t, sch), w @ x0, atol=0.03, rtol=0)
+
+
+def test_image_mixture_is_structured_and_reproducible():
+    from tdiff.data import image_mixture
+
+    gm = image_mixture()
+    assert (gm.k, gm.dim) == (10, 64) and gm.basis.shape == (10, 64, 64)
+    x = gm.sample(20_000, generator=torch.Generator().manual_seed(0))
+    assert abs(x.std().item() - 0.5) < 0.05
+    # each class is a rank-6 subspace over an isotropic floor of 0.02^2
+    top = gm.variances.sort(dim=1, descending=True).values
+    torch.testing.assert_close(top[:, 6:], torch.full_like(top[:, 6:], 0.02**2))
+    stds = 0.25 / (1.0 + 0.5 * torch.arange(6, dtype=torch.float64))
+    torch.testing.assert_close(top[:, :6], (stds**2 + 0.02**2).expand(10, 6))
+    assert torch.equal(image_mixture().means, gm.means) and not torch.equal(image_mixture(seed=1).means, gm.means)
+    with pytest.raises(ValueError, match="rank"):
+        image_mixture(side=2, rank=5)
+    with pytest.raises(ValueError, match="floor"):
+        image_mixture(floor=float("nan"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(means=torch.zeros(2, 3)), "exactly one"),
+    (dict(means=torch.zeros(2, 3), variances=torch.ones(2), covariances=torch.eye(3).expand(2, 3, 3)), "exactly one"),
+    (dict(means=torch.zeros(2, 3), covariances=torch.ones(2, 3, 3) + torch.arange(3.0)), "symmetric"),
+    (dict(means=torch.zeros(2, 3), covariances=-torch.eye(3).expand(2, 3, 3)), "positive semi-definite"),
+    (dict(means=torch.zeros(2, 3), covariances=torch.eye(3)), "covariances must have shape"),
+    (dict(means=torch.full((2, 3), float("nan")), variances=torch.ones(2)), "finite"),
+    (dict(means=torch.zeros(2, 3), variances=torch.tensor([1.0, float("inf")])), "finite"),
+    (dict(means=torch.zeros(2, 3), variances=torch.ones(2), weights=torch.tensor([1.0, float("nan")])), "weights"),
+    (dict(means=torch.zeros(0, 3), variances=torch.ones(0)), "means"),
+])
+def test_mixture_refuses_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GaussianMixture(**kwargs)

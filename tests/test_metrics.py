@@ -93,3 +93,22 @@ def test_corrupt_classifier_cache_retrains_with_warning(quick_classifier):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         frechet.digits_classifier()  # the retrained file is good
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x: sliced_wasserstein(x, x, n_projections=0), ValueError, "n_projections"),
+    (lambda x: sliced_wasserstein(x, x, n_projections=2.5), ValueError, "n_projections"),
+    (lambda x: sliced_wasserstein(x, x, p=0), ValueError, "p "),
+    (lambda x: sliced_wasserstein(x, x, seed=-1), ValueError, "seed"),
+    (lambda x: sliced_wasserstein(x.long(), x), TypeError, "floating-point"),
+    (lambda x: mmd(x, x, bandwidths=[1.0, float("nan")]), ValueError, "bandwidths\\[1\\]"),
+    (lambda x: mmd(x, x, bandwidths=[]), TypeError, "bandwidths"),
+    (lambda x: mmd(x, x, bandwidths=2.0), TypeError, "bandwidths"),
+    (lambda x: psnr(x, x, data_range=float("inf")), ValueError, "data_range"),
+    (lambda x: psnr(x, x, data_range=0.0), ValueError, "data_range"),
+    (lambda x: rmse(x.long(), x.long()), TypeError, "floating-point"),
+])
+def test_metric_arguments_are_validated(call, error, match):
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(error, match=match):
+        call(x)

@@ -65,3 +65,16 @@ def test_stratified_indivisible_batch_raises():
         RankStreams(0, rank=0, world_size=3, stratified=True).local_batch(8)
     with pytest.raises(ValueError, match="rank"):
         RankStreams(0, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(seed=-1), ValueError, "seed"), (dict(seed=1.5), ValueError, "seed"), (dict(seed="0"), TypeError, "seed"),
+    (dict(seed=0, rank=0, world_size=0), ValueError, "world_size"),
+    (dict(seed=0, rank=-1, world_size=2), ValueError, "rank"),
+    (dict(seed=0, rank=0, world_size=2, stratified="yes"), TypeError, "stratified"),
+])
+def test_rank_streams_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RankStreams(**kwargs)
+    with pytest.raises(ValueError, match="global_batch"):
+        RankStreams(0, rank=0, world_size=1).local_batch(0)

@@ -52,7 +52,11 @@ def test_standard_targets(target, sched):
     xt = a * x0 + s * eps
     torch.testing.assert_close(net.x, xt)
     assert torch.equal(net.y, torch.arange(5))
-    want = {"eps": eps, "x0": x0, "v": a * eps - s * x0, "flow": eps - x0}[target]
+    # flow: the velocity d x_t/dt = alpha' x0 + sigma' eps (eps - x0 on rectified flow)
+    da, ds = sched.d_alpha(t).view(-1, 1, 1, 1), sched.d_sigma(t).view(-1, 1, 1, 1)
+    want = {"eps": eps, "x0": x0, "v": a * eps - s * x0, "flow": da * x0 + ds * eps}[target]
+    if isinstance(sched, S.RectifiedFlow):
+        torch.testing.assert_close(want if target == "flow" else eps - x0, eps - x0)
     per = _per_sample_mse(0.7 * xt + 1e-3 * net.t.double().view(-1, 1, 1, 1), want)
     torch.testing.assert_close(loss_fn.last_per_sample, per)
     torch.testing.assert_close(loss, per.mean())
@@ -184,20 +188,158 @@ class _NaN(Weighting):
         return torch.full_like(t, float("nan"))
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: DiffusionLoss(DDPM, process="nope"), "process"),
-    (lambda: DiffusionLoss(DDPM, target="score"), "target"),
-    (lambda: DiffusionLoss(DDPM, mode="biased"), "mode"),
-    (lambda: DiffusionLoss(DDPM, process="fdm", target="eps"), "target"),
-    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_multiplier=0.0), "fdm_multiplier"),
-    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_on="output"), "fdm_on"),
-    (lambda: DiffusionLoss(DDPM, sampler="speed", sampler_kwargs=dict(k=0)), "k"),
-    (lambda: DiffusionLoss(DDPM, weighting="speed", weighting_kwargs=dict(lam=1.5)), "lam"),
-    (lambda: DiffusionLoss("ddpm"), "schedule"),
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: DiffusionLoss(DDPM, process="nope"), ValueError, "process"),
+    (lambda: DiffusionLoss(DDPM, process=None), TypeError, "process"),
+    (lambda: DiffusionLoss(DDPM, target="score"), ValueError, "target"),
+    (lambda: DiffusionLoss(DDPM, mode="biased"), ValueError, "mode"),
+    (lambda: DiffusionLoss(DDPM, process="fdm", target="eps"), ValueError, "target"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_multiplier=0.0), ValueError, "fdm_multiplier"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_multiplier=INF), ValueError, "fdm_multiplier .*finite"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_multiplier=NAN), ValueError, "fdm_multiplier"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_multiplier="2"), TypeError, "fdm_multiplier"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_on="output"), ValueError, "fdm_on"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_beta_min=-1.0), ValueError, "fdm_beta_min"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_beta_d=INF), ValueError, "fdm_beta_d"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_sigma_range=(80.0, 0.002)), ValueError, "fdm_sigma_range"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_sigma_range=(0.0, 80.0)), ValueError, "fdm_sigma_range"),
+    (lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_sigma_range=0.5), TypeError, "fdm_sigma_range"),
+    (lambda: DiffusionLoss(S.EDM(), fdm_multiplier=3.0), ValueError, "fdm_multiplier only applies"),
+    (lambda: DiffusionLoss(S.EDM(), fdm_on="mean"), ValueError, "fdm_on only applies"),
+    (lambda: DiffusionLoss(S.EDM(), fdm_sigma_range=(1.0, 2.0)), ValueError, "fdm_sigma_range only applies"),
+    (lambda: DiffusionLoss(DDPM, precond="vp"), ValueError, "precond is only used"),
+    (lambda: DiffusionLoss(DDPM, target="edm", precond="karras"), ValueError, "precond"),
+    (lambda: DiffusionLoss(DDPM, sigma_data=0.5), ValueError, "sigma_data is only used"),
+    (lambda: DiffusionLoss(S.EDM(sigma_data=1.0), target="edm", sigma_data=0.5), ValueError, "contradicts"),
+    (lambda: DiffusionLoss(S.EDM(), target="edm", sigma_data=NAN), ValueError, "sigma_data"),
+    (lambda: DiffusionLoss(DDPM, sampler="speed", sampler_kwargs=dict(k=0)), ValueError, "k"),
+    (lambda: DiffusionLoss(DDPM, sampler="speed", sampler_kwargs=dict(k=INF)), ValueError, "k"),
+    (lambda: DiffusionLoss(DDPM, sampler=["speed"]), TypeError, "sampler must be a name"),
+    (lambda: DiffusionLoss(DDPM, weighting={"speed"}), TypeError, "weighting must be a name"),
+    (lambda: DiffusionLoss(DDPM, sampler="speed", sampler_kwargs=dict(kk=2)), TypeError, "kk"),
+    (lambda: DiffusionLoss(DDPM, sampler_kwargs=[("k", 2)]), TypeError, "sampler_kwargs"),
+    (lambda: DiffusionLoss(DDPM, weighting="speed", weighting_kwargs=dict(lam=1.5)), ValueError, "lam"),
+    (lambda: DiffusionLoss(DDPM, warmup=0), ValueError, "warmup_steps"),
+    (lambda: DiffusionLoss(DDPM, warmup=NAN), ValueError, "warmup_steps"),
+    (lambda: DiffusionLoss(DDPM, check="yes"), TypeError, "check"),
+    (lambda: DiffusionLoss(S.VPLinear(), grid_size=1), ValueError, "cells"),
+    (lambda: DiffusionLoss(DDPM, network_time=3), TypeError, "network_time"),
+    (lambda: DiffusionLoss("ddpm"), TypeError, "schedule"),
 ])
-def test_bad_loss_config(make, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_loss_config(make, error, match):
+    with pytest.raises(error, match=match):
         make()
+
+
+def test_bad_call_input():
+    loss_fn = DiffusionLoss(DDPM)
+    x0, eps = _data()
+    net = Recorder().double()
+    with pytest.raises(ValueError, match="t must be a tensor of shape"):
+        loss_fn(net, x0, t=torch.rand(3))
+    with pytest.raises(ValueError, match="t must be a tensor of shape"):
+        loss_fn(net, x0, t=0.5)
+    with pytest.raises(ValueError, match="outside the domain"):
+        loss_fn(net, x0, t=torch.full((5,), 1.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        loss_fn(net, x0, t=torch.full((5,), NAN, dtype=torch.float64))
+    with pytest.raises(ValueError, match="noise must be a tensor with x0's shape"):
+        loss_fn(net, x0, noise=eps[:2])
+    with pytest.raises(ValueError, match="noise must be a tensor with x0's shape .* and dtype"):
+        loss_fn(net, x0, noise=eps.float())
+    with pytest.raises(TypeError, match="x0 must be a floating-point tensor"):
+        loss_fn(net, torch.zeros(5, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="x0 must be a"):
+        loss_fn(net, x0[0, 0, 0])
+    with pytest.raises(ValueError, match="x0 must be a"):
+        loss_fn(net, x0.numpy())
+    with pytest.raises(TypeError, match="model must be callable"):
+        loss_fn("unet", x0)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        loss_fn(lambda x, t: {"out": x}, x0)
+    with pytest.raises(ValueError, match="the model returned shape"):
+        loss_fn(lambda x, t: x[:, :, :2], x0)
+    with pytest.raises(TypeError, match="generator"):
+        loss_fn(net, x0, generator=5)
+
+
+@pytest.mark.parametrize("state, error, match", [
+    ({"warmup": {}}, ValueError, "missing \\['config'\\]"),
+    ({"config": {}}, ValueError, "missing \\['warmup'\\]"),
+    ("warmup", TypeError, "dict"),
+    ({"warmup": {}, "config": None}, TypeError, "config"),
+])
+def test_load_state_dict_bad_input(state, error, match):
+    loss_fn = DiffusionLoss(S.EDM(), process="fdm", warmup=4)
+    with pytest.raises(error, match=match):
+        loss_fn.load_state_dict(state)
+
+
+def test_load_state_dict_refuses_another_config_naming_the_field():
+    a = DiffusionLoss(S.EDM(), process="fdm", warmup=4, fdm_multiplier=2.0)
+    b = DiffusionLoss(S.EDM(), process="fdm", warmup=4, fdm_multiplier=1.0)
+    with pytest.raises(ValueError, match="fdm.m=2.0, this loss has fdm.m=1.0"):
+        b.load_state_dict(a.state_dict())
+    c = DiffusionLoss(S.EDM(), process="fdm", warmup=8)
+    with pytest.raises(ValueError, match="warmup.warmup_steps=4, this loss has warmup.warmup_steps=8"):
+        c.load_state_dict(a.state_dict())
+    d = DiffusionLoss(DDPM, sampler="speed", sampler_kwargs=dict(k=3))
+    with pytest.raises(ValueError, match="sampler.k=2.0, this loss has sampler.k=3.0"):
+        d.load_state_dict(DiffusionLoss(DDPM, sampler="speed").state_dict())
+    e = DiffusionLoss(S.EDM(), process="fdm")
+    with pytest.raises(ValueError, match="warmup"):
+        e.load_state_dict(a.state_dict())
+    # the same configuration loads, through a JSON round trip too (tuples become lists)
+    import json
+
+    state = json.loads(json.dumps(a.state_dict()))
+    a2 = DiffusionLoss(S.EDM(), process="fdm", warmup=4, fdm_multiplier=2.0)
+    a.step()
+    a2.load_state_dict(a.state_dict())
+    assert a2.warmup.steps == 1
+    a2.load_state_dict(state)
+    assert a2.warmup.steps == 0
+
+
+def test_edm_sigma_data_comes_from_the_schedule():
+    sched = S.EDM(sigma_data=1.0)
+    for kw in (dict(target="edm"), dict(process="fdm")):
+        loss_fn = DiffusionLoss(sched, **kw)
+        assert loss_fn.precond.sigma_data == 1.0
+        x0, eps = _data()
+        net = Recorder().double()
+        t = torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0], dtype=torch.float64)
+        loss_fn(net, x0, t=t, noise=eps)
+        if kw.get("target") == "edm":  # c_in = 1/sqrt(sigma^2 + 1)
+            torch.testing.assert_close(net.x, (x0 + t.view(-1, 1, 1, 1) * eps) / torch.sqrt(t**2 + 1).view(-1, 1, 1, 1))
+        D = _edm_denoised(x0 + t.view(-1, 1, 1, 1) * eps, t.view(-1, 1, 1, 1), _recorded_output(net), sd=1.0)
+        lam = (t**2 + 1.0) / t**2
+        want = lam * _per_sample_mse(D, x0)
+        if loss_fn.warmup is None:
+            torch.testing.assert_close(loss_fn.last_per_sample, want)
+    assert DiffusionLoss(sched, target="edm", weighting="edm").weighting.sigma_data == 1.0
+    # the sampling side uses the same sigma_data
+    from tdiff.denoisers import Denoiser
+
+    assert Denoiser(lambda x, t, y=None: x, sched, precond="edm").sigma_data == 1.0
+
+
+@pytest.mark.parametrize("sched, kw, name", [
+    (S.EDM(), dict(process="fdm"), "lognormal"), (S.EDM(), dict(target="edm"), "lognormal"),
+    (S.VPLinear(), dict(process="fdm"), "uniform"), (S.VE(), dict(process="fdm"), "loguniform"),
+    (DDPM, dict(), "uniform"), (S.EDM(), dict(process="fdm", precond="edm", sampler="uniform"), "uniform"),
+])
+def test_default_sampler_is_the_preconditionings_own(sched, kw, name):
+    assert DiffusionLoss(sched, **kw).sampler.name == name
+
+
+def test_fdm_on_edm_samples_edms_lognormal():
+    loss_fn = DiffusionLoss(S.EDM(), process="fdm")
+    sig = loss_fn.sample_t(50_000, "cpu", torch.Generator().manual_seed(0))
+    assert abs(sig.log().mean().item() + 1.2) < 0.03 and abs(sig.log().std().item() - 1.2) < 0.03
 
 
 @pytest.mark.parametrize("weighting", [_Negative, _NaN])
@@ -209,19 +351,8 @@ def test_negative_or_nan_weights_raise(weighting):
         loss_fn(Recorder().double(), x0)
 
 
-def test_bad_call_input():
-    loss_fn = DiffusionLoss(DDPM)
-    x0, eps = _data()
-    with pytest.raises(ValueError, match="t must have shape"):
-        loss_fn(Recorder().double(), x0, t=torch.rand(3))
-    with pytest.raises(ValueError, match="outside the domain"):
-        loss_fn(Recorder().double(), x0, t=torch.full((5,), 1.5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="noise must have the shape"):
-        loss_fn(Recorder().double(), x0, noise=eps[:2])
-
-
 def test_per_device_tables_are_made_once_and_kept():
-    from tdiff.training.per_device import PerDevice
+    from tdiff.training import PerDevice
 
     calls = []
 
@@ -230,6 +361,7 @@ def test_per_device_tables_are_made_once_and_kept():
         return torch.arange(3.0), torch.ones(2)
 
     tables = PerDevice(make)
+    assert len(calls) == 1  # made at construction: a compiled step only looks tables up
     first = tables.on("cpu")
     assert tables.on(torch.device("cpu")) is first and len(calls) == 1
     assert torch.equal(first[0], torch.arange(3.0)) and torch.equal(first[1], torch.ones(2))

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from ..checks import positive
+
 DATA_RANGE = 2.0  # images live in [-1, 1]
 
 
@@ -15,6 +17,8 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor):
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.ndim < 1 or a.shape[0] == 0:
         raise ValueError("a and b must have a non-empty batch dimension")
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise TypeError(f"a and b must be floating-point tensors, got {a.dtype} and {b.dtype}")
 
 
 def per_sample_error(a: torch.Tensor, b: torch.Tensor, kind: str = "rmse") -> torch.Tensor:
@@ -39,8 +43,7 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = DATA_RANGE, reduction: str = "mean") -> torch.Tensor:
     """Peak signal-to-noise ratio in dB for images in [-1, 1] (data_range 2). reduction: 'mean' over per-sample
     PSNRs, or 'none' for the (B,) values. Identical images give +inf."""
-    if data_range <= 0:
-        raise ValueError(f"data_range must be positive, got {data_range}")
+    data_range = positive("data_range", data_range)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     mse = per_sample_error(a, b, "mse")

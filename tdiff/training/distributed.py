@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .sampler_base import TimestepSampler
+from .. import checks
+from .samplers import TimestepSampler
 
 _MASK = (1 << 63) - 1
 
@@ -38,12 +39,12 @@ class RankStreams:
     def __init__(self, seed: int, rank: Optional[int] = None, world_size: Optional[int] = None,
                  stratified: bool = False):
         r, w = _dist_rank_world()
-        self.seed = int(seed)
-        self.rank = r if rank is None else int(rank)
-        self.world_size = w if world_size is None else int(world_size)
-        if self.world_size < 1 or not (0 <= self.rank < self.world_size):
+        self.seed = checks.integer("seed", seed, low=0)
+        self.world_size = w if world_size is None else checks.integer("world_size", world_size, low=1)
+        self.rank = r if rank is None else checks.integer("rank", rank, low=0)
+        if not self.rank < self.world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
-        self.stratified = bool(stratified)
+        self.stratified = checks.flag("stratified", stratified)
 
     def generator(self, step: int, device="cpu", rank: Optional[int] = None, stream: int = 0) -> torch.Generator:
         """The generator of one rank at one step; stream 0 is for times, 1 for noise."""
@@ -52,8 +53,7 @@ class RankStreams:
         return g
 
     def local_batch(self, global_batch: int) -> int:
-        if int(global_batch) < 1:
-            raise ValueError(f"global_batch must be a positive integer, got {global_batch}")
+        global_batch = checks.integer("global_batch", global_batch, low=1)
         if global_batch % self.world_size:
             raise ValueError(f"global_batch={global_batch} is not divisible by world_size={self.world_size}; "
                              "stratified sampling needs an equal share per rank")

@@ -2,8 +2,9 @@
 
 k counts optimiser steps (call `step()` once per optimiser step, on every rank, so every rank clamps alike). The
 cap grows geometrically from lambda_max to lambda_end over `warmup_steps` steps, tau = (lambda_end/lambda_max)^(1/W)
-(the paper: 5 -> 500 after 10k images), and is removed once it reaches lambda_end. The counter is in
-`state_dict()`, so a resumed run clamps exactly as an uninterrupted one (FDM's reference loses it on resume).
+(the paper: 5 -> 500; FDM's CIFAR-10 code: W = 200 iterations), and is removed once it reaches lambda_end. The
+counter is in `state_dict()`, so a resumed run clamps exactly as an uninterrupted one (FDM's reference loses it on
+resume).
 """
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import math
 
 import torch
 
+from .. import checks
+
 
 class WeightWarmup:
     def __init__(self, warmup_steps: int, lambda_max: float = 5.0, lambda_end: float = 500.0):
-        if int(warmup_steps) != warmup_steps or int(warmup_steps) < 1:
-            raise ValueError(f"warmup_steps must be a positive integer, got {warmup_steps}")
-        if not (0 < lambda_max < lambda_end):
-            raise ValueError(f"need 0 < lambda_max < lambda_end, got {lambda_max}, {lambda_end}")
-        self.warmup_steps, self.lambda_max, self.lambda_end = int(warmup_steps), float(lambda_max), float(lambda_end)
+        self.warmup_steps = checks.integer("warmup_steps", warmup_steps, low=1)
+        self.lambda_max = checks.positive("lambda_max", lambda_max)
+        self.lambda_end = checks.real("lambda_end", lambda_end, low=self.lambda_max, low_open=True)
         self.tau = math.exp(math.log(self.lambda_end / self.lambda_max) / self.warmup_steps)
         self.steps = 0
 
@@ -35,15 +36,20 @@ class WeightWarmup:
     def step(self) -> None:
         self.steps += 1
 
+    def config(self) -> dict:
+        return {"warmup_steps": self.warmup_steps, "lambda_max": self.lambda_max, "lambda_end": self.lambda_end}
+
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "warmup_steps": self.warmup_steps, "lambda_max": self.lambda_max,
-                "lambda_end": self.lambda_end}
+        return {"steps": self.steps, **self.config()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("warmup_steps", "lambda_max", "lambda_end"):
-            if key in state and float(state[key]) != float(getattr(self, key)):
-                raise ValueError(f"state_dict {key}={state[key]} does not match this warm-up's {getattr(self, key)}")
-        steps = int(state["steps"])
-        if steps < 0:
-            raise ValueError(f"state_dict steps must be >= 0, got {steps}")
-        self.steps = steps
+        if not isinstance(state, dict):
+            raise TypeError(f"warm-up state must be a dict from WeightWarmup.state_dict(), got {type(state).__name__}")
+        missing = [k for k in ("steps", *self.config()) if k not in state]
+        if missing:
+            raise ValueError(f"warm-up state is missing {missing}; expected a dict from WeightWarmup.state_dict()")
+        for key, mine in self.config().items():
+            theirs = checks.real(f"warm-up state {key}", state[key])
+            if theirs != float(mine):
+                raise ValueError(f"warm-up state {key}={theirs} does not match this warm-up's {mine}")
+        self.steps = checks.integer("warm-up state steps", state["steps"], low=0)
