@@ -194,25 +194,41 @@ def _section_caching(r: Report, dit) -> None:
     y = torch.arange(n) % 10
     run = lambda xs, ys: (lambda _m: sample(lambda x, t: den(x, t, y=ys), xs, ts, solver="ddim",  # noqa: E731
                                                schedule=schedule))
-    # units chosen by learned score rank under a MAC budget (see tdiff.cache.train_mask)
-    mask, sec_train = _timed(lambda: train_mask(model, run(x_T[:16], y[:16]), iterations=5 if r.quick else 20,
-                                                threshold=0.0, target_mac_fraction=0.6, solver="ddim",
-                                                progress=True))
-    mask = mask.matrix  # rectified by train_mask, the budget holding after rectification
-    with torch.no_grad():
-        ref, t_ref = _timed(lambda: run(x_T, y)(model))
+    # the seed's procedure (train_mask's defaults: bimodal schedule, threshold 0.5, exact rectification, no MAC
+    # budget) with the learning rate and lambda1 that bench/caching chose on its selection noise; 8 trajectories and
+    # 15 iterations keep the demo short (30 iterations learn the same mask here)
+    mask, sec_train = _timed(lambda: train_mask(model, run(x_T[:8], y[:8]), iterations=5 if r.quick else 15,
+                                                lr=0.07, lambda1=5e-3, solver="ddim", progress=True))
+    mask = mask.matrix  # thresholded at 0.5 and rectified by train_mask
+    times = {"uncached": [], "cached": []}
+
+    def timed_run(cached: bool):
+        if not cached:
+            return _timed(lambda: run(x_T, y)(model))
         fast = cached_dit(model, mask)
         try:
             with fast.sampling_run():
-                out, t_fast = _timed(lambda: run(x_T, y)(model))
+                return _timed(lambda: run(x_T, y)(model))
         finally:
             fast.remove()
+
+    with torch.no_grad():
+        for _ in range(2):  # alternated, best of two each: the first call of either pays for warm-up
+            ref, t = timed_run(False)
+            times["uncached"].append(t)
+            out, t = timed_run(True)
+            times["cached"].append(t)
+    t_ref, t_fast = min(times["uncached"]), min(times["cached"])
     example = (x_T[:1], torch.zeros(1), y[:1])
     frac = macs(model, mask, example)["fraction"]
+    speedup = t_ref / t_fast
+    note = f"{speedup:.2f}x faster than uncached; ceiling 1/MACs = {1 / frac:.2f}x"
+    if speedup > 1 / frac:
+        note += " (above the ceiling: timing noise from a busy machine)"
     r.add(f"DiT, DDIM {steps} steps, {n} samples", "uncached", t_ref, f"FD {frechet_distance(ref.clamp(-1, 1)):.1f}")
     r.add(f"DiT, DDIM {steps} steps, {n} samples", f"learned cache (mask learned here in {sec_train:.0f} s)", t_fast,
           f"FD {frechet_distance(out.clamp(-1, 1)):.1f}; PSNR {float(psnr(out.clamp(-1, 1), ref.clamp(-1, 1))):.1f} dB "
-          f"vs uncached; {frac:.0%} of the uncached MACs", time_note=f"{t_ref / t_fast:.2f}x faster than uncached")
+          f"vs uncached; {frac:.0%} of the uncached MACs", time_note=note)
 
 
 def compare_lower_is_better(value: float, other: float) -> str:
