@@ -33,6 +33,7 @@ from scipy.optimize import LinearConstraint, OptimizeResult, minimize
 from ..integrations.diffusers.pipelines import from_pipeline, is_pipeline
 from ..schedules import NoiseSchedule
 from .dmn_objective import OBJECTIVES, STARTS, SurrogateObjective, paper_orders
+from .heuristics import check_nfe
 
 # a multi-threaded BLAS under SLSQP's tiny subproblems costs 40x on a loaded machine (2.7 vs 0.07 ms a call)
 from threadpoolctl import threadpool_limits
@@ -47,7 +48,10 @@ def sampling_options(nfe: int, order: int, objective: str = "lagrange") -> dict:
     objective assumes the reference's orders (1 at the first and last steps, 2 next to them, `order` elsewhere),
     the solver-row objective the builders' own (diffusers') rule; `sample()`'s default stable rule is neither.
     `tdiff.sample(den, x, dm_nonuniform(s, n, "dpmpp", 3), "dpmpp", 3, **sampling_options(n, 3))`."""
+    check_nfe(nfe)
     if objective == "lagrange":
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
         return {"orders": paper_orders(nfe, order)}
     if objective == "solver":
         return {"order_rule": "diffusers"}

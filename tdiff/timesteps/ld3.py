@@ -162,7 +162,7 @@ def _check_args(nfe, teacher_nfe, r_gamma, r, epochs, phase1_epochs, n_train, n_
                     ("patience", patience), ("min_lr_hits", min_lr_hits)):
         check_nfe(v, name)
     for name, v in (("lr_decay", lr_decay), ("lr_x_decay", lr_x_decay)):
-        if not 0 < v <= 1:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {v!r}")
     if x_grad not in X_GRADS:
         raise ValueError(f"x_grad must be one of {X_GRADS}, got {x_grad!r}")
@@ -210,6 +210,13 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
             raise ValueError(f"{name} must be one of {SOLVERS}, got {s!r}")
     if shape is None:
         raise ValueError("shape (the shape of one sample, e.g. (1, 16, 16)) is required")
+    if not isinstance(shape, (tuple, list, torch.Size)) or not shape or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"shape must be a non-empty sequence of positive integers (one sample), got {shape!r}")
+    for name, v in (("lr_xi", lr_xi), ("lr_xi_c", lr_xi_c), ("lr_x", lr_x), ("min_lr_xi", min_lr_xi),
+                    ("min_lr_xi_c", min_lr_xi_c)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     order = DEFAULT_ORDER[solver] if order is None else order
     if teacher_order is None:
         teacher_order = TEACHER_ORDER.get(teacher_solver, DEFAULT_ORDER[teacher_solver])

@@ -1,0 +1,590 @@
+"""Bad input across the public API (issue 17 item 7): every case asserts the good behaviour, a clear error that
+names the argument (or file) and what was expected, or, for legitimate-but-odd input, the correct result.
+
+Cases are tiny (a few-element tensors, 2-4 step grids, a 1-block DiT) and table-driven: each table row is one
+collected test. Ops run on the reference and the C++ backends (TDIFF_BACKEND), and the registered C++ kernels are
+called directly too (they are public API and validate their own inputs).
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import tdiff
+from tdiff import schedules as S
+from tdiff.ops import cached_block, multistep_update, noisy_sample, weighted_mse
+from tdiff.timesteps import LearnedSchedule, edm_rho, interpolate_schedule, logsnr_uniform, quadratic_t, uniform_t
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
+
+VP = S.VPLinear()
+TS = torch.tensor([1.0, 0.5, 0.1])  # a valid 2-step VP grid
+
+
+def x0_den(x, t):
+    """An x0-predicting callable (sample() takes any D(x, t) with schedule=)."""
+    return 0.5 * x
+
+
+x0_den.schedule = VP
+
+
+def X(b=2):
+    return torch.randn(b, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+
+
+def _p(thunk, exc, match, id):
+    return pytest.param(thunk, exc, match, id=id)
+
+
+def _check(thunk, exc, match):
+    with pytest.raises(exc, match=match):
+        thunk()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample / Sampler
+# ---------------------------------------------------------------------------------------------------------------
+SAMPLE = [
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="dpm++"), ValueError, r"solver must be one of .*'dpm\+\+'",
+       "unknown-solver"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver=None, order=7), ValueError, r"order for solver 'dpmpp' must be",
+       "order-7"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="heun", order=1), ValueError, r"order for solver 'heun' must be 2",
+       "heun-order-1"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="dpmpp", order=2.0), ValueError, r"order for solver 'dpmpp'",
+       "order-float"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="dpmpp", order=True), ValueError, r"order for solver 'dpmpp'",
+       "order-bool"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="unipc", varient="bh1"), ValueError,
+       r"unknown option\(s\) \['varient'\] for solver 'unipc'.*'variant'", "unipc-varient"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="heun", s_chrun=1.0), ValueError,
+       r"unknown option\(s\) \['s_chrun'\] for solver 'heun'.*'s_churn'", "heun-s_chrun"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="euler", eta=0.5), ValueError,
+       r"unknown option\(s\) \['eta'\] for solver 'euler'", "euler-eta"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="ddim", s_churn=1.0), ValueError,
+       r"unknown option\(s\) \['s_churn'\] for solver 'ddim'", "ddim-s_churn"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="ddpm", eta=1.0), ValueError,
+       r"unknown option\(s\) \['eta'\] for solver 'ddpm'", "ddpm-eta"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="dpmpp", variant="bh2"), ValueError,
+       r"unknown option\(s\) \['variant'\] for solver 'dpmpp'", "dpmpp-variant"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, final_sigmas_type="none"), ValueError,
+       r"final_sigmas_type must be one of", "final-sigmas-type"),
+    _p(lambda: tdiff.sample(x0_den, X(), torch.tensor([1.0, float("nan"), 0.1])), ValueError,
+       r"timesteps .*(NaN|finite)", "ts-nan"),
+    _p(lambda: tdiff.sample(x0_den, X(), torch.tensor([float("inf"), 0.5, 0.1])), ValueError,
+       r"timesteps .*(NaN|finite|inf)", "ts-inf"),
+    _p(lambda: tdiff.sample(x0_den, X(), torch.tensor([0.1, 0.5, 1.0])), ValueError,
+       r"timesteps .*decreasing", "ts-increasing"),
+    _p(lambda: tdiff.sample(x0_den, X(), torch.tensor([1.0, 0.5, 0.5, 0.1])), ValueError,
+       r"timesteps must not hold duplicated times", "ts-duplicated"),
+    _p(lambda: tdiff.sample(x0_den, X(), torch.tensor([1.0])), ValueError, r"timesteps .*(at least 2|2 or more)",
+       "ts-one"),
+    _p(lambda: tdiff.sample(x0_den, X(), torch.tensor([])), ValueError, r"timesteps .*(at least 2|2 or more)",
+       "ts-empty"),
+    _p(lambda: tdiff.sample(x0_den, X(), torch.tensor([[1.0, 0.5, 0.1]])), ValueError, r"timesteps .*1-D",
+       "ts-2d"),
+    _p(lambda: tdiff.sample(x0_den, X(), torch.tensor([1.5, 0.5, 0.1])), ValueError,
+       r"timesteps .*outside the domain of VPLinear", "ts-out-of-domain"),
+    _p(lambda: tdiff.sample(x0_den, X(), None), (ValueError, TypeError), r"timesteps must be", "ts-none"),
+    _p(lambda: tdiff.sample(x0_den, X(), "logsnr"), (ValueError, TypeError), r"timesteps must be", "ts-string"),
+    _p(lambda: tdiff.sample(x0_den, torch.zeros(2, 4, dtype=torch.int64), TS), ValueError,
+       r"x_T must be float32, float64, bfloat16 or float16, got torch.int64", "xT-int"),
+    _p(lambda: tdiff.sample(x0_den, torch.zeros(0, 4), TS), ValueError, r"x_T must be a tensor with a non-empty batch",
+       "xT-empty-batch"),
+    _p(lambda: tdiff.sample(x0_den, torch.tensor(1.0), TS), ValueError, r"x_T must be a tensor with a non-empty batch",
+       "xT-0d"),
+    _p(lambda: tdiff.sample(x0_den, [[1.0, 2.0]], TS), ValueError, r"x_T must be a tensor", "xT-list"),
+    _p(lambda: tdiff.sample(lambda x, t: x[:1], X(), TS, schedule=VP), ValueError,
+       r"denoiser returned an output of shape \(1, 1, 2, 2\); expected \(2, 1, 2, 2\)", "den-wrong-shape"),
+    _p(lambda: tdiff.sample(lambda x, t: None, X(), TS, schedule=VP), ValueError,
+       r"denoiser returned an output of shape NoneType", "den-none"),
+    _p(lambda: tdiff.sample(lambda x, t: x, X(), TS), ValueError, r"denoiser must have a \.schedule", "den-no-schedule"),
+    _p(lambda: tdiff.sample("den", X(), TS, schedule=VP), ValueError, r"denoiser must be callable", "den-not-callable"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, guidance=float("nan")), ValueError, r"guidance must be finite",
+       "guidance-nan"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, guidance=float("inf")), ValueError, r"guidance must be finite",
+       "guidance-inf"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, guidance=torch.ones(3)), ValueError,
+       r"guidance must be a number or a \(2,\) tensor, got shape \(3,\)", "guidance-shape"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, guidance=2.0), ValueError,
+       r"with guidance, the denoiser must return a pair \(cond, uncond\)", "guidance-not-pair"),
+    _p(lambda: tdiff.sample(lambda x, t: (x, x[:1]), X(), TS, schedule=VP, guidance=2.0), ValueError,
+       r"denoiser returned a guidance output of shape \(1, 1, 2, 2\)", "guidance-pair-shape"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, check_finite=1), ValueError, r"check_finite must be True or False",
+       "check-finite-int"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, state_dtype=torch.float16), ValueError,
+       r"state_dtype must be None, torch.float32 or torch.float64", "state-dtype-half"),
+    _p(lambda: tdiff.sample(lambda x, t: x * float("nan"), X(), TS, schedule=VP, check_finite=True),
+       FloatingPointError, r"non-finite value .* first at step 0", "check-finite-nan"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, solver="ddpm", generator=[torch.Generator()]), ValueError,
+       r"a list of generators must hold one per sample \(2\), got 1", "generator-list-length"),
+    _p(lambda: tdiff.sample(x0_den, X(), TS, timesteps_cond=torch.tensor([1.0, 0.5, 0.1, 0.0, 0.0])), ValueError,
+       r"timesteps_cond", "timesteps-cond-length"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="unipc", disable_corector=[1]), ValueError,
+       r"unknown option\(s\) \['disable_corector'\] for solver 'unipc'", "Sampler-option"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="ipndm", order=5), ValueError,
+       r"order for solver 'ipndm' must be one of \(1, 2, 3, 4\), got 5", "Sampler-ipndm-order"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="dpmpp").start(torch.zeros(2, 2, dtype=torch.int32)),
+       ValueError, r"x_T must be float32", "Sampler-start-int"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="dpmpp", order_rule="fast"), ValueError,
+       r"order_rule", "order-rule"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="unipc", variant="bh3"), ValueError, r"variant",
+       "unipc-variant-value"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="dpmpp", solver_type="rk4"), ValueError, r"solver_type",
+       "solver-type-value"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="ddim", eta=-0.5), ValueError, r"eta", "ddim-eta-negative"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="ddim", eta=float("nan")), ValueError, r"eta", "ddim-eta-nan"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="heun", s_churn=-1.0), ValueError, r"s_churn",
+       "heun-churn-negative"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="heun", s_noise=float("inf")), ValueError, r"s_noise",
+       "heun-s-noise-inf"),
+    _p(lambda: tdiff.solvers.Sampler(x0_den, TS, solver="dpmpp", orders=[1, 5]), ValueError, r"orders",
+       "orders-bad"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", SAMPLE)
+def test_sample_refuses(thunk, exc, match):
+    _check(thunk, exc, match)
+
+
+def test_sample_list_timesteps_equal_tensor():
+    # legitimate but odd: a Python list of times is the same grid as the tensor
+    x = X()
+    torch.testing.assert_close(tdiff.sample(x0_den, x, [1.0, 0.5, 0.1]), tdiff.sample(x0_den, x, TS.double()))
+
+
+def test_sample_guidance_tensor_equals_float():
+    pair = lambda x, t: (0.5 * x, 0.25 * x)  # noqa: E731
+    pair_den = type("D", (), {"__call__": staticmethod(pair), "schedule": VP})()
+    x = X()
+    a = tdiff.sample(pair_den, x, TS, guidance=3.0)
+    b = tdiff.sample(pair_den, x, TS, guidance=torch.full((2,), 3.0))
+    c = tdiff.sample(lambda x, t: 0.25 * x + 3.0 * (0.5 * x - 0.25 * x), x, TS, schedule=VP)  # guided by hand
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------------------------------------------
+NAN, INF = float("nan"), float("inf")
+SCHEDULES = [
+    _p(lambda: S.VPLinear(beta0=NAN), ValueError, r"VPLinear beta0 must be finite", "vplinear-beta0-nan"),
+    _p(lambda: S.VPLinear(beta0=-0.1), ValueError, r"VPLinear beta0 must be finite and in \(0", "vplinear-beta0-neg"),
+    _p(lambda: S.VPLinear(beta1=INF), ValueError, r"VPLinear beta1 must be finite", "vplinear-beta1-inf"),
+    _p(lambda: S.VPLinear(beta0=1.0, beta1=0.5), ValueError, r"VPLinear beta1 must be finite and in \(1.0",
+       "vplinear-beta1-below-beta0"),
+    _p(lambda: S.VPLinear(t_min=1.5), ValueError, r"VPLinear t_min must be finite and in \[0.0, 1.0\)",
+       "vplinear-tmin"),
+    _p(lambda: S.VPLinear(beta0="0.1"), ValueError, r"VPLinear beta0 must be a number", "vplinear-beta0-str"),
+    _p(lambda: S.VPLinear(beta0=True), ValueError, r"VPLinear beta0 must be a number", "vplinear-beta0-bool"),
+    _p(lambda: S.VPCosine(s=NAN), ValueError, r"VPCosine s must be finite", "vpcosine-s-nan"),
+    _p(lambda: S.VPCosine(t_max=1.5), ValueError, r"VPCosine t_max must be finite and in \(0.0, 1.0\)",
+       "vpcosine-tmax"),
+    _p(lambda: S.VPCosine(t_max=1.0), ValueError, r"VPCosine t_max must be finite and in \(0.0, 1.0\)",
+       "vpcosine-tmax-1"),
+    _p(lambda: S.VPCosine(t_min=0.999), ValueError, r"VPCosine t_min must be finite and in \[0.0, 0.9946",
+       "vpcosine-tmin-above-tmax"),
+    _p(lambda: S.VE(sigma_max=INF), ValueError, r"VE sigma_max must be finite", "ve-sigmamax-inf"),
+    _p(lambda: S.VE(sigma_min=0.0), ValueError, r"VE sigma_min must be finite and in \(0.0", "ve-sigmamin-0"),
+    _p(lambda: S.VE(sigma_min=10.0, sigma_max=1.0), ValueError, r"VE sigma_max must be finite and in \(10.0",
+       "ve-reversed"),
+    _p(lambda: S.EDM(sigma_max=INF), ValueError, r"EDM sigma_max must be finite", "edm-sigmamax-inf"),
+    _p(lambda: S.EDM(sigma_data=0.0), ValueError, r"EDM sigma_data must be finite and in \(0.0", "edm-sigmadata-0"),
+    _p(lambda: S.EDM(sigma_min=-1.0), ValueError, r"EDM sigma_min must be finite and in \(0.0", "edm-sigmamin-neg"),
+    _p(lambda: S.RectifiedFlow(t_max=1.0), ValueError, r"RectifiedFlow t_max must be finite and in \(0.0, 1.0\)",
+       "flow-tmax-1"),
+    _p(lambda: S.RectifiedFlow(t_min=0.0), ValueError, r"RectifiedFlow t_min must be finite and in \(0.0",
+       "flow-tmin-0"),
+    _p(lambda: S.DiscreteVP(), ValueError, r"DiscreteVP needs exactly one of betas or alphas_cumprod",
+       "discrete-none"),
+    _p(lambda: S.DiscreteVP(betas=[0.1, 0.2], alphas_cumprod=[0.9, 0.5]), ValueError,
+       r"DiscreteVP needs exactly one of", "discrete-both"),
+    _p(lambda: S.DiscreteVP(betas=[0.1]), ValueError, r"betas must hold at least 2 finite values", "discrete-one-beta"),
+    _p(lambda: S.DiscreteVP(betas=[0.1, NAN, 0.2]), ValueError, r"betas must hold at least 2 finite values",
+       "discrete-beta-nan"),
+    _p(lambda: S.DiscreteVP(betas=[0.1, -0.2, 0.3]), ValueError, r"betas must hold .* each in \(0, 1\)",
+       "discrete-beta-neg"),
+    _p(lambda: S.DiscreteVP(betas=[0.1, 1.0, 0.3]), ValueError, r"betas must hold .* each in \(0, 1\)",
+       "discrete-beta-1-inside"),
+    _p(lambda: S.DiscreteVP(alphas_cumprod=[0.9, 0.95, 0.5]), ValueError,
+       r"alphas_cumprod must be strictly decreasing; alphas_cumprod\[1\]", "discrete-ac-increasing"),
+    _p(lambda: S.DiscreteVP(alphas_cumprod=[1.0, 0.5]), ValueError, r"alphas_cumprod must hold .* each in \(0, 1\)",
+       "discrete-ac-1"),
+    _p(lambda: S.FDMMomentum(m=NAN), ValueError, r"FDMMomentum m must be finite", "fdm-m-nan"),
+    _p(lambda: S.FDMMomentum(m=-1.0), ValueError, r"FDMMomentum m must be finite and in \[0.0", "fdm-m-neg"),
+    _p(lambda: S.FDMMomentum(u_min=1.0, u_max=0.5), ValueError, r"FDMMomentum u_max must be finite and in \(1.0",
+       "fdm-u-reversed"),
+    _p(lambda: S.FDMMomentum(source="t"), ValueError, r"FDMMomentum.source must be 'sigma' or 'time'",
+       "fdm-source"),
+    _p(lambda: S.FDMMomentum(on="output"), ValueError, r"FDMMomentum.on must be 'input' or 'mean'", "fdm-on"),
+    _p(lambda: S.from_config({"class": "VPSquare"}), ValueError, r"cannot rebuild schedule from .*VPSquare.*known",
+       "from-config-class"),
+    _p(lambda: S.from_config({"class": "VE", "sigma_max": -1.0}), ValueError, r"VE sigma_max must be finite",
+       "from-config-value"),
+    _p(lambda: S.betas_from_diffusers_config({"beta_schedule": "sigmoid"}), ValueError,
+       r"beta_schedule='sigmoid' is not supported", "betas-schedule"),
+    _p(lambda: VP.check_t(torch.tensor([0.5, 2.0])), ValueError, r"t is outside the domain of VPLinear", "check-t"),
+    _p(lambda: VP.check_t(torch.tensor([NAN])), ValueError, r"t contains NaN or inf", "check-t-nan"),
+    _p(lambda: S.EDM().check_t(torch.tensor([0.0])), ValueError, r"t must be positive for EDM", "edm-check-t-0"),
+    _p(lambda: VP.t_from_edm_sigma(torch.tensor([-1.0])), ValueError, r"sigma must be positive", "t-from-sigma-neg"),
+    _p(lambda: S.DiscreteVP(betas=torch.linspace(1e-4, 0.02, 10)).kernel_spec() and
+       S.DiscreteVP(alphas_cumprod=[0.9, 0.5, 0.0]).kernel_spec(), ValueError,
+       r"fused kernels do not support a zero-terminal-SNR DiscreteVP", "zero-snr-kernel-spec"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", SCHEDULES)
+def test_schedules_refuse(thunk, exc, match):
+    _check(thunk, exc, match)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# time-step heuristics, DM-NonUniform
+# ---------------------------------------------------------------------------------------------------------------
+HEUR = [uniform_t, quadratic_t, edm_rho, logsnr_uniform]
+TIMESTEPS = [
+    *[_p(lambda f=f, n=n: f(VP, n), ValueError, r"nfe must be an integer >= 1", f"{f.__name__}-nfe-{n!r}")
+      for f in HEUR for n in (0, -3, True, 2.0)],
+    *[_p(lambda f=f: f(VP, 4, t_max=0.1, t_min=0.5), ValueError, r"t_min must be < t_max",
+         f"{f.__name__}-reversed") for f in HEUR],
+    *[_p(lambda f=f: f(VP, 4, t_max=2.0), ValueError, r"t_max is outside the domain of VPLinear",
+         f"{f.__name__}-tmax-domain") for f in HEUR],
+    *[_p(lambda f=f: f(VP, 4, t_min=NAN), ValueError, r"t_min contains NaN", f"{f.__name__}-tmin-nan") for f in HEUR],
+    *[_p(lambda f=f: f("vp", 4), ValueError, r"schedule must be a tdiff NoiseSchedule", f"{f.__name__}-schedule")
+      for f in HEUR],
+    *[_p(lambda f=f, r=r: f(VP, 4, rho=r), ValueError, r"rho must be", f"{f.__name__}-rho-{r}")
+      for f in (quadratic_t, edm_rho) for r in (0.0, -1.0, NAN, INF)],
+    _p(lambda: logsnr_uniform(S.VPLinear(t_min=0.0), 4, t_min=0.0), ValueError,
+       r"logsnr_uniform spaces points in lambda .* must be finite at both ends", "logsnr-tmin-0"),
+    _p(lambda: edm_rho(S.VPLinear(t_min=0.0), 4, t_min=0.0), ValueError,
+       r"edm_rho spaces points in log sigma/alpha, .* must be finite at both ends", "edm-rho-tmin-0"),
+    _p(lambda: interpolate_schedule(VP, [0.1, 0.5, 1.0], 4), ValueError, r"reference .*decreasing",
+       "interpolate-increasing"),
+    _p(lambda: interpolate_schedule(VP, [1.0, 0.5, 0.1], 0), ValueError, r"nfe must be an integer >= 1",
+       "interpolate-nfe-0"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 0), ValueError, r"nfe", "dmn-nfe-0"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 3.0), ValueError, r"nfe", "dmn-nfe-float"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, solver="rk45"), ValueError, r"solver must be one of",
+       "dmn-solver"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, order=5), ValueError, r"order", "dmn-order"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, method="bfgs"), ValueError, r"method must be one of",
+       "dmn-method"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, gradient="finite-difference"), ValueError,
+       r"gradient='finite-difference' applies to method='trust-constr' only", "dmn-gradient"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, objective="lpips"), ValueError, r"objective", "dmn-objective"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, starts=["random"]), ValueError,
+       r"starts must be a non-empty sequence of", "dmn-starts"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, starts=[]), ValueError, r"starts must be a non-empty sequence",
+       "dmn-starts-empty"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, margin=-1.0), ValueError, r"margin must be in \[0",
+       "dmn-margin"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, maxiter=0), ValueError, r"maxiter must be an integer >= 1",
+       "dmn-maxiter"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, tol=0.0), ValueError, r"tol must be > 0", "dmn-tol"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, p=NAN), ValueError, r"\bp\b", "dmn-p-nan"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, warmup_steps=-1), ValueError, r"warmup_steps",
+       "dmn-warmup"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, solver="dpmpp", varient="x"), ValueError,
+       r"varient", "dmn-unknown-option"),
+    _p(lambda: tdiff.timesteps.dm_nonuniform(VP, 4, t_max=0.1, t_min=0.5), ValueError, r"t_min must be < t_max",
+       "dmn-reversed"),
+    _p(lambda: tdiff.timesteps.sampling_options(0, 3), ValueError, r"nfe", "sampling-options-nfe"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", TIMESTEPS)
+def test_timesteps_refuse(thunk, exc, match):
+    _check(thunk, exc, match)
+
+
+@pytest.mark.parametrize("f", HEUR, ids=lambda f: f.__name__)
+def test_heuristic_nfe_1_is_the_two_ends(f):
+    # legitimate but odd: one step is just [t_max, t_min], exactly
+    ts = f(VP, 1)
+    assert ts.tolist() == [VP.t_max, VP.t_min]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LD3 (arguments are checked before any model call)
+# ---------------------------------------------------------------------------------------------------------------
+def _ld3(**kw):
+    base = dict(nfe=3, shape=(1, 2, 2), schedule=VP, n_train=2, n_val=2, epochs=2, progress=False)
+    return tdiff.ld3_learn(x0_den, **{**base, **kw})
+
+
+LD3 = [
+    _p(lambda: _ld3(nfe=1), ValueError, r"nfe must be an integer >= 2", "nfe-1"),
+    _p(lambda: _ld3(nfe=3.0), ValueError, r"nfe must be an integer >= 2", "nfe-float"),
+    _p(lambda: _ld3(nfe=True), ValueError, r"nfe must be an integer >= 2", "nfe-bool"),
+    _p(lambda: _ld3(teacher_nfe=3), ValueError, r"teacher_nfe must be greater than the student's nfe \(3\)",
+       "teacher-nfe-not-greater"),
+    _p(lambda: _ld3(solver="rk4"), ValueError, r"solver must be one of .*'rk4'", "solver"),
+    _p(lambda: _ld3(teacher_solver="rk4"), ValueError, r"teacher_solver must be one of", "teacher-solver"),
+    _p(lambda: _ld3(loss="lpipz"), ValueError, r"loss", "loss-name"),
+    _p(lambda: _ld3(epochs=0), ValueError, r"epochs must be an integer >= 1", "epochs-0"),
+    _p(lambda: _ld3(phase1_epochs=3), ValueError, r"phase1_epochs must be in \[0, epochs=2\]",
+       "phase1-epochs"),
+    _p(lambda: _ld3(batch_size=0), ValueError, r"batch_size must be an integer >= 1", "batch-0"),
+    _p(lambda: _ld3(n_train=-1), ValueError, r"n_train must be an integer >= 1", "n-train"),
+    _p(lambda: _ld3(r_gamma=NAN), ValueError, r"ball radius must be finite and >= 0, got r_gamma=nan", "r-gamma-nan"),
+    _p(lambda: _ld3(r=-1.0), ValueError, r"ball radius must be finite and >= 0, got r=-1.0", "r-negative"),
+    _p(lambda: _ld3(lr_decay=0.0), ValueError, r"lr_decay must be in \(0, 1\]", "lr-decay-0"),
+    _p(lambda: _ld3(lr_x_decay=1.5), ValueError, r"lr_x_decay must be in \(0, 1\]", "lr-x-decay"),
+    _p(lambda: _ld3(lr_decay="fast"), (ValueError, TypeError), r"lr_decay must be", "lr-decay-str"),
+    _p(lambda: _ld3(lr_xi=-1.0), ValueError, r"lr_xi must be", "lr-xi-negative"),
+    _p(lambda: _ld3(lr_xi=NAN), ValueError, r"lr_xi must be", "lr-xi-nan"),
+    _p(lambda: _ld3(lr_x=INF), ValueError, r"lr_x must be", "lr-x-inf"),
+    _p(lambda: _ld3(lr_xi_c=-0.1), ValueError, r"lr_xi_c must be", "lr-xi-c"),
+    _p(lambda: _ld3(min_lr_xi=-1.0), ValueError, r"min_lr_xi must be", "min-lr-xi"),
+    _p(lambda: _ld3(x_grad="mean"), ValueError, r"x_grad must be one of", "x-grad"),
+    _p(lambda: _ld3(shape=None), ValueError, r"shape \(the shape of one sample", "shape-none"),
+    _p(lambda: _ld3(shape=(1, -2, 2)), ValueError, r"shape must be", "shape-negative"),
+    _p(lambda: _ld3(space="sigma"), ValueError, r"space", "space"),
+    _p(lambda: _ld3(teacher_timesteps="cosine"), ValueError, r"teacher_timesteps must be one of", "teacher-ts-name"),
+    _p(lambda: _ld3(teacher_timesteps=torch.tensor([1.0, 0.1])), ValueError, r"teacher_timesteps must hold",
+       "teacher-ts-length"),
+    _p(lambda: _ld3(init="cosine"), ValueError, r"init must be 'best', one of", "init-name"),
+    _p(lambda: _ld3(init=torch.tensor([1.0, 0.1])), ValueError, r"init must hold", "init-length"),
+    _p(lambda: _ld3(pipeline_kwargs=dict(prompt="a cat")), ValueError, r"pipeline_kwargs", "pipeline-kwargs"),
+    _p(lambda: _ld3(solver="heun", nfe=2), ValueError, r"nfe=2: solver 'heun' .*cannot make exactly 2 model calls|"
+       r"single step", "heun-nfe-2"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", LD3)
+def test_ld3_refuses(thunk, exc, match):
+    _check(thunk, exc, match)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused ops: public functions on every backend, and the registered C++ kernels called directly
+# ---------------------------------------------------------------------------------------------------------------
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+B2 = _t(2, 3)  # a (2, 3) batch
+ROW1 = torch.tensor([[1.0, 0.5], [1.0, 0.5]])  # (B, 1+K) rows for one history tensor
+PQ = torch.tensor([[0.1, 0.9], [0.1, 0.9]])
+ZS = S.DiscreteVP(alphas_cumprod=[0.9, 0.5, 0.0])  # zero terminal SNR
+
+OPS = [
+    # noisy_sample
+    _p(lambda: noisy_sample(B2.long(), B2.long(), torch.rand(2), VP), ValueError,
+       r"x0 must be float32, float64, bfloat16 or float16, got torch.int64", "ns-x0-int"),
+    _p(lambda: noisy_sample(B2, _t(2, 4), torch.rand(2), VP), ValueError, r"eps must have the shape of x0 \(2, 3\)",
+       "ns-eps-shape"),
+    _p(lambda: noisy_sample(B2, B2.double(), torch.rand(2), VP), ValueError, r"eps must have the dtype of x0",
+       "ns-eps-dtype"),
+    _p(lambda: noisy_sample(B2, B2, torch.rand(3), VP), ValueError, r"t must have shape \(2,\) \(one time per sample\)",
+       "ns-t-shape"),
+    _p(lambda: noisy_sample(B2, B2, torch.rand(2, 1), VP), ValueError, r"t must have shape \(2,\)", "ns-t-2d"),
+    _p(lambda: noisy_sample(B2, B2, torch.zeros(2, dtype=torch.long), VP), ValueError,
+       r"t must be a floating tensor, got torch.int64", "ns-t-int"),
+    _p(lambda: noisy_sample(B2, B2, 2.0, VP), ValueError,
+       r"noisy_sample: t must be finite and inside the domain \[0.0, 1.0\] of VPLinear", "ns-t-2"),
+    _p(lambda: noisy_sample(B2, B2, -1.0, VP), ValueError, r"noisy_sample: t must be finite and inside the domain",
+       "ns-t-neg"),
+    _p(lambda: noisy_sample(B2, B2, INF, VP), ValueError, r"noisy_sample: t must be finite and inside the domain",
+       "ns-t-inf"),
+    _p(lambda: noisy_sample(B2, B2, torch.tensor([0.5, NAN]), VP), ValueError,
+       r"noisy_sample: t must be finite .* for samples \[1\]", "ns-t-nan"),
+    _p(lambda: noisy_sample(B2, B2, 0.5, "vp"), TypeError, r"schedule must be a tdiff NoiseSchedule, got str",
+       "ns-schedule-str"),
+    _p(lambda: noisy_sample(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0), VP), ValueError,
+       r"x0 must have a non-empty batch dimension", "ns-empty"),
+    _p(lambda: noisy_sample([1.0, 2.0], B2, 0.5, VP), TypeError, r"x0 must be a tensor, got list", "ns-x0-list"),
+    _p(lambda: noisy_sample(B2, [1.0, 2.0], torch.rand(2), VP), TypeError, r"eps must be a tensor, got list",
+       "ns-eps-list"),
+    _p(lambda: noisy_sample(B2, B2, 0.5, ZS), ValueError, r"fused kernels do not support a zero-terminal-SNR",
+       "ns-zero-snr"),
+    _p(lambda: noisy_sample(B2, B2, 0.5, VP, precond_sigma_data=-0.5), ValueError, r"precond_sigma_data",
+       "ns-sigma-data-neg"),
+    _p(lambda: noisy_sample(B2, B2, 0.5, VP, precond_sigma_data=NAN), ValueError, r"precond_sigma_data",
+       "ns-sigma-data-nan"),
+    # multistep_update
+    _p(lambda: multistep_update(B2.long(), [B2.long()], ROW1), ValueError, r"x must be float32", "mu-x-int"),
+    _p(lambda: multistep_update(B2, [], ROW1[:, :1]), ValueError, r"history must hold 1 to 4 tensors, got 0",
+       "mu-history-empty"),
+    _p(lambda: multistep_update(B2, [B2] * 5, torch.ones(2, 6)), ValueError,
+       r"history must hold 1 to 4 tensors, got 5", "mu-history-5"),
+    _p(lambda: multistep_update(B2, [None], ROW1), TypeError, r"history\[0\] must be a tensor like x, got NoneType",
+       "mu-history-none"),
+    _p(lambda: multistep_update(B2, B2, ROW1), TypeError, r"history must be a list of 1 to 4 tensors, got Tensor",
+       "mu-history-tensor"),
+    _p(lambda: multistep_update(B2, [B2, _t(2, 4)], torch.ones(2, 3)), ValueError,
+       r"history\[1\] must have the shape of x \(2, 3\), got \(2, 4\)", "mu-history-shape"),
+    _p(lambda: multistep_update(B2, [B2.double()], ROW1), ValueError, r"history\[0\] must have the dtype of x",
+       "mu-history-dtype"),
+    _p(lambda: multistep_update(B2, [B2], torch.ones(2, 3)), ValueError,
+       r"coeffs must have shape \(2, 2\) \(one row \[c_x, c_0..c_K-1\] per sample\), got \(2, 3\)", "mu-coeffs-width"),
+    _p(lambda: multistep_update(B2, [B2], torch.ones(3, 2)), ValueError, r"coeffs must have shape \(2, 2\)",
+       "mu-coeffs-batch"),
+    _p(lambda: multistep_update(B2, [B2], ROW1.double()), ValueError,
+       r"coeffs must be torch.float32 for torch.float32 data, got torch.float64", "mu-coeffs-dtype"),
+    _p(lambda: multistep_update(B2, [B2], torch.tensor([[1.0, NAN], [1.0, 0.5]])), ValueError,
+       r"coeffs must be finite; rows \[0\] hold NaN or inf", "mu-coeffs-nan"),
+    _p(lambda: multistep_update(B2, [B2], torch.tensor([1.0, INF])), ValueError, r"coeffs must be finite",
+       "mu-coeffs-shared-inf"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, uncond=B2), ValueError,
+       r"uncond and scale must be given together", "mu-uncond-no-scale"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, scale=2.0), ValueError, r"uncond and scale must be given together",
+       "mu-scale-no-uncond"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, src=B2), ValueError,
+       r"src is the sample the network saw; it needs convert rows", "mu-src-no-convert"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, convert=torch.ones(2, 3)), ValueError,
+       r"convert must have shape \(2, 2\) \(one row \[p, q\] per sample\)", "mu-convert-width"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, convert=torch.tensor([NAN, 1.0])), ValueError,
+       r"convert must be finite", "mu-convert-nan"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, uncond=B2, scale=NAN), ValueError, r"scale must be finite",
+       "mu-scale-nan"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, uncond=B2, scale=torch.ones(3)), ValueError,
+       r"scale must have shape \(2,\) \(one guidance scale per sample\)", "mu-scale-shape"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, uncond=_t(2, 4), scale=1.0), ValueError,
+       r"uncond must have the shape of history\[0\] \(cond\)", "mu-uncond-shape"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, uncond=[1.0], scale=1.0), TypeError,
+       r"uncond must be a tensor like history\[0\], got list", "mu-uncond-list"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, src=_t(2, 4), convert=PQ), ValueError,
+       r"src must have the shape of x \(2, 3\), got \(2, 4\)", "mu-src-shape"),
+    _p(lambda: multistep_update(B2, [B2], ROW1, check=False, uncond=_t(2, 4), scale=1.0), ValueError,
+       r"uncond must have the shape of history\[0\] \(cond\)", "mu-nocheck-uncond-shape"),
+    _p(lambda: multistep_update(B2, [_t(2, 4)], ROW1, check=False), ValueError,
+       r"history\[0\] must have the shape of x", "mu-nocheck-history-shape"),
+    _p(lambda: multistep_update(B2, [B2], torch.ones(2, 3), check=False), ValueError, r"coeffs must have shape \(2, 2\)",
+       "mu-nocheck-coeffs-width"),
+    _p(lambda: multistep_update(torch.zeros(0, 3), [torch.zeros(0, 3)], torch.zeros(0, 2)), ValueError,
+       r"x must have a non-empty batch dimension", "mu-empty"),
+    # weighted_mse
+    _p(lambda: weighted_mse(B2.long(), B2.long(), torch.ones(2)), ValueError, r"pred must be float32",
+       "wm-pred-int"),
+    _p(lambda: weighted_mse(B2, _t(2, 4), torch.ones(2)), ValueError, r"target must have the shape of pred \(2, 3\)",
+       "wm-target-shape"),
+    _p(lambda: weighted_mse(B2, B2.double(), torch.ones(2)), ValueError, r"target must have the dtype of pred",
+       "wm-target-dtype"),
+    _p(lambda: weighted_mse(B2, B2, torch.ones(3)), ValueError,
+       r"weight must have shape \(2,\) \(one weight per sample\)", "wm-weight-shape"),
+    _p(lambda: weighted_mse(B2, B2, torch.ones(2, 1)), ValueError, r"weight must have shape \(2,\)",
+       "wm-weight-2d"),
+    _p(lambda: weighted_mse(B2, B2, torch.ones(2, dtype=torch.long)), ValueError, r"weight must be float32",
+       "wm-weight-int"),
+    _p(lambda: weighted_mse(B2, B2, [1.0, 1.0]), TypeError, r"weight must be a tensor, got list", "wm-weight-list"),
+    _p(lambda: weighted_mse(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0)), ValueError,
+       r"pred must have a non-empty batch dimension and data", "wm-empty"),
+    _p(lambda: weighted_mse(torch.zeros(2, 0), torch.zeros(2, 0), torch.ones(2)), ValueError,
+       r"pred must have a non-empty batch dimension and data", "wm-no-data"),
+    # cached_block: x (3, 4, 5), gate (3, 5), fresh (K, 4, 5), cache (3, 4, 5), source (3,)
+    _p(lambda: cached_block(_t(3, 20), _t(3, 5), _t(1, 4, 5), _t(3, 20), torch.tensor([0, -1, -1])), ValueError,
+       r"x must be \(B, N, C\) with B > 0, got shape \(3, 20\)", "cb-x-2d"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 4), _t(1, 4, 5), _t(3, 4, 5), torch.tensor([0, -1, -1])), ValueError,
+       r"gate must have shape \(3, 5\), got \(3, 4\)", "cb-gate-shape"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5), _t(1), _t(3, 4, 5), torch.tensor([0, -1, -1])), ValueError,
+       r"fresh must have shape \(K, 4, 5\)", "cb-fresh-1-element"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5), _t(4, 4, 5), _t(3, 4, 5), torch.tensor([0, 1, 2])), ValueError,
+       r"fresh must have shape \(K, 4, 5\)", "cb-fresh-K-above-B"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5), _t(1, 4, 5), _t(3, 4, 6), torch.tensor([0, -1, -1])), ValueError,
+       r"cache must have the shape of x \(3, 4, 5\)", "cb-cache-shape"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5), _t(1, 4, 5), _t(3, 4, 5), torch.tensor([0, 10**6, -1])),
+       ValueError, r"source.* out of range", "cb-source-huge"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5), _t(1, 4, 5), _t(3, 4, 5), torch.tensor([0, -2, -1])),
+       ValueError, r"source.* out of range", "cb-source-minus-2"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5), _t(1, 4, 5), _t(3, 4, 5), torch.tensor([0, -1, -1],
+                                                                                      dtype=torch.int32)),
+       ValueError, r"source must be an int64 tensor of shape \(3,\)", "cb-source-int32"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5), _t(1, 4, 5), _t(3, 4, 5), torch.tensor([0, -1])), ValueError,
+       r"source must be an int64 tensor of shape \(3,\)", "cb-source-short"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5), _t(1, 4, 5), _t(3, 4, 5), torch.tensor([0, 0, -1])), ValueError,
+       r"source (must map the computing samples one-to-one onto the 1 rows of fresh|maps two samples onto fresh row 0)",
+       "cb-source-duplicate"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5), _t(2, 4, 5), _t(3, 4, 5), torch.tensor([0, -1, -1])), ValueError,
+       r"(source must map the computing samples one-to-one onto the 2 rows|fresh has 2 rows but source selects 1)",
+       "cb-fresh-row-unread"),
+    _p(lambda: cached_block(_t(3, 4, 5), _t(3, 5).double(), _t(1, 4, 5), _t(3, 4, 5), torch.tensor([0, -1, -1])),
+       ValueError, r"gate must have the dtype of x", "cb-gate-dtype"),
+    _p(lambda: cached_block(_t(3, 4, 5).long(), _t(3, 5).long(), _t(1, 4, 5).long(), _t(3, 4, 5).long(),
+                            torch.tensor([0, -1, -1])), ValueError, r"x must be float32", "cb-x-int"),
+    _p(lambda: cached_block(_t(3, 4, 5), None, _t(1, 4, 5), _t(3, 4, 5), torch.tensor([0, -1, -1])), TypeError,
+       r"gate must be a tensor, got NoneType", "cb-gate-none"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("thunk,exc,match", OPS)
+def test_ops_refuse(monkeypatch, backend, thunk, exc, match):
+    monkeypatch.setenv("TDIFF_BACKEND", backend)
+    _check(thunk, exc, match)
+
+
+def _cpp():
+    from tdiff.ops import dispatch
+
+    assert dispatch.extension_loaded(), "tdiff._C is not built: the registered C++ kernels cannot be checked"
+    return torch.ops.tdiff
+
+
+X345 = _t(3, 4, 5)
+CPP_KERNELS = [
+    _p(lambda: _cpp().cached_block_cpu(X345, _t(3, 5), _t(1), X345, torch.tensor([0, -1, -1])), ValueError,
+       r"tdiff::cached_block_cpu: fresh must have shape \(K, 4, 5\)", "cached_block_cpu-fresh"),
+    _p(lambda: _cpp().cached_block_cpu(X345, _t(3, 5), _t(1, 4, 5), X345, torch.tensor([0, 10**6, -1])), ValueError,
+       r"tdiff::cached_block_cpu: source\[1\] = 1000000 is out of range", "cached_block_cpu-source"),
+    _p(lambda: _cpp().cached_block_backward_cpu(X345, X345, _t(3, 5), X345, torch.tensor([0, 10**6, -1]), 1),
+       ValueError, r"tdiff::cached_block_backward_cpu: source\[1\] = 1000000 is out of range",
+       "cached_block_backward_cpu-source"),
+    _p(lambda: _cpp().cached_block_backward_cpu(X345, X345, _t(3, 5), X345, torch.tensor([0, -1, -1]), 7),
+       ValueError, r"tdiff::cached_block_backward_cpu: the number of fresh rows must be in \[0, 3\], got 7",
+       "cached_block_backward_cpu-computed"),
+    _p(lambda: _cpp().noisy_sample_backward_cpu(B2, B2, _t(1)), ValueError,
+       r"tdiff::noisy_sample_backward_cpu: coefs must have shape \(2, 3\)", "noisy_sample_backward_cpu-coefs"),
+    _p(lambda: _cpp().noisy_sample_cpu(B2, B2, torch.rand(2), 7, [0.1, 20.0, 0.0, 0.0], None, -1.0, [], 0, False),
+       ValueError, r"kind must be a schedule kind code 0..5, got 7", "noisy_sample_cpu-kind"),
+    _p(lambda: _cpp().noisy_sample_cpu(B2, B2, torch.rand(2), 2, [0.5, 0.5, 50.0, 0.0], torch.zeros(3).double(), -1.0,
+                                       [], 0, False), ValueError, r"table", "noisy_sample_cpu-table-length"),
+    _p(lambda: _cpp().noisy_sample_cpu(B2, B2, torch.rand(2), 0, [0.1, 20.0, 0.0, 0.0], None, -1.0, [1.0], 1, False),
+       ValueError, r"fdm must hold 6", "noisy_sample_cpu-fdm"),
+    _p(lambda: _cpp().multistep_update_cpu(B2, [B2] * 5, torch.ones(2, 6)), ValueError,
+       r"tdiff::multistep_update_cpu: history must hold 1 to 4 tensors, got 5", "multistep_update_cpu-K5"),
+    _p(lambda: _cpp().multistep_update_cpu(B2, [_t(1)], ROW1), ValueError, r"tdiff::multistep_update_cpu: history\[0\]",
+       "multistep_update_cpu-history-shape"),
+    _p(lambda: _cpp().multistep_update_convert_cpu(B2, [B2], ROW1, None, None, None, torch.ones(2, 5)), ValueError,
+       r"tdiff::multistep_update_convert_cpu: convert", "multistep_update_convert_cpu-convert"),
+    _p(lambda: _cpp().multistep_update_backward_cpu(B2, B2, [B2], torch.ones(2, 3)), ValueError,
+       r"tdiff::multistep_update_backward_cpu: coeffs", "multistep_update_backward_cpu-coeffs"),
+    _p(lambda: _cpp().weighted_mse_cpu(B2, B2, _t(3)), ValueError,
+       r"tdiff::weighted_mse_cpu: weight must have shape \(2,\)", "weighted_mse_cpu-weight"),
+    _p(lambda: _cpp().weighted_mse_backward_cpu(_t(3), B2, B2, _t(2)), ValueError,
+       r"tdiff::weighted_mse_backward_cpu: grad_loss", "weighted_mse_backward_cpu-grad"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", CPP_KERNELS)
+def test_registered_cpp_kernels_refuse(thunk, exc, match):
+    _check(thunk, exc, match)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_ops_odd_but_legitimate_input(monkeypatch, backend):
+    monkeypatch.setenv("TDIFF_BACKEND", backend)
+    x, h = _t(2, 3), _t(2, 3) + 1
+    # a shared (1+K,) row is the same as the row expanded over the batch
+    torch.testing.assert_close(multistep_update(x, [h], torch.tensor([0.5, 2.0])), 0.5 * x + 2.0 * h)
+    # a float guidance scale is the same as a (B,) tensor of it
+    u = _t(2, 3) - 1
+    a, _ = multistep_update(x, [h], ROW1, uncond=u, scale=3.0)
+    b, _ = multistep_update(x, [h], ROW1, uncond=u, scale=torch.full((2,), 3.0))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, x + 0.5 * (u + 3.0 * (h - u)))
+    # one float time is the batch's time; t = 0 on EDM is the clean sample (sigma = 0)
+    xt, _ = noisy_sample(x, h, 0.25, VP)
+    torch.testing.assert_close(xt, noisy_sample(x, h, torch.full((2,), 0.25), VP)[0])
+    torch.testing.assert_close(noisy_sample(x, h, torch.zeros(2), S.EDM())[0], x)
+    # zero weights give a zero loss; a block where every sample reuses its cache is x + gate * cache
+    assert torch.equal(weighted_mse(x, h, torch.zeros(2)), torch.zeros(2))
+    xb, gate, cache = _t(3, 4, 5), _t(3, 5), _t(3, 4, 5) + 2
+    out, branch = cached_block(xb, gate, torch.zeros(0, 4, 5), cache, torch.full((3,), -1))
+    torch.testing.assert_close(out, xb + gate[:, None, :] * cache)
+    torch.testing.assert_close(branch, cache)
