@@ -588,3 +588,71 @@ def test_ops_odd_but_legitimate_input(monkeypatch, backend):
     out, branch = cached_block(xb, gate, torch.zeros(0, 4, 5), cache, torch.full((3,), -1))
     torch.testing.assert_close(out, xb + gate[:, None, :] * cache)
     torch.testing.assert_close(branch, cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# denoisers
+# ---------------------------------------------------------------------------------------------------------------
+def net(x, t, y=None):
+    return 0.1 * x
+
+
+DEN = [
+    _p(lambda: tdiff.denoiser(net, VP, prediction="epsilon"), ValueError, r"prediction must be one of .*'epsilon'",
+       "prediction"),
+    _p(lambda: tdiff.denoiser(net, VP, precond="karras"), ValueError, r"precond must be None or 'edm', got 'karras'",
+       "precond"),
+    _p(lambda: tdiff.denoiser(net, VP, guidance=NAN), ValueError, r"guidance must be a finite number or None",
+       "guidance-nan"),
+    _p(lambda: tdiff.denoiser(net, VP, guidance="7.5"), ValueError, r"guidance must be a finite number or None",
+       "guidance-str"),
+    _p(lambda: tdiff.denoiser(net, VP, clip_x0=0.0), ValueError, r"clip_x0 must be > 0", "clip-x0-0"),
+    _p(lambda: tdiff.denoiser(net, VP, clip_x0=INF), ValueError, r"clip_x0 must be a finite number", "clip-x0-inf"),
+    _p(lambda: tdiff.denoiser(net, VP, null_label=-1), ValueError, r"null_label must be None or a class index >= 0",
+       "null-label"),
+    _p(lambda: tdiff.denoiser("net", VP), ValueError, r"model must be callable", "model-str"),
+    _p(lambda: tdiff.denoiser(net, "vp"), ValueError, r"schedule must be a tdiff NoiseSchedule, got str",
+       "schedule-str"),
+    _p(lambda: tdiff.denoiser(net, VP, model_time=5), ValueError, r"model_time must be None or a callable",
+       "model-time"),
+    _p(lambda: tdiff.denoisers.Denoiser(net, VP, validate=1), ValueError, r"validate must be True or False",
+       "validate-int"),
+    _p(lambda: tdiff.denoiser(net, VP)(X(), torch.tensor([0.5, 0.5, 0.5])), ValueError,
+       r"t must be a scalar or have shape \(2,\), got \(3,\)", "call-t-shape"),
+    _p(lambda: tdiff.denoiser(net, VP)(X(), 1.5), ValueError, r"t is outside the domain of VPLinear", "call-t-domain"),
+    _p(lambda: tdiff.denoiser(net, VP)(torch.ones(3), 0.5), ValueError, r"x must be a tensor of shape \(B, \.\.\.\)",
+       "call-x-1d"),
+    _p(lambda: tdiff.denoiser(lambda x, t, y=None: x[:, :, :1], VP)(X(), 0.5), ValueError,
+       r"the network returned shape \(2, 1, 1, 2\); expected \(2, 1, 2, 2\)", "network-shape"),
+    _p(lambda: tdiff.denoiser(lambda x, t, y=None: None, VP)(X(), 0.5), ValueError,
+       r"the network must return a tensor shaped like x", "network-none"),
+    _p(lambda: tdiff.denoiser(net, VP, guidance=2.0)(X(), 0.5, y=torch.tensor([1, 2])), ValueError,
+       r"guidance needs null_label", "guidance-no-null-label"),
+    _p(lambda: tdiff.denoiser(net, VP).conversion(0.5, "v"), ValueError, r"target must be 'x0' or 'eps', got 'v'",
+       "conversion-target"),
+    _p(lambda: tdiff.denoiser(net, VP).edm_call(X(), -1.0), ValueError, r"sigma must be positive", "edm-call-sigma"),
+    _p(lambda: tdiff.denoisers.from_diffusers(net, {"_class_name": "DDPMScheduler", "prediction_type": "mu"}),
+       ValueError, r"prediction_type 'mu' is not supported", "diffusers-prediction-type"),
+    _p(lambda: tdiff.denoisers.from_diffusers(net, {"_class_name": "DDIMScheduler", "thresholding": True}),
+       ValueError, r"thresholding=True cannot be reproduced", "diffusers-thresholding"),
+    _p(lambda: tdiff.denoisers.from_diffusers(net, {"_class_name": "DDPMScheduler", "beta_schedule": "sigmoid"}),
+       ValueError, r"beta_schedule='sigmoid' is not supported", "diffusers-beta-schedule"),
+    _p(lambda: tdiff.denoisers.from_diffusers(net, {"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01,
+                                                    "sigma_max": 1348.0}), ValueError,
+       r"scheduler 'ScoreSdeVeScheduler' has no DDPM noise schedule", "diffusers-score-sde-ve"),
+    _p(lambda: tdiff.denoisers.from_diffusers(net, {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002,
+                                                    "sigma_max": 80.0, "sigma_data": 0.5}), ValueError,
+       r"scheduler 'EDMEulerScheduler' has no DDPM noise schedule", "diffusers-edm-euler"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", DEN)
+def test_denoisers_refuse(thunk, exc, match):
+    _check(thunk, exc, match)
+
+
+def test_from_diffusers_flow_heun_is_flow():
+    # FlowMatchHeunDiscreteScheduler is flow matching too (it used to get DDPM's default betas)
+    den = tdiff.denoisers.from_diffusers(net, {"_class_name": "FlowMatchHeunDiscreteScheduler",
+                                              "num_train_timesteps": 1000})
+    assert isinstance(den.schedule, S.RectifiedFlow) and den.prediction == "flow"
