@@ -656,3 +656,334 @@ def test_from_diffusers_flow_heun_is_flow():
     den = tdiff.denoisers.from_diffusers(net, {"_class_name": "FlowMatchHeunDiscreteScheduler",
                                               "num_train_timesteps": 1000})
     assert isinstance(den.schedule, S.RectifiedFlow) and den.prediction == "flow"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learned caching: masks, cached_dit / apply_learned_cache, train_mask, macs, mask files
+# ---------------------------------------------------------------------------------------------------------------
+from tdiff import cache as C  # noqa: E402
+from tdiff.models.dit import DiT, DiTConfig  # noqa: E402
+
+
+def tiny_dit():
+    """A 1-block DiT (2 mask columns: attention and MLP)."""
+    torch.manual_seed(0)
+    return DiT(DiTConfig(input_size=4, patch_size=2, in_channels=1, hidden_size=8, depth=1, num_heads=2,
+                         num_classes=2)).eval()
+
+
+M4 = torch.ones(4, 2, dtype=torch.bool)  # a valid 4-step mask for tiny_dit
+
+
+def _twice():
+    m = tiny_dit()
+    tdiff.cached_dit(m, M4)
+    return tdiff.cached_dit(m, M4)
+
+
+def _train(**kw):
+    return C.train_mask(tiny_dit(), kw.pop("sample_fn", lambda m: None), progress=False, **kw)
+
+
+CACHE = [
+    _p(lambda: tdiff.cached_dit(tiny_dit(), None), ValueError, r"mask is None; pass a \(steps, columns\) 0/1 matrix",
+       "cached-dit-none"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), torch.ones(4, 3)), ValueError,
+       r"mask must have shape \(steps, 2\) .* got \(4, 3\)", "cached-dit-columns"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), torch.ones(2)), ValueError,
+       r"mask must be a non-empty \(steps, columns\) or \(batch, steps, columns\) matrix, got shape \(2,\)",
+       "cached-dit-1d"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), torch.ones(0, 2)), ValueError, r"mask must be a non-empty", "cached-dit-empty"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), torch.full((4, 2), 0.5)), ValueError, r"mask entries must be 0 or 1",
+       "cached-dit-scores"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), torch.full((4, 2), 2)), ValueError, r"mask entries must be 0 or 1",
+       "cached-dit-2"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), torch.ones(4, 2, dtype=torch.complex64)), ValueError,
+       r"mask entries must be 0 or 1", "cached-dit-complex"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), M4, nfe=5), ValueError, r"mask has 4 steps but nfe=5", "cached-dit-nfe"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), M4, granularity="layer"), ValueError,
+       r"granularity must be one of .*'layer'", "cached-dit-granularity"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), M4, formulation="input"), ValueError,
+       r"formulation must be one of .*'input'", "cached-dit-formulation"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), C.LearnedMask(M4), formulation="branch"), ValueError,
+       r"formulation 'branch' contradicts the mask's 'output'", "cached-dit-contradicts"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), C.LearnedMask(M4, fingerprint="0" * 16)), ValueError,
+       r"this mask was trained for a model with fingerprint 0{16}", "cached-dit-fingerprint"),
+    _p(lambda: tdiff.cached_dit(tiny_dit(), C.LearnedMask(M4), nfe=6), ValueError,
+       r"this mask has 4 steps \(NFE\) but the sampler uses 6", "cached-dit-learned-nfe"),
+    _p(lambda: tdiff.cached_dit(torch.nn.Linear(2, 2), M4), ValueError, r"cannot find cacheable units in Linear",
+       "cached-dit-linear"),
+    _p(lambda: tdiff.cached_dit("dit", M4), ValueError, r"model must be a torch.nn.Module, got str", "cached-dit-str"),
+    _p(_twice, ValueError, r"already", "cached-dit-twice"),
+    _p(lambda: C.apply_learned_cache(tiny_dit(), M4), ValueError, r"config must be a LearnedCacheConfig, got Tensor",
+       "apply-config-tensor"),
+    _p(lambda: C.LearnedMask(M4, network_times=[1.0, 2.0]), ValueError,
+       r"network_times has 2 entries for 4 mask rows", "learned-mask-network-times"),
+    _p(lambda: C.resample_mask(C.LearnedMask(M4), 0), ValueError, r"nfe must be a positive integer, got 0",
+       "resample-nfe-0"),
+    _p(lambda: C.resample_mask(C.LearnedMask(M4), 2.5), ValueError, r"nfe must be a positive integer, got 2.5",
+       "resample-nfe-float"),
+    _p(lambda: C.macs(tiny_dit(), None, (torch.zeros(1, 1, 4, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long))),
+       ValueError, r"pass the mask to count", "macs-no-mask"),
+    _p(lambda: C.macs(tiny_dit(), torch.ones(4, 3), (torch.zeros(1, 1, 4, 4), torch.zeros(1))), ValueError,
+       r"mask must have shape \(steps, 2\)", "macs-mask-columns"),
+    _p(lambda: C.macs(tiny_dit(), torch.full((4, 2), 0.5), (torch.zeros(1, 1, 4, 4), torch.zeros(1))), ValueError,
+       r"mask entries must be 0 or 1", "macs-mask-scores"),
+    _p(lambda: C.macs(tiny_dit(), M4, (torch.zeros(1, 1, 4, 4), torch.zeros(1)), granularity="layer"), ValueError,
+       r"granularity must be one of", "macs-granularity"),
+    _p(lambda: C.macs(torch.nn.Linear(2, 2), M4, (torch.zeros(1, 2),)), ValueError, r"cannot find cacheable units",
+       "macs-linear"),
+    _p(lambda: _train(iterations=0), ValueError, r"iterations must be a positive integer, got 0", "train-iters-0"),
+    _p(lambda: _train(iterations=2.0), ValueError, r"iterations must be a positive integer, got 2.0",
+       "train-iters-float"),
+    _p(lambda: _train(lr=NAN), ValueError, r"lr must be a finite number >= 0, got nan", "train-lr-nan"),
+    _p(lambda: _train(lambda1=-1.0), ValueError, r"lambda1 must be a finite number >= 0", "train-lambda1"),
+    _p(lambda: _train(lambda2=INF), ValueError, r"lambda2 must be a finite number >= 0, got inf", "train-lambda2"),
+    _p(lambda: _train(threshold=1.5), ValueError, r"threshold must be a number in \[0, 1\], got 1.5",
+       "train-threshold"),
+    _p(lambda: _train(threshold=NAN), ValueError, r"threshold must be a number in \[0, 1\], got nan",
+       "train-threshold-nan"),
+    _p(lambda: _train(bimodal_start=True), ValueError, r"bimodal_start must be a number in \[0, 1\]",
+       "train-bimodal-start"),
+    _p(lambda: _train(bimodal_growth=10.0), ValueError, r"bimodal_growth must be a number in \[1, 10\)",
+       "train-growth"),
+    _p(lambda: _train(relaxation="gumbel"), ValueError, r"relaxation must be one of \('bernoulli', 'soft'\)",
+       "train-relaxation"),
+    _p(lambda: _train(feature_loss="l3"), ValueError, r"feature_loss must be one of", "train-feature-loss"),
+    _p(lambda: _train(cache_update="lazy"), ValueError, r"cache_update must be one of", "train-cache-update"),
+    _p(lambda: _train(granularity="layer"), ValueError, r"granularity must be one of", "train-granularity"),
+    _p(lambda: _train(formulation="input"), ValueError, r"formulation must be one of", "train-formulation"),
+    _p(lambda: _train(target_mac_fraction=1.5), ValueError, r"target_mac_fraction must be None or a number in \(0, 1\], got 1.5",
+       "train-mac-fraction"),
+    _p(lambda: _train(sample_fn="sampler"), ValueError, r"sample_fn must be a callable sample_fn\(model\)",
+       "train-sample-fn"),
+    _p(lambda: _train(pipeline_kwargs=dict(prompt="a cat")), ValueError,
+       r"pipeline_kwargs is only for a diffusers pipeline; got a network", "train-pipeline-kwargs"),
+    _p(lambda: _train(), ValueError, r"sample_fn never called the model", "train-never-called"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", CACHE)
+def test_cache_refuses(thunk, exc, match):
+    _check(thunk, exc, match)
+
+
+def test_integer_mask_equals_bool_mask():
+    # legitimate but odd: an int 0/1 mask is the bool mask
+    m = tiny_dit()
+    x, t, y = torch.randn(2, 1, 4, 4), torch.full((2,), 500.0), torch.tensor([0, 1])
+    rows = torch.tensor([[1, 1], [0, 1], [1, 0], [0, 0]])
+    outs = []
+    for mask in (rows, rows.bool()):
+        fast = tdiff.cached_dit(m, mask)
+        with fast.sampling_run():
+            outs.append([fast(x, t, y) for _ in range(4)])
+        fast.remove()
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# artefact files: a valid file is written, then damaged (or replaced) one way per case; every loader must name the
+# file and what is wrong
+# ---------------------------------------------------------------------------------------------------------------
+def _set(**kv):
+    def mutate(doc):
+        for k, v in kv.items():
+            *path, last = k.split(".")
+            d = doc
+            for p in path:
+                d = d[p]
+            d[last] = v
+        return doc
+    return mutate
+
+
+def _drop(key):
+    def mutate(doc):
+        *path, last = key.split(".")
+        d = doc
+        for p in path:
+            d = d[p]
+        del d[last]
+        return doc
+    return mutate
+
+
+# damage applied to the file itself (bytes or path), the same for every JSON artefact
+def _write_damaged(path, how, doc_text):
+    if how == "truncated":
+        path.write_text(doc_text[: len(doc_text) // 2])
+    elif how == "not-json":
+        path.write_text("this is not JSON {")
+    elif how == "non-utf8":
+        path.write_bytes(b"\xff\xfe\x00{" + doc_text.encode()[4:])
+    elif how == "top-level-list":
+        path.write_text("[1, 2, 3]")
+    elif how == "empty":
+        path.write_text("")
+    elif how == "directory":
+        path.unlink()
+        path.mkdir()
+    elif how == "missing":
+        path.unlink()
+    elif how == "wrong-format":
+        doc = json.loads(doc_text)
+        doc["format"] = "someone-else"
+        path.write_text(json.dumps(doc))
+    elif how == "wrong-version":
+        doc = json.loads(doc_text)
+        doc["format_version"] = 99
+        path.write_text(json.dumps(doc))
+    else:
+        raise AssertionError(how)
+
+
+FILE_DAMAGE = {
+    "truncated": r"cannot read .* file '.*x\.json'",
+    "not-json": r"cannot read .* file '.*x\.json'",
+    "non-utf8": r"cannot read .* file '.*x\.json': it is not UTF-8",
+    "top-level-list": r"'.*x\.json' holds a list, expected a tdiff .* file \(an object\)",
+    "empty": r"cannot read .* file '.*x\.json'",
+    "directory": r"cannot read .* file '.*x\.json'",
+    "missing": r"cannot read .* file '.*x\.json'",
+    "wrong-format": r"'.*x\.json' is a 'someone-else' file, expected a '(tdiff\.cache\.mask|tdiff-learned-schedule)'",
+    "wrong-version": r"'.*x\.json' has format_version 99, this tdiff reads",
+}
+
+
+def _save_mask(path):
+    C.save_mask(str(path), C.LearnedMask(M4, fingerprint=tdiff.artefacts.fingerprint_module(tiny_dit()),
+                                         solver="ddim", timesteps=[1.0, 0.75, 0.5, 0.25, 0.1]))
+
+
+def _save_learned(path):
+    meta = {"schedule": VP.config(), "solver": "dpmpp", "order": 2, "nfe": 2, "model_fingerprint": None}
+    LearnedSchedule(TS.double(), None, meta, VP).save(str(path))
+
+
+LOADERS = {"mask": (_save_mask, lambda p, **kw: C.load_mask(str(p), **kw)),
+           "learned": (_save_learned, lambda p, **kw: LearnedSchedule.load(str(p), **kw))}
+
+
+@pytest.mark.parametrize("kind", sorted(LOADERS))
+@pytest.mark.parametrize("how", sorted(FILE_DAMAGE))
+def test_damaged_json_artefact_refused(tmp_path, kind, how):
+    save, load = LOADERS[kind]
+    path = tmp_path / "x.json"
+    save(path)
+    _write_damaged(path, how, path.read_text())
+    with pytest.raises(ValueError, match=FILE_DAMAGE[how]):
+        load(path)
+
+
+@pytest.mark.parametrize("kind", sorted(LOADERS))
+def test_oversized_json_artefact_refused(tmp_path, monkeypatch, kind):
+    save, load = LOADERS[kind]
+    path = tmp_path / "x.json"
+    save(path)
+    monkeypatch.setattr(tdiff.artefacts, "MAX_JSON_BYTES", 64)
+    with pytest.raises(ValueError, match=r"file '.*x\.json' is 0\.0 MiB, more than the 0\.0 MiB limit"):
+        load(path)
+
+
+MASK_FILES = [
+    _p(_set(matrix=[[1, 2], [1, 1], [1, 1], [1, 1]]), {}, r"'matrix' must be a non-empty rectangular list of rows of "
+       r"0/1 entries, got \[\[1, 2\]", "entry-2"),
+    _p(_set(matrix=[[1, 0.5], [1, 1], [1, 1], [1, 1]]), {}, r"'matrix' must be a non-empty rectangular", "entry-half"),
+    _p(_set(matrix=[[1, -1], [1, 1], [1, 1], [1, 1]]), {}, r"'matrix' must be a non-empty rectangular", "entry-neg"),
+    _p(_set(matrix=[[1, 1], [1], [1, 1], [1, 1]]), {}, r"'matrix' must be a non-empty rectangular", "ragged"),
+    _p(_set(matrix=[]), {}, r"'matrix' must be a non-empty rectangular", "matrix-empty"),
+    _p(_drop("matrix"), {}, r"has no 'matrix' field", "matrix-missing"),
+    _p(_drop("granularity"), {}, r"has no 'granularity' field", "granularity-missing"),
+    _p(_set(granularity="layer"), {}, r"granularity must be one of", "granularity-value"),
+    _p(_set(granularity=3), {}, r"'granularity' must be a string, got 3", "granularity-int"),
+    _p(_drop("formulation"), {}, r"has no 'formulation' field", "formulation-missing"),
+    _p(_set(formulation="input"), {}, r"formulation must be one of", "formulation-value"),
+    _p(_set(threshold="0.5"), {}, r"'threshold' must be a number in \[0, 1\], got '0.5'", "threshold-str"),
+    _p(_set(threshold=NAN), {}, r"'threshold' must be a number in \[0, 1\], got nan", "threshold-nan"),
+    _p(_set(threshold=2.0), {}, r"'threshold' must be a number in \[0, 1\], got 2.0", "threshold-2"),
+    _p(_set(timesteps="1,0.5"), {}, r"'timesteps' must be a list of finite numbers", "timesteps-str"),
+    _p(_set(timesteps=[1.0, NAN]), {}, r"'timesteps' must be a list of finite numbers", "timesteps-nan"),
+    _p(_set(network_times=[1.0, 2.0]), {}, r"'network_times' must be a list of 4 finite numbers", "network-times"),
+    _p(_set(extra=[1, 2]), {}, r"'extra' must be an object, got \[1, 2\]", "extra-list"),
+    _p(_set(solver=3), {}, r"'solver' must be a string, got 3", "solver-int"),
+    _p(_set(fingerprint=12), {}, r"'fingerprint' must be a string, got 12", "fingerprint-int"),
+    _p(_set(nfe=5), {}, r"is inconsistent: nfe 5 but 4 mask rows", "nfe-inconsistent"),
+    _p(_set(nfe="4"), {}, r"'nfe' must be an integer, got '4'", "nfe-str"),
+    _p(_set(fingerprint="0" * 16), {"model": "tiny"}, r"this mask was trained for a model with fingerprint 0{16}",
+       "other-model"),
+    _p(lambda d: d, {"nfe": 6}, r"this mask has 4 steps \(NFE\) but the sampler uses 6", "other-nfe"),
+    _p(lambda d: d, {"solver": "unipc"}, r"this mask was trained for solver 'ddim', not 'unipc'", "other-solver"),
+]
+
+
+@pytest.mark.parametrize("mutate,kwargs,match", MASK_FILES)
+def test_load_mask_refuses(tmp_path, mutate, kwargs, match):
+    path = tmp_path / "mask.json"
+    _save_mask(path)
+    path.write_text(json.dumps(mutate(json.loads(path.read_text()))))
+    kwargs = {k: (tiny_dit() if v == "tiny" else v) for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        C.load_mask(str(path), **kwargs)
+
+
+def test_mask_file_round_trip_and_model_check(tmp_path):
+    # the valid file the cases above damage loads back as written, for the model it was made for
+    path = tmp_path / "mask.json"
+    _save_mask(path)
+    mask = C.load_mask(str(path), model=tiny_dit(), nfe=4, solver="ddim")
+    assert torch.equal(mask.matrix, M4) and mask.timesteps == [1.0, 0.75, 0.5, 0.25, 0.1]
+
+
+LEARNED_FILES = [
+    _p(_set(timesteps=[1.0, NAN, 0.1]), {}, r"timesteps must be finite", "ts-nan"),
+    _p(_set(timesteps=[INF, 0.5, 0.1]), {}, r"timesteps must be finite", "ts-inf"),
+    _p(_set(timesteps=[1.0, -INF, 0.1]), {}, r"timesteps must be finite", "ts-minus-inf"),
+    _p(_set(timesteps=[0.1, 0.5, 1.0]), {}, r"timesteps must be strictly decreasing", "ts-increasing"),
+    _p(_set(timesteps=[1.0, 0.5, 0.5]), {}, r"timesteps must be strictly decreasing", "ts-duplicate"),
+    _p(_set(timesteps=[1.0]), {}, r"timesteps must be a list of at least 2 numbers", "ts-short"),
+    _p(_set(timesteps="1.0, 0.5"), {}, r"timesteps must be a list of at least 2 numbers", "ts-str"),
+    _p(_set(timesteps=[1.0, True, 0.1]), {}, r"timesteps must be a list of at least 2 numbers", "ts-bool"),
+    _p(_set(timesteps=[1.5, 0.5, 0.1]), {}, r"timesteps is outside the domain of VPLinear", "ts-domain"),
+    _p(_drop("timesteps"), {}, r"timesteps are missing", "ts-missing"),
+    _p(_set(timesteps_cond=[1.0, 0.5]), {}, r"timesteps_cond must hold as many times as timesteps \(3\)",
+       "tc-length"),
+    _p(_set(timesteps_cond=[0.1, 0.5, 1.0]), {}, r"timesteps_cond must be decreasing", "tc-increasing"),
+    _p(_set(final_sigmas_type="none"), {}, r"final_sigmas_type must be one of", "final-sigmas-type"),
+    _p(_drop("metadata"), {}, r"metadata must be an object", "metadata-missing"),
+    _p(_set(metadata=[1]), {}, r"metadata must be an object", "metadata-list"),
+    _p(_drop("metadata.solver"), {}, r"metadata\.solver is missing", "solver-missing"),
+    _p(_set(**{"metadata.solver": "rk4"}), {}, r"metadata\.solver must be one of .*'rk4'", "solver-unknown"),
+    _p(_set(**{"metadata.order": "2"}), {}, r"metadata\.order has the wrong type \(str\)", "order-str"),
+    _p(_set(**{"metadata.order": True}), {}, r"metadata\.order has the wrong type \(bool\)", "order-bool"),
+    _p(_set(**{"metadata.nfe": 0}), {}, r"metadata\.nfe must be >= 1, got 0", "nfe-0"),
+    _p(_set(**{"metadata.nfe": 7}), {}, r"metadata\.nfe = 7, but dpmpp order 2 makes 2 model calls", "nfe-wrong"),
+    _p(_set(**{"metadata.guidance": NAN}), {}, r"metadata\.guidance must be a finite number or null", "guidance-nan"),
+    _p(_set(**{"metadata.solver_options": {"varient": "bh1"}}), {}, r"unknown option\(s\) \['varient'\]",
+       "solver-options-unknown"),
+    _p(_set(**{"metadata.solver_options": [1]}), {}, r"metadata\.solver_options must be an object", "options-list"),
+    _p(_set(**{"metadata.schedule": {"class": "VPSquare"}}), {}, r"cannot rebuild the schedule", "schedule-class"),
+    _p(_set(**{"metadata.schedule": {"class": "VPLinear", "beta1": INF}}), {}, r"cannot rebuild the schedule",
+       "schedule-inf"),
+    _p(_set(**{"metadata.schedule": "VPLinear"}), {}, r"metadata\.schedule has the wrong type", "schedule-str"),
+    _p(_set(**{"metadata.model_fingerprint": 5}), {}, r"metadata\.model_fingerprint has the wrong type",
+       "fingerprint-int"),
+    _p(_set(**{"metadata.model_fingerprint": "0" * 16}), {"model": "tiny"},
+       r"was learned for another model \(fingerprint 0{16}", "other-model"),
+    _p(lambda d: d, {"solver": "unipc"}, r"was learned for solver 'dpmpp' \(order 2\), not 'unipc'", "other-solver"),
+    _p(lambda d: d, {"order": 3}, r"was learned for order 2, not 3", "other-order"),
+    _p(lambda d: d, {"schedule": S.VPCosine()}, r"was learned for schedule .*VPLinear.*, not .*VPCosine",
+       "other-schedule"),
+]
+
+
+@pytest.mark.parametrize("mutate,kwargs,match", LEARNED_FILES)
+def test_load_learned_schedule_refuses(tmp_path, mutate, kwargs, match):
+    path = tmp_path / "ld3.json"
+    _save_learned(path)
+    text = json.dumps(mutate(json.loads(path.read_text())))  # NaN and inf as JSON's NaN / Infinity
+    path.write_text(text)
+    kwargs = {k: (tiny_dit() if v == "tiny" else v) for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=r"'.*ld3\.json'.*" + match):
+        LearnedSchedule.load(str(path), **kwargs)

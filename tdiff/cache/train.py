@@ -162,6 +162,10 @@ def train_mask(model: nn.Module, sample_fn: Optional[Callable[[nn.Module], objec
     granularity = check_granularity(granularity)
     _check_settings(iterations, lr, lambda1, lambda2, bimodal_start, init_score, threshold, feature_loss,
                     cache_update)
+    if target_mac_fraction is not None and (isinstance(target_mac_fraction, bool) or not isinstance(
+            target_mac_fraction, (int, float)) or not 0.0 < target_mac_fraction <= 1.0):
+        # checked before training, not only when binarising after it
+        raise ValueError(f"target_mac_fraction must be None or a number in (0, 1], got {target_mac_fraction!r}")
     if relaxation not in RELAXATIONS:
         raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
     if isinstance(bimodal_growth, bool) or not isinstance(bimodal_growth, (int, float)) \
