@@ -35,8 +35,9 @@ def X(b=2):
     return torch.randn(b, 1, 2, 2, generator=torch.Generator().manual_seed(0))
 
 
-def _p(thunk, exc, match, id):
-    return pytest.param(thunk, exc, match, id=id)
+def _p(*values):
+    """One table row: the values, then its id."""
+    return pytest.param(*values[:-1], id=values[-1])
 
 
 def _check(thunk, exc, match):
@@ -987,3 +988,234 @@ def test_load_learned_schedule_refuses(tmp_path, mutate, kwargs, match):
     kwargs = {k: (tiny_dit() if v == "tiny" else v) for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=r"'.*ld3\.json'.*" + match):
         LearnedSchedule.load(str(path), **kwargs)
+
+
+# default-model checkpoints (safetensors): a tiny config cached in a temporary TDIFF_CACHE_DIR, then damaged
+from tdiff.models import defaults as D  # noqa: E402
+from tdiff.models.weights import save_weights  # noqa: E402
+
+TINY = dict(input_size=4, patch_size=2, hidden_size=8, depth=1, num_heads=2)
+
+
+def _save_default(path, model=None, **payload):
+    cfg = D.config_of("dit", TINY)
+    model = model if model is not None else D.build_model("dit", cfg)
+    doc = {"which": "dit", "config": cfg.to_dict(), "schedule": D.default_schedule().config(),
+           "recipe": D._recipe("dit", cfg, None, None, D.DEFAULT_SEED), "metrics": {}}
+    doc.update(payload)
+    save_weights(str(path), D.FORMAT, D.VERSION, model, {k: v for k, v in doc.items() if v is not None})
+
+
+def _nan_model():
+    m = D.build_model("dit", TINY)
+    with torch.no_grad():
+        next(m.parameters()).view(-1)[0] = NAN
+    return m
+
+
+def _missing_tensor_model():
+    class Fewer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+    return Fewer()
+
+
+DEFAULT_FILES = [
+    _p(lambda p: p.write_bytes(b"\x00" * 64), r"cannot read tdiff-default-weights file", "garbage"),
+    _p(lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), r"cannot read tdiff-default-weights file",
+       "truncated"),
+    _p(lambda p: _save_default(p, model=_nan_model()), r"tensor '.*' holds NaN or inf", "nan-weights"),
+    _p(lambda p: _save_default(p, model=_missing_tensor_model()), r"does not hold this network's weights: missing",
+       "other-network"),
+    _p(lambda p: _save_default(p, which="unet"), r"holds a 'unet' model, expected 'dit'", "other-which"),
+    _p(lambda p: _save_default(p, config=None), r"tdiff-default-weights file '.*' has no 'config' entry",
+       "config-missing"),
+    _p(lambda p: _save_default(p, recipe={"iters": 1}), r"was trained with \{'iters': 1\}, not the requested",
+       "other-recipe"),
+    _p(lambda p: _save_default(p, schedule={"class": "VPLinear"}), r"was trained with schedule", "other-schedule"),
+    _p(lambda p: _save_default(p, metrics=[1.0]), r"'metrics' must be a dict, got list", "metrics-list"),
+    _p(lambda p: (p.unlink(), p.mkdir()), r"cannot read tdiff-default-weights file", "directory"),
+]
+
+
+@pytest.mark.parametrize("damage,match", DEFAULT_FILES)
+def test_default_checkpoint_refused(tmp_path, monkeypatch, damage, match):
+    monkeypatch.setenv("TDIFF_CACHE_DIR", str(tmp_path))
+    path = tmp_path / os.path.basename(D.checkpoint_path("dit", TINY))
+    _save_default(path)
+    damage(path)
+    with pytest.raises(ValueError, match=match):
+        D.load_default("dit", config=TINY)  # never retrains (train_if_missing=False)
+
+
+def test_default_checkpoint_missing_and_bad_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("TDIFF_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no dit checkpoint for config .* pass train_if_missing=True"):
+        D.load_default("dit", config=TINY)
+    with pytest.raises(ValueError, match=r"which must be one of \('dit', 'unet'\), got 'vit'"):
+        D.load_default("vit")
+    with pytest.raises(ValueError, match=r"iters must be a positive integer, got 0"):
+        D.load_default("dit", config=TINY, iters=0)
+    with pytest.raises(ValueError, match=r"config for 'dit' must be a DiTConfig or dict, got list"):
+        D.load_default("dit", config=[1])
+    path = tmp_path / os.path.basename(D.checkpoint_path("dit", TINY))
+    _save_default(path)
+    model, _, _ = D.load_default("dit", config=TINY)  # the valid file the cases above damage loads
+    assert isinstance(model, DiT)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training: DiffusionLoss, samplers, weightings, warm-up
+# ---------------------------------------------------------------------------------------------------------------
+from tdiff.training import DiffusionLoss  # noqa: E402
+from tdiff.training import samplers as TS_  # noqa: E402
+from tdiff.training import weightings as W  # noqa: E402
+from tdiff.training.warmup import WeightWarmup  # noqa: E402
+
+DDPM = S.DiscreteVP(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))  # the linear DDPM schedule
+
+
+def _model(x, t, y=None):
+    return 0.1 * x
+
+
+def _loaded(state, **kw):
+    DiffusionLoss(DDPM, **kw).load_state_dict(state)
+
+
+def _warm_state(**change):
+    state = DiffusionLoss(S.EDM(), process="fdm", warmup=10).state_dict()
+    state["warmup"] = {**state["warmup"], **change} if change else {}
+    return state
+
+
+TRAINING = [
+    _p(lambda: DiffusionLoss(DDPM, process="ddpm"), ValueError, r"process must be one of \('standard', 'fdm'\), got "
+       r"'ddpm'", "process"),
+    _p(lambda: DiffusionLoss(DDPM, sampler="spede"), ValueError, r"sampler must be one of .*'speed'.*got 'spede'",
+       "sampler-name"),
+    _p(lambda: DiffusionLoss(DDPM, sampler=["speed"]), TypeError, r"sampler must be a name .* got list \['speed'\]",
+       "sampler-list"),
+    _p(lambda: DiffusionLoss(DDPM, weighting="snr"), ValueError, r"weighting must be one of .*got 'snr'",
+       "weighting-name"),
+    _p(lambda: DiffusionLoss(DDPM, target="score"), ValueError, r"target must be one of .*got 'score'", "target"),
+    _p(lambda: DiffusionLoss(DDPM, mode="biased"), ValueError, r"mode must be one of .*got 'biased'", "mode"),
+    _p(lambda: DiffusionLoss(DDPM, target="edm", precond="karras"), ValueError, r"precond must be one of",
+       "precond"),
+    _p(lambda: DiffusionLoss(DDPM, precond="edm"), ValueError, r"precond is only used with target='edm'",
+       "precond-eps"),
+    _p(lambda: DiffusionLoss(DDPM, sigma_data=0.5), ValueError, r"sigma_data is only used with target='edm'",
+       "sigma-data-eps"),
+    _p(lambda: DiffusionLoss(DDPM, fdm_multiplier=3.0), ValueError, r"fdm_multiplier only applies to process='fdm'",
+       "fdm-multiplier-standard"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_multiplier=INF), ValueError,
+       r"fdm_multiplier must be finite, got inf", "fdm-multiplier-inf"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_multiplier=0.0), ValueError,
+       r"fdm_multiplier must lie in \(0.0, inf\]", "fdm-multiplier-0"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_multiplier="2"), TypeError,
+       r"fdm_multiplier must be a real number, got str", "fdm-multiplier-str"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_on="output"), ValueError, r"fdm_on must be one of",
+       "fdm-on"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_beta_min=-1.0), ValueError, r"fdm_beta_min must lie in",
+       "fdm-beta-min"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_sigma_range=(1.0,)), TypeError,
+       r"fdm_sigma_range must be a \(sigma_min, sigma_max\) pair", "fdm-range-short"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", fdm_sigma_range=(2.0, 1.0)), ValueError,
+       r"fdm_sigma_range\[1\] must lie in \(2.0, inf\]", "fdm-range-reversed"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", target="eps"), ValueError,
+       r"process='fdm' trains the preconditioned denoiser; target must be None or 'edm'", "fdm-target"),
+    _p(lambda: DiffusionLoss(DDPM, network_time=5), TypeError, r"network_time must be a callable", "network-time"),
+    _p(lambda: DiffusionLoss(DDPM, sampler_kwargs=[1]), TypeError, r"sampler_kwargs must be a dict of options",
+       "sampler-kwargs-list"),
+    _p(lambda: DiffusionLoss(DDPM, sampler="speed", sampler_kwargs=dict(kk=2)), TypeError,
+       r"unexpected keyword argument 'kk'", "sampler-kwargs-unknown"),
+    _p(lambda: DiffusionLoss(DDPM, sampler=TS_.UniformSampler(DDPM), sampler_kwargs=dict(n=10)), ValueError,
+       r"sampler options \['n'\] were given for an already-built sampler", "sampler-built-with-options"),
+    _p(lambda: DiffusionLoss(DDPM, sampler="speed", sampler_kwargs=dict(k=INF)), ValueError,
+       r"k \(SpeeD's suppression ratio\) must be finite", "speed-k-inf"),
+    _p(lambda: DiffusionLoss(DDPM, sampler="speed", sampler_kwargs=dict(tau=5000)), ValueError,
+       r"tau \(a step index of the schedule's cells\) must be an integer in \[1, ", "speed-tau-range"),
+    _p(lambda: DiffusionLoss(DDPM, weighting="speed", weighting_kwargs=dict(lam=0.2)), ValueError,
+       r"lam \(SpeeD's lambda\) must lie in \[0.5, 1.0\], got 0.2", "speed-lambda"),
+    _p(lambda: DiffusionLoss(DDPM, weighting="min_snr", weighting_kwargs=dict(gamma=-1.0)), ValueError,
+       r"gamma must lie in \(0.0, inf\]", "min-snr-gamma"),
+    _p(lambda: DiffusionLoss(DDPM, warmup=0), ValueError, r"warmup_steps must be an integer in \[1, inf\], got 0",
+       "warmup-0"),
+    _p(lambda: DiffusionLoss(DDPM, warmup="100"), TypeError, r"warmup_steps must be an integer, got str",
+       "warmup-str"),
+    _p(lambda: DiffusionLoss(DDPM, check=1), TypeError, r"check must be True or False", "check-int"),
+    _p(lambda: DiffusionLoss("ddpm"), TypeError, r"schedule must be a tdiff.schedules.NoiseSchedule, got str",
+       "schedule-str"),
+    _p(lambda: DiffusionLoss(DDPM)(_model, torch.zeros(2, 1, 2, 2, dtype=torch.long)), TypeError,
+       r"x0 must be a floating-point tensor .* got torch.int64", "call-x0-int"),
+    _p(lambda: DiffusionLoss(DDPM)(_model, torch.zeros(0, 1, 2, 2)), ValueError,
+       r"x0 must be a \(B, \.\.\.\) tensor with B >= 1", "call-x0-empty"),
+    _p(lambda: DiffusionLoss(DDPM)("model", X()), TypeError, r"model must be callable", "call-model-str"),
+    _p(lambda: DiffusionLoss(DDPM)(_model, X(), t=torch.rand(3)), ValueError, r"t must be a tensor of shape \(2,\)",
+       "call-t-shape"),
+    _p(lambda: DiffusionLoss(DDPM)(_model, X(), t=torch.tensor([0.5, 1.5])), ValueError,
+       r"t is outside the domain of DiscreteVP", "call-t-domain"),
+    _p(lambda: DiffusionLoss(DDPM)(_model, X(), noise=torch.zeros(2, 1, 2, 3)), ValueError,
+       r"noise must be a tensor with x0's shape \(2, 1, 2, 2\)", "call-noise-shape"),
+    _p(lambda: DiffusionLoss(DDPM)(lambda x, t, y=None: x[:1], X()), ValueError,
+       r"the model returned shape \(1, 1, 2, 2\), expected x0's \(2, 1, 2, 2\)", "call-model-shape"),
+    _p(lambda: _loaded({"warmup": {}}), ValueError, r"state is missing \['config'\]", "state-missing-config"),
+    _p(lambda: _loaded("state"), TypeError, r"state must be a dict from DiffusionLoss.state_dict\(\), got str",
+       "state-str"),
+    _p(lambda: _loaded(DiffusionLoss(DDPM, sampler="speed").state_dict()), ValueError,
+       r"state was saved by a DiffusionLoss with sampler\.k=2\.0, this loss has sampler\.k=", "state-other-config"),
+    _p(lambda: _loaded({"warmup": None, "config": [1]}), TypeError, r"state\['config'\] must be a dict",
+       "state-config-list"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", warmup=10).load_state_dict(_warm_state()), ValueError,
+       r"warm-up state is missing \['steps', ", "state-warmup-empty"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", warmup=10).load_state_dict(_warm_state(steps=-1)), ValueError,
+       r"warm-up state steps must be an integer in \[0, inf\], got -1", "state-warmup-steps"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm", warmup=10).load_state_dict(_warm_state(lambda_max=7.0)),
+       ValueError, r"warm-up state lambda_max=7.0 does not match this warm-up's 5.0", "state-warmup-other"),
+    _p(lambda: DiffusionLoss(S.EDM(), process="fdm").load_state_dict(_warm_state(steps=1)), ValueError,
+       r"state was saved by a DiffusionLoss with warmup=", "state-warmup-presence"),
+    # samplers and weightings on their own
+    _p(lambda: TS_.SpeedSampler(DDPM, k=0.0), ValueError, r"k \(SpeeD's suppression ratio\) must lie in \(0.0",
+       "speed-k-0"),
+    _p(lambda: TS_.SpeedSampler(DDPM, k=NAN), ValueError, r"k \(SpeeD's suppression ratio\) must be finite",
+       "speed-k-nan"),
+    _p(lambda: TS_.SpeedSampler(DDPM, tau=0), ValueError, r"tau \(a step index of the schedule's cells\) must be an "
+       r"integer in \[1, ", "speed-tau-0"),
+    _p(lambda: TS_.SpeedSampler(DDPM, tau=2.5), ValueError, r"tau \(a step index of the schedule's cells\) must be an "
+       r"integer, got 2.5", "speed-tau-float"),
+    _p(lambda: TS_.SpeedSampler(DDPM, reflect=1), TypeError, r"reflect must be True or False", "speed-reflect"),
+    _p(lambda: TS_.SpeedSampler(DDPM, threshold=-1e-4), ValueError, r"threshold must lie in \(0.0", "speed-threshold"),
+    _p(lambda: TS_.LogNormalSampler(DDPM, p_std=0.0), ValueError, r"p_std must lie in \(0.0", "lognormal-std-0"),
+    _p(lambda: TS_.LogNormalSampler(DDPM, p_mean=NAN), ValueError, r"p_mean must be finite", "lognormal-mean-nan"),
+    _p(lambda: TS_.LogitNormalSampler(S.RectifiedFlow(), std=-1.0), ValueError, r"std must lie in \(0.0",
+       "logitnormal-std"),
+    _p(lambda: TS_.UniformSampler(DDPM).sample(0), ValueError, r"batch must be an integer in \[1, inf\], got 0",
+       "sample-batch-0"),
+    _p(lambda: TS_.UniformSampler(DDPM).sample(2.5), ValueError, r"batch must be an integer, got 2.5",
+       "sample-batch-float"),
+    _p(lambda: TS_.UniformSampler(VP).sample_indices(2), ValueError, r"sample_indices .*DiscreteVP",
+       "sample-indices-continuous"),
+    _p(lambda: W.MinSNRWeight(DDPM, gamma=0.0), ValueError, r"gamma must lie in \(0.0", "min-snr-gamma-0"),
+    _p(lambda: W.MinSNRWeight(DDPM, target="score"), ValueError,
+       r"target \(Min-SNR's regression target\) must be one of", "min-snr-target"),
+    _p(lambda: W.P2Weight(DDPM, k=0.0), ValueError, r"k \(P2's k keeps 1/\(k\+snr\)\^gamma finite at snr=0\) must lie",
+       "p2-k-0"),
+    _p(lambda: W.P2Weight(DDPM, gamma=-1.0), ValueError, r"gamma must lie in \[0.0", "p2-gamma"),
+    _p(lambda: W.SpeedWeight(DDPM, lam=1.5), ValueError, r"lam \(SpeeD's lambda\) must lie in \[0.5, 1.0\]",
+       "speed-weight-lambda"),
+    _p(lambda: W.SpeedWeight(DDPM, tau=10**6), ValueError, r"tau \(a step index of the schedule's cells\) must be",
+       "speed-weight-tau"),
+    _p(lambda: W.SpeedWeight(DDPM, threshold=NAN), ValueError, r"threshold", "speed-weight-threshold"),
+    _p(lambda: W.EDMWeight(DDPM, sigma_data=-1.0), ValueError, r"sigma_data", "edm-weight-sigma-data"),
+    _p(lambda: W.make_weighting("min_snr", DDPM, gama=5.0), TypeError, r"unexpected keyword argument 'gama'",
+       "weighting-kwarg"),
+    _p(lambda: WeightWarmup(10, lambda_max=5.0, lambda_end=1.0), ValueError,
+       r"lambda_end must lie in \(5.0, inf\], got 1.0", "warmup-end-below-max"),
+    _p(lambda: WeightWarmup(10, lambda_max=NAN), ValueError, r"lambda_max must be finite", "warmup-max-nan"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", TRAINING)
+def test_training_refuses(thunk, exc, match):
+    _check(thunk, exc, match)
