@@ -1219,3 +1219,109 @@ TRAINING = [
 @pytest.mark.parametrize("thunk,exc,match", TRAINING)
 def test_training_refuses(thunk, exc, match):
     _check(thunk, exc, match)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TdiffScheduler (diffusers' scheduler protocol)
+# ---------------------------------------------------------------------------------------------------------------
+def _sched(n=None, **kw):
+    from tdiff.schedulers import TdiffScheduler
+
+    s = TdiffScheduler(**kw)
+    if n is not None:
+        s.set_timesteps(n)
+    return s
+
+
+def _stepped(s, k, shape=(1, 2)):
+    for t in s.timesteps[:k]:
+        s.step(torch.zeros(shape), t, torch.zeros(shape))
+    return s
+
+
+def _from_config(**kw):
+    from tdiff.schedulers import TdiffScheduler
+
+    return TdiffScheduler.from_config({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}, **kw)
+
+
+Z = torch.zeros(1, 2)
+SCHEDULER = [
+    _p(lambda: _sched(solver="rk4"), ValueError, r"solver must be None or one of .*'rk4'", "solver"),
+    _p(lambda: _sched(order="2"), ValueError, r"order must be None or an integer, got '2'", "order-str"),
+    _p(lambda: _sched(solver="unipc", order=5, n=4), ValueError, r"order for solver 'unipc' must be one of",
+       "order-5"),
+    _p(lambda: _sched(solver_options=[1]), ValueError, r"solver_options must be None or a dict", "options-list"),
+    _p(lambda: _sched(solver="unipc", solver_options={"varient": "bh1"}, n=4), ValueError,
+       r"unknown option\(s\) \['varient'\] for solver 'unipc'", "options-unknown"),
+    _p(lambda: _sched(thresholding=True), ValueError, r"thresholding=True .* cannot be reproduced", "thresholding"),
+    _p(lambda: _sched(prediction_type="mu"), ValueError, r"prediction_type must be one of .*got 'mu'",
+       "prediction-type"),
+    _p(lambda: _sched(use_flow_sigmas=True, prediction_type="epsilon"), ValueError,
+       r"flow-matching config .* prediction_type must be 'flow_prediction' or None", "flow-prediction-type"),
+    _p(lambda: _sched(final_sigmas_type="one"), ValueError, r"final_sigmas_type must be one of", "final-sigmas"),
+    _p(lambda: _sched(timesteps="cosine"), ValueError, r"timesteps must be one of .*'cosine'", "grid-name"),
+    _p(lambda: _sched(timesteps=torch.tensor([0.1, 0.5])), ValueError, r"timesteps must be strictly decreasing",
+       "grid-increasing"),
+    _p(lambda: _sched(timesteps={"a": 1}), ValueError, r"a timesteps dict \(a saved grid\) must have the keys",
+       "grid-dict"),
+    _p(lambda: _sched(source_scheduler=5), ValueError, r"source_scheduler must be a diffusers scheduler class name",
+       "source-int"),
+    _p(lambda: _sched(source_scheduler="ScoreSdeVeScheduler"), ValueError,
+       r"scheduler 'ScoreSdeVeScheduler' has no DDPM noise schedule", "source-ve"),
+    _p(lambda: _sched(beta_schedule="sigmoid"), ValueError, r"beta_schedule='sigmoid' is not supported",
+       "beta-schedule"),
+    _p(lambda: _sched(num_train_timesteps=0), ValueError, r"num_train_timesteps must be an integer >= 2, got 0",
+       "num-train-0"),
+    _p(lambda: _sched(solver="heun", solver_options={"s_churn": 1.0}, n=3), ValueError,
+       r"solver 'heun' with these options does something to x_T before its first model call", "heun-churn"),
+    _p(lambda: _from_config(sover="unipc"), ValueError, r"unknown option 'sover' for TdiffScheduler", "from-config-kw"),
+    _p(lambda: _from_config(orders=2), ValueError, r"unknown option 'orders' for TdiffScheduler", "from-config-kw2"),
+    _p(lambda: __import__("tdiff.schedulers").schedulers.TdiffScheduler.from_config("some/path"), ValueError,
+       r"config must be a scheduler config dict .* got str", "from-config-path"),
+    _p(lambda: _sched().set_timesteps(0), ValueError, r"num_inference_steps must be an integer >= 1, got 0", "n-0"),
+    _p(lambda: _sched().set_timesteps(2.5), ValueError, r"num_inference_steps must be an integer >= 1, got 2.5",
+       "n-float"),
+    _p(lambda: _sched().set_timesteps(True), ValueError, r"num_inference_steps must be an integer >= 1, got True",
+       "n-bool"),
+    _p(lambda: _sched().set_timesteps(timesteps=[500, 10], sigmas=[1.0, 0.5]), ValueError,
+       r"pass at most one of timesteps= and sigmas=", "timesteps-and-sigmas"),
+    _p(lambda: _sched().set_timesteps(timesteps=[2000, 10]), ValueError,
+       r"timesteps must be training indices in \[0, 999\], got \[2000.0, 10.0\]", "timesteps-range"),
+    _p(lambda: _sched().set_timesteps(timesteps=[10, 500]), ValueError, r"timesteps must be strictly decreasing",
+       "timesteps-increasing"),
+    _p(lambda: _sched().set_timesteps(timesteps=[500, 500, 10]), ValueError,
+       r"timesteps must not hold duplicated times", "timesteps-duplicated"),
+    _p(lambda: _sched().set_timesteps(timesteps=[500.0, NAN]), ValueError, r"timesteps must be finite, got \[500.0, "
+       r"nan\]", "timesteps-nan"),
+    _p(lambda: _sched().set_timesteps(timesteps=[[500.0, 10.0]]), ValueError,
+       r"timesteps must be a 1-D sequence of at least one value", "timesteps-2d"),
+    _p(lambda: _sched().set_timesteps(sigmas=[-1.0, 0.5]), ValueError, r"sigmas must be positive noise levels",
+       "sigmas-negative"),
+    _p(lambda: _sched().set_timesteps(sigmas=[INF, 0.5]), ValueError, r"sigmas must be finite", "sigmas-inf"),
+    _p(lambda: _sched().set_timesteps(4, mu=0.5), ValueError, r"mu=0.5 shifts diffusers' own flow-matching grid",
+       "mu"),
+    _p(lambda: _sched().step(Z, 999, Z), ValueError, r"call set_timesteps\(\.\.\.\) before step\(\)",
+       "step-before-set"),
+    _p(lambda: _sched(n=3).step(torch.zeros(1, 3), 999, Z), ValueError,
+       r"model_output has shape \(1, 3\); expected the shape of sample \(1, 2\)", "step-output-shape"),
+    _p(lambda: _sched(n=3).step("out", 999, Z), ValueError, r"model_output and sample must be tensors",
+       "step-output-str"),
+    _p(lambda: _sched(n=3).step(Z, 12345, Z), ValueError, r"step\(\) got timestep 12345.0, which is not one of "
+       r"scheduler.timesteps", "step-timestep"),
+    _p(lambda: (s := _stepped(_sched(n=3), 1)).step(Z, s.timesteps[1], torch.zeros(2, 2)), ValueError,
+       r"sample has shape \(2, 2\); this run's samples have shape \(1, 2\)", "step-sample-shape"),
+    _p(lambda: _stepped(_sched(n=2), 2).step(Z, 999, Z), ValueError,
+       r"all 2 model calls of this run have been stepped", "step-after-end"),
+    _p(lambda: (s := _stepped(_sched(n=3), 1)).step(Z, s.timesteps[1], Z, eta=0.5), ValueError,
+       r"eta / use_clipped_model_output changed during a run", "step-eta-changed"),
+    _p(lambda: _sched(n=3).set_begin_index(-1), ValueError, r"begin_index must be an integer >= 0, got -1",
+       "begin-index-neg"),
+    _p(lambda: _sched(n=3).set_begin_index(7), ValueError, r"begin_index must be below the 3 model calls, got 7",
+       "begin-index-large"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", SCHEDULER)
+def test_tdiff_scheduler_refuses(thunk, exc, match):
+    _check(thunk, exc, match)
