@@ -6,6 +6,7 @@ collected test. Ops run on the reference and the C++ backends (TDIFF_BACKEND), a
 called directly too (they are public API and validate their own inputs).
 """
 import json
+import re
 import math
 import os
 
@@ -1325,3 +1326,95 @@ SCHEDULER = [
 @pytest.mark.parametrize("thunk,exc,match", SCHEDULER)
 def test_tdiff_scheduler_refuses(thunk, exc, match):
     _check(thunk, exc, match)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command lines, in-process: a bad flag or value exits with status 2 and a message naming it; nothing runs
+# ---------------------------------------------------------------------------------------------------------------
+CLI_TDIFF = [
+    _p([], r"the following arguments are required: cmd", "no-command"),
+    _p(["dem"], r"argument cmd: invalid choice: 'dem'", "command-typo"),
+    _p(["demo", "--quik"], r"unrecognized arguments: --quik", "demo-flag-typo"),
+    _p(["demo", "--out"], r"argument --out: expected one argument", "demo-out-missing"),
+    _p(["train-defaults", "vit"], r"argument which: invalid choice: 'vit'", "train-defaults-which"),
+    _p(["train-defaults", "dit", "vit"], r"argument which: invalid choice: 'vit'", "train-defaults-which-second"),
+    _p(["train-defaults", "--progress"], r"unrecognized arguments: --progress", "train-defaults-flag"),
+    _p(["bench", "--quik"], r"unrecognized arguments: --quik", "bench-flag"),
+]
+
+CLI_TRAIN = [
+    _p(["--model", "vit"], r"argument --model: invalid choice: 'vit'", "model"),
+    _p(["--iters", "ten"], r"argument --iters: invalid int value: 'ten'", "iters-text"),
+    _p(["--iters", "-5"], r"--iters must be an integer in \[1, inf\], got -5", "iters-negative"),
+    _p(["--iters", "0"], r"--iters must be an integer in \[1, inf\], got 0", "iters-0"),
+    _p(["--batch-size", "0"], r"--batch-size must be an integer in \[1, inf\], got 0", "batch-size"),
+    _p(["--lr", "nan"], r"--lr must be finite, got nan", "lr-nan"),
+    _p(["--lr=-1e-3"], r"--lr must lie in \(0.0, inf\]", "lr-negative"),
+    _p(["--ema", "1.5"], r"--ema must lie in \[0.0, 1.0\), got 1.5", "ema"),
+    _p(["--eval-samples", "1"], r"--eval-samples must be an integer in \[2, inf\], got 1", "eval-samples"),
+    _p(["--threads", "0"], r"--threads must be an integer in \[1, inf\], got 0", "threads-0"),
+    _p(["--seed", "-1"], r"--seed must be an integer in \[0, inf\], got -1", "seed"),
+    _p(["--checkpoint-every", "-2"], r"--checkpoint-every must be an integer in \[0, inf\]", "checkpoint-every"),
+    _p(["--sampler", "spede"], r"argument --sampler: invalid choice: 'spede'", "sampler"),
+    _p(["--weighting", "snr"], r"argument --weighting: invalid choice: 'snr'", "weighting"),
+    _p(["--process", "ddpm"], r"argument --process: invalid choice: 'ddpm'", "process"),
+    _p(["--schedule", "linear"], r"argument --schedule: invalid choice: 'linear'", "schedule"),
+    _p(["--speed-k", "2"], r"--speed-k belongs to sampler=speed, but this run uses sampler=None", "speed-k-owner"),
+    _p(["--sampler", "speed", "--speed-k", "inf"], r"k \(SpeeD's suppression ratio\) must be finite, got inf",
+       "speed-k-inf"),
+    _p(["--sampler", "speed", "--speed-k", "two"], r"argument --speed-k: invalid float value: 'two'",
+       "speed-k-text"),
+    _p(["--sampler", "speed", "--speed-reflect", "maybe"], r"argument --speed-reflect: expected true or false",
+       "speed-reflect"),
+    _p(["--sampler", "speed", "--speed-tau", "5000"], r"tau \(a step index of the schedule's cells\) must be an "
+       r"integer in \[1, 999\], got 5000", "speed-tau"),
+    _p(["--weighting", "speed", "--speed-lambda", "0.2"], r"lam \(SpeeD's lambda\) must lie in \[0.5, 1.0\]",
+       "speed-lambda"),
+    _p(["--weighting", "min_snr", "--min-snr-gamma", "0"], r"gamma must lie in \(0.0, inf\]", "min-snr-gamma"),
+    _p(["--fdm-multiplier", "3"], r"--fdm-multiplier belongs to process=fdm", "fdm-multiplier-owner"),
+    _p(["--process", "fdm", "--schedule", "edm", "--fdm-multiplier", "inf"], r"fdm_multiplier must be finite",
+       "fdm-multiplier-inf"),
+    _p(["--process", "fdm", "--schedule", "edm", "--fdm-sigma-range", "1"],
+       r"argument --fdm-sigma-range: expected two numbers 'lo,hi', got '1'", "fdm-sigma-range"),
+    _p(["--warmup-lambda-max", "3"], r"warm-up options \['lambda_max'\] need a warm-up", "warmup-options"),
+    _p(["--warmup", "0"], r"warmup_steps must be an integer in \[1, inf\], got 0", "warmup-0"),
+    _p(["--model-config", "[1]"], r"argument --model-config: expected a JSON object, got '\[1\]'", "model-config-list"),
+    _p(["--model-config", "{depth: 2}"], r"argument --model-config: expected a JSON object", "model-config-json"),
+    _p(["--model-config", '{"dept": 2}'], r"unexpected keyword argument 'dept'", "model-config-key"),
+    _p(["--model-config", '{"depth": -1}'], r"depth must be a positive integer, got -1", "model-config-value"),
+    _p(["--bogus"], r"unrecognized arguments: --bogus", "unknown-flag"),
+]
+
+
+def _exits(main, argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert re.search(match, capsys.readouterr().err), match
+
+
+@pytest.mark.parametrize("argv,match", CLI_TDIFF)
+def test_tdiff_cli_refuses(capsys, argv, match):
+    from tdiff.__main__ import main
+
+    _exits(main, argv, match, capsys)
+
+
+def test_train_defaults_without_names_means_all(monkeypatch):
+    # `python -m tdiff train-defaults` (no names) retrains all three; argparse's choices= once refused it
+    from tdiff import __main__ as cli
+
+    seen = []
+    monkeypatch.setattr(D, "train_defaults", lambda which, out=None, progress=True: seen.append((which, out)))
+    assert cli.main(["train-defaults", "--out", "somewhere"]) == 0
+    assert cli.main(["train-defaults", "unet", "dit", "unet"]) == 0
+    assert seen == [(["classifier", "dit", "unet"], "somewhere"), (["unet", "dit"], "tdiff_defaults")]
+
+
+@pytest.mark.parametrize("argv,match", CLI_TRAIN)
+def test_train_cli_refuses(monkeypatch, tmp_path, capsys, argv, match):
+    from tdiff.training import train as T
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written, but if it were, not into the checkout
+    monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("the CLI started training on a bad flag"))
+    _exits(T.main, argv, match, capsys)

@@ -125,22 +125,25 @@ def evaluate_fd(loss_fn: DiffusionLoss, model, cfg: TrainConfig) -> float:
     return frechet_distance(imgs.clamp(-1.0, 1.0))
 
 
-def _check_config(cfg: TrainConfig) -> None:
-    checks.choice("model", cfg.model, ("dit", "unet"))
-    checks.integer("iters", cfg.iters, low=1)
-    checks.integer("batch_size", cfg.batch_size, low=1)
-    checks.positive("lr", cfg.lr)
-    checks.real("ema", cfg.ema, low=0.0, high=1.0, high_open=True)
-    checks.integer("seed", cfg.seed, low=0)
-    checks.integer("eval_every", cfg.eval_every, low=0)
-    checks.integer("eval_samples", cfg.eval_samples, low=2)
-    checks.integer("eval_steps", cfg.eval_steps, low=1)
-    checks.integer("checkpoint_every", cfg.checkpoint_every, low=0)
+def _check_config(cfg: TrainConfig, name: Callable[[str], str] = str) -> None:
+    """Validate the run's settings; `name(field)` is how an error names a field (the CLI names its flag)."""
+    checks.choice(name("model"), cfg.model, ("dit", "unet"))
+    checks.integer(name("iters"), cfg.iters, low=1)
+    checks.integer(name("batch_size"), cfg.batch_size, low=1)
+    checks.positive(name("lr"), cfg.lr)
+    checks.real(name("ema"), cfg.ema, low=0.0, high=1.0, high_open=True)
+    checks.integer(name("seed"), cfg.seed, low=0)
+    checks.integer(name("eval_every"), cfg.eval_every, low=0)
+    checks.integer(name("eval_samples"), cfg.eval_samples, low=2)
+    checks.integer(name("eval_steps"), cfg.eval_steps, low=1)
+    checks.integer(name("checkpoint_every"), cfg.checkpoint_every, low=0)
+    if cfg.threads is not None:
+        checks.integer(name("threads"), cfg.threads, low=1)
     if cfg.checkpoint_every and not cfg.checkpoint:
-        raise ValueError("checkpoint_every needs a checkpoint path")
-    for name in ("sampler_kwargs", "weighting_kwargs", "loss_kwargs", "warmup_kwargs", "model_overrides"):
-        if not isinstance(getattr(cfg, name), dict):
-            raise TypeError(f"{name} must be a dict, got {type(getattr(cfg, name)).__name__}")
+        raise ValueError(f"{name('checkpoint_every')} needs a checkpoint path")
+    for field_name in ("sampler_kwargs", "weighting_kwargs", "loss_kwargs", "warmup_kwargs", "model_overrides"):
+        if not isinstance(getattr(cfg, field_name), dict):
+            raise TypeError(f"{field_name} must be a dict, got {type(getattr(cfg, field_name)).__name__}")
 
 
 def _resumable_config(cfg: TrainConfig) -> dict:
@@ -444,6 +447,10 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     try:
         cfg = config_from_args(a)
+        # every setting is checked before training starts, and a refusal names the flag
+        _check_config(cfg, name=lambda field: "--" + field.replace("_", "-"))
+        build_loss(cfg)
+        build_model(cfg)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     out = a.out or cfg.checkpoint[: -len(".ckpt")]
