@@ -1418,3 +1418,78 @@ def test_train_cli_refuses(monkeypatch, tmp_path, capsys, argv, match):
     monkeypatch.chdir(tmp_path)  # nothing may be written, but if it were, not into the checkout
     monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("the CLI started training on a bad flag"))
     _exits(T.main, argv, match, capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rest of issue 17's list: writers, fingerprints, backends, cache keys
+# ---------------------------------------------------------------------------------------------------------------
+def test_unserialisable_payload_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "mask.json"
+    _save_mask(path)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match=r"not JSON serializable"):
+        C.save_mask(str(path), C.LearnedMask(M4, extra={"scores": torch.ones(2)}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json"]  # no temporary file left
+    assert path.read_bytes() == before  # and the old file intact
+
+
+def test_saving_over_a_symlink_writes_its_target(tmp_path):
+    target, link = tmp_path / "real.json", tmp_path / "link.json"
+    _save_learned(target)
+    link.symlink_to(target)
+    _save_mask(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert C.load_mask(str(target)).nfe == 4
+
+
+def test_stale_temporaries_of_a_dead_writer_are_swept(tmp_path):
+    from tdiff import artefacts as A
+
+    dead = tmp_path / f".tmp-tdiff-{A._HOST}-999999999-abc"  # no such process
+    dead.write_bytes(b"x" * 100)
+    other = tmp_path / "keep.tmp"
+    other.write_bytes(b"y")
+    _save_mask(tmp_path / "mask.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "mask.json"]
+
+
+def test_fingerprint_sees_permuted_weights():
+    a, b = tiny_dit(), tiny_dit()
+    with torch.no_grad():
+        w = b.blocks[0].mlp.fc1.weight
+        w.copy_(w.flip(0))  # same sum and sum of squares, other weights
+    assert float(w.detach().sum()) == pytest.approx(float(a.blocks[0].mlp.fc1.weight.detach().sum()), rel=1e-4)
+    assert tdiff.artefacts.fingerprint_module(a) != tdiff.artefacts.fingerprint_module(b)
+    with pytest.raises(ValueError, match=r"this mask was trained for a model with fingerprint"):
+        tdiff.cached_dit(b, C.LearnedMask(M4, fingerprint=tdiff.artefacts.fingerprint_module(a)))
+
+
+def test_another_config_never_overwrites_the_default_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("TDIFF_CACHE_DIR", str(tmp_path))
+    paths = {D.checkpoint_path("dit", TINY), D.checkpoint_path("dit", {**TINY, "depth": 2}),
+             D.checkpoint_path("dit", TINY, iters=10), D.shipped_default_path("dit")}
+    assert len(paths) == 4
+
+
+def test_logsnr_uniform_on_a_schedule_starting_at_zero():
+    # the issue's case: lambda is infinite at t_min = 0; it used to return [1, 0, nan, nan, 0]
+    with pytest.raises(ValueError, match=r"logsnr_uniform spaces points in lambda = log\(alpha/sigma\), which is "
+                                         r"\[.*, inf\] at t_max=1, t_min=0"):
+        logsnr_uniform(S.VPLinear(t_min=0), 5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_cached_block_backward_refuses_a_bad_source(monkeypatch, backend):
+    # the registered backward op writes gradients at source's rows: an out-of-range index must be refused
+    monkeypatch.setenv("TDIFF_BACKEND", backend)
+    g, gate = _t(3, 4, 5), _t(3, 5)
+    with pytest.raises(ValueError, match=r"source.* out of range"):
+        torch.ops.tdiff.cached_block_backward(g, g, gate, g, torch.tensor([0, 10**6, -1]), 1)
+    with pytest.raises(ValueError, match=r"computed must be in \[0, 3\], got 4"):
+        torch.ops.tdiff.cached_block_backward(g, g, gate, g, torch.tensor([0, -1, -1]), 4)
+
+
+def test_unknown_backend_is_refused(monkeypatch):
+    monkeypatch.setenv("TDIFF_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"TDIFF_BACKEND='cuda' is not one of \('auto', 'cpp', 'triton', 'torch'\)"):
+        multistep_update(B2, [B2], ROW1)
