@@ -1531,3 +1531,70 @@ def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("TDIFF_BACKEND", "cuda")
     with pytest.raises(ValueError, match=r"TDIFF_BACKEND='cuda' is not one of \('auto', 'cpp', 'triton', 'torch'\)"):
         multistep_update(B2, [B2], ROW1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# network configs, metrics and data helpers
+# ---------------------------------------------------------------------------------------------------------------
+from tdiff.data import digits as DG  # noqa: E402
+from tdiff.data import gaussian_mixture as GM  # noqa: E402
+from tdiff.metrics import distribution as MD  # noqa: E402
+from tdiff.metrics import errors as ME  # noqa: E402
+from tdiff.models.unet import UNetConfig  # noqa: E402
+
+A4, B4 = _t(4, 3), _t(4, 3) + 1
+MISC = [
+    _p(lambda: DiTConfig(hidden_size=10, num_heads=3), ValueError, r"hidden_size \(10\) must be divisible by "
+       r"num_heads \(3\)", "dit-heads"),
+    _p(lambda: DiTConfig(input_size=9, patch_size=2), ValueError, r"input_size \(9\) must be divisible by patch_size",
+       "dit-patch"),
+    _p(lambda: DiTConfig(depth=True), ValueError, r"depth must be a positive integer, got True", "dit-depth-bool"),
+    _p(lambda: DiTConfig(depth=2.5), ValueError, r"depth must be a positive integer, got 2.5", "dit-depth-float"),
+    _p(lambda: DiTConfig(mlp_ratio=NAN), ValueError, r"mlp_ratio must be a finite number > 0, got nan",
+       "dit-mlp-ratio-nan"),
+    _p(lambda: DiTConfig(class_dropout_prob=1.0), ValueError, r"class_dropout_prob must be in \[0, 1\), got 1.0",
+       "dit-dropout"),
+    _p(lambda: DiTConfig(dept=3), TypeError, r"unexpected keyword argument 'dept'", "dit-unknown-field"),
+    _p(lambda: UNetConfig(base_channels=8, num_groups=3), ValueError, r"base_channels\*1 must be divisible by "
+       r"num_groups \(3\)", "unet-groups"),
+    _p(lambda: UNetConfig(channel_mult=()), ValueError, r"channel_mult must be a non-empty tuple of positive ints",
+       "unet-mult"),
+    _p(lambda: UNetConfig(input_size=16, channel_mult=(1, 2), attn_resolutions=(5,)), ValueError,
+       r"attn_resolutions must be resolutions the network reaches, \[16, 8\] .* got \(5,\)", "unet-attn-unreached"),
+    _p(lambda: DiTConfig.preset("DiT-B/3"), ValueError, r"unknown DiT preset 'DiT-B/3'", "dit-preset"),
+    _p(lambda: ME.rmse(A4, _t(4, 2)), ValueError, r"a and b must have the same shape, got \(4, 3\) and \(4, 2\)",
+       "rmse-shape"),
+    _p(lambda: ME.per_sample_error(A4, B4, kind="mae"), ValueError, r"kind must be 'rmse', 'mse' or 'max', got 'mae'",
+       "error-kind"),
+    _p(lambda: ME.psnr(A4, B4, data_range=0), ValueError, r"data_range must lie in \(0.0, inf\], got 0.0",
+       "psnr-range"),
+    _p(lambda: ME.psnr(A4, B4, reduction="max"), ValueError, r"reduction must be 'mean' or 'none', got 'max'",
+       "psnr-reduction"),
+    _p(lambda: ME.rmse(A4.long(), B4.long()), TypeError, r"a and b must be floating-point tensors", "rmse-int"),
+    _p(lambda: MD.sliced_wasserstein(A4, B4, n_projections=0), ValueError,
+       r"n_projections must be an integer in \[1, inf\], got 0", "sw-projections"),
+    _p(lambda: MD.sliced_wasserstein(A4, _t(4, 2)), ValueError, r"x and y must have the same dimension, got 3 and 2",
+       "sw-dimension"),
+    _p(lambda: MD.mmd(A4, B4, bandwidths=[-1.0]), ValueError, r"bandwidths\[0\] must lie in \(0.0, inf\]",
+       "mmd-bandwidth"),
+    _p(lambda: MD.mmd(A4[:1], B4), ValueError, r"x and y need at least 2 samples each", "mmd-one-sample"),
+    _p(lambda: tdiff.metrics.frechet_distance(torch.zeros(3)), ValueError,
+       r"samples must be a tensor of shape \(N, 1, H, W\)", "frechet-shape"),
+    _p(lambda: tdiff.metrics.frechet_distance(torch.full((4, 1, 16, 16), NAN)), ValueError,
+       r"samples contain NaN or inf", "frechet-nan"),
+    _p(lambda: tdiff.metrics.frechet_distance(torch.zeros(1, 1, 16, 16)), ValueError,
+       r"samples must hold at least 2 images", "frechet-one"),
+    _p(lambda: GM.image_mixture(k=0), ValueError, r"k must be a positive integer, got 0", "mixture-k"),
+    _p(lambda: GM.image_mixture(spread=-1.0), ValueError, r"spread must be a finite positive number, got -1.0",
+       "mixture-spread"),
+    _p(lambda: DG.load_digits_tensor(size=12), ValueError, r"size must be one of \(8, 16, 32\), got 12",
+       "digits-size"),
+    _p(lambda: DG.load_digits_tensor(split="val"), ValueError, r"split must be one of \(None, 'train', 'test'\), "
+       r"got 'val'", "digits-split"),
+    _p(lambda: DG.digits_loader(batch_size=0), ValueError, r"batch_size must be positive, got 0", "digits-batch"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", MISC)
+def test_configs_metrics_data_refuse(thunk, exc, match):
+    _check(thunk, exc, match)
