@@ -85,7 +85,7 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
     return_result: also return a scipy OptimizeResult: x (interior lambdas), fun (J there), start (the winning
         start), nit and nfev (summed over starts), per_start ({start: J reached}).
     """
-    if is_pipeline(schedule):  # a diffusers pipeline: a TdiffScheduler for its config (integrations.diffusers)
+    if is_pipeline(schedule, solver_opts.get("pipeline_kwargs")):  # a diffusers pipeline: a TdiffScheduler for its config (integrations.diffusers)
         return from_pipeline(dm_nonuniform, locals())
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
