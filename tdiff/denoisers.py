@@ -189,6 +189,9 @@ class Denoiser(nn.Module):
             if self.null_label is None:
                 raise ValueError("guidance needs null_label (the unconditional class index); pass null_label=")
             b = x.shape[0]
+            if not torch.is_tensor(y) or y.shape != (b,):  # before the batch is doubled, so the error says b
+                got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+                raise ValueError(f"y must be a ({b},) tensor of class labels (one per sample), got {got}")
             y_null = torch.full_like(y, self.null_label)
             both = self.call(self.model, torch.cat([x, x]), torch.cat([t_net, t_net]), y=torch.cat([y, y_null]),
                              **{k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == (b,) else v

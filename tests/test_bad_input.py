@@ -1621,3 +1621,46 @@ MISC = [
 @pytest.mark.parametrize("thunk,exc,match", MISC)
 def test_configs_metrics_data_refuse(thunk, exc, match):
     _check(thunk, exc, match)
+
+
+# class labels and inputs of the wrong shape through a denoiser into tdiff's DiT and UNet
+def tiny_unet():
+    from tdiff.models.unet import UNet
+
+    torch.manual_seed(0)
+    return UNet(UNetConfig(input_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(4,), num_groups=4, num_classes=3)).eval()
+
+
+NETS = {"dit": (tiny_dit, 4, 2), "unet": (tiny_unet, 8, 3)}  # builder, input size, classes
+LABELS = [
+    _p(lambda n, s, k: tdiff.denoiser(n, VP)(torch.randn(2, 1, s, s), 0.5, y=torch.tensor([0, 1, 1])), ValueError,
+       r"y must have shape \(2,\), got \(3,\)", "labels-batch"),
+    _p(lambda n, s, k: tdiff.denoiser(n, VP, guidance=2.0)(torch.randn(2, 1, s, s), 0.5, y=torch.tensor([0, 1, 1])),
+       ValueError, r"y must be a \(2,\) tensor of class labels \(one per sample\), got \(3,\)", "guided-labels-batch"),
+    _p(lambda n, s, k: tdiff.denoiser(n, VP)(torch.randn(2, 1, s, s), 0.5, y=torch.tensor([0.0, 1.0])), ValueError,
+       r"y must be an integer \(long\) tensor of class indices", "labels-float"),
+    _p(lambda n, s, k: tdiff.denoiser(n, VP)(torch.randn(2, 1, s, s), 0.5, y=torch.tensor([0, 7])), ValueError,
+       r"class labels must be in \[0, \d\] \(\d is the null class\), got \[0, 7\]", "labels-range"),
+    _p(lambda n, s, k: tdiff.denoiser(n, VP)(torch.randn(2, 1, s, s), 0.5, y=torch.tensor([0, -3])), ValueError,
+       r"class labels must be in \[0, \d\] .* got \[-3, 0\]", "labels-negative"),
+    _p(lambda n, s, k: tdiff.denoiser(n, VP)(torch.randn(2, 3, s, s), 0.5), ValueError,
+       r"x must have 1 channels, got 3", "x-channels"),
+    _p(lambda n, s, k: tdiff.denoiser(n, VP)(torch.randn(2, 1, 6, 6), 0.5), ValueError, r"x must be \d+x\d+, got 6x6",
+       "x-size"),
+    _p(lambda n, s, k: n(torch.randn(2, 1, s, s), torch.zeros(3)), ValueError,
+       r"t must be a scalar or have shape \(2,\), got \(3,\)", "net-t-shape"),
+    _p(lambda n, s, k: n(torch.randn(2, s, s), torch.zeros(2)), ValueError, r"x must be \(B, C, H, W\), got shape",
+       "net-x-3d"),
+    _p(lambda n, s, k: tdiff.sample(lambda x, t: tdiff.denoiser(n, VP)(x, t, y=torch.tensor([0])),
+                                    torch.randn(2, 1, s, s), TS, schedule=VP), ValueError,
+       r"y must have shape \(2,\), got \(1,\)", "sample-labels-batch"),
+]
+
+
+@pytest.mark.parametrize("net_name", sorted(NETS))
+@pytest.mark.parametrize("thunk,exc,match", LABELS)
+def test_networks_refuse_bad_labels_and_inputs(net_name, thunk, exc, match):
+    build, size, classes = NETS[net_name]
+    with torch.no_grad():
+        _check(lambda: thunk(build(), size, classes), exc, match)
