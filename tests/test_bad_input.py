@@ -1664,3 +1664,82 @@ def test_networks_refuse_bad_labels_and_inputs(net_name, thunk, exc, match):
     build, size, classes = NETS[net_name]
     with torch.no_grad():
         _check(lambda: thunk(build(), size, classes), exc, match)
+
+
+# trainer checkpoints (torch files, weights_only): resuming from a damaged or foreign one is refused
+from tdiff.training import train as TR  # noqa: E402
+
+
+def _train_cfg(path, **kw):
+    base = dict(iters=1, batch_size=2, eval_every=0, model_overrides=dict(hidden_size=8, depth=1, num_heads=2),
+                checkpoint=str(path), checkpoint_every=1)
+    return TR.TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "run.ckpt"
+    TR.train(_train_cfg(path), log=lambda s: None)
+    return path.read_bytes()
+
+
+class Hostile:
+    """A pickled object: loading with weights_only must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _rewrite(path, change):
+    doc = torch.load(path, weights_only=True)
+    change(doc)
+    torch.save(doc, path)
+
+
+CHECKPOINTS = [
+    _p(lambda p: p.write_bytes(p.read_bytes()[:100]), {}, r"cannot read tdiff-train-checkpoint file '.*run\.ckpt'",
+       "truncated"),
+    _p(lambda p: p.write_bytes(b"\x00" * 64), {}, r"cannot read tdiff-train-checkpoint file", "garbage"),
+    _p(lambda p: torch.save({"format": "tdiff-train-checkpoint", "format_version": 1, "x": Hostile()}, p), {},
+       r"cannot read tdiff-train-checkpoint file .*(weights_only|Unsupported global)", "pickled-object"),
+    _p(lambda p: torch.save([1, 2], p), {}, r"'.*run\.ckpt' holds a list, expected a tdiff 'tdiff-train-checkpoint'",
+       "top-level-list"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(format_version=7)), {}, r"has format_version 7, this tdiff reads 1",
+       "wrong-version"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(format="tdiff-default-weights")), {},
+       r"is a 'tdiff-default-weights' file, expected a 'tdiff-train-checkpoint' file", "wrong-format"),
+    _p(lambda p: _rewrite(p, lambda d: d.pop("model")), {}, r"checkpoint '.*run\.ckpt' is missing \['model'\]",
+       "missing-model"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(iteration=5)), {}, r"is at iteration 5, beyond iters=1",
+       "iteration-beyond"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(iteration="1")), {}, r"is at iteration '1'", "iteration-str"),
+    _p(lambda p: None, {"lr": 5e-4}, r"checkpoint '.*run\.ckpt' was made with lr=0.001; this run has lr=0.0005",
+       "other-config"),
+    _p(lambda p: None, {"model_overrides": dict(hidden_size=16, depth=1, num_heads=2)},
+       r"was made with model_overrides\.hidden_size=8; this run has model_overrides\.hidden_size=16",
+       "other-model"),
+    _p(lambda p: (p.unlink(), p.mkdir()), {}, r"cannot read tdiff-train-checkpoint file", "directory"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(model={"w": torch.zeros(2)})), {},
+       r"checkpoint '.*run\.ckpt' does not fit this run: Error\(s\) in loading state_dict for DiT", "model-keys"),
+    _p(lambda p: _rewrite(p, lambda d: next(iter(d["ema"].values())).fill_(NAN)), {},
+       r"'.*run\.ckpt \[ema\]': tensor '.*' holds NaN or inf", "ema-nan"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(history="abc")), {}, r"'history' must be a dict, got str",
+       "history-str"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(elapsed_s="abc")), {},
+       r"'elapsed_s' must be a finite number >= 0, got 'abc'", "elapsed-str"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(generator=torch.zeros(3))), {},
+       r"'generator' must be a uint8 RNG state tensor", "generator-float"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(optimizer={})), {},
+       r"checkpoint '.*run\.ckpt' does not fit this run: 'param_groups'", "optimizer-empty"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(loss={"warmup": {}})), {},
+       r"does not fit this run: state is missing \['config'\]", "loss-state"),
+]
+
+
+@pytest.mark.parametrize("damage,change,match", CHECKPOINTS)
+def test_trainer_resume_refuses(tmp_path, trainer_checkpoint, damage, change, match):
+    path = tmp_path / "run.ckpt"
+    path.write_bytes(trainer_checkpoint)
+    damage(path)
+    with pytest.raises(ValueError, match=match):
+        TR.train(_train_cfg(path, **change), log=lambda s: None, resume=True)

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import schedules as S
-from ..artefacts import load_torch, save_json, save_torch
+from ..artefacts import check_finite, load_torch, save_json, save_torch
 from ..models.defaults import default_schedule
 from ..models.trainer import ema_update
 from .. import checks
@@ -174,6 +174,17 @@ def _load_checkpoint(path: str, cfg: TrainConfig) -> dict:
         raise ValueError(f"checkpoint {path!r} was made with {key}={theirs!r}; this run has {key}={mine!r}")
     if not (isinstance(doc["iteration"], int) and 0 <= doc["iteration"] <= cfg.iters):
         raise ValueError(f"checkpoint {path!r} is at iteration {doc['iteration']!r}, beyond iters={cfg.iters}")
+    for key in ("model", "ema", "optimizer", "loss", "history"):
+        if not isinstance(doc[key], dict):
+            raise ValueError(f"checkpoint {path!r}: {key!r} must be a dict, got {type(doc[key]).__name__}")
+    for key in ("generator", "global_rng"):
+        if not (torch.is_tensor(doc[key]) and doc[key].dtype == torch.uint8):
+            raise ValueError(f"checkpoint {path!r}: {key!r} must be a uint8 RNG state tensor")
+    if isinstance(doc["elapsed_s"], bool) or not isinstance(doc["elapsed_s"], (int, float)) or \
+            not 0 <= doc["elapsed_s"] < math.inf:
+        raise ValueError(f"checkpoint {path!r}: 'elapsed_s' must be a finite number >= 0, got {doc['elapsed_s']!r}")
+    for key in ("model", "ema"):  # resuming from NaN weights would train on garbage
+        check_finite(doc[key], f"{path} [{key}]")
     return doc
 
 
@@ -220,12 +231,15 @@ def _train(cfg: TrainConfig, log, resume: bool, stop: _Stop) -> dict:
     start, elapsed0 = 0, 0.0
     if resume and os.path.exists(cfg.checkpoint):
         doc = _load_checkpoint(cfg.checkpoint, cfg)
-        model.load_state_dict(doc["model"])
-        ema.load_state_dict(doc["ema"])
-        opt.load_state_dict(doc["optimizer"])
-        loss_fn.load_state_dict(doc["loss"])
-        gen.set_state(doc["generator"])
-        torch.set_rng_state(doc["global_rng"])
+        try:
+            model.load_state_dict(doc["model"])
+            ema.load_state_dict(doc["ema"])
+            opt.load_state_dict(doc["optimizer"])
+            loss_fn.load_state_dict(doc["loss"])
+            gen.set_state(doc["generator"])
+            torch.set_rng_state(doc["global_rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {cfg.checkpoint!r} does not fit this run: {e}") from e
         history, start, elapsed0 = doc["history"], doc["iteration"], float(doc["elapsed_s"])
         log(f"resumed from {cfg.checkpoint} at iteration {start}")
     elif resume:
