@@ -1743,3 +1743,50 @@ def test_trainer_resume_refuses(tmp_path, trainer_checkpoint, damage, change, ma
     damage(path)
     with pytest.raises(ValueError, match=match):
         TR.train(_train_cfg(path, **change), log=lambda s: None, resume=True)
+
+
+# LD3 checkpoints: a damaged one is refused on resume (it must not resume, or return, NaN steps)
+LD3_RUN = dict(nfe=3, shape=(1, 2, 2), schedule=VP, n_train=2, n_val=2, epochs=1, phase1_epochs=0, teacher_nfe=4,
+               progress=False)
+
+
+@pytest.fixture(scope="module")
+def ld3_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ld3") / "ld3.ckpt"
+    tdiff.ld3_learn(x0_den, checkpoint=str(path), **LD3_RUN)
+    return path.read_bytes()
+
+
+def _state(change):
+    return lambda p: _rewrite(p, lambda d: change(d["state"]))
+
+
+LD3_CHECKPOINTS = [
+    _p(_state(lambda s: s["xi"].fill_(NAN)), r"damaged LD3 checkpoint: state 'xi' holds NaN or inf", "xi-nan"),
+    _p(_state(lambda s: s.update(xi=torch.zeros(7))), r"state 'xi' must be a tensor of shape \(4,\), got \(7,\)",
+       "xi-shape"),
+    _p(_state(lambda s: s["best"]["xi_c"].fill_(INF)), r"state 'best.xi_c' holds NaN or inf", "best-inf"),
+    _p(_state(lambda s: s["eps_prime"].fill_(NAN)), r"state 'eps_prime' holds NaN or inf", "eps-nan"),
+    _p(_state(lambda s: s.update(target=torch.zeros(3, 1, 2, 2))), r"state 'target' must be a tensor of shape "
+       r"\(4, 1, 2, 2\)", "target-shape"),
+    _p(_state(lambda s: s.update(epoch="1")), r"state 'epoch' must be an integer >= 0, got '1'", "epoch-str"),
+    _p(_state(lambda s: s.update(done=1)), r"state 'done' must be True or False, got 1", "done-int"),
+    _p(_state(lambda s: s.update(history=5)), r"state 'history' must be a list, got int", "history-int"),
+    _p(_state(lambda s: s.update(seconds="x")), r"damaged LD3 checkpoint: could not convert string to float",
+       "seconds-str"),
+    _p(_state(lambda s: s.pop("opt_xi")), r"damaged LD3 checkpoint: 'opt_xi'", "optimiser-missing"),
+    _p(lambda p: _rewrite(p, lambda d: d.pop("state")), r"is a damaged LD3 checkpoint \(no settings or state\)",
+       "state-missing"),
+    _p(lambda p: _rewrite(p, lambda d: d["settings"].update(nfe=9)),
+       r"is the checkpoint of another LD3 run \(it differs in \['nfe'\]\)", "other-run"),
+    _p(lambda p: p.write_bytes(p.read_bytes()[:200]), r"cannot read tdiff-ld3-checkpoint file", "truncated"),
+]
+
+
+@pytest.mark.parametrize("damage,match", LD3_CHECKPOINTS)
+def test_ld3_resume_refuses(tmp_path, ld3_checkpoint, damage, match):
+    path = tmp_path / "ld3.ckpt"
+    path.write_bytes(ld3_checkpoint)
+    damage(path)
+    with pytest.raises(ValueError, match=r"'.*ld3\.ckpt'.*" + match if "cannot read" not in match else match):
+        tdiff.ld3_learn(x0_den, checkpoint=str(path), **LD3_RUN)

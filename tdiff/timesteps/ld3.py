@@ -229,6 +229,37 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
         sig.restore()
 
 
+def _check_state(s: dict, path: str, n_times: int, data_shape) -> None:
+    """The types, shapes and finiteness of a checkpoint's state (a damaged file must not resume, or return, NaN
+    steps)."""
+    def bad(what: str):
+        raise ValueError(f"{path!r} is a damaged LD3 checkpoint: {what}")
+
+    for key in ("epoch", "pos", "it", "bad", "min_hits"):
+        if isinstance(s.get(key), bool) or not isinstance(s.get(key), int) or s[key] < 0:
+            bad(f"state {key!r} must be an integer >= 0, got {s.get(key)!r}")
+    for key in ("stopped", "done"):
+        if not isinstance(s.get(key), bool):
+            bad(f"state {key!r} must be True or False, got {s.get(key)!r}")
+    for key in ("history", "x_steps"):
+        if not isinstance(s.get(key), list):
+            bad(f"state {key!r} must be a list, got {type(s.get(key)).__name__}")
+    best = s.get("best")
+    tensors = {"xi": (s.get("xi"), (n_times,)), "xi0": (s.get("xi0"), (n_times,)), "xi_c": (s.get("xi_c"), (n_times,)),
+               "eps_prime": (s.get("eps_prime"), tuple(data_shape)), "target": (s.get("target"), tuple(data_shape))}
+    if isinstance(best, dict) and "xi" in best:
+        tensors.update({"best.xi": (best.get("xi"), (n_times,)), "best.xi_c": (best.get("xi_c"), (n_times,)),
+                        "best.eps_prime": (best.get("eps_prime"), tuple(data_shape))})
+    elif not isinstance(best, dict):
+        bad(f"state 'best' must be a dict, got {type(best).__name__}")
+    for name, (t, shape) in tensors.items():
+        if not torch.is_tensor(t) or tuple(t.shape) != shape:
+            bad(f"state {name!r} must be a tensor of shape {shape}, got "
+                f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+        if not bool(torch.isfinite(t).all()):
+            bad(f"state {name!r} holds NaN or inf")
+
+
 class _LD3Run:
     """One ld3_learn call: the data, the trained state and the loop (see the module doc)."""
 
@@ -582,6 +613,7 @@ class _LD3Run:
             raise ValueError(f"{self.checkpoint!r} is the checkpoint of another LD3 run (it differs in {diff}); "
                              f"pass another checkpoint path, or delete the file to start afresh")
         s = doc["state"]
+        _check_state(s, self.checkpoint, self.steps + 1, self.eps.shape)
         try:
             for key in ("epoch", "pos", "it", "bad", "min_hits", "stopped", "done", "history", "x_steps",
                         "init_name", "init_losses", "init_val"):
