@@ -1790,3 +1790,51 @@ def test_ld3_resume_refuses(tmp_path, ld3_checkpoint, damage, match):
     damage(path)
     with pytest.raises(ValueError, match=r"'.*ld3\.ckpt'.*" + match if "cannot read" not in match else match):
         tdiff.ld3_learn(x0_den, checkpoint=str(path), **LD3_RUN)
+
+
+# mask-training checkpoints: damaged, or written for another model / trajectory, refused on resume
+def _mask_run(model, path, seed=0, **kw):
+    x_T = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    den = tdiff.denoiser(model, VP)
+    return C.train_mask(model, lambda m: tdiff.sample(den, x_T, TS, solver="ddim"), iterations=1,
+                        checkpoint=str(path), progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def mask_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mask") / "mask.ckpt"
+    _mask_run(tiny_dit(), path)
+    return path.read_bytes()
+
+
+MASK_CHECKPOINTS = [
+    _p(lambda p: _rewrite(p, lambda d: d["scores"].fill_(NAN)), {}, r"holds scores outside \[0, 1\] \(or NaN\)",
+       "scores-nan"),
+    _p(lambda p: _rewrite(p, lambda d: d["scores"].fill_(2.0)), {}, r"holds scores outside \[0, 1\]", "scores-2"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(scores=torch.zeros(3, 3))), {}, r"has no scores of shape \(2, 2\)",
+       "scores-shape"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(next_step="1")), {}, r"next_step must be an integer in \[1, 2\], "
+       r"got '1'", "next-step-str"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(next_step=10**6)), {}, r"next_step must be an integer in \[1, 2\]",
+       "next-step-huge"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(rng=[1, 2])), {}, r"rng must be a uint8 generator state tensor",
+       "rng-list"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(fingerprint="0" * 16)), {},
+       r"was written for another model or other settings", "other-model"),
+    _p(lambda p: None, {"lambda1": 0.5}, r"was written for another model or other settings", "other-settings"),
+    _p(lambda p: None, {"seed_x": 1}, r"was written for another sampling trajectory \(another x_T", "other-x_T"),
+    _p(lambda p: p.write_bytes(p.read_bytes()[:50]), {}, r"cannot read tdiff.cache.mask_training file",
+       "truncated"),
+    _p(lambda p: _rewrite(p, lambda d: d.update(format_version=9)), {}, r"has format_version 9", "wrong-version"),
+]
+
+
+@pytest.mark.parametrize("damage,change,match", MASK_CHECKPOINTS)
+def test_mask_training_resume_refuses(tmp_path, mask_checkpoint, damage, change, match):
+    path = tmp_path / "mask.ckpt"
+    path.write_bytes(mask_checkpoint)
+    damage(path)
+    change = dict(change)
+    seed = change.pop("seed_x", 0)
+    with pytest.raises(ValueError, match=match):
+        _mask_run(tiny_dit(), path, seed=seed, **change)
