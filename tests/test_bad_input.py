@@ -821,6 +821,29 @@ CACHE = [
     _p(lambda: _train(pipeline_kwargs=dict(prompt="a cat")), ValueError,
        r"pipeline_kwargs is only for a diffusers pipeline; got a network", "train-pipeline-kwargs"),
     _p(lambda: _train(), ValueError, r"sample_fn never called the model", "train-never-called"),
+    _p(lambda: C.binarise(torch.full((3, 2), NAN)), ValueError, r"scores must be finite, got NaN or inf",
+       "binarise-nan"),
+    _p(lambda: C.binarise(torch.rand(3)), ValueError, r"scores must be a \(steps, columns\) matrix, got shape \(3,\)",
+       "binarise-1d"),
+    _p(lambda: C.binarise(torch.rand(3, 2), threshold=2.0), ValueError, r"threshold must be in \[0, 1\], got 2.0",
+       "binarise-threshold"),
+    _p(lambda: C.binarise(torch.rand(3, 2), target_mac_fraction=0.5, unit_macs=[1.0]), ValueError,
+       r"unit_macs must give the MACs of each of the 2 columns", "binarise-unit-macs"),
+    _p(lambda: C.uniform_interval_mask(-1, 2, 1), ValueError, r"steps must be an integer >= 1, got -1",
+       "interval-mask-steps"),
+    _p(lambda: C.uniform_interval_mask(4, 2, 0), ValueError, r"interval must be an integer >= 1, got 0",
+       "interval-mask-interval"),
+    _p(lambda: C.uniform_mask_at_fraction(4, [1.0, 1.0], 0.0, 1.5), ValueError, r"fraction must be in \(0, 1\], got 1.5",
+       "mask-at-fraction"),
+    _p(lambda: C.rectify(torch.ones(3, 5, dtype=torch.bool), C.UnitGraph.chain(2)), ValueError,
+       r"the graph has 2 columns but the mask has 5", "rectify-columns"),
+    _p(lambda: C.rectify(torch.full((3, 2), 0.5), C.UnitGraph.chain(2)), ValueError, r"mask entries must be 0 or 1",
+       "rectify-scores"),
+    _p(lambda: C.rectify(M4, M4), ValueError, r"graph must be a tdiff.cache.UnitGraph .* got Tensor", "rectify-graph"),
+    _p(lambda: C.register_adapter("DiT", None), ValueError,
+       r"register_adapter\(model_class, adapter\) takes a class and a CacheAdapter instance", "register-adapter"),
+    _p(lambda: C.mask_columns(tiny_dit(), "layer"), ValueError, r"granularity must be one of \('unit', 'block'\)",
+       "mask-columns-granularity"),
 ]
 
 
@@ -1838,3 +1861,33 @@ def test_mask_training_resume_refuses(tmp_path, mask_checkpoint, damage, change,
     seed = change.pop("seed_x", 0)
     with pytest.raises(ValueError, match=match):
         _mask_run(tiny_dit(), path, seed=seed, **change)
+
+
+# a saved TdiffScheduler (scheduler_config.json) edited by hand is validated as fully as a new one
+SAVED_SCHEDULER = [
+    _p(lambda c: c["timesteps"].update(timesteps=[0.9, NAN, 0.1]), r"timesteps contains NaN or inf", "times-nan"),
+    _p(lambda c: c["timesteps"].update(timesteps="abc"), r"timesteps\['timesteps'\] must be a 1-D sequence of numbers",
+       "times-str"),
+    _p(lambda c: c["timesteps"].update(timesteps=[0.1, 0.5, 0.9]), r"timesteps must be strictly decreasing",
+       "times-increasing"),
+    _p(lambda c: c["timesteps"].update(timesteps_cond=[0.9, INF, 0.1]), r"timesteps_cond contains NaN or inf",
+       "cond-inf"),
+    _p(lambda c: c["timesteps"].update(metadata=[1]), r"timesteps\['metadata'\] must be a dict, got list",
+       "metadata-list"),
+    _p(lambda c: c.update(solver="rk4"), r"solver must be None or one of .*'rk4'", "solver"),
+    _p(lambda c: c.update(order="2"), r"order must be None or an integer, got '2'", "order"),
+    _p(lambda c: c.update(num_train_timesteps=-1), r"num_train_timesteps must be an integer >= 2, got -1", "ntt"),
+]
+
+
+@pytest.mark.parametrize("change,match", SAVED_SCHEDULER)
+def test_saved_tdiff_scheduler_refused(tmp_path, change, match):
+    from tdiff.schedulers import TdiffScheduler
+
+    TdiffScheduler(timesteps=torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)).save_pretrained(str(tmp_path))
+    path = tmp_path / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        TdiffScheduler.from_pretrained(str(tmp_path))
