@@ -41,7 +41,11 @@ def main(argv=None) -> int:
         help="retrain the shipped weights (default DiT and UNet: 3000 iterations each, seed 0, one thread, about 20 "
              "minutes per model on an idle core; the metric classifier: seconds) and report whether the retrain "
              "reproduces the shipped files")
-    t.add_argument("which", nargs="*", default=["classifier", "dit", "unet"], choices=["classifier", "dit", "unet"])
+    models = ("classifier", "dit", "unet")
+    # checked below, not with choices=: argparse (3.11) checks a '*' positional's default list against choices as
+    # one value and refuses the bare `train-defaults`
+    t.add_argument("which", nargs="*", default=list(models), metavar="{classifier,dit,unet}",
+                   help="the models to retrain (default: all three)")
     t.add_argument("--out", default="tdiff_defaults",
                    help="folder for the new files (default ./tdiff_defaults; tdiff/weights in a checkout replaces "
                         "the shipped ones)")
@@ -55,6 +59,9 @@ def main(argv=None) -> int:
 
         return run_demo(out=args.out, quick=args.quick)
     if args.cmd == "train-defaults":
+        bad = [w for w in args.which if w not in models]
+        if bad:
+            t.error(f"argument which: invalid choice: {bad[0]!r} (choose from {', '.join(models)})")
         from .models.defaults import train_defaults
 
         train_defaults(list(dict.fromkeys(args.which)), out=args.out, progress=not args.no_progress)

@@ -189,6 +189,9 @@ class Denoiser(nn.Module):
             if self.null_label is None:
                 raise ValueError("guidance needs null_label (the unconditional class index); pass null_label=")
             b = x.shape[0]
+            if not torch.is_tensor(y) or y.shape != (b,):  # before the batch is doubled, so the error says b
+                got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+                raise ValueError(f"y must be a ({b},) tensor of class labels (one per sample), got {got}")
             y_null = torch.full_like(y, self.null_label)
             both = self.call(self.model, torch.cat([x, x]), torch.cat([t_net, t_net]), y=torch.cat([y, y_null]),
                              **{k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == (b,) else v
@@ -284,6 +287,17 @@ def _diffusers_call(model, x, t_net, y=None, **cond):
     return model(x, t_net, class_labels=y, return_dict=False, **cond)[0]
 
 
+def _ddpm_family(cls_name: str) -> bool:
+    """Whether the diffusers scheduler class of that name is built on DDPM betas (its __init__ takes
+    beta_schedule). Unknown names (not in diffusers) are not refused here."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, cls_name, None)
+    return cls is None or "beta_schedule" in inspect.signature(cls.__init__).parameters
+
+
 def from_diffusers(model, scheduler_or_config, **kw) -> Denoiser:
     """Wrap a diffusers model (DiTTransformer2DModel, UNet2DModel, or anything called as
     model(x, t, class_labels=y, return_dict=False)[0]) with its scheduler (or scheduler config).
@@ -300,7 +314,13 @@ def from_diffusers(model, scheduler_or_config, **kw) -> Denoiser:
     if get("thresholding", False):
         raise ValueError("a scheduler with thresholding=True cannot be reproduced: dynamic thresholding of x0 is "
                          "not implemented (clip_sample is)")
-    flow = cls_name == "FlowMatchEulerDiscreteScheduler" or bool(get("use_flow_sigmas", False))
+    flow = cls_name.startswith("FlowMatch") or bool(get("use_flow_sigmas", False))
+    if not flow and cls_name and not _ddpm_family(cls_name):
+        # a VE / EDM-sigma scheduler (ScoreSdeVe, EDMEuler, ...): it has no DDPM noise schedule, and the default
+        # betas would stand in for it silently
+        raise ValueError(f"scheduler {cls_name!r} has no DDPM noise schedule (its config takes no beta_schedule) "
+                         f"and is not a flow-matching scheduler; "
+                         f"build the Denoiser with tdiff.denoiser(model, schedule) and the matching tdiff schedule")
     if flow:
         schedule = RectifiedFlow()
         n_train = float(get("num_train_timesteps", 1000))

@@ -43,6 +43,8 @@ def as_time(t: TimeLike, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Turn a float / list / tensor into a floating tensor (float64 unless it already is floating)."""
     if isinstance(t, torch.Tensor):
         return t if t.is_floating_point() else t.to(torch.float64)
+    if t is None or isinstance(t, (str, bytes)):
+        raise TypeError(f"times must be a number, a sequence of numbers or a tensor, got {type(t).__name__} {t!r}")
     return torch.as_tensor(t, dtype=torch.float64, device=None if like is None else like.device)
 
 

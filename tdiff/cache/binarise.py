@@ -17,6 +17,8 @@ def binarise(scores: torch.Tensor, threshold: float = 0.5, unit_macs: Optional[S
     s = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
     if s.ndim != 2:
         raise ValueError(f"scores must be a (steps, columns) matrix, got shape {tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()):  # a NaN score would silently become "reuse the cache"
+        raise ValueError("scores must be finite, got NaN or inf")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     then = then or (lambda m: m)
@@ -57,8 +59,9 @@ def binarise(scores: torch.Tensor, threshold: float = 0.5, unit_macs: Optional[S
 
 def uniform_interval_mask(steps: int, columns: int, interval: int) -> torch.Tensor:
     """Every unit computes on steps 0, interval, 2*interval, ... and reuses its cache in between."""
-    if interval < 1:
-        raise ValueError(f"interval must be >= 1, got {interval}")
+    for name, value in (("steps", steps), ("columns", columns), ("interval", interval)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     m = torch.zeros(steps, columns, dtype=torch.bool)
     m[::interval] = True
     return m

@@ -162,6 +162,10 @@ def train_mask(model: nn.Module, sample_fn: Optional[Callable[[nn.Module], objec
     granularity = check_granularity(granularity)
     _check_settings(iterations, lr, lambda1, lambda2, bimodal_start, init_score, threshold, feature_loss,
                     cache_update)
+    if target_mac_fraction is not None and (isinstance(target_mac_fraction, bool) or not isinstance(
+            target_mac_fraction, (int, float)) or not 0.0 < target_mac_fraction <= 1.0):
+        # checked before training, not only when binarising after it
+        raise ValueError(f"target_mac_fraction must be None or a number in (0, 1], got {target_mac_fraction!r}")
     if relaxation not in RELAXATIONS:
         raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
     if isinstance(bimodal_growth, bool) or not isinstance(bimodal_growth, (int, float)) \
@@ -228,8 +232,16 @@ def train_mask(model: nn.Module, sample_fn: Optional[Callable[[nn.Module], objec
                                  f"x_T, time steps, solver or conditioning); delete it or pass another path")
             if not (torch.is_tensor(doc.get("scores")) and doc["scores"].shape == scores.shape):
                 raise ValueError(f"checkpoint {ckpt_path!r} has no scores of shape {tuple(scores.shape)}")
+            if not bool(((doc["scores"] >= 0) & (doc["scores"] <= 1)).all()):  # NaN fails this too
+                raise ValueError(f"checkpoint {ckpt_path!r} holds scores outside [0, 1] (or NaN)")
+            nxt = doc.get("next_step")
+            if isinstance(nxt, bool) or not isinstance(nxt, int) or not max(lo, 1) <= nxt <= hi:
+                raise ValueError(f"checkpoint {ckpt_path!r}: next_step must be an integer in [{max(lo, 1)}, {hi}], "
+                                 f"got {nxt!r}")
+            if not (torch.is_tensor(doc.get("rng")) and doc["rng"].dtype == torch.uint8):
+                raise ValueError(f"checkpoint {ckpt_path!r}: rng must be a uint8 generator state tensor")
             scores = doc["scores"].to(torch.float64)
-            start = int(doc["next_step"])
+            start = nxt
             generator.set_state(doc["rng"])
 
         def commit(i: int, known: bool):

@@ -57,5 +57,6 @@ class NetworkConfig:
 
     def check_positive(self, *keys: str) -> None:
         for key in keys:
-            if int(getattr(self, key)) <= 0:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")

@@ -50,6 +50,9 @@ class DiTConfig(NetworkConfig):
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or \
+                not 0 < self.mlp_ratio < float("inf"):
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio!r}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
 

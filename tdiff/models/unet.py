@@ -50,6 +50,11 @@ class UNetConfig(NetworkConfig):
                 f"input_size ({self.input_size}) must be divisible by 2**{len(self.channel_mult) - 1} "
                 f"for channel_mult {self.channel_mult}"
             )
+        reached = [self.input_size // 2**i for i in range(len(self.channel_mult))]
+        if any(r not in reached for r in self.attn_resolutions):
+            # a resolution the network never reaches would silently get no attention
+            raise ValueError(f"attn_resolutions must be resolutions the network reaches, {reached} for input_size "
+                             f"{self.input_size} and channel_mult {self.channel_mult}, got {self.attn_resolutions}")
         for m in self.channel_mult:
             if (self.base_channels * m) % self.num_groups:
                 raise ValueError(f"base_channels*{m} must be divisible by num_groups ({self.num_groups})")

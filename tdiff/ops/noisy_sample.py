@@ -233,6 +233,11 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
     """
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
+    if not isinstance(schedule, S.NoiseSchedule):
+        raise TypeError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
+    if precond_sigma_data is not None and (isinstance(precond_sigma_data, bool) or not isinstance(
+            precond_sigma_data, (int, float)) or not 0 < precond_sigma_data < math.inf):
+        raise ValueError(f"precond_sigma_data must be None or a finite number > 0, got {precond_sigma_data!r}")
     spec = schedule.kernel_spec()
     if isinstance(t, (int, float)):
         t = torch.full((x0.shape[0],), float(t), device=x0.device, dtype=torch.float64)

@@ -108,7 +108,11 @@ def check_targets(schedule: NoiseSchedule, timesteps: Tensor, targets) -> Tensor
     """N landing times, each strictly below the time its step starts from."""
     n = timesteps.numel() - 1
     if not isinstance(targets, Tensor):
-        targets = torch.as_tensor(targets, dtype=timesteps.dtype)
+        try:
+            targets = torch.as_tensor(targets, dtype=timesteps.dtype)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"targets must be a 1-D tensor of {n} times (where each step lands), got "
+                             f"{type(targets).__name__} ({e})") from None
     if targets.dim() != 1 or targets.numel() != n:
         raise ValueError(f"targets must be a 1-D tensor of {n} times (where each step lands), got shape "
                          f"{tuple(targets.shape)}")

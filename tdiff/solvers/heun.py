@@ -61,6 +61,9 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
             raise ValueError(f"{name} must be finite, got {value!r}")
     _check_number("s_min", s_min)
     _check_number("s_max", s_max)
+    if s_min > s_max:
+        raise ValueError(f"s_min must be <= s_max (churn applies to sigmas in [s_min, s_max]), got s_min={s_min!r}, "
+                         f"s_max={s_max!r}")
     check_choice("order_rule", order_rule, ORDER_RULES)
     h = g.lam[1:] - g.lam[:-1]
     weights = [ramp(v, *HEUN_H) if order_rule == "stable" else None for v in h]

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..denoisers import convert, eps_coefficients, times_validated
 from ..ops import dispatch
+from ..schedules import NoiseSchedule
 from ..ops.multistep_update import multistep_update
 from .ddim import build_ddim, build_ddpm
 from .dpmpp import build_multistep
@@ -76,6 +77,8 @@ def schedule_of(denoiser, schedule):
     schedule = schedule if schedule is not None else getattr(denoiser, "schedule", None)
     if schedule is None:
         raise ValueError("denoiser must have a .schedule attribute (a tdiff NoiseSchedule), or pass schedule=")
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
     return schedule
 
 
@@ -93,6 +96,8 @@ def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[in
     """Validate the timesteps and build the solver's program (instructions + differentiable coefficient rows)."""
     if solver not in SPECS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
     spec = SPECS[solver]
     check_options(solver, opts)
     order = spec.default_order if order is None else order
@@ -191,6 +196,8 @@ class Sampler:
                  state_dtype: Optional[torch.dtype] = None, **opts):
         if not callable(denoiser):
             raise ValueError(f"denoiser must be callable as D(x, t), got {type(denoiser).__name__}")
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress must be True or False, got {progress!r}")
         timesteps, timesteps_cond, solver, order = _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts)
         self.denoiser = denoiser
         self.schedule = schedule_of(denoiser, schedule)
@@ -212,6 +219,11 @@ class Sampler:
         _check_x(x_T)
         if not isinstance(check_finite, bool):
             raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
+        gens = generator if isinstance(generator, (list, tuple)) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in gens) or (
+                isinstance(generator, (list, tuple)) and None in gens):
+            raise ValueError(f"generator must be None, a torch.Generator or a list of one per sample, got "
+                             f"{type(generator).__name__} {generator!r}")
         state = _state_dtype(x_T, self.state_dtype)
         x = x_T.to(state)
         key = (x.shape[0], state, x.device, torch.is_grad_enabled())
@@ -303,6 +315,9 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
 def _prepare_scale(guidance, x: Tensor) -> Optional[Tensor]:
     if guidance is None:
         return None
+    if isinstance(guidance, (bool, str, bytes)) or not isinstance(guidance, (int, float, list, tuple, Tensor)):
+        raise ValueError(f"guidance must be a number or a ({x.shape[0]},) tensor, got {type(guidance).__name__} "
+                         f"{guidance!r}")
     scale = torch.as_tensor(guidance, dtype=dispatch.coef_dtype(x), device=x.device)
     if scale.dim() == 0:
         scale = scale.expand(x.shape[0])

@@ -33,6 +33,7 @@ from scipy.optimize import LinearConstraint, OptimizeResult, minimize
 from ..integrations.diffusers.pipelines import from_pipeline, is_pipeline
 from ..schedules import NoiseSchedule
 from .dmn_objective import OBJECTIVES, STARTS, SurrogateObjective, paper_orders
+from .heuristics import check_nfe
 
 # a multi-threaded BLAS under SLSQP's tiny subproblems costs 40x on a loaded machine (2.7 vs 0.07 ms a call)
 from threadpoolctl import threadpool_limits
@@ -47,7 +48,10 @@ def sampling_options(nfe: int, order: int, objective: str = "lagrange") -> dict:
     objective assumes the reference's orders (1 at the first and last steps, 2 next to them, `order` elsewhere),
     the solver-row objective the builders' own (diffusers') rule; `sample()`'s default stable rule is neither.
     `tdiff.sample(den, x, dm_nonuniform(s, n, "dpmpp", 3), "dpmpp", 3, **sampling_options(n, 3))`."""
+    check_nfe(nfe)
     if objective == "lagrange":
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
         return {"orders": paper_orders(nfe, order)}
     if objective == "solver":
         return {"order_rule": "diffusers"}
@@ -81,7 +85,7 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
     return_result: also return a scipy OptimizeResult: x (interior lambdas), fun (J there), start (the winning
         start), nit and nfev (summed over starts), per_start ({start: J reached}).
     """
-    if is_pipeline(schedule):  # a diffusers pipeline: a TdiffScheduler for its config (integrations.diffusers)
+    if is_pipeline(schedule, solver_opts.get("pipeline_kwargs")):  # a diffusers pipeline: a TdiffScheduler for its config (integrations.diffusers)
         return from_pipeline(dm_nonuniform, locals())
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

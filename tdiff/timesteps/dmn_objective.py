@@ -48,6 +48,7 @@ Jacobian of the rows, pushed forward through the solver program in numpy (`sensi
 from __future__ import annotations
 
 import functools
+import math
 from typing import Tuple
 
 import numpy as np
@@ -170,10 +171,10 @@ class SurrogateObjective:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-            raise ValueError(f"order must be an integer >= 1, got {order!r}")
-        if not (isinstance(p, (int, float)) and p > 0):
-            raise ValueError(f"p must be > 0, got {p!r}")
+        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3 (the orders of {SOLVERS}), got {order!r}")
+        if isinstance(p, bool) or not (isinstance(p, (int, float)) and 0 < p < math.inf):
+            raise ValueError(f"p must be a finite number > 0, got {p!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if objective == "lagrange" and solver_opts:

@@ -30,6 +30,12 @@ def check_nfe(nfe, name: str = "nfe", minimum: int = 1) -> int:
     return nfe
 
 
+def check_rho(rho) -> float:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < float("inf"):
+        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+    return float(rho)
+
+
 def sampling_interval(schedule: NoiseSchedule, t_max: Optional[float] = None,
                       t_min: Optional[float] = None) -> tuple:
     """(t_max, t_min) as float64 0-dim tensors, defaulting to the schedule's sampling interval, validated."""
@@ -68,8 +74,7 @@ def uniform_t(schedule: NoiseSchedule, nfe: int, t_max=None, t_min=None) -> Tens
 def quadratic_t(schedule: NoiseSchedule, nfe: int, rho: float = 2.0, t_max=None, t_min=None) -> Tensor:
     """Polynomial in t (LD3 App. B.2, Eq. 8): dense near t_min for rho > 1. rho = 1 is uniform_t."""
     check_nfe(nfe)
-    if not rho > 0:
-        raise ValueError(f"rho must be > 0, got {rho!r}")
+    check_rho(rho)
     hi, lo = sampling_interval(schedule, t_max, t_min)
     u = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)  # (N - i)/N
     return with_exact_ends(u**rho * (hi - lo) + lo, hi, lo)
@@ -78,8 +83,7 @@ def quadratic_t(schedule: NoiseSchedule, nfe: int, rho: float = 2.0, t_max=None,
 def edm_rho(schedule: NoiseSchedule, nfe: int, rho: float = 7.0, t_max=None, t_min=None) -> Tensor:
     """Karras et al.'s steps in EDM sigma (sigma/alpha) space, mapped back through the schedule."""
     check_nfe(nfe)
-    if not rho > 0:
-        raise ValueError(f"rho must be > 0, got {rho!r}")
+    check_rho(rho)
     hi, lo = sampling_interval(schedule, t_max, t_min)
     ends = schedule.edm_sigma(torch.stack([hi, lo]))
     finite_ends("edm_rho", ends.log(), "log sigma/alpha", hi, lo)

@@ -162,7 +162,7 @@ def _check_args(nfe, teacher_nfe, r_gamma, r, epochs, phase1_epochs, n_train, n_
                     ("patience", patience), ("min_lr_hits", min_lr_hits)):
         check_nfe(v, name)
     for name, v in (("lr_decay", lr_decay), ("lr_x_decay", lr_x_decay)):
-        if not 0 < v <= 1:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {v!r}")
     if x_grad not in X_GRADS:
         raise ValueError(f"x_grad must be one of {X_GRADS}, got {x_grad!r}")
@@ -210,6 +210,13 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
             raise ValueError(f"{name} must be one of {SOLVERS}, got {s!r}")
     if shape is None:
         raise ValueError("shape (the shape of one sample, e.g. (1, 16, 16)) is required")
+    if not isinstance(shape, (tuple, list, torch.Size)) or not shape or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"shape must be a non-empty sequence of positive integers (one sample), got {shape!r}")
+    for name, v in (("lr_xi", lr_xi), ("lr_xi_c", lr_xi_c), ("lr_x", lr_x), ("min_lr_xi", min_lr_xi),
+                    ("min_lr_xi_c", min_lr_xi_c)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     order = DEFAULT_ORDER[solver] if order is None else order
     if teacher_order is None:
         teacher_order = TEACHER_ORDER.get(teacher_solver, DEFAULT_ORDER[teacher_solver])
@@ -220,6 +227,37 @@ def ld3_learn(denoiser, schedule=None, solver: str = "unipc", order: Optional[in
         return run.learn()
     finally:
         sig.restore()
+
+
+def _check_state(s: dict, path: str, n_times: int, data_shape) -> None:
+    """The types, shapes and finiteness of a checkpoint's state (a damaged file must not resume, or return, NaN
+    steps)."""
+    def bad(what: str):
+        raise ValueError(f"{path!r} is a damaged LD3 checkpoint: {what}")
+
+    for key in ("epoch", "pos", "it", "bad", "min_hits"):
+        if isinstance(s.get(key), bool) or not isinstance(s.get(key), int) or s[key] < 0:
+            bad(f"state {key!r} must be an integer >= 0, got {s.get(key)!r}")
+    for key in ("stopped", "done"):
+        if not isinstance(s.get(key), bool):
+            bad(f"state {key!r} must be True or False, got {s.get(key)!r}")
+    for key in ("history", "x_steps"):
+        if not isinstance(s.get(key), list):
+            bad(f"state {key!r} must be a list, got {type(s.get(key)).__name__}")
+    best = s.get("best")
+    tensors = {"xi": (s.get("xi"), (n_times,)), "xi0": (s.get("xi0"), (n_times,)), "xi_c": (s.get("xi_c"), (n_times,)),
+               "eps_prime": (s.get("eps_prime"), tuple(data_shape)), "target": (s.get("target"), tuple(data_shape))}
+    if isinstance(best, dict) and "xi" in best:
+        tensors.update({"best.xi": (best.get("xi"), (n_times,)), "best.xi_c": (best.get("xi_c"), (n_times,)),
+                        "best.eps_prime": (best.get("eps_prime"), tuple(data_shape))})
+    elif not isinstance(best, dict):
+        bad(f"state 'best' must be a dict, got {type(best).__name__}")
+    for name, (t, shape) in tensors.items():
+        if not torch.is_tensor(t) or tuple(t.shape) != shape:
+            bad(f"state {name!r} must be a tensor of shape {shape}, got "
+                f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+        if not bool(torch.isfinite(t).all()):
+            bad(f"state {name!r} holds NaN or inf")
 
 
 class _LD3Run:
@@ -575,6 +613,7 @@ class _LD3Run:
             raise ValueError(f"{self.checkpoint!r} is the checkpoint of another LD3 run (it differs in {diff}); "
                              f"pass another checkpoint path, or delete the file to start afresh")
         s = doc["state"]
+        _check_state(s, self.checkpoint, self.steps + 1, self.eps.shape)
         try:
             for key in ("epoch", "pos", "it", "bad", "min_hits", "stopped", "done", "history", "x_steps",
                         "init_name", "init_losses", "init_val"):

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import schedules as S
-from ..artefacts import load_torch, save_json, save_torch
+from ..artefacts import check_finite, load_torch, save_json, save_torch
 from ..models.defaults import default_schedule
 from ..models.trainer import ema_update
 from .. import checks
@@ -125,22 +125,25 @@ def evaluate_fd(loss_fn: DiffusionLoss, model, cfg: TrainConfig) -> float:
     return frechet_distance(imgs.clamp(-1.0, 1.0))
 
 
-def _check_config(cfg: TrainConfig) -> None:
-    checks.choice("model", cfg.model, ("dit", "unet"))
-    checks.integer("iters", cfg.iters, low=1)
-    checks.integer("batch_size", cfg.batch_size, low=1)
-    checks.positive("lr", cfg.lr)
-    checks.real("ema", cfg.ema, low=0.0, high=1.0, high_open=True)
-    checks.integer("seed", cfg.seed, low=0)
-    checks.integer("eval_every", cfg.eval_every, low=0)
-    checks.integer("eval_samples", cfg.eval_samples, low=2)
-    checks.integer("eval_steps", cfg.eval_steps, low=1)
-    checks.integer("checkpoint_every", cfg.checkpoint_every, low=0)
+def _check_config(cfg: TrainConfig, name: Callable[[str], str] = str) -> None:
+    """Validate the run's settings; `name(field)` is how an error names a field (the CLI names its flag)."""
+    checks.choice(name("model"), cfg.model, ("dit", "unet"))
+    checks.integer(name("iters"), cfg.iters, low=1)
+    checks.integer(name("batch_size"), cfg.batch_size, low=1)
+    checks.positive(name("lr"), cfg.lr)
+    checks.real(name("ema"), cfg.ema, low=0.0, high=1.0, high_open=True)
+    checks.integer(name("seed"), cfg.seed, low=0)
+    checks.integer(name("eval_every"), cfg.eval_every, low=0)
+    checks.integer(name("eval_samples"), cfg.eval_samples, low=2)
+    checks.integer(name("eval_steps"), cfg.eval_steps, low=1)
+    checks.integer(name("checkpoint_every"), cfg.checkpoint_every, low=0)
+    if cfg.threads is not None:
+        checks.integer(name("threads"), cfg.threads, low=1)
     if cfg.checkpoint_every and not cfg.checkpoint:
-        raise ValueError("checkpoint_every needs a checkpoint path")
-    for name in ("sampler_kwargs", "weighting_kwargs", "loss_kwargs", "warmup_kwargs", "model_overrides"):
-        if not isinstance(getattr(cfg, name), dict):
-            raise TypeError(f"{name} must be a dict, got {type(getattr(cfg, name)).__name__}")
+        raise ValueError(f"{name('checkpoint_every')} needs a checkpoint path")
+    for field_name in ("sampler_kwargs", "weighting_kwargs", "loss_kwargs", "warmup_kwargs", "model_overrides"):
+        if not isinstance(getattr(cfg, field_name), dict):
+            raise TypeError(f"{field_name} must be a dict, got {type(getattr(cfg, field_name)).__name__}")
 
 
 def _resumable_config(cfg: TrainConfig) -> dict:
@@ -171,6 +174,17 @@ def _load_checkpoint(path: str, cfg: TrainConfig) -> dict:
         raise ValueError(f"checkpoint {path!r} was made with {key}={theirs!r}; this run has {key}={mine!r}")
     if not (isinstance(doc["iteration"], int) and 0 <= doc["iteration"] <= cfg.iters):
         raise ValueError(f"checkpoint {path!r} is at iteration {doc['iteration']!r}, beyond iters={cfg.iters}")
+    for key in ("model", "ema", "optimizer", "loss", "history"):
+        if not isinstance(doc[key], dict):
+            raise ValueError(f"checkpoint {path!r}: {key!r} must be a dict, got {type(doc[key]).__name__}")
+    for key in ("generator", "global_rng"):
+        if not (torch.is_tensor(doc[key]) and doc[key].dtype == torch.uint8):
+            raise ValueError(f"checkpoint {path!r}: {key!r} must be a uint8 RNG state tensor")
+    if isinstance(doc["elapsed_s"], bool) or not isinstance(doc["elapsed_s"], (int, float)) or \
+            not 0 <= doc["elapsed_s"] < math.inf:
+        raise ValueError(f"checkpoint {path!r}: 'elapsed_s' must be a finite number >= 0, got {doc['elapsed_s']!r}")
+    for key in ("model", "ema"):  # resuming from NaN weights would train on garbage
+        check_finite(doc[key], f"{path} [{key}]")
     return doc
 
 
@@ -217,12 +231,15 @@ def _train(cfg: TrainConfig, log, resume: bool, stop: _Stop) -> dict:
     start, elapsed0 = 0, 0.0
     if resume and os.path.exists(cfg.checkpoint):
         doc = _load_checkpoint(cfg.checkpoint, cfg)
-        model.load_state_dict(doc["model"])
-        ema.load_state_dict(doc["ema"])
-        opt.load_state_dict(doc["optimizer"])
-        loss_fn.load_state_dict(doc["loss"])
-        gen.set_state(doc["generator"])
-        torch.set_rng_state(doc["global_rng"])
+        try:
+            model.load_state_dict(doc["model"])
+            ema.load_state_dict(doc["ema"])
+            opt.load_state_dict(doc["optimizer"])
+            loss_fn.load_state_dict(doc["loss"])
+            gen.set_state(doc["generator"])
+            torch.set_rng_state(doc["global_rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {cfg.checkpoint!r} does not fit this run: {e}") from e
         history, start, elapsed0 = doc["history"], doc["iteration"], float(doc["elapsed_s"])
         log(f"resumed from {cfg.checkpoint} at iteration {start}")
     elif resume:
@@ -444,6 +461,10 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     try:
         cfg = config_from_args(a)
+        # every setting is checked before training starts, and a refusal names the flag
+        _check_config(cfg, name=lambda field: "--" + field.replace("_", "-"))
+        build_loss(cfg)
+        build_model(cfg)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     out = a.out or cfg.checkpoint[: -len(".ckpt")]

@@ -213,6 +213,8 @@ class TdiffScheduler(SchedulerMixin, ConfigMixin):
                  solver_options: Optional[dict] = None, timesteps="logsnr_uniform",
                  final_sigmas_type: str = "sigma_min"):
         flow = source_scheduler in FLOW_SCHEDULERS or bool(use_flow_sigmas)
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
         if source_scheduler is not None and not isinstance(source_scheduler, str):
             raise ValueError(f"source_scheduler must be a diffusers scheduler class name, got {source_scheduler!r}")
         if thresholding:
@@ -462,6 +464,8 @@ class TdiffScheduler(SchedulerMixin, ConfigMixin):
         values = _as_times(timesteps if timesteps is not None else sigmas, name)
         if values.dim() != 1 or values.numel() < 1:
             raise ValueError(f"{name} must be a 1-D sequence of at least one value, got shape {tuple(values.shape)}")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{name} must be finite, got {values.tolist()}")
         if self.flow:
             src = self._source(None, timesteps=values.tolist() if timesteps is not None else None,
                                sigmas=values.tolist() if sigmas is not None else None, mu=mu)
