@@ -2,8 +2,8 @@
 
 Each solver module turns (schedule, grid, order, options) into a `Program`: per step, a short list of
 instructions, plus every coefficient row the instructions use, as differentiable tensors of the timesteps. The
-sampling loop (sample.py) only interprets the instructions: it calls the denoiser, converts its raw output with a
-per-evaluation (p, q) row (sample.py: `to_prediction`) and calls the fused `tdiff::multistep_update` op, so there is
+sampling loop (sample.py) only interprets the instructions: it calls the denoiser and calls the fused
+`tdiff::multistep_update` op, which also converts the raw output with a per-evaluation (p, q) row, so there is
 no solver arithmetic, no host sync and no allocation in the loop beyond the model calls and the update outputs.
 
 Buffer names: "x" is the running sample; "D{i}" the data (x0) prediction of evaluation i; solvers may add their own

@@ -1,9 +1,13 @@
 """`sample`: run a solver over a timestep vector. The loop interprets a Program (program.py) built up front.
 
-The loop does no solver arithmetic. Per model evaluation it converts the network's raw output m (eps, v, flow or x0;
-guidance combined, input preconditioning applied inside the denoiser's call) to the data prediction
-D = p x + q m with a (p, q) row computed once per run from the *sample's* grid point (`to_prediction`, the one
-place that does it: SPEC_multistep), and every update is one call of the fused `tdiff::multistep_update` op with a
+The loop does no solver arithmetic. The network's raw output m (eps, v, flow or x0; input preconditioning applied
+inside the denoiser's call) converts to the data prediction D = p x_src + q m' (m' the guided output with
+classifier-free guidance) with a (p, q) row computed once per run from the *sample's* grid point. Where that is
+affine (no clip_x0 clamp) the conversion is fused: the loop keeps m, the sample x_src it was evaluated at and the
+row (`Raw`), and the next update that reads it forms D and x_next in one pass of the fused
+`tdiff::multistep_update` op (`multistep_update(x, [m, *earlier D], row, convert=pq, src=x_src, ...)`), which also
+returns D to keep as history (SPEC_multistep). A clamped output, or one read as two targets (diffusers' DDIM with
+use_clipped_model_output=False), converts in a pass of its own (`to_prediction`), then updates. Every update uses a
 coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once). So the loop makes no host
 syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs. Nothing is
 detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
@@ -186,6 +190,10 @@ class Sampler:
     to the timesteps, so with timesteps that require grad, one Sampler serves one backward pass (as sample() does).
     """
 
+    #: fuse the affine prediction conversion (and guidance) into the updates; False converts each output in a pass
+    #: of its own before its update (the unfused path: the tests' oracle and the benches' comparison)
+    fuse: bool = True
+
     def __init__(self, denoiser, timesteps, solver: Optional[str] = None, order: Optional[int] = None,
                  timesteps_cond=None, guidance=None, progress: bool = False, schedule=None,
                  state_dtype: Optional[torch.dtype] = None, **opts):
@@ -220,7 +228,7 @@ class Sampler:
         rows, conv, eval_times = self._rows[key]
         return Execution(self.program, rows, eval_times, x, scale=_prepare_scale(self.guidance, x),
                          generator=generator, conv=conv, plan=self._plan, clip=self._clip, io_dtype=x_T.dtype,
-                         check_finite=check_finite)
+                         check_finite=check_finite, fuse=self.fuse)
 
     def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
                  check_finite: bool = False) -> Tensor:
@@ -315,11 +323,26 @@ def _prepare_scale(guidance, x: Tensor) -> Optional[Tensor]:
 
 def to_prediction(src: Tensor, m: Tensor, pq: Optional[Tensor]) -> Tensor:
     """D = p src + q m: the raw network output m at the sample src converted with the per-sample (B, 2) row pq
-    (None: the identity, p = 0, q = 1). The loop's only conversion site; the fused
-    `multistep_update(..., src=src, convert=pq)` replaces it (SPEC_multistep)."""
+    (None: the identity, p = 0, q = 1), as a separate pass. The loop's unfused conversion (a clamp follows it,
+    or a second target of the same output needs it; `Raw` and `_update` fuse it into the update otherwise)."""
     if pq is None:
         return m.to(src.dtype)
     return convert(src, m, pq[:, 0], pq[:, 1])
+
+
+@dataclass
+class Raw:
+    """A model output not converted yet: the next update that reads it forms D = p src + q m' (m' = m, or
+    uncond + w (m - uncond) with guidance) in its own pass and returns D to keep as history (SPEC_multistep).
+    pq None: the identity conversion (only guidance is pending)."""
+
+    m: Tensor
+    uncond: Optional[Tensor]
+    src: Tensor
+    pq: Optional[Tensor]
+
+    def tensors(self) -> tuple:
+        return (self.m,) if self.uncond is None else (self.m, self.uncond)
 
 
 def _expected(x: Tensor, out, what: str) -> None:
@@ -358,15 +381,15 @@ class Execution:
     machinery exists once. Instructions must be executed in program order (`n` counts them)."""
 
     def __init__(self, prog: Program, rows, eval_times, x_T: Tensor, scale=None, generator=None, conv=None,
-                 plan=None, clip=None, io_dtype=None, check_finite: bool = False):
-        self.prog, self.rows, self.eval_times = prog, rows, eval_times
+                 plan=None, clip=None, io_dtype=None, check_finite: bool = False, fuse: bool = True):
+        self.prog, self.rows, self.eval_times, self.fuse = prog, rows, eval_times, fuse
         self.scale, self.generator, self.conv, self.clip, self.io_dtype = scale, generator, conv, clip, io_dtype
         # a bare program: every evaluation returns x0 as is
         self.plan = plan if plan is not None else [[(e.out, e.target, None)] for e in prog.evals()]
         self.check_finite = check_finite
         self.last_use = prog.last_uses()
         self.buf = {"x": x_T}
-        self.pending = {}  # name -> (cond, uncond): guidance not yet applied (it is fused into the first update)
+        self.pending = {}  # name -> Raw: conversion and guidance not yet applied (fused into the next update)
         self.flags = []  # (step, what, 0-dim bool) for check_finite
         self.n = 0  # index of the next instruction in the flat program
 
@@ -383,7 +406,8 @@ class Execution:
             src = buf[ins.src]
             if out is None:
                 out = call(self.network_input(ins), self.eval_times[ins.k])
-            _store_eval(ins, src, out, self.plan[ins.k], self.conv, self.scale, self.clip, buf, self.pending)
+            _store_eval(ins, src, out, self.plan[ins.k], self.conv, self.scale, self.clip, buf, self.pending,
+                        self.fuse)
             if self.check_finite:
                 self.flags.append((step, f"the denoiser's output at evaluation {ins.k}",
                                    _finite(buf, self.pending, ins)))
@@ -412,13 +436,17 @@ class Execution:
 
 def _finite(buf: dict, pending: dict, ins: Eval) -> Tensor:
     names = (ins.out, *(name for name, _ in ins.extra))
-    vals = [t for name in names for t in (pending[name] if name in pending else (buf[name],))]
+    vals = [t for name in names for t in (pending[name].tensors() if name in pending else (buf[name],))]
     return torch.stack([torch.isfinite(v).all() for v in vals]).all()
 
 
-def _store_eval(ins: Eval, src: Tensor, out, entries, conv, scale, clip, buf: dict, pending: dict) -> None:
-    """Convert one model output to each of the targets the Eval asks for (guided pairs stay pending for the fused
-    guidance of the next update, unless a clamp or a second target needs the guided value now)."""
+def _store_eval(ins: Eval, src: Tensor, out, entries, conv, scale, clip, buf: dict, pending: dict,
+                fuse: bool = True) -> None:
+    """Store one model output for each of the targets the Eval asks for. Where the conversion is affine (no
+    clamp) and the output has one target, it stays raw (`Raw`) and the next update that reads it converts and
+    guides it in its own pass; otherwise it is converted here (and clamped), guidance staying pending unless a
+    clamp or a second target needs the guided value now. fuse=False converts here always (the unfused path,
+    kept for the clamp and as the tests' oracle)."""
     if scale is not None:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ValueError("with guidance, the denoiser must return a pair (cond, uncond)")
@@ -426,17 +454,24 @@ def _store_eval(ins: Eval, src: Tensor, out, entries, conv, scale, clip, buf: di
             _expected(src, part, "a guidance output")
     else:
         _expected(src, out, "an output")
+    parts = tuple(out) if scale is not None else (out,)
+    single = not ins.extra
     for name, target, r in entries:
         pq = None if r is None else conv[r]
         clamp = clip is not None and target == "x0"
+        if single and not clamp and (scale is not None or pq is not None):
+            if fuse:  # the update converts (and guides): the fused path
+                m = tuple(part if part.dtype == src.dtype else part.to(src.dtype) for part in parts)
+                pending[name] = Raw(m[0], m[1] if scale is not None else None, src, pq)
+                continue
+            if scale is not None:  # converted here, guided in the update
+                cond, uncond = (to_prediction(src, part, pq) for part in parts)
+                pending[name] = Raw(cond, uncond, src, None)
+                continue
         if scale is None:
             value = to_prediction(src, out, pq)
         else:
-            pair = tuple(to_prediction(src, part, pq) for part in out)
-            if not clamp and name == ins.out and not ins.extra:
-                pending[name] = pair
-                continue
-            value = _guided(pair, scale)
+            value = _guided(tuple(to_prediction(src, part, pq) for part in parts), scale)
         buf[name] = value.clamp(-clip, clip) if clamp else value
 
 
@@ -446,14 +481,23 @@ def _guided(pair, scale: Tensor) -> Tensor:
     return multistep_update(uncond, [cond], row, check=False)
 
 
+def _materialise(raw: Raw, scale) -> Tensor:
+    """D of a pending output that an update does not read first (not reached by the built-in solvers)."""
+    m = raw.m if raw.uncond is None else _guided((raw.m, raw.uncond), scale)
+    return to_prediction(raw.src, m, raw.pq)
+
+
 def _update(ins: Update, buf: dict, pending: dict, row: Tensor, scale) -> Tensor:
     for name in ins.hist[1:]:
-        if name in pending:  # guidance not fused here: materialise it (not reached by the built-in solvers)
-            buf[name] = _guided(pending.pop(name), scale)
+        if name in pending:
+            buf[name] = _materialise(pending.pop(name), scale)
     first = ins.hist[0]
-    if first in pending:
-        cond, uncond = pending.pop(first)
-        history = [cond] + [buf[h] for h in ins.hist[1:]]
-        out, buf[first] = multistep_update(buf[ins.x], history, row, uncond=uncond, scale=scale, check=False)
+    if first in pending:  # one pass: convert (and guide) the raw output, keep D, update
+        raw = pending.pop(first)
+        history = [raw.m] + [buf[h] for h in ins.hist[1:]]
+        out, buf[first] = multistep_update(buf[ins.x], history, row, uncond=raw.uncond,
+                                           scale=None if raw.uncond is None else scale,
+                                           src=None if raw.pq is None else raw.src,
+                                           convert=raw.pq, check=False)
         return out
     return multistep_update(buf[ins.x], [buf[h] for h in ins.hist], row, check=False)
