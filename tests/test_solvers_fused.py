@@ -171,3 +171,57 @@ def test_gradcheck_timesteps_through_the_fused_conversion():
         return sample(den, x, ts, solver="dpmpp", order=2, guidance=1.5)
 
     assert torch.autograd.gradcheck(f, (torch.linspace(0.9, 0.1, 4, dtype=torch.float64).requires_grad_(True),))
+
+
+def test_prepared_network_calls_equal_the_denoisers_own(monkeypatch):
+    """A tdiff Denoiser's network times, EDM input scaling and model-dtype cast are prepared once per run
+    (Denoiser.network_calls); the loop then calls them directly. Same outputs and same network times as the
+    per-call path (network_output, which a denoiser without network_calls takes), on a DiscreteVP schedule (index
+    times) with a float32 network fed float64 samples."""
+    from tdiff.schedules import DiscreteVP
+
+    sched = DiscreteVP(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    seen = []
+
+    class Net32(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x, t_net, y=None):
+            assert x.dtype == torch.float32
+            seen.append(t_net.clone())
+            return torch.tanh(self.lin(x) + 1e-3 * t_net.view(-1, 1).float())
+
+    ts = torch.linspace(0.95, 0.05, 6, dtype=torch.float64)
+    for precond in (None, "edm"):
+        den = tdiff.denoiser(Net32(), sched, prediction="eps", precond=precond)
+        calls = Sampler(den, ts, solver="unipc", order=2)
+        with torch.no_grad():
+            direct = calls(X)
+            times, seen[:] = list(seen), []
+            monkeypatch.setattr(type(den), "network_calls", None, raising=True)
+            plain = Sampler(den, ts, solver="unipc", order=2)(X)
+            monkeypatch.undo()
+        torch.testing.assert_close(direct, plain, rtol=0, atol=0)
+        assert len(times) == len(seen) == calls.nfe
+        for a, b in zip(times, seen):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        seen.clear()
+
+
+def test_sample_compiles_into_one_graph_with_the_registered_op():
+    """torch.compile of a Sampler's run (tables prepared): one graph (fullgraph), the fused op in it."""
+    den = _denoiser("eps", None, False)
+    sampler = Sampler(den, TS[::2], solver="dpmpp", order=2)
+    seen = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    with torch.no_grad():
+        ref = sampler(X)
+        out = torch.compile(sampler, fullgraph=True, backend=backend)(X)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert any("multistep_update_convert" in name for name in seen), sorted(seen)

@@ -92,6 +92,26 @@ class Program:
         """The evaluations in program order (evaluation k is the k-th)."""
         return sorted((i for step in self.steps for i in step if isinstance(i, Eval)), key=lambda e: e.k)
 
+    def frees(self) -> List[Tuple[str, ...]]:
+        """Per instruction (flat index n), the buffers nobody reads after it: those it reads or writes whose last
+        read is at or before n ("x", the result, excepted). A buffer is always freed at its last read, or at its
+        write when nothing reads it later, so only those two need checking. Cached: the program is fixed once
+        built."""
+        if getattr(self, "_frees", None) is None:
+            last = self.last_uses()
+            out = []
+            for n, ins in enumerate(i for step in self.steps for i in step):
+                names = [ins.out]
+                if isinstance(ins, Eval):
+                    names += [ins.src, *(name for name, _ in ins.extra)]
+                elif isinstance(ins, Alias):
+                    names.append(ins.src)
+                elif isinstance(ins, Update):
+                    names += [ins.x, *ins.hist]
+                out.append(tuple(dict.fromkeys(k for k in names if k != "x" and last.get(k, -1) <= n)))
+            self._frees = out
+        return self._frees
+
     def last_uses(self) -> dict:
         """buffer name -> index (in the flat instruction list) of the last instruction that reads it."""
         last = {}

@@ -143,27 +143,32 @@ def _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts: dict):
 
 def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tensor], list]:
     """Per (evaluation, target): the (p, q) row as one (R, 2) float64 tensor, differentiable in the timesteps, and
-    for every Eval a list of (buffer, target, row index or None when the conversion is the identity)."""
+    for every Eval a list of (buffer, target, row index or None when the conversion is the identity). The rows of
+    a target are computed for all its evaluations at once (a handful of tensor ops, whatever the NFE)."""
     evals = prog.evals()
     raw = _is_raw(denoiser)
-    rows, plan = [], []
-    for e in evals:
-        entries = []
-        for name, target in ((e.out, e.target), *e.extra):
-            identity = getattr(denoiser, "prediction", None) == "x0" and getattr(denoiser, "precond", None) is None
-            if target == "x0" and (not raw or identity):
-                entries.append((name, target, None))  # p = 0, q = 1
-                continue
-            t = prog.eval_points[e.k]
-            if raw:
-                row = denoiser.conversion(t, target)
-            else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma
-                p, q = eps_coefficients(torch.zeros_like(t), torch.ones_like(t), schedule.alpha(t), schedule.sigma(t))
-                row = torch.stack([p, q])
-            entries.append((name, target, len(rows)))
-            rows.append(row.to(torch.float64))
-        plan.append(entries)
-    return (torch.stack(rows) if rows else None), plan
+    identity_x0 = not raw or (getattr(denoiser, "prediction", None) == "x0"
+                              and getattr(denoiser, "precond", None) is None)
+    plan = [[(name, target, None) for name, target in ((e.out, e.target), *e.extra)] for e in evals]
+    by_target: dict = {}  # target -> [(eval index, entry index)]
+    for k, entries in enumerate(plan):
+        for j, (_, target, _) in enumerate(entries):
+            if not (target == "x0" and identity_x0):  # else p = 0, q = 1
+                by_target.setdefault(target, []).append((k, j))
+    tables = []
+    for target, at in by_target.items():
+        t = prog.eval_points[torch.tensor([evals[k].k for k, _ in at])]
+        if raw:
+            table = denoiser.conversion(t, target)
+        else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma
+            p, q = eps_coefficients(torch.zeros_like(t), torch.ones_like(t), schedule.alpha(t), schedule.sigma(t))
+            table = torch.stack([p, q], dim=-1)
+        base = sum(len(tab) for tab in tables)
+        for r, (k, j) in enumerate(at):
+            name, target, _ = plan[k][j]
+            plan[k][j] = (name, target, base + r)
+        tables.append(table.to(torch.float64))
+    return (torch.cat(tables) if tables else None), plan
 
 
 def _is_raw(denoiser) -> bool:
@@ -207,6 +212,8 @@ class Sampler:
         self.guidance, self.progress, self.state_dtype = guidance, progress, state_dtype
         self._conversion, self._plan = _conversion_table(denoiser, self.schedule, self.program)
         self._call = denoiser.network_output if _is_raw(denoiser) else denoiser
+        # a tdiff Denoiser gives one prepared call per evaluation (network times, input scaling: computed once)
+        self._per_eval = callable(getattr(denoiser, "network_calls", None))
         self._clip = getattr(denoiser, "clip_x0", None) if _is_raw(denoiser) else None
         self._rows = {}
 
@@ -222,19 +229,24 @@ class Sampler:
             raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
         state = _state_dtype(x_T, self.state_dtype)
         x = x_T.to(state)
-        key = (x.shape[0], state, x.device, torch.is_grad_enabled())
+        key = (x.shape[0], state, x_T.dtype, x.device, torch.is_grad_enabled())
         if key not in self._rows:
-            self._rows[key] = _prepare_rows(self.program, x, self._conversion)
-        rows, conv, eval_times = self._rows[key]
+            rows, conv, eval_times = _prepare_rows(self.program, x, self._conversion)
+            calls = self.denoiser.network_calls(eval_times, x_T) if self._per_eval else None
+            self._rows[key] = rows, conv, eval_times, calls
+        rows, conv, eval_times, calls = self._rows[key]
         return Execution(self.program, rows, eval_times, x, scale=_prepare_scale(self.guidance, x),
                          generator=generator, conv=conv, plan=self._plan, clip=self._clip, io_dtype=x_T.dtype,
-                         check_finite=check_finite, fuse=self.fuse)
+                         check_finite=check_finite, fuse=self.fuse, calls=calls)
 
     def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
                  check_finite: bool = False) -> Tensor:
         run = self.start(x_T, generator, check_finite)
-        with times_validated():  # the program's times were checked once, when it was built
-            out = _run(run, self._call, self.progress)
+        if run.calls is not None:  # prepared calls: no validation, no per-call time arithmetic
+            out = _run(run, None, self.progress)
+        else:
+            with times_validated():  # the program's times were checked once, when it was built
+                out = _run(run, self._call, self.progress)
         return out.to(x_T.dtype)
 
 
@@ -381,13 +393,14 @@ class Execution:
     machinery exists once. Instructions must be executed in program order (`n` counts them)."""
 
     def __init__(self, prog: Program, rows, eval_times, x_T: Tensor, scale=None, generator=None, conv=None,
-                 plan=None, clip=None, io_dtype=None, check_finite: bool = False, fuse: bool = True):
-        self.prog, self.rows, self.eval_times, self.fuse = prog, rows, eval_times, fuse
+                 plan=None, clip=None, io_dtype=None, check_finite: bool = False, fuse: bool = True,
+                 calls=None):
+        self.prog, self.rows, self.eval_times, self.fuse, self.calls = prog, rows, eval_times, fuse, calls
         self.scale, self.generator, self.conv, self.clip, self.io_dtype = scale, generator, conv, clip, io_dtype
         # a bare program: every evaluation returns x0 as is
         self.plan = plan if plan is not None else [[(e.out, e.target, None)] for e in prog.evals()]
         self.check_finite = check_finite
-        self.last_use = prog.last_uses()
+        self.frees = prog.frees()
         self.buf = {"x": x_T}
         self.pending = {}  # name -> Raw: conversion and guidance not yet applied (fused into the next update)
         self.flags = []  # (step, what, 0-dim bool) for check_finite
@@ -405,7 +418,8 @@ class Execution:
         if isinstance(ins, Eval):
             src = buf[ins.src]
             if out is None:
-                out = call(self.network_input(ins), self.eval_times[ins.k])
+                x = self.network_input(ins)
+                out = call(x, self.eval_times[ins.k]) if self.calls is None else self.calls[ins.k](x)
             _store_eval(ins, src, out, self.plan[ins.k], self.conv, self.scale, self.clip, buf, self.pending,
                         self.fuse)
             if self.check_finite:
@@ -420,8 +434,8 @@ class Execution:
         elif isinstance(ins, Alias):
             buf[ins.out] = buf[ins.src]
         # free buffers nobody reads any more (the history of a multistep solver stays bounded)
-        for name in [k for k in buf if k != "x" and self.last_use.get(k, -1) <= self.n]:
-            del buf[name]
+        for name in self.frees[self.n]:
+            buf.pop(name, None)
         self.n += 1
 
     def result(self) -> Tensor:
