@@ -308,8 +308,8 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
         mat = torch.stack([prog.rows[r] for r in idx])  # (rows, 1+K)
         finite.append(torch.isfinite(mat).all())
         group = mat.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous()  # (rows, B, 1+K)
-        for j, r in enumerate(idx):
-            out[r] = group[j]
+        for r, row in zip(idx, group.unbind(0)):  # one op for all the views
+            out[r] = row
     conv = None
     if conversion is not None:
         finite.append(torch.isfinite(conversion).all())
@@ -412,8 +412,9 @@ class Execution:
         return src if self.io_dtype is None or self.io_dtype == src.dtype else src.to(self.io_dtype)
 
     def execute(self, ins, step: int, call=None, out=None) -> None:
-        """Interpret the next instruction. An Eval calls call(network input, network time) for the raw output,
-        unless the output is given (`out`: the network was called by someone else, a diffusers pipeline)."""
+        """Interpret the next instruction. An Eval calls calls[k](network input) (a Denoiser's calls prepared for
+        this run) or call(network input, network time) for the raw output, unless the output is given (`out`: the
+        network was called by someone else, a diffusers pipeline)."""
         buf = self.buf
         if isinstance(ins, Eval):
             src = buf[ins.src]
