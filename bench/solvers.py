@@ -6,10 +6,13 @@ against the copy ceiling, and solver error against the exact ODE solution on the
    timed is the sampler's own work *including* the eps -> x0 conversion and the coefficient tables (built inside
    the timed call), for every solver and order; beside it a reused `Sampler` (tables built once: the loop alone),
    a diffusers DPMSolverMultistepScheduler (eps prediction) step loop (set_timesteps included) on the same model,
-   and the floor: 5 copies of x per step (a fused step reads x, the model output and the history and writes
-   x_next and the new history entry: about 5 tensor passes). Interleaved in one run (bench/interleaved.py), one
-   thread, 20 steps, medians with 95% intervals; the ratios are per-round (both sides saw the same machine state).
-   Heun's step makes two model calls (NFE 2 per step).
+   and the floor: 5 tensor passes of x per step (a fused 2M step reads x, the model output and one history entry
+   and writes x_next and the new history entry), timed as a copy moving those bytes (2.5 copies of x; issue 18's
+   table divided by 5 whole copies, 10 passes, a floor half as strict). Heun (two updates) and the higher orders
+   (longer histories) move more than 5 passes per step by construction; Heun's step makes two model calls. Also the
+   dpmpp2 loop unfused (`Sampler.fuse = False`: convert, then update), to show what the fusion saves. Interleaved
+   in one run (bench/interleaved.py), one thread, 20 steps, medians with 95% intervals; the ratios are per-round
+   (both sides saw the same machine state).
 2. Fused update, K = 1..4: tdiff::multistep_update reads (1+K) tensors and writes one; its converting form (the
    sampling loop's: D = p x + q m formed in the pass and written too) reads 1+K and writes two. Effective bandwidth
    = those bytes / time, against dst.copy_(src) on the same bytes, eager PyTorch and torch.compile.
@@ -28,7 +31,7 @@ import os
 
 import torch
 
-from bench.common import best_seconds, copy_seconds, plot_path, print_table, pyplot, write_result
+from bench.common import best_seconds, copy_fn, copy_seconds, plot_path, print_table, pyplot, write_result
 from tdiff import schedules as S
 from tdiff.ops import dispatch
 from tdiff.ops.multistep_update import multistep_update
@@ -83,11 +86,13 @@ def per_step(quick: bool) -> list:
         den = denoiser(lambda x, t, y=None: eps, schedule, prediction="eps")
         sched.set_timesteps(STEPS)
         ts = from_diffusers_timesteps(sched, schedule).timesteps  # diffusers' grid, as plain schedule times
-        src, dst = torch.randn(shape, generator=gen), torch.empty(shape)
+        # the floor: FLOOR_PASSES tensor passes of x per step, i.e. a copy moving that many bytes (half read, half
+        # written), as bench.common.copy_fn times it
+        copy = copy_fn(FLOOR_PASSES * x.numel() * x.element_size())
 
         def floor():
-            for _ in range(STEPS * FLOOR_PASSES):
-                dst.copy_(src)
+            for _ in range(STEPS):
+                copy()
 
         variants = {"diffusers": _step_loop(sched, eps, x), "floor": floor}
         for solver, order in timed:
@@ -95,6 +100,10 @@ def per_step(quick: bool) -> list:
             sampler = Sampler(den, ts, solver=solver, order=order)
             variants[f"sample:{name}"] = (lambda s=solver, o=order: sample(den, x, ts, solver=s, order=o))
             variants[f"loop:{name}"] = (lambda sm=sampler: sm(x))
+            if (solver, order) == ("dpmpp", 2):  # what fusing the conversion saves: the same loop, unfused
+                unfused = Sampler(den, ts, solver=solver, order=order)
+                unfused.fuse = False
+                variants["unfused:dpmpp2"] = (lambda sm=unfused: sm(x))
         n = max(int(round(2e-2 / max(1e-9, _once(variants["diffusers"])))), 1)  # rounds of >= ~20 ms per variant
         rounds = (8 if quick else 25) if shape[0] * shape[-1] <= 512 else (5 if quick else 15)
         with torch.no_grad():
@@ -115,13 +124,20 @@ def per_step(quick: bool) -> list:
                 "over_floor": _ratio(speedup(times, "floor", full, None)),
                 "loop_over_floor": _ratio(speedup(times, "floor", loop, None)),
                 "backend": dispatch.backend_for(x, "multistep_update_cpu")})
+            if f"unfused:{name}" in times:
+                records[-1]["loop_unfused_us"] = _us(median_ci(times[f"unfused:{name}"]))
+                records[-1]["unfused_over_fused"] = _ratio(speedup(times, loop, f"unfused:{name}", None))
     print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread, interleaved: "
-                f"medians [95% CI]; floor = {FLOOR_PASSES} copies of x per step",
+                f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per step (a copy moving those bytes)",
                 ["shape", "solver", "sample us/step", "loop us/step", "diffusers us/step", "floor us/step",
                  "sample/floor", "loop/floor", "diffusers/sample"],
                 [[str(tuple(r["shape"])), f"{r['solver']}{r['order']}", _fmt(r["sample_us"]), _fmt(r["loop_us"]),
                   _fmt(r["diffusers_us"]), _fmt(r["floor_us"]), _fmt(r["over_floor"]), _fmt(r["loop_over_floor"]),
                   _fmt(r["vs_diffusers"])] for r in records])
+    for r in records:
+        if "loop_unfused_us" in r:
+            print(f"  {tuple(r['shape'])} {r['solver']}{r['order']}: the loop unfused (convert, then update) "
+                  f"{_fmt(r['loop_unfused_us'])} us/step, {_fmt(r['unfused_over_fused'])}x the fused loop")
     return records
 
 
