@@ -225,3 +225,18 @@ def test_sample_compiles_into_one_graph_with_the_registered_op():
         out = torch.compile(sampler, fullgraph=True, backend=backend)(X)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     assert any("multistep_update_convert" in name for name in seen), sorted(seen)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_fused_loop_on_each_backend_matches_the_reference(monkeypatch, backend):
+    """The converting update on every backend, through the loop (eps and v, with and without guidance)."""
+    for prediction, guided in (("eps", False), ("v", True)):
+        den = _denoiser(prediction, None, guided)
+        guidance = 2.5 if guided else None
+        monkeypatch.setenv("TDIFF_BACKEND", "torch")
+        ref = _run(den, "unipc", 3, {}, True, guidance)[0]
+        monkeypatch.setenv("TDIFF_BACKEND", backend)
+        counts = Counts(monkeypatch)
+        out, nfe = _run(den, "unipc", 3, {}, True, guidance)
+        assert counts.fused == nfe and counts.converts == 0
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
