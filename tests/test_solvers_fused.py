@@ -11,7 +11,7 @@ import torch
 
 import tdiff
 from tdiff.schedules import VPLinear
-from tdiff.solvers import Sampler, sample
+from tdiff.solvers import Sampler, build_program, sample
 from tdiff.timesteps.remat import sample_remat
 
 sample_mod = importlib.import_module("tdiff.solvers.sample")
@@ -114,14 +114,28 @@ def test_fused_conversion_equals_the_unfused_loop_for_every_solver(monkeypatch, 
 
 
 def test_a_clamped_or_doubly_used_output_is_converted_unfused(monkeypatch):
-    """clip_x0 is not affine, and diffusers' DDIM with use_clipped_model_output=False reads the output as x0 and as
-    eps: both convert in a pass of their own, as before, and still equal the unfused loop."""
-    for kw, opts in (({"clip_x0": 0.5}, {}), ({}, {"use_clipped_model_output": False})):
-        den = _denoiser("eps", None, False, **kw)
+    """clip_x0 is not affine, and diffusers' DDIM with use_clipped_model_output=False and a clamp reads the output
+    as clamped x0 and as raw eps: both convert in a pass of their own, as before, and still equal the unfused loop.
+    Without a clamp, that DDIM is built in its one-target form (the same step) and fuses."""
+    den = _denoiser("eps", None, False, clip_x0=0.5)
+    for opts, passes in (({}, 1), ({"use_clipped_model_output": False}, 2)):
         counts = Counts(monkeypatch)
         fused, nfe = _run(den, "ddim", 1, opts, True, None)
-        assert counts.fused == 0 and counts.converts == nfe * len(opts and (1, 2) or (1,))
+        assert counts.fused == 0 and counts.converts == nfe * passes
         torch.testing.assert_close(fused, _run(den, "ddim", 1, opts, False, None)[0], rtol=0, atol=0)
+    den = _denoiser("eps", None, False)
+    counts = Counts(monkeypatch)
+    opts = {"use_clipped_model_output": False, "eta": 0.5}
+    fused, nfe = _run(den, "ddim", 1, opts, True, None)
+    assert counts.fused == nfe and counts.converts == 0
+    # against the two-target program itself (eps from the raw output), run unfused
+    two = Sampler(den, TS, solver="ddim", **opts)
+    two.program = build_program(SCHED, TS, "ddim", **opts)
+    two._conversion, two._plan = sample_mod._conversion_table(den, SCHED, two.program)
+    assert any(e.extra for e in two.program.evals())
+    two.fuse = False
+    ref = two(X, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
     den = _denoiser("v", None, False, clip_x0=0.5)
     fused = _run(den, "unipc", 3, {}, True, None)[0]
     torch.testing.assert_close(fused, _run(den, "unipc", 3, {}, False, None)[0], rtol=0, atol=0)

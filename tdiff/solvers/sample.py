@@ -7,7 +7,8 @@ affine (no clip_x0 clamp) the conversion is fused: the loop keeps m, the sample 
 row (`Raw`), and the next update that reads it forms D and x_next in one pass of the fused
 `tdiff::multistep_update` op (`multistep_update(x, [m, *earlier D], row, convert=pq, src=x_src, ...)`), which also
 returns D to keep as history (SPEC_multistep). A clamped output, or one read as two targets (diffusers' DDIM with
-use_clipped_model_output=False), converts in a pass of its own (`to_prediction`), then updates. Every update uses a
+use_clipped_model_output=False and a clamp; without one the Sampler builds the equal one-target step), converts in
+a pass of its own (`to_prediction`), then updates. Every update uses a
 coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once). So the loop makes no host
 syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs. Nothing is
 detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
@@ -207,6 +208,11 @@ class Sampler:
         timesteps, timesteps_cond, solver, order = _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts)
         self.denoiser = denoiser
         self.schedule = schedule_of(denoiser, schedule)
+        self._clip = getattr(denoiser, "clip_x0", None) if _is_raw(denoiser) else None
+        if solver == "ddim" and opts.get("use_clipped_model_output") is False and self._clip is None:
+            # without a clamp, eps from the raw output is eps = (x - alpha D)/sigma, so the step is the same
+            # function of (x, D): the one-target form, whose conversion fuses into the update
+            opts["use_clipped_model_output"] = True
         self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond, **opts)
         self.solver = solver
         self.guidance, self.progress, self.state_dtype = guidance, progress, state_dtype
@@ -214,7 +220,6 @@ class Sampler:
         self._call = denoiser.network_output if _is_raw(denoiser) else denoiser
         # a tdiff Denoiser gives one prepared call per evaluation (network times, input scaling: computed once)
         self._per_eval = callable(getattr(denoiser, "network_calls", None))
-        self._clip = getattr(denoiser, "clip_x0", None) if _is_raw(denoiser) else None
         self._rows = {}
 
     @property
