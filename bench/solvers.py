@@ -1,12 +1,21 @@
-"""Multistep solvers: per-step overhead against diffusers, fused-update bandwidth against the copy ceiling, and
-solver error against the exact ODE solution on the analytic Gaussian mixture.
+"""Multistep solvers: per-step cost against diffusers and against the data-movement floor, fused-update bandwidth
+against the copy ceiling, and solver error against the exact ODE solution on the analytic Gaussian mixture.
 
-1. Overhead per step = everything but the model call. Both sides get a free model that returns a fixed x0
-   prediction (diffusers with prediction_type="sample"), so what is timed is the solver alone: diffusers' loop of
-   scheduler.step (set_timesteps included) against tdiff.sample (coefficient tables included, amortised over the
-   steps) and a reused tdiff.solvers.Sampler (tables built once: the loop alone). All under no_grad.
-2. Fused update: tdiff::multistep_update with K history buffers reads (1+K) tensors and writes one; effective
-   bandwidth = those bytes / time, against dst.copy_(src) on the same bytes, eager PyTorch and torch.compile.
+1. Per-step cost of the public path, as a user runs it (issue 18): `tdiff.sample(tdiff.denoiser(model, schedule,
+   prediction="eps"), x_T, ts, solver=..., order=...)` with a model that returns a precomputed eps, so what is
+   timed is the sampler's own work *including* the eps -> x0 conversion and the coefficient tables (built inside
+   the timed call), for every solver and order; beside it a reused `Sampler` (tables built once: the loop alone),
+   a diffusers DPMSolverMultistepScheduler (eps prediction) step loop (set_timesteps included) on the same model,
+   and the floor: 5 tensor passes of x per step (a fused 2M step reads x, the model output and one history entry
+   and writes x_next and the new history entry), timed as a copy moving those bytes (2.5 copies of x; issue 18's
+   table divided by 5 whole copies, 10 passes, a floor half as strict). Heun (two updates) and the higher orders
+   (longer histories) move more than 5 passes per step by construction; Heun's step makes two model calls. Also the
+   dpmpp2 loop unfused (`Sampler.fuse = False`: convert, then update), to show what the fusion saves. Interleaved
+   in one run (bench/interleaved.py), one thread, 20 steps, medians with 95% intervals; the ratios are per-round
+   (both sides saw the same machine state).
+2. Fused update, K = 1..4: tdiff::multistep_update reads (1+K) tensors and writes one; its converting form (the
+   sampling loop's: D = p x + q m formed in the pass and written too) reads 1+K and writes two. Effective bandwidth
+   = those bytes / time, against dst.copy_(src) on the same bytes, eager PyTorch and torch.compile.
 3. Stability: the error (mean over 64 mixture samples of the L2 error against scipy DOP853 at rtol 1e-10) of each
    deterministic solver at NFE 4..40 on the four time-step heuristics, with the default order rule ("stable") and
    diffusers' count rule, and each curve's worst growth: max over NFE of err(n) / min_{m<n} err(m). PNG.
@@ -22,103 +31,169 @@ import os
 
 import torch
 
-from bench.common import best_seconds, copy_seconds, plot_path, print_table, pyplot, write_result
+from bench.common import best_seconds, copy_fn, copy_seconds, plot_path, print_table, pyplot, write_result
 from tdiff import schedules as S
 from tdiff.ops import dispatch
 from tdiff.ops.multistep_update import multistep_update
 from tdiff.solvers import from_diffusers_timesteps, sample
 
-
-
-
-OVERHEAD_SHAPES = [(16, 4, 32, 32), (1, 4, 128, 128)]
+OVERHEAD_SHAPES = [(1, 4, 32, 32), (16, 4, 32, 32), (16, 4, 128, 128)]
 STEPS = 20
+FLOOR_PASSES = 5
 BANDWIDTH_SHAPES = [(16, 4, 32, 32), (64, 4, 64, 64)]
 NFES = list(range(4, 41))
 QUICK_NFES = [4, 6, 10]
 SOLVERS = [("euler", 1), ("heun", 2), ("dpmpp", 2), ("dpmpp", 3), ("dpmpp_ab", 3), ("dpmsolver", 3), ("unipc", 2),
            ("unipc", 3), ("ipndm", 2), ("ipndm", 4)]
+# the per-step cost: every solver and order of issue 18
+TIMED = [("dpmpp", 1), ("dpmpp", 2), ("dpmpp", 3), ("unipc", 1), ("unipc", 2), ("unipc", 3), ("ipndm", 4),
+         ("ddim", 1), ("euler", 1), ("heun", 2)]
 RULES = ("stable", "diffusers")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. per-step overhead
+# 1. per-step cost
 # ---------------------------------------------------------------------------------------------------------------
-def _diffusers_pair(kind: str):
+def _step_loop(sched, eps, x):
+    """diffusers' loop: set_timesteps then one scheduler.step per model call (the model output given)."""
+    def loop():
+        sched.set_timesteps(STEPS)
+        y = x
+        for t in sched.timesteps:
+            y = sched.step(eps, t, y).prev_sample
+        return y
+
+    return loop
+
+
+def per_step(quick: bool) -> list:
     import diffusers
 
-    # prediction_type="sample": the model returns x0, so neither side spends time on an eps -> x0 conversion and
-    # the comparison is the solver alone
-    common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                  prediction_type="sample")
-    if kind == "dpmpp2":
-        return diffusers.DPMSolverMultistepScheduler(**common, solver_order=2), ("dpmpp", 2)
-    return diffusers.UniPCMultistepScheduler(**common, solver_order=2), ("unipc", 2)
-
-
-class _ConstantX0:
-    """A free model: returns a fixed x0 prediction, so the timings hold nothing but the solver."""
-
-    def __init__(self, x0, schedule):
-        self.x0, self.schedule = x0, schedule
-
-    def __call__(self, x, t):
-        return self.x0
-
-
-def overhead(quick: bool) -> list:
+    from bench.interleaved import interleaved_seconds, median_ci, speedup
+    from tdiff import denoiser
     from tdiff.solvers import Sampler
 
-    min_time = 0.2 if quick else 1.0
     records = []
-    for shape in OVERHEAD_SHAPES[:1] if quick else OVERHEAD_SHAPES:
-        x = torch.randn(shape)
-        x0 = torch.randn(shape)
-        for kind in ("dpmpp2", "unipc2"):
-            sched, (solver, order) = _diffusers_pair(kind)
-            schedule = S.DiscreteVP.from_diffusers(sched)
+    shapes = OVERHEAD_SHAPES[:2] if quick else OVERHEAD_SHAPES
+    timed = TIMED[1:3] + TIMED[-1:] if quick else TIMED
+    for shape in shapes:
+        gen = torch.Generator().manual_seed(0)
+        x, eps = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                                      beta_schedule="linear", prediction_type="epsilon",
+                                                      solver_order=2)
+        schedule = S.DiscreteVP.from_diffusers(sched)
+        den = denoiser(lambda x, t, y=None: eps, schedule, prediction="eps")
+        sched.set_timesteps(STEPS)
+        ts = from_diffusers_timesteps(sched, schedule).timesteps  # diffusers' grid, as plain schedule times
+        # the floor: FLOOR_PASSES tensor passes of x per step, i.e. a copy moving that many bytes (half read, half
+        # written), as bench.common.copy_fn times it
+        copy = copy_fn(FLOOR_PASSES * x.numel() * x.element_size())
 
-            def diffusers_loop():
-                sched.set_timesteps(STEPS)
-                y = x
-                for t in sched.timesteps:
-                    y = sched.step(x0, t, y).prev_sample
-                return y
+        def floor():
+            for _ in range(STEPS):
+                copy()
 
-            den = _ConstantX0(x0, schedule)
-            sched.set_timesteps(STEPS)
-            grid = from_diffusers_timesteps(sched, schedule)
-            sampler = Sampler(den, grid, solver=solver, order=order)
-            with torch.no_grad():
-                t_diff = best_seconds(diffusers_loop, min_time) / STEPS
-                t_full = best_seconds(lambda: sample(den, x, grid, solver=solver, order=order), min_time) / STEPS
-                t_loop = best_seconds(lambda: sampler(x), min_time) / STEPS
-            records.append({"shape": list(shape), "solver": kind, "diffusers_us_per_step": t_diff * 1e6,
-                            "tdiff_us_per_step": t_full * 1e6, "tdiff_loop_us_per_step": t_loop * 1e6,
-                            "speedup": t_diff / t_full, "speedup_loop": t_diff / t_loop,
-                            "backend": dispatch.backend_for(x, "multistep_update_cpu")})
-    print_table(f"Per-step solver overhead ({STEPS} steps, float32, model call excluded, no_grad)",
-                ["shape", "solver", "diffusers us/step", "tdiff us/step (with tables)", "tdiff loop us/step",
-                 "speed-up", "speed-up (loop)", "backend"],
-                [[str(tuple(r["shape"])), r["solver"], r["diffusers_us_per_step"], r["tdiff_us_per_step"],
-                  r["tdiff_loop_us_per_step"], r["speedup"], r["speedup_loop"], r["backend"]] for r in records])
+        variants = {"diffusers": _step_loop(sched, eps, x), "floor": floor}
+        for solver, order in timed:
+            name = f"{solver}{order}" if solver not in ("ddim", "euler", "heun") else solver
+            sampler = Sampler(den, ts, solver=solver, order=order)
+            variants[f"sample:{name}"] = (lambda s=solver, o=order: sample(den, x, ts, solver=s, order=o))
+            variants[f"loop:{name}"] = (lambda sm=sampler: sm(x))
+            if (solver, order) == ("dpmpp", 2):  # what fusing the conversion saves: the same loop, unfused
+                unfused = Sampler(den, ts, solver=solver, order=order)
+                unfused.fuse = False
+                variants["unfused:dpmpp2"] = (lambda sm=unfused: sm(x))
+        n = max(int(round(2e-2 / max(1e-9, _once(variants["diffusers"])))), 1)  # rounds of >= ~20 ms per variant
+        rounds = (8 if quick else 25) if shape[0] * shape[-1] <= 512 else (5 if quick else 15)
+        with torch.no_grad():
+            times = interleaved_seconds({k: _repeat(f, n) for k, f in variants.items()}, rounds=rounds, warmup=1)
+        times = {k: [t / (n * STEPS) for t in v] for k, v in times.items()}  # seconds per step
+        floor_t = median_ci(times["floor"])
+        for solver, order in timed:
+            name = f"{solver}{order}" if solver not in ("ddim", "euler", "heun") else solver
+            full, loop = f"sample:{name}", f"loop:{name}"
+            records.append({
+                "shape": list(shape), "solver": solver, "order": order,
+                "nfe_per_step": 2 if solver == "heun" else 1,
+                "sample_us": _us(median_ci(times[full])), "loop_us": _us(median_ci(times[loop])),
+                "diffusers_us": _us(median_ci(times["diffusers"])), "floor_us": _us(floor_t),
+                # per-round ratios: diffusers / tdiff (> 1: tdiff faster), tdiff / floor (>= 1 by construction)
+                "vs_diffusers": _ratio(speedup(times, full, "diffusers", None)),
+                "loop_vs_diffusers": _ratio(speedup(times, loop, "diffusers", None)),
+                "over_floor": _ratio(speedup(times, "floor", full, None)),
+                "loop_over_floor": _ratio(speedup(times, "floor", loop, None)),
+                "backend": dispatch.backend_for(x, "multistep_update_cpu")})
+            if f"unfused:{name}" in times:
+                records[-1]["loop_unfused_us"] = _us(median_ci(times[f"unfused:{name}"]))
+                records[-1]["unfused_over_fused"] = _ratio(speedup(times, loop, f"unfused:{name}", None))
+    print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread, interleaved: "
+                f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per step (a copy moving those bytes)",
+                ["shape", "solver", "sample us/step", "loop us/step", "diffusers us/step", "floor us/step",
+                 "sample/floor", "loop/floor", "diffusers/sample"],
+                [[str(tuple(r["shape"])), f"{r['solver']}{r['order']}", _fmt(r["sample_us"]), _fmt(r["loop_us"]),
+                  _fmt(r["diffusers_us"]), _fmt(r["floor_us"]), _fmt(r["over_floor"]), _fmt(r["loop_over_floor"]),
+                  _fmt(r["vs_diffusers"])] for r in records])
+    for r in records:
+        if "loop_unfused_us" in r:
+            print(f"  {tuple(r['shape'])} {r['solver']}{r['order']}: the loop unfused (convert, then update) "
+                  f"{_fmt(r['loop_unfused_us'])} us/step, {_fmt(r['unfused_over_fused'])}x the fused loop")
     return records
+
+
+def _once(fn) -> float:
+    import time
+
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _repeat(fn, n: int):
+    def run():
+        for _ in range(n):
+            fn()
+
+    return run
+
+
+def _us(m: dict) -> dict:
+    return {"median": m["median"] * 1e6, "ci95": [v * 1e6 for v in m["ci95"]], "n": m["n"]}
+
+
+def _ratio(r: dict) -> dict:
+    return {"median": r["median"], "ci95": r["ci95"]}
+
+
+def _fmt(m: dict) -> str:
+    lo, hi = m["ci95"]
+    digits = 2 if m["median"] < 10 else 1 if m["median"] < 1000 else 0
+    return f"{m['median']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. fused update bandwidth
 # ---------------------------------------------------------------------------------------------------------------
 def bandwidth(quick: bool) -> list:
+    """K = 1..4: the plain update (reads x and K histories, writes x_next: K + 2 tensor passes) and the converting
+    form of the sampling loop (reads x, the raw output m and K - 1 histories, writes x_next and D: K + 3 passes),
+    against dst.copy_(src) on the same bytes, eager PyTorch and torch.compile of the plain update. Each timed as its
+    fastest ~1 ms block (bench.common.best_seconds), the copy included: on a shared machine a short block is often
+    preempted, and interleaved per-round medians of 2 ms blocks measured the scheduler (copy/op ratios of 0.6-1.7
+    that moved with the order of the variants). Ratios above 1 are flagged as noise."""
     min_time = 0.2 if quick else 1.0
     records = []
     backends = (["cpp"] if dispatch.cpp_has("multistep_update_cpu") else []) + ["torch"]
     for shape in BANDWIDTH_SHAPES[:1] if quick else BANDWIDTH_SHAPES:
-        for k in (2, 4):
+        for k in (1, 2, 3, 4):
             x = torch.randn(shape)
             hist = [torch.randn(shape) for _ in range(k)]
             coeffs = torch.randn(shape[0], 1 + k)
-            nbytes = (k + 2) * x.numel() * x.element_size()
-            t_copy = copy_seconds(nbytes, min_run_time=min_time, timer=best_seconds)
+            pq = torch.randn(shape[0], 2)
+            size = x.numel() * x.element_size()
+            plain, fused = (k + 2) * size, (k + 3) * size
+            t_copy = {n: copy_seconds(n, min_run_time=min_time, timer=best_seconds) for n in (plain, fused)}
 
             def eager():
                 out = coeffs[:, 0].view(-1, 1, 1, 1) * x
@@ -127,19 +202,27 @@ def bandwidth(quick: bool) -> list:
                 return out
 
             compiled = torch.compile(eager, dynamic=False)
-            timings = {"eager": best_seconds(eager, min_time), "torch.compile": best_seconds(compiled, min_time)}
+            timings = {"eager": (best_seconds(eager, min_time), plain),
+                       "torch.compile": (best_seconds(compiled, min_time), plain)}
             for b in backends:
                 os.environ["TDIFF_BACKEND"] = b
-                timings[f"tdiff[{b}]"] = best_seconds(lambda: multistep_update(x, hist, coeffs, check=False),
-                                                        min_time)
+                timings[f"tdiff[{b}]"] = (best_seconds(lambda: multistep_update(x, hist, coeffs, check=False),
+                                                       min_time), plain)
+                timings[f"tdiff[{b}] convert"] = (best_seconds(
+                    lambda: multistep_update(x, hist, coeffs, src=x, convert=pq, check=False), min_time), fused)
             os.environ.pop("TDIFF_BACKEND", None)
-            for name, t in timings.items():
-                records.append({"shape": list(shape), "K": k, "impl": name, "us": t * 1e6, "GBps": nbytes / t / 1e9,
-                                "copy_GBps": nbytes / t_copy / 1e9, "fraction_of_copy": t_copy / t})
-    print_table("Fused update x_next = c_x x + sum_k c_k h_k (float32): effective bandwidth vs copy",
+            for name, (t, nbytes) in timings.items():
+                records.append({"shape": list(shape), "K": k, "impl": name, "us": t * 1e6, "bytes": nbytes,
+                                "GBps": nbytes / t / 1e9, "copy_GBps": nbytes / t_copy[nbytes] / 1e9,
+                                "fraction_of_copy": t_copy[nbytes] / t,
+                                # above 1 is impossible: the copy of those bytes and the op were disturbed unequally
+                                "above_ceiling": t_copy[nbytes] / t > 1})
+    print_table("Fused update x_next = c_x x + sum_k c_k h_k (float32), and its converting form (+ D = p x + q m "
+                "written): effective bandwidth vs copy of the same bytes (fastest 1 ms block, one thread)",
                 ["shape", "K", "impl", "us", "GB/s", "copy GB/s", "of copy"],
                 [[str(tuple(r["shape"])), r["K"], r["impl"], r["us"], r["GBps"], r["copy_GBps"],
-                  f"{100 * r['fraction_of_copy']:.0f}%"] for r in records])
+                  f"{100 * r['fraction_of_copy']:.0f}%" + (" (above the ceiling: noise)" if r["above_ceiling"] else "")]
+                 for r in records])
     return records
 
 
@@ -324,7 +407,8 @@ def run(quick: bool = False) -> dict:
     threads = int(os.environ.get("TDIFF_BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
     try:
-        payload = {"threads": threads, "overhead": overhead(quick), "bandwidth": bandwidth(quick),
+        payload = {"threads": threads, "loadavg_start": list(os.getloadavg()), "per_step": per_step(quick),
+                   "bandwidth": bandwidth(quick),
                    "error": error_table(quick), "conformance": conformance(quick),
                    "convergence": convergence(quick), "loadavg": list(os.getloadavg())}
     finally:

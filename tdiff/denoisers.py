@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Callable, Optional, Union
 
@@ -226,15 +227,45 @@ class Denoiser(nn.Module):
         return self._network(x, self.times(t, x), **cond)
 
     def _network(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        dtype = x.dtype
-        model_dtype = next((p.dtype for p in self.model.parameters()), dtype) if isinstance(self.model, nn.Module) \
-            else dtype
-        if self.precond == "edm":
-            a = self.schedule.alpha(t)
-            s = self.schedule.edm_sigma(t)
-            c_in = Preconditioning("edm", self.sigma_data).c_in(s)
-            x = x * _per_sample(c_in / a, x)
-        return self.raw(x.to(model_dtype), self.model_time(t), **cond).to(dtype)
+        scale = self._input_scale(t)
+        if scale is not None:
+            x = x * _per_sample(scale, x)
+        return self.raw(x.to(self._model_dtype(x.dtype)), self.model_time(t), **cond).to(x.dtype)
+
+    def _model_dtype(self, default: torch.dtype) -> torch.dtype:
+        if isinstance(self.model, nn.Module):
+            return next((p.dtype for p in self.model.parameters()), default)
+        return default
+
+    def _input_scale(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """EDM preconditioning's input scaling of x at schedule times t: the network sees c_in x/alpha."""
+        if self.precond != "edm":
+            return None
+        return Preconditioning("edm", self.sigma_data).c_in(self.schedule.edm_sigma(t)) / self.schedule.alpha(t)
+
+    def network_calls(self, t: torch.Tensor, like: torch.Tensor) -> list:
+        """For each of the (E,) schedule times t (validated by the caller), a callable x -> `network_output(x, t_k)`
+        for samples like `like` (batch, dtype, device). What depends only on the time (the network time
+        model_time(t), EDM's input scaling) and the model's dtype is computed here, once, for all E times, so a
+        sampling loop's model call does no tensor work besides the network's own and no validation. Differentiable
+        in t (the network times are functions of it)."""
+        t = as_time(t).to(like.device)
+        b, ones = like.shape[0], (1,) * (like.dim() - 1)
+        t_net = self.model_time(t).unsqueeze(1).expand(-1, b).unbind(0)  # (B,) per time, views
+        scale = self._input_scale(t)
+        scales = [None] * t.numel() if scale is None else \
+            scale.to(like.dtype).reshape(-1, 1, *ones).expand(-1, b, *ones).unbind(0)  # (B, 1, ..) per time
+        model_dtype = self._model_dtype(like.dtype)
+        cast = None if model_dtype == like.dtype else model_dtype
+        return [functools.partial(self._call_at, t_net[k], scales[k], cast) for k in range(t.numel())]
+
+    def _call_at(self, t_net: torch.Tensor, scale: Optional[torch.Tensor], cast: Optional[torch.dtype],
+                 x: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            x = x * scale
+        if cast is None:
+            return self.raw(x, t_net)
+        return self.raw(x.to(cast), t_net).to(x.dtype)
 
     def conversion(self, t, target: str = "x0") -> torch.Tensor:
         """(..., 2) rows [p, q]: target = p x + q m for a sample x at schedule time(s) t (target "x0" or "eps");

@@ -342,3 +342,33 @@ def test_new_solvers_are_differentiable_in_the_timesteps():
         out = sample(den, x, ts, solver=solver, order=order, **kw)
         (g,) = torch.autograd.grad(out.square().sum(), ts)
         assert torch.isfinite(g).all() and bool((g[1:-1] != 0).all()), solver
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+def test_stable_rule_blends_unipc_predictor_and_corrector_rows_over_the_same_buffers(variant):
+    """Where the stable rule blends order p with order 1, the row is w row_p + (1 - w) row_1, row_1 padded with
+    zeros on the histories it does not read: the predictor's after (c_x, c_0), the corrector's after
+    (c_x, c_new, c_0). Built directly from the row functions here, step by step."""
+    from tdiff.solvers.grid import make_grid
+    from tdiff.solvers.program import stable_orders
+    from tdiff.solvers.unipc import corrector_row, predictor_row
+    from tdiff.timesteps import HEURISTICS
+
+    ts = HEURISTICS["logsnr_uniform"](EDM(), 13).to(torch.float64)
+    prog = build_program(EDM(), ts, "unipc", 3, variant=variant)
+    g = make_grid(EDM(), ts)
+    plan = stable_orders(g.lam, 3, g.final_zero)
+    assert plan.blend is not None and sum(plan.blend) >= 2  # the grid exercises the blend
+    updates = [[ins for ins in step if isinstance(ins, Update)] for step in prog.steps]
+    for i in (i for i, b in enumerate(plan.blend) if b):
+        p, w = plan.top[i], plan.weight[i]
+        row_p = torch.stack(predictor_row(g, torch.tensor([i]), p, variant)).squeeze(1)
+        row_1 = torch.stack(predictor_row(g, torch.tensor([i]), 1, variant)).squeeze(1)
+        want = w * row_p + (1 - w) * torch.cat([row_1, row_1.new_zeros(p - 1)])
+        torch.testing.assert_close(prog.rows[updates[i][-1].row], want, rtol=1e-14, atol=1e-14)
+        if i + 1 == g.n_steps:  # no corrector after the last step
+            continue
+        row_p = torch.stack(corrector_row(g, torch.tensor([i]), p, variant)).squeeze(1)
+        row_1 = torch.stack(corrector_row(g, torch.tensor([i]), 1, variant)).squeeze(1)
+        want = w * row_p + (1 - w) * torch.cat([row_1, row_1.new_zeros(p - 1)])
+        torch.testing.assert_close(prog.rows[updates[i + 1][0].row], want, rtol=1e-14, atol=1e-14)

@@ -21,6 +21,8 @@ clamped x0 (they differ only when the denoiser clamps its x0 prediction, `clip_x
 """
 from __future__ import annotations
 
+import torch
+
 from .grid import Grid
 from .program import Eval, Noise, Program, Update, check_flag
 
@@ -54,19 +56,23 @@ def build_ddim(g: Grid, cond_times, eta: float = 0.0, use_clipped_model_output: 
     check_flag("use_clipped_model_output", use_clipped_model_output)
     prog = Program(eval_times=cond_times, eval_points=g.t)
     alpha_to, sigma_to = g.landing()
-    for i in range(g.n_steps):
-        c_x, c_d, c_eps, s = ddim_coefficients(g.alpha[i], g.sigma[i], alpha_to[i], sigma_to[i], float(eta))
-        noisy = s is not None and not (g.final_zero and i == g.n_steps - 1)  # no noise is added at sigma = 0
-        if use_clipped_model_output:
-            step = [Eval(f"D{i}", "x", i)]
-            row, hist = [c_x, c_d], (f"D{i}",)
-        else:
-            step = [Eval(f"D{i}", "x", i, extra=((f"E{i}", "eps"),))]
-            row, hist = [alpha_to[i] * 0, alpha_to[i], c_eps], (f"D{i}", f"E{i}")
+    n = g.n_steps
+    # every step's coefficients at once (a handful of tensor ops, whatever the number of steps)
+    c_x, c_d, c_eps, s = ddim_coefficients(g.alpha[:n], g.sigma[:n], alpha_to, sigma_to, float(eta))
+    cols, hist = ([c_x, c_d], ("D",)) if use_clipped_model_output else ([alpha_to * 0, alpha_to, c_eps], ("D", "E"))
+    if s is not None:
+        cols.append(s)
+    rows = torch.stack(cols, dim=1).unbind(0)
+    for i in range(n):
+        noisy = s is not None and not (g.final_zero and i == n - 1)  # no noise is added at sigma = 0
+        extra = () if use_clipped_model_output else ((f"E{i}", "eps"),)
+        step = [Eval(f"D{i}", "x", i, extra=extra)]
+        names = tuple(f"{h}{i}" for h in hist)
+        row = rows[i] if noisy or s is None else rows[i][:-1]
         if noisy:
             step.append(Noise("z"))
-            row, hist = row + [s], hist + ("z",)
-        step.append(Update("x", "x", hist, prog.row(row)))
+            names = names + ("z",)
+        step.append(Update("x", "x", names, prog.row(row)))
         prog.add_step(step)
     return prog
 

@@ -157,13 +157,14 @@ def build_multistep(kind: str, g: Grid, cond_times, order: int, lower_order_fina
         return dpmpp_orders(n, p, lof, fz, euler_at_final)
 
     explicit = orders is not None
-    mixes = choose_orders(kind, g.lam, order, lower_order_final, order_rule, g.final_zero, count_rule, orders,
-                          allowed)
+    plan = choose_orders(kind, g.lam, order, lower_order_final, order_rule, g.final_zero, count_rule, orders,
+                         allowed)
     if euler_at_final and not explicit:
-        mixes[-1] = {1: None}
+        plan.first_order_at(g.n_steps - 1)
     prog = Program(eval_times=cond_times, eval_points=g.t)
-    rows = mixed_rows(mixes, lambda p, idx: step_row(kind, g, idx, p, solver_type), tail=int(stochastic))
-    orders = [max(m) for m in mixes]
+    rows = mixed_rows(plan.top, lambda p, idx: step_row(kind, g, idx, p, solver_type), plan.weight, plan.blend,
+                      tail=int(stochastic))
+    orders = plan.top
     name = "E" if target == "eps" else "D"
     for i, p in enumerate(orders):
         hist = tuple(f"{name}{i - k}" for k in range(p))

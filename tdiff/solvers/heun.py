@@ -65,43 +65,66 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         raise ValueError(f"s_min must be <= s_max (churn applies to sigmas in [s_min, s_max]), got s_min={s_min!r}, "
                          f"s_max={s_max!r}")
     check_choice("order_rule", order_rule, ORDER_RULES)
-    h = g.lam[1:] - g.lam[:-1]
-    weights = [ramp(v, *HEUN_H) if order_rule == "stable" else None for v in h]
+    n = g.n_steps
+    gammas = _gammas(g, s_churn, s_min, s_max)
+    # on the host: which steps are corrected, and which of those blend with the Euler step (stable rule)
+    hd = (g.lam[1:] - g.lam[:-1]).detach().tolist()
+    corrected, blended = [], []
+    for i in range(n):
+        if g.final_zero and i == n - 1:
+            continue  # the Euler step alone: to sigma = 0 it lands on D exactly
+        if order_rule == "stable" and not hd[i] < HEUN_H[1]:
+            continue
+        corrected.append(i)
+        blended.append(order_rule == "stable" and hd[i] > HEUN_H[0])
+    # every step's quantities at once (a few dozen tensor ops, whatever the number of steps)
+    a_hat, s_hat, st_hat = g.alpha[:n], g.sigma[:n], g.sigma_tilde[:n]
+    t_eval = cond_times[:n]
+    churned = [i for i, gamma in enumerate(gammas) if gamma > 0]
+    if churned:
+        at = torch.tensor(churned)
+        st_c = g.sigma_tilde[at] * (1 + torch.tensor([gammas[i] for i in churned], dtype=st_hat.dtype))
+        t_c = schedule.t_from_edm_sigma(st_c)
+        a_c = schedule.alpha(t_c)
+        # x^ = alpha^ (x/alpha_i + sqrt(sigma^2 - sigma~_i^2) S_noise z)
+        noise_rows = torch.stack([a_c / g.alpha[at], a_c * (st_c**2 - g.sigma_tilde[at] ** 2).sqrt() * s_noise],
+                                 dim=1).unbind(0)
+        st_hat, t_eval = st_hat.index_put((at,), st_c), t_eval.index_put((at,), t_c)
+        a_hat = a_hat.index_put((at,), a_c)
+        s_hat = s_hat.index_put((at,), a_c * st_c)
+    euler_rows = torch.stack(first_order_coefficients(a_hat, s_hat, g.alpha[1:], g.sigma[1:]), dim=1).unbind(0)
+    correction_rows = {}
+    if corrected:
+        at, nx = torch.tensor(corrected), torch.tensor(corrected) + 1
+        a_h, s_h = a_hat[at], s_hat[at]
+        a_n, s_n = g.alpha[nx], g.sigma[nx]
+        half = a_n * (g.sigma_tilde[nx] - st_hat[at]) / 2
+        cols = [a_n / a_h + half / s_h, -a_n * half / s_n, -half * a_h / s_h, half / s_n]
+        if any(blended):  # w (Heun) + (1 - w) (Euler, which is xp itself); w = 1 where the step does not blend
+            w = torch.where(torch.tensor(blended), ramp(g.lam[nx] - g.lam[at], *HEUN_H), 1.0)
+            cols = [w * c for c in cols[:3]] + [w * cols[3] + (1 - w)]
+        correction_rows = dict(zip(corrected, torch.stack(cols, dim=1).unbind(0)))
     prog = Program()
-    eval_times, eval_points = [], []
-    for i, gamma in enumerate(_gammas(g, s_churn, s_min, s_max)):
-        n = i + 1
+    points, where = [], []  # per evaluation: the grid point it is at, and whether it is a churned predictor
+    for i in range(n):
         step = []
-        a_hat, s_hat, st_hat = g.alpha[i], g.sigma[i], g.sigma_tilde[i]
-        t_eval = cond_times[i]
-        if gamma > 0:
-            st_hat = g.sigma_tilde[i] * (1 + gamma)
-            t_eval = schedule.t_from_edm_sigma(st_hat)
-            a_hat = schedule.alpha(t_eval)
-            s_hat = a_hat * st_hat
-            # x^ = alpha^ (x/alpha_i + sqrt(sigma^2 - sigma~_i^2) S_noise z)
-            noise = a_hat * (st_hat**2 - g.sigma_tilde[i] ** 2).sqrt() * s_noise
-            step += [Noise("z"), Update("x", "x", ("z",), prog.row([a_hat / g.alpha[i], noise]))]
-        eval_times.append(t_eval)
-        eval_points.append(t_eval if gamma > 0 else g.t[i])
-        step += [Eval("D", "x", len(eval_times) - 1),
-                 Update("xp", "x", ("D",), prog.row(first_order_coefficients(a_hat, s_hat, g.alpha[n], g.sigma[n])))]
-        last_to_zero = g.final_zero and n == g.n_steps
-        w = weights[i]
-        if w is not None and float(w.detach()) >= 1:
-            w = None
-        if last_to_zero or (w is not None and not float(w.detach()) > 0):
-            step.append(Alias("x", "xp"))  # the Euler step alone (to sigma = 0 it lands on D exactly)
+        if gammas[i] > 0:
+            step += [Noise("z"), Update("x", "x", ("z",), prog.row(noise_rows[churned.index(i)]))]
+        points.append(i)
+        where.append(gammas[i] > 0)
+        step += [Eval("D", "x", len(points) - 1), Update("xp", "x", ("D",), prog.row(euler_rows[i]))]
+        if i in correction_rows:
+            points.append(i + 1)
+            where.append(False)
+            step += [Eval("Dp", "xp", len(points) - 1),
+                     Update("x", "x", ("Dp", "D", "xp"), prog.row(correction_rows[i]))]
         else:
-            eval_times.append(cond_times[n])
-            eval_points.append(g.t[n])
-            a_n, s_n = g.alpha[n], g.sigma[n]
-            delta = g.sigma_tilde[n] - st_hat
-            half = a_n * delta / 2
-            row = [a_n / a_hat + half / s_hat, -a_n * half / s_n, -half * a_hat / s_hat, half / s_n]
-            if w is not None:  # w (Heun) + (1 - w) (Euler, which is xp itself)
-                row = [w * c for c in row[:3]] + [w * row[3] + (1 - w)]
-            step += [Eval("Dp", "xp", len(eval_times) - 1), Update("x", "x", ("Dp", "D", "xp"), prog.row(row))]
+            step.append(Alias("x", "xp"))  # the Euler step alone
         prog.add_step(step)
-    prog.eval_times, prog.eval_points = torch.stack(eval_times), torch.stack(eval_points)
+    idx = torch.tensor(points)
+    prog.eval_times, prog.eval_points = cond_times[idx], g.t[idx]
+    if churned:  # a churned predictor is evaluated (and converted) at its raised noise level
+        pred, raised = torch.tensor([k for k, c in enumerate(where) if c]), t_eval[torch.tensor(churned)]
+        prog.eval_times = prog.eval_times.index_put((pred,), raised)
+        prog.eval_points = prog.eval_points.index_put((pred,), raised)
     return prog

@@ -9,6 +9,8 @@ fused update over up to four slopes.
 """
 from __future__ import annotations
 
+import torch
+
 from .grid import Grid
 from .program import Eval, Program, Update, check_flag, check_order, choose_orders, mixed_rows, multistep_orders
 
@@ -20,8 +22,8 @@ ADAMS_BASHFORTH = {
 }
 
 
-def slope_row(g: Grid, i: int) -> list:
-    """d_i = x_i/sigma_i - (alpha_i/sigma_i) D_i."""
+def slope_row(g: Grid, i) -> list:
+    """d_i = x_i/sigma_i - (alpha_i/sigma_i) D_i (i: a point index, a slice or a LongTensor of them)."""
     return [1 / g.sigma[i], -g.alpha[i] / g.sigma[i]]
 
 
@@ -45,14 +47,15 @@ def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = T
     lower_order_final the steps left)."""
     check_order("ipndm", order, (1, 2, 3, 4))
     check_flag("lower_order_final", lower_order_final)
-    mixes = choose_orders("ipndm", g.lam, order, lower_order_final, order_rule, g.final_zero, _count_rule, orders,
-                          (1, 2, 3, 4))
-    rows = mixed_rows(mixes, lambda q, idx: step_row(g, idx, q))
+    plan = choose_orders("ipndm", g.lam, order, lower_order_final, order_rule, g.final_zero, _count_rule, orders,
+                         (1, 2, 3, 4))
+    rows = mixed_rows(plan.top, lambda q, idx: step_row(g, idx, q), plan.weight, plan.blend)
+    slopes = torch.stack(slope_row(g, slice(0, g.n_steps)), dim=1).unbind(0)
     prog = Program(eval_times=cond_times, eval_points=g.t)
-    for i, (p, row) in enumerate(zip([max(m) for m in mixes], rows)):
+    for i, (p, row) in enumerate(zip(plan.top, rows)):
         prog.add_step([
             Eval(f"D{i}", "x", i),
-            Update(f"d{i}", "x", (f"D{i}",), prog.row(slope_row(g, i))),
+            Update(f"d{i}", "x", (f"D{i}",), prog.row(slopes[i])),
             Update("x", "x", tuple(f"d{i - k}" for k in range(p)), prog.row(row)),
         ])
     return prog

@@ -2,8 +2,8 @@
 
 Each solver module turns (schedule, grid, order, options) into a `Program`: per step, a short list of
 instructions, plus every coefficient row the instructions use, as differentiable tensors of the timesteps. The
-sampling loop (sample.py) only interprets the instructions: it calls the denoiser, converts its raw output with a
-per-evaluation (p, q) row (sample.py: `to_prediction`) and calls the fused `tdiff::multistep_update` op, so there is
+sampling loop (sample.py) only interprets the instructions: it calls the denoiser and calls the fused
+`tdiff::multistep_update` op, which also converts the raw output with a per-evaluation (p, q) row, so there is
 no solver arithmetic, no host sync and no allocation in the loop beyond the model calls and the update outputs.
 
 Buffer names: "x" is the running sample; "D{i}" the data (x0) prediction of evaluation i; solvers may add their own
@@ -92,6 +92,26 @@ class Program:
         """The evaluations in program order (evaluation k is the k-th)."""
         return sorted((i for step in self.steps for i in step if isinstance(i, Eval)), key=lambda e: e.k)
 
+    def frees(self) -> List[Tuple[str, ...]]:
+        """Per instruction (flat index n), the buffers nobody reads after it: those it reads or writes whose last
+        read is at or before n ("x", the result, excepted). A buffer is always freed at its last read, or at its
+        write when nothing reads it later, so only those two need checking. Cached: the program is fixed once
+        built."""
+        if getattr(self, "_frees", None) is None:
+            last = self.last_uses()
+            out = []
+            for n, ins in enumerate(i for step in self.steps for i in step):
+                names = [ins.out]
+                if isinstance(ins, Eval):
+                    names += [ins.src, *(name for name, _ in ins.extra)]
+                elif isinstance(ins, Alias):
+                    names.append(ins.src)
+                elif isinstance(ins, Update):
+                    names += [ins.x, *ins.hist]
+                out.append(tuple(dict.fromkeys(k for k in names if k != "x" and last.get(k, -1) <= n)))
+            self._frees = out
+        return self._frees
+
     def last_uses(self) -> dict:
         """buffer name -> index (in the flat instruction list) of the last instruction that reads it."""
         last = {}
@@ -103,23 +123,6 @@ class Program:
             for name in reads:
                 last[name] = n
         return last
-
-
-def rows_by_group(keys: Sequence, compute) -> list:
-    """Per step i, the coefficient row compute(keys[i], ...) as a 1-D tensor, evaluated once per distinct key for
-    all steps sharing it: compute(key, idx) gets a LongTensor of step indices and returns a list of (len(idx),)
-    tensors (one per row entry). Vectorising over steps keeps the table build to a few dozen tensor ops instead of
-    dozens per step. A key of None gives no row."""
-    out: list = [None] * len(keys)
-    groups: dict = {}
-    for i, key in enumerate(keys):
-        if key is not None:
-            groups.setdefault(key, []).append(i)
-    for key, idx in groups.items():
-        mat = torch.stack(compute(key, torch.tensor(idx)), dim=1)  # (steps in group, 1+K)
-        for j, i in enumerate(idx):
-            out[i] = mat[j]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,7 +161,30 @@ def ramp(v: Tensor, lo: float, hi: float) -> Tensor:
     return ((hi - v) / (hi - lo)).clamp(0.0, 1.0)
 
 
-def stable_orders(lam: Tensor, order: int, final_zero: bool) -> List[dict]:
+@dataclass
+class OrderPlan:
+    """Which update each step makes: `top[i]` is the order of step i's update; where the stable rule blends,
+    step i's row is weight[i] (order top[i]) + (1 - weight[i]) (order 1), one row over the same buffers.
+
+    weight: (N,) tensor, differentiable in the time steps, 1 where a step does not blend; None when none does.
+    blend: per step, whether it blends (decided on the host, so that only those rows pay for the blend)."""
+
+    top: List[int]
+    weight: Optional[Tensor] = None
+    blend: Optional[List[bool]] = None
+
+    @classmethod
+    def pure(cls, orders: Sequence[int]) -> "OrderPlan":
+        return cls(list(orders))
+
+    def first_order_at(self, i: int) -> None:
+        """Make step i a plain first-order step (euler_at_final)."""
+        self.top[i] = 1
+        if self.blend is not None:
+            self.blend[i] = False
+
+
+def stable_orders(lam: Tensor, order: int, final_zero: bool) -> OrderPlan:
     """The stable rule: lower the order by the size of each step in lambda, not by the count of steps.
 
     A q-step method extrapolates the data prediction from q-1 earlier points over the new step h_i = lambda_{i+1} -
@@ -181,50 +207,72 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool) -> List[dict]:
     13-20 and 1.3x at 21-40. Blending p with p-1 (a cascade) was more accurate at NFE 7-20 but let the error rise
     by up to 19% at eight more curves.
 
-    Returns per step {order: weight} (weights summing to 1; a single order has weight None: the pure update)."""
+    The decisions (which order, whether to blend) are made on the host from the step sizes; the blend weights of
+    the blending steps are one vectorised tensor expression of the time steps."""
     h = lam[1:] - lam[:-1]
     hd = h.detach().tolist()
     n = len(hd)
-    mixes = []
+    top, blend, reach = [], [], []
     for i in range(n):
         p = min(order, i + 1)
         if final_zero and i == n - 1:
             p = 1
-        mix = {1: None}
+        mixed = False
         if p > 1:
             lo, hi = STABLE_H[min(p, max(STABLE_H))]
             ratio = max(hd[i] / hd[i - k] for k in range(1, p))
             if hd[i] < hi and ratio < STABLE_RATIO[1]:
-                a = ramp(h[i], lo, hi) * ramp(torch.stack([h[i] / h[i - k] for k in range(1, p)]).max(),
-                                              *STABLE_RATIO)
-                mix = {p: None} if float(a.detach()) >= 1 else {1: 1 - a, p: a}
-        mixes.append(mix)
-    return mixes
+                mixed = not (hd[i] <= lo and ratio <= STABLE_RATIO[0])
+            else:
+                p = 1
+        top.append(p)
+        blend.append(mixed)
+        if mixed:
+            reach.append(i)
+    if not reach:
+        return OrderPlan(top)
+    steps = torch.tensor(reach)
+    k_max = max(top[i] for i in reach) - 1
+    # the earlier steps each blending step's order reaches back to (k < p); unused slots are masked out
+    back = torch.tensor([[max(i - k, 0) for k in range(1, k_max + 1)] for i in reach])
+    used = torch.tensor([[k < top[i] for k in range(1, k_max + 1)] for i in reach])
+    hb = h[steps]
+    ratio = torch.where(used, hb.unsqueeze(1) / h[back], 0.0).amax(1)
+    lo = torch.tensor([STABLE_H[min(top[i], max(STABLE_H))][0] for i in reach], dtype=h.dtype)
+    hi = torch.tensor([STABLE_H[min(top[i], max(STABLE_H))][1] for i in reach], dtype=h.dtype)
+    a = ((hi - hb) / (hi - lo)).clamp(0.0, 1.0) * ramp(ratio, *STABLE_RATIO)
+    weight = torch.ones(n, dtype=h.dtype).index_put((steps,), a)
+    return OrderPlan(top, weight, blend)
 
 
-def mixed_rows(mixes: List[dict], row_fn, tail: int = 0) -> list:
-    """Per step, sum_q w_q row_q over the orders of its mix (None: no row), with row_fn(q, idx) as for
-    rows_by_group; each row
-    [c_x, c_0, ..., c_{q-1}, *tail] padded with zeros to the step's highest order, so the mix is one row over the
-    same buffers)."""
-    per_order = {q: rows_by_group([q if m is not None and q in m else None for m in mixes], row_fn)
-                 for q in sorted({q for m in mixes if m is not None for q in m})}
-    out = []
-    for i, mix in enumerate(mixes):
-        if mix is None:  # no row for this step
-            out.append(None)
-            continue
-        top = max(mix)
-        if len(mix) == 1:
-            out.append(per_order[top][i])
-            continue
-        acc = 0
-        for q, w in mix.items():
-            row = per_order[q][i]
-            pad = torch.zeros(top - q, dtype=row.dtype, device=row.device)
-            cut = row.numel() - tail
-            acc = acc + w * torch.cat([row[:cut], pad, row[cut:]])
-        out.append(acc)
+def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = None,
+               blend: Optional[Sequence[bool]] = None, tail: int = 0) -> list:
+    """Per position i, the coefficient row of order top[i] (None: no row) as a 1-D tensor, blended where blend[i]
+    with the first-order row: weight[i] row_p + (1 - weight[i]) row_1, the first-order row padded with p - 1 zeros
+    just before its `tail` entries ([c_x, c_0, 0.., *tail]; a corrector's [c_x, c_new, c_0, 0..]) so the blend is
+    one row over the same buffers.
+
+    row_fn(p, idx) gets a LongTensor of positions and returns a list of (len(idx),) tensors (one per row entry):
+    the rows are computed once per order for all positions that use it, so a table costs a few dozen tensor ops
+    whatever the number of steps, and each row is a view of its order's (positions, width) matrix."""
+    out: list = [None] * len(top)
+    groups: dict = {}
+    for i, p in enumerate(top):
+        if p is not None:
+            groups.setdefault(p, []).append(i)
+    for p, idx in groups.items():
+        mat = torch.stack(row_fn(p, torch.tensor(idx)), dim=1)  # (positions, 1+p+tail)
+        sel = [j for j, i in enumerate(idx) if blend is not None and blend[i]] if p > 1 else []
+        if sel:
+            at = torch.tensor([idx[j] for j in sel])
+            first = torch.stack(row_fn(1, at), dim=1)  # (blending positions, 2+tail)
+            cut = first.shape[1] - tail
+            first = torch.cat([first[:, :cut], first.new_zeros(len(sel), p - 1), first[:, cut:]], dim=1)
+            w = weight[at].unsqueeze(1)
+            rows = torch.tensor(sel)
+            mat = mat.index_put((rows,), w * mat[rows] + (1 - w) * first)
+        for i, row in zip(idx, mat.unbind(0)):
+            out[i] = row
     return out
 
 
@@ -245,18 +293,18 @@ def check_orders(solver: str, orders, n_steps: int, allowed: Sequence[int], fina
 
 
 def choose_orders(solver: str, lam: Tensor, order: int, lower_order_final: bool, order_rule: str,
-                  final_zero: bool, diffusers_rule, orders=None, allowed: Sequence[int] = (1, 2, 3)) -> List[dict]:
-    """Per step {order: weight}: explicit `orders`, else the stable rule (by step size, `stable_orders`) or
-    diffusers' rule (by count, `diffusers_rule(n_steps, order, lower_order_final, final_zero)`);
-    lower_order_final=False disables lowering (but for warm-up and a final step to sigma = 0)."""
+                  final_zero: bool, diffusers_rule, orders=None, allowed: Sequence[int] = (1, 2, 3)) -> OrderPlan:
+    """The OrderPlan: explicit `orders`, else the stable rule (by step size, `stable_orders`) or diffusers' rule
+    (by count, `diffusers_rule(n_steps, order, lower_order_final, final_zero)`); lower_order_final=False disables
+    lowering (but for warm-up and a final step to sigma = 0)."""
     n = lam.numel() - 1
     if orders is not None:
-        return [{p: None} for p in check_orders(solver, orders, n, allowed, final_zero)]
+        return OrderPlan.pure(check_orders(solver, orders, n, allowed, final_zero))
     check_choice("order_rule", order_rule, ORDER_RULES)
     if order_rule == "diffusers":
-        return [{p: None} for p in diffusers_rule(n, order, lower_order_final, final_zero)]
+        return OrderPlan.pure(diffusers_rule(n, order, lower_order_final, final_zero))
     if not lower_order_final:
-        return [{p: None} for p in multistep_orders(n, order, False, final_zero)]
+        return OrderPlan.pure(multistep_orders(n, order, False, final_zero))
     return stable_orders(lam, order, final_zero)
 
 

@@ -1,9 +1,14 @@
 """`sample`: run a solver over a timestep vector. The loop interprets a Program (program.py) built up front.
 
-The loop does no solver arithmetic. Per model evaluation it converts the network's raw output m (eps, v, flow or x0;
-guidance combined, input preconditioning applied inside the denoiser's call) to the data prediction
-D = p x + q m with a (p, q) row computed once per run from the *sample's* grid point (`to_prediction`, the one
-place that does it: SPEC_multistep), and every update is one call of the fused `tdiff::multistep_update` op with a
+The loop does no solver arithmetic. The network's raw output m (eps, v, flow or x0; input preconditioning applied
+inside the denoiser's call) converts to the data prediction D = p x_src + q m' (m' the guided output with
+classifier-free guidance) with a (p, q) row computed once per run from the *sample's* grid point. Where that is
+affine (no clip_x0 clamp) the conversion is fused: the loop keeps m, the sample x_src it was evaluated at and the
+row (`Raw`), and the next update that reads it forms D and x_next in one pass of the fused
+`tdiff::multistep_update` op (`multistep_update(x, [m, *earlier D], row, convert=pq, src=x_src, ...)`), which also
+returns D to keep as history (SPEC_multistep). A clamped output, or one read as two targets (diffusers' DDIM with
+use_clipped_model_output=False and a clamp; without one the Sampler builds the equal one-target step), converts in
+a pass of its own (`to_prediction`), then updates. Every update uses a
 coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once). So the loop makes no host
 syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs. Nothing is
 detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
@@ -144,27 +149,32 @@ def _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts: dict):
 
 def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tensor], list]:
     """Per (evaluation, target): the (p, q) row as one (R, 2) float64 tensor, differentiable in the timesteps, and
-    for every Eval a list of (buffer, target, row index or None when the conversion is the identity)."""
+    for every Eval a list of (buffer, target, row index or None when the conversion is the identity). The rows of
+    a target are computed for all its evaluations at once (a handful of tensor ops, whatever the NFE)."""
     evals = prog.evals()
     raw = _is_raw(denoiser)
-    rows, plan = [], []
-    for e in evals:
-        entries = []
-        for name, target in ((e.out, e.target), *e.extra):
-            identity = getattr(denoiser, "prediction", None) == "x0" and getattr(denoiser, "precond", None) is None
-            if target == "x0" and (not raw or identity):
-                entries.append((name, target, None))  # p = 0, q = 1
-                continue
-            t = prog.eval_points[e.k]
-            if raw:
-                row = denoiser.conversion(t, target)
-            else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma
-                p, q = eps_coefficients(torch.zeros_like(t), torch.ones_like(t), schedule.alpha(t), schedule.sigma(t))
-                row = torch.stack([p, q])
-            entries.append((name, target, len(rows)))
-            rows.append(row.to(torch.float64))
-        plan.append(entries)
-    return (torch.stack(rows) if rows else None), plan
+    identity_x0 = not raw or (getattr(denoiser, "prediction", None) == "x0"
+                              and getattr(denoiser, "precond", None) is None)
+    plan = [[(name, target, None) for name, target in ((e.out, e.target), *e.extra)] for e in evals]
+    by_target: dict = {}  # target -> [(eval index, entry index)]
+    for k, entries in enumerate(plan):
+        for j, (_, target, _) in enumerate(entries):
+            if not (target == "x0" and identity_x0):  # else p = 0, q = 1
+                by_target.setdefault(target, []).append((k, j))
+    tables = []
+    for target, at in by_target.items():
+        t = prog.eval_points[torch.tensor([evals[k].k for k, _ in at])]
+        if raw:
+            table = denoiser.conversion(t, target)
+        else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma
+            p, q = eps_coefficients(torch.zeros_like(t), torch.ones_like(t), schedule.alpha(t), schedule.sigma(t))
+            table = torch.stack([p, q], dim=-1)
+        base = sum(len(tab) for tab in tables)
+        for r, (k, j) in enumerate(at):
+            name, target, _ = plan[k][j]
+            plan[k][j] = (name, target, base + r)
+        tables.append(table.to(torch.float64))
+    return (torch.cat(tables) if tables else None), plan
 
 
 def _is_raw(denoiser) -> bool:
@@ -191,6 +201,10 @@ class Sampler:
     to the timesteps, so with timesteps that require grad, one Sampler serves one backward pass (as sample() does).
     """
 
+    #: fuse the affine prediction conversion (and guidance) into the updates; False converts each output in a pass
+    #: of its own before its update (the unfused path: the tests' oracle and the benches' comparison)
+    fuse: bool = True
+
     def __init__(self, denoiser, timesteps, solver: Optional[str] = None, order: Optional[int] = None,
                  timesteps_cond=None, guidance=None, progress: bool = False, schedule=None,
                  state_dtype: Optional[torch.dtype] = None, **opts):
@@ -201,12 +215,18 @@ class Sampler:
         timesteps, timesteps_cond, solver, order = _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts)
         self.denoiser = denoiser
         self.schedule = schedule_of(denoiser, schedule)
+        self._clip = getattr(denoiser, "clip_x0", None) if _is_raw(denoiser) else None
+        if solver == "ddim" and opts.get("use_clipped_model_output") is False and self._clip is None:
+            # without a clamp, eps from the raw output is eps = (x - alpha D)/sigma, so the step is the same
+            # function of (x, D): the one-target form, whose conversion fuses into the update
+            opts["use_clipped_model_output"] = True
         self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond, **opts)
         self.solver = solver
         self.guidance, self.progress, self.state_dtype = guidance, progress, state_dtype
         self._conversion, self._plan = _conversion_table(denoiser, self.schedule, self.program)
         self._call = denoiser.network_output if _is_raw(denoiser) else denoiser
-        self._clip = getattr(denoiser, "clip_x0", None) if _is_raw(denoiser) else None
+        # a tdiff Denoiser gives one prepared call per evaluation (network times, input scaling: computed once)
+        self._per_eval = callable(getattr(denoiser, "network_calls", None))
         self._rows = {}
 
     @property
@@ -226,19 +246,24 @@ class Sampler:
                              f"{type(generator).__name__} {generator!r}")
         state = _state_dtype(x_T, self.state_dtype)
         x = x_T.to(state)
-        key = (x.shape[0], state, x.device, torch.is_grad_enabled())
+        key = (x.shape[0], state, x_T.dtype, x.device, torch.is_grad_enabled())
         if key not in self._rows:
-            self._rows[key] = _prepare_rows(self.program, x, self._conversion)
-        rows, conv, eval_times = self._rows[key]
+            rows, conv, eval_times = _prepare_rows(self.program, x, self._conversion)
+            calls = self.denoiser.network_calls(eval_times, x_T) if self._per_eval else None
+            self._rows[key] = rows, conv, eval_times, calls
+        rows, conv, eval_times, calls = self._rows[key]
         return Execution(self.program, rows, eval_times, x, scale=_prepare_scale(self.guidance, x),
                          generator=generator, conv=conv, plan=self._plan, clip=self._clip, io_dtype=x_T.dtype,
-                         check_finite=check_finite)
+                         check_finite=check_finite, fuse=self.fuse, calls=calls)
 
     def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
                  check_finite: bool = False) -> Tensor:
         run = self.start(x_T, generator, check_finite)
-        with times_validated():  # the program's times were checked once, when it was built
-            out = _run(run, self._call, self.progress)
+        if run.calls is not None:  # prepared calls: no validation, no per-call time arithmetic
+            out = _run(run, None, self.progress)
+        else:
+            with times_validated():  # the program's times were checked once, when it was built
+                out = _run(run, self._call, self.progress)
         return out.to(x_T.dtype)
 
 
@@ -300,8 +325,8 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
         mat = torch.stack([prog.rows[r] for r in idx])  # (rows, 1+K)
         finite.append(torch.isfinite(mat).all())
         group = mat.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous()  # (rows, B, 1+K)
-        for j, r in enumerate(idx):
-            out[r] = group[j]
+        for r, row in zip(idx, group.unbind(0)):  # one op for all the views
+            out[r] = row
     conv = None
     if conversion is not None:
         finite.append(torch.isfinite(conversion).all())
@@ -330,11 +355,26 @@ def _prepare_scale(guidance, x: Tensor) -> Optional[Tensor]:
 
 def to_prediction(src: Tensor, m: Tensor, pq: Optional[Tensor]) -> Tensor:
     """D = p src + q m: the raw network output m at the sample src converted with the per-sample (B, 2) row pq
-    (None: the identity, p = 0, q = 1). The loop's only conversion site; the fused
-    `multistep_update(..., src=src, convert=pq)` replaces it (SPEC_multistep)."""
+    (None: the identity, p = 0, q = 1), as a separate pass. The loop's unfused conversion (a clamp follows it,
+    or a second target of the same output needs it; `Raw` and `_update` fuse it into the update otherwise)."""
     if pq is None:
         return m.to(src.dtype)
     return convert(src, m, pq[:, 0], pq[:, 1])
+
+
+@dataclass
+class Raw:
+    """A model output not converted yet: the next update that reads it forms D = p src + q m' (m' = m, or
+    uncond + w (m - uncond) with guidance) in its own pass and returns D to keep as history (SPEC_multistep).
+    pq None: the identity conversion (only guidance is pending)."""
+
+    m: Tensor
+    uncond: Optional[Tensor]
+    src: Tensor
+    pq: Optional[Tensor]
+
+    def tensors(self) -> tuple:
+        return (self.m,) if self.uncond is None else (self.m, self.uncond)
 
 
 def _expected(x: Tensor, out, what: str) -> None:
@@ -373,15 +413,16 @@ class Execution:
     machinery exists once. Instructions must be executed in program order (`n` counts them)."""
 
     def __init__(self, prog: Program, rows, eval_times, x_T: Tensor, scale=None, generator=None, conv=None,
-                 plan=None, clip=None, io_dtype=None, check_finite: bool = False):
-        self.prog, self.rows, self.eval_times = prog, rows, eval_times
+                 plan=None, clip=None, io_dtype=None, check_finite: bool = False, fuse: bool = True,
+                 calls=None):
+        self.prog, self.rows, self.eval_times, self.fuse, self.calls = prog, rows, eval_times, fuse, calls
         self.scale, self.generator, self.conv, self.clip, self.io_dtype = scale, generator, conv, clip, io_dtype
         # a bare program: every evaluation returns x0 as is
         self.plan = plan if plan is not None else [[(e.out, e.target, None)] for e in prog.evals()]
         self.check_finite = check_finite
-        self.last_use = prog.last_uses()
+        self.frees = prog.frees()
         self.buf = {"x": x_T}
-        self.pending = {}  # name -> (cond, uncond): guidance not yet applied (it is fused into the first update)
+        self.pending = {}  # name -> Raw: conversion and guidance not yet applied (fused into the next update)
         self.flags = []  # (step, what, 0-dim bool) for check_finite
         self.n = 0  # index of the next instruction in the flat program
 
@@ -391,14 +432,17 @@ class Execution:
         return src if self.io_dtype is None or self.io_dtype == src.dtype else src.to(self.io_dtype)
 
     def execute(self, ins, step: int, call=None, out=None) -> None:
-        """Interpret the next instruction. An Eval calls call(network input, network time) for the raw output,
-        unless the output is given (`out`: the network was called by someone else, a diffusers pipeline)."""
+        """Interpret the next instruction. An Eval calls calls[k](network input) (a Denoiser's calls prepared for
+        this run) or call(network input, network time) for the raw output, unless the output is given (`out`: the
+        network was called by someone else, a diffusers pipeline)."""
         buf = self.buf
         if isinstance(ins, Eval):
             src = buf[ins.src]
             if out is None:
-                out = call(self.network_input(ins), self.eval_times[ins.k])
-            _store_eval(ins, src, out, self.plan[ins.k], self.conv, self.scale, self.clip, buf, self.pending)
+                x = self.network_input(ins)
+                out = call(x, self.eval_times[ins.k]) if self.calls is None else self.calls[ins.k](x)
+            _store_eval(ins, src, out, self.plan[ins.k], self.conv, self.scale, self.clip, buf, self.pending,
+                        self.fuse)
             if self.check_finite:
                 self.flags.append((step, f"the denoiser's output at evaluation {ins.k}",
                                    _finite(buf, self.pending, ins)))
@@ -411,8 +455,8 @@ class Execution:
         elif isinstance(ins, Alias):
             buf[ins.out] = buf[ins.src]
         # free buffers nobody reads any more (the history of a multistep solver stays bounded)
-        for name in [k for k in buf if k != "x" and self.last_use.get(k, -1) <= self.n]:
-            del buf[name]
+        for name in self.frees[self.n]:
+            buf.pop(name, None)
         self.n += 1
 
     def result(self) -> Tensor:
@@ -427,13 +471,17 @@ class Execution:
 
 def _finite(buf: dict, pending: dict, ins: Eval) -> Tensor:
     names = (ins.out, *(name for name, _ in ins.extra))
-    vals = [t for name in names for t in (pending[name] if name in pending else (buf[name],))]
+    vals = [t for name in names for t in (pending[name].tensors() if name in pending else (buf[name],))]
     return torch.stack([torch.isfinite(v).all() for v in vals]).all()
 
 
-def _store_eval(ins: Eval, src: Tensor, out, entries, conv, scale, clip, buf: dict, pending: dict) -> None:
-    """Convert one model output to each of the targets the Eval asks for (guided pairs stay pending for the fused
-    guidance of the next update, unless a clamp or a second target needs the guided value now)."""
+def _store_eval(ins: Eval, src: Tensor, out, entries, conv, scale, clip, buf: dict, pending: dict,
+                fuse: bool = True) -> None:
+    """Store one model output for each of the targets the Eval asks for. Where the conversion is affine (no
+    clamp) and the output has one target, it stays raw (`Raw`) and the next update that reads it converts and
+    guides it in its own pass; otherwise it is converted here (and clamped), guidance staying pending unless a
+    clamp or a second target needs the guided value now. fuse=False converts here always (the unfused path,
+    kept for the clamp and as the tests' oracle)."""
     if scale is not None:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ValueError("with guidance, the denoiser must return a pair (cond, uncond)")
@@ -441,17 +489,24 @@ def _store_eval(ins: Eval, src: Tensor, out, entries, conv, scale, clip, buf: di
             _expected(src, part, "a guidance output")
     else:
         _expected(src, out, "an output")
+    parts = tuple(out) if scale is not None else (out,)
+    single = not ins.extra
     for name, target, r in entries:
         pq = None if r is None else conv[r]
         clamp = clip is not None and target == "x0"
+        if single and not clamp and (scale is not None or pq is not None):
+            if fuse:  # the update converts (and guides): the fused path
+                m = tuple(part if part.dtype == src.dtype else part.to(src.dtype) for part in parts)
+                pending[name] = Raw(m[0], m[1] if scale is not None else None, src, pq)
+                continue
+            if scale is not None:  # converted here, guided in the update
+                cond, uncond = (to_prediction(src, part, pq) for part in parts)
+                pending[name] = Raw(cond, uncond, src, None)
+                continue
         if scale is None:
             value = to_prediction(src, out, pq)
         else:
-            pair = tuple(to_prediction(src, part, pq) for part in out)
-            if not clamp and name == ins.out and not ins.extra:
-                pending[name] = pair
-                continue
-            value = _guided(pair, scale)
+            value = _guided(tuple(to_prediction(src, part, pq) for part in parts), scale)
         buf[name] = value.clamp(-clip, clip) if clamp else value
 
 
@@ -461,14 +516,23 @@ def _guided(pair, scale: Tensor) -> Tensor:
     return multistep_update(uncond, [cond], row, check=False)
 
 
+def _materialise(raw: Raw, scale) -> Tensor:
+    """D of a pending output that an update does not read first (not reached by the built-in solvers)."""
+    m = raw.m if raw.uncond is None else _guided((raw.m, raw.uncond), scale)
+    return to_prediction(raw.src, m, raw.pq)
+
+
 def _update(ins: Update, buf: dict, pending: dict, row: Tensor, scale) -> Tensor:
     for name in ins.hist[1:]:
-        if name in pending:  # guidance not fused here: materialise it (not reached by the built-in solvers)
-            buf[name] = _guided(pending.pop(name), scale)
+        if name in pending:
+            buf[name] = _materialise(pending.pop(name), scale)
     first = ins.hist[0]
-    if first in pending:
-        cond, uncond = pending.pop(first)
-        history = [cond] + [buf[h] for h in ins.hist[1:]]
-        out, buf[first] = multistep_update(buf[ins.x], history, row, uncond=uncond, scale=scale, check=False)
+    if first in pending:  # one pass: convert (and guide) the raw output, keep D, update
+        raw = pending.pop(first)
+        history = [raw.m] + [buf[h] for h in ins.hist[1:]]
+        out, buf[first] = multistep_update(buf[ins.x], history, row, uncond=raw.uncond,
+                                           scale=None if raw.uncond is None else scale,
+                                           src=None if raw.pq is None else raw.src,
+                                           convert=raw.pq, check=False)
         return out
     return multistep_update(buf[ins.x], [buf[h] for h in ins.hist], row, check=False)

@@ -100,17 +100,19 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     if final_corrector and g.final_zero:
         raise ValueError("final_corrector needs a last point with sigma > 0 (final_sigmas_type='sigma_min')")
     n = g.n_steps
-    mixes = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero,
-                          functools.partial(multistep_orders, warmup=True), orders)
-    orders = [max(m) for m in mixes]
+    plan = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero,
+                         functools.partial(multistep_orders, warmup=True), orders)
+    orders = plan.top
     prog = Program(eval_times=cond_times, eval_points=g.t)
-    predictors = mixed_rows(mixes, lambda p, idx: predictor_row(g, idx, p, variant))
+    predictors = mixed_rows(orders, lambda p, idx: predictor_row(g, idx, p, variant), plan.weight, plan.blend)
     # the corrector at point i (1 <= i <= n) re-does step i-1 -> i with the order mix its predictor used; its row
     # reads (x, m_new, m_{i-1}, ...), one output more than the predictor's, and pads the same way
     corrects = [i > 0 and use_corrector and (i - 1) not in disable_corrector for i in range(n + 1)]
     corrects[n] = corrects[n] and final_corrector
-    correctors = mixed_rows([mixes[i - 1] if c else None for i, c in enumerate(corrects)],
-                            lambda p, idx: corrector_row(g, idx - 1, p, variant))
+    shifted = None if plan.weight is None else torch.cat([plan.weight[:1], plan.weight])  # position i: step i-1
+    correctors = mixed_rows([orders[i - 1] if c else None for i, c in enumerate(corrects)],
+                            lambda p, idx: corrector_row(g, idx - 1, p, variant), shifted,
+                            None if plan.blend is None else [c and plan.blend[i - 1] for i, c in enumerate(corrects)])
     for i in range(n + 1):
         if i == n and not corrects[n]:
             break

@@ -1,0 +1,256 @@
+"""The prediction conversion fused into the update (issue 18.1, SPEC_multistep): the loop keeps a model's raw output
+m, the sample it saw and its (p, q) row, and the next update forms D = p src + q m' (guidance included) in its own
+pass. Checked against the unfused loop (convert, then update: `Sampler.fuse = False`) for every solver, every
+prediction type and EDM preconditioning, with and without classifier-free guidance, in float64 to 1e-12; the
+gradients in the timesteps (LD3's path, rematerialised or not), x_T and the network's weights; and that the fused
+path makes no conversion pass of its own."""
+import importlib
+
+import pytest
+import torch
+
+import tdiff
+from tdiff.schedules import VPLinear
+from tdiff.solvers import Sampler, build_program, sample
+from tdiff.timesteps.remat import sample_remat
+
+sample_mod = importlib.import_module("tdiff.solvers.sample")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCHED = VPLinear()
+SOLVERS = [("dpmpp", 1, {}), ("dpmpp", 2, {}), ("dpmpp", 3, {}), ("dpmpp", 2, {"solver_type": "heun"}),
+           ("dpmpp_ab", 2, {}), ("dpmpp_ab", 3, {}), ("dpmsolver", 1, {}), ("dpmsolver", 2, {}),
+           ("dpmsolver", 3, {}), ("dpmpp_sde", 1, {}), ("dpmpp_sde", 2, {}), ("dpmpp_sde", 3, {}),
+           ("dpmsolver_sde", 1, {}), ("dpmsolver_sde", 2, {}), ("unipc", 1, {}), ("unipc", 2, {}), ("unipc", 3, {}),
+           ("unipc", 3, {"variant": "bh1"}), ("unipc", 2, {"final_corrector": True}), ("ipndm", 1, {}),
+           ("ipndm", 2, {}), ("ipndm", 3, {}), ("ipndm", 4, {}), ("euler", 1, {}), ("ddim", 1, {}),
+           ("ddim", 1, {"eta": 0.5}), ("ddpm", 1, {}), ("heun", 2, {}), ("heun", 2, {"order_rule": "diffusers"}),
+           ("heun", 2, {"s_churn": 10.0})]
+PREDICTIONS = [("eps", None), ("v", None), ("flow", None), ("x0", None), ("eps", "edm")]
+
+
+class Net(torch.nn.Module):
+    """A smooth nonlinear 'network' of (x, t_net)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3, dtype=torch.float64)
+        torch.nn.init.normal_(self.lin.weight, std=0.4, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x, t_net, y=None):
+        return torch.tanh(self.lin(x) + 1e-3 * t_net.view(-1, 1))
+
+
+class Guided:
+    """A raw denoiser returning a (cond, uncond) pair, for the loop's fused classifier-free guidance."""
+
+    def __init__(self, den):
+        self.den, self.schedule = den, den.schedule
+        self.prediction, self.precond, self.clip_x0 = den.prediction, den.precond, den.clip_x0
+
+    def network_output(self, x, t):
+        m = self.den.network_output(x, t)
+        return m, 0.6 * m + 0.05 * torch.sin(x)
+
+    def conversion(self, t, target="x0"):
+        return self.den.conversion(t, target)
+
+    def __call__(self, x, t):
+        return self.den(x, t)
+
+
+def _denoiser(prediction, precond, guided, net=None, **kw):
+    den = tdiff.denoiser(net or Net(), SCHED, prediction=prediction, precond=precond, **kw)
+    return Guided(den) if guided else den
+
+
+TS = torch.linspace(0.95, 0.02, 7, dtype=torch.float64)
+X = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+class Counts:
+    """Counts the loop's separate conversion passes and its fused converting updates."""
+
+    def __init__(self, monkeypatch):
+        self.converts = self.fused = 0
+        convert, update = sample_mod.convert, sample_mod.multistep_update
+
+        def counted_convert(*a, **k):
+            self.converts += 1
+            return convert(*a, **k)
+
+        def counted_update(*a, **k):
+            self.fused += k.get("convert") is not None or k.get("uncond") is not None
+            return update(*a, **k)
+
+        monkeypatch.setattr(sample_mod, "convert", counted_convert)
+        monkeypatch.setattr(sample_mod, "multistep_update", counted_update)
+
+
+def _run(den, solver, order, opts, fuse, guidance):
+    s = Sampler(den, TS, solver=solver, order=order, guidance=guidance, **opts)
+    s.fuse = fuse
+    return s(X, generator=torch.Generator().manual_seed(3)), s.nfe
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("prediction,precond", PREDICTIONS, ids=[p + ("-edm" if c else "") for p, c in PREDICTIONS])
+def test_fused_conversion_equals_the_unfused_loop_for_every_solver(monkeypatch, prediction, precond, guided):
+    den = _denoiser(prediction, precond, guided)
+    guidance = 2.5 if guided else None
+    for solver, order, opts in SOLVERS:
+        # an x0 network's output is the data prediction as is; dpmsolver's noise-prediction form converts it to eps
+        identity = prediction == "x0" and precond is None and not solver.startswith("dpmsolver")
+        counts = Counts(monkeypatch)
+        with torch.no_grad():
+            fused, nfe = _run(den, solver, order, opts, True, guidance)
+        # every model output is converted (and guided) inside the update that first reads it, and nowhere else
+        assert counts.converts == 0, (solver, order, opts)
+        assert counts.fused == (0 if identity and not guided else nfe), (solver, order, opts)
+        unfused, _ = _run(den, solver, order, opts, False, guidance)
+        assert counts.converts == (0 if identity else nfe * (2 if guided else 1)), (solver, order, opts)
+        torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-12, msg=f"{solver}{order} {opts}")
+
+
+def test_a_clamped_or_doubly_used_output_is_converted_unfused(monkeypatch):
+    """clip_x0 is not affine, and diffusers' DDIM with use_clipped_model_output=False and a clamp reads the output
+    as clamped x0 and as raw eps: both convert in a pass of their own, as before, and still equal the unfused loop.
+    Without a clamp, that DDIM is built in its one-target form (the same step) and fuses."""
+    den = _denoiser("eps", None, False, clip_x0=0.5)
+    for opts, passes in (({}, 1), ({"use_clipped_model_output": False}, 2)):
+        counts = Counts(monkeypatch)
+        fused, nfe = _run(den, "ddim", 1, opts, True, None)
+        assert counts.fused == 0 and counts.converts == nfe * passes
+        torch.testing.assert_close(fused, _run(den, "ddim", 1, opts, False, None)[0], rtol=0, atol=0)
+    den = _denoiser("eps", None, False)
+    counts = Counts(monkeypatch)
+    opts = {"use_clipped_model_output": False, "eta": 0.5}
+    fused, nfe = _run(den, "ddim", 1, opts, True, None)
+    assert counts.fused == nfe and counts.converts == 0
+    # against the two-target program itself (eps from the raw output), run unfused
+    two = Sampler(den, TS, solver="ddim", **opts)
+    two.program = build_program(SCHED, TS, "ddim", **opts)
+    two._conversion, two._plan = sample_mod._conversion_table(den, SCHED, two.program)
+    assert any(e.extra for e in two.program.evals())
+    two.fuse = False
+    ref = two(X, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+    den = _denoiser("v", None, False, clip_x0=0.5)
+    fused = _run(den, "unipc", 3, {}, True, None)[0]
+    torch.testing.assert_close(fused, _run(den, "unipc", 3, {}, False, None)[0], rtol=0, atol=0)
+
+
+GRAD_SOLVERS = [("dpmpp", 3, {}), ("dpmsolver", 2, {}), ("unipc", 3, {}), ("ipndm", 4, {}), ("heun", 2, {}),
+                ("ddim", 1, {})]
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("prediction,precond", [("eps", None), ("v", None), ("eps", "edm")])
+def test_fused_gradients_equal_the_unfused_loop(monkeypatch, prediction, precond, guided):
+    """d/d timesteps (every coefficient and (p, q) row), d/d x_T and d/d the network's weights."""
+    net = Net()
+    den = _denoiser(prediction, precond, guided, net=net)
+    w = torch.randn(X.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for solver, order, opts in GRAD_SOLVERS:
+        grads = []
+        for fuse in (True, False):
+            monkeypatch.setattr(Sampler, "fuse", fuse)
+            ts, x = TS.clone().requires_grad_(True), X.clone().requires_grad_(True)
+            out = sample(den, x, ts, solver=solver, order=order, guidance=2.5 if guided else None, **opts)
+            grads.append(torch.autograd.grad((out * w).sum(), [ts, x, *net.parameters()]))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{solver}{order}")
+
+
+def test_ld3_rematerialised_gradients_equal_the_unfused_loop(monkeypatch):
+    """LD3's objective differentiates the timesteps and the decoupled network times through sample_remat."""
+    den = _denoiser("eps", None, False)
+    cond = TS[:-1] * 0.97
+    grads = []
+    for fuse in (True, False):
+        monkeypatch.setattr(Sampler, "fuse", fuse)
+        ts, tc = TS.clone().requires_grad_(True), cond.clone().requires_grad_(True)
+        out = sample_remat(den, X, ts, solver="unipc", order=2, timesteps_cond=tc)
+        grads.append(torch.autograd.grad(out.square().sum(), [ts, tc]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_timesteps_through_the_fused_conversion():
+    den = _denoiser("v", None, True)
+    x = X[:2]
+
+    def f(ts):
+        return sample(den, x, ts, solver="dpmpp", order=2, guidance=1.5)
+
+    assert torch.autograd.gradcheck(f, (torch.linspace(0.9, 0.1, 4, dtype=torch.float64).requires_grad_(True),))
+
+
+def test_prepared_network_calls_equal_the_denoisers_own(monkeypatch):
+    """A tdiff Denoiser's network times, EDM input scaling and model-dtype cast are prepared once per run
+    (Denoiser.network_calls); the loop then calls them directly. Same outputs and same network times as the
+    per-call path (network_output, which a denoiser without network_calls takes), on a DiscreteVP schedule (index
+    times) with a float32 network fed float64 samples."""
+    from tdiff.schedules import DiscreteVP
+
+    sched = DiscreteVP(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    seen = []
+
+    class Net32(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x, t_net, y=None):
+            assert x.dtype == torch.float32
+            seen.append(t_net.clone())
+            return torch.tanh(self.lin(x) + 1e-3 * t_net.view(-1, 1).float())
+
+    ts = torch.linspace(0.95, 0.05, 6, dtype=torch.float64)
+    for precond in (None, "edm"):
+        den = tdiff.denoiser(Net32(), sched, prediction="eps", precond=precond)
+        calls = Sampler(den, ts, solver="unipc", order=2)
+        with torch.no_grad():
+            direct = calls(X)
+            times, seen[:] = list(seen), []
+            monkeypatch.setattr(type(den), "network_calls", None, raising=True)
+            plain = Sampler(den, ts, solver="unipc", order=2)(X)
+            monkeypatch.undo()
+        torch.testing.assert_close(direct, plain, rtol=0, atol=0)
+        assert len(times) == len(seen) == calls.nfe
+        for a, b in zip(times, seen):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        seen.clear()
+
+
+def test_sample_compiles_into_one_graph_with_the_registered_op():
+    """torch.compile of a Sampler's run (tables prepared): one graph (fullgraph), the fused op in it."""
+    den = _denoiser("eps", None, False)
+    sampler = Sampler(den, TS[::2], solver="dpmpp", order=2)
+    seen = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    with torch.no_grad():
+        ref = sampler(X)
+        out = torch.compile(sampler, fullgraph=True, backend=backend)(X)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert any("multistep_update_convert" in name for name in seen), sorted(seen)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_fused_loop_on_each_backend_matches_the_reference(monkeypatch, backend):
+    """The converting update on every backend, through the loop (eps and v, with and without guidance)."""
+    for prediction, guided in (("eps", False), ("v", True)):
+        den = _denoiser(prediction, None, guided)
+        guidance = 2.5 if guided else None
+        monkeypatch.setenv("TDIFF_BACKEND", "torch")
+        ref = _run(den, "unipc", 3, {}, True, guidance)[0]
+        monkeypatch.setenv("TDIFF_BACKEND", backend)
+        counts = Counts(monkeypatch)
+        out, nfe = _run(den, "unipc", 3, {}, True, guidance)
+        assert counts.fused == nfe and counts.converts == 0
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
