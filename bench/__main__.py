@@ -9,8 +9,8 @@ import time
 # In order; a script that is not present yet is skipped with a note.
 SCRIPTS = ["noisy_sample", "multistep_update", "training_loss", "solvers", "dmn", "ld3", "caching", "diffusers",
            "training_speedup", "gpu"]
-# Parts that a script above also runs (`diffusers` runs `diffusers_cache`), runnable alone by name.
-PARTS = ["diffusers_cache"]
+# Parts that a script above also runs (`diffusers` runs both), runnable alone by name.
+PARTS = ["diffusers_scheduler", "diffusers_cache"]
 
 
 def main(argv=None) -> int:
