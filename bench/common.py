@@ -91,6 +91,24 @@ def write_result(name: str, payload: dict, quick: bool) -> str:
     return path
 
 
+def write_result_part(name: str, key: str, payload: dict, quick: bool) -> str:
+    """Merge payload into bench/results/<name>.json (or .quick.json) under `key`, keeping the other parts' keys
+    (benches that share one results file); written atomically."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.json")
+    doc = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = json.load(f)
+    doc.setdefault("name", name)
+    doc[key] = payload
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_path(name: str, quick: bool) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     return os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.png")

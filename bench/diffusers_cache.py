@@ -12,7 +12,6 @@ part of the diffusers bench and are kept).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import random
 import sys
@@ -22,7 +21,7 @@ import torch
 
 from tdiff.cache import LearnedCacheConfig, apply_learned_cache, find_units, macs
 
-from .common import RESULTS, machine, print_table
+from .common import machine, print_table, write_result_part
 from .interleaved import format_speedup, speedup
 
 TARGET = 0.9  # of the ceiling 1 / MAC fraction
@@ -141,22 +140,7 @@ def run(quick: bool = False) -> dict:
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    machine=machine(), quick=quick, rounds=rounds, target_of_ceiling=TARGET, loadavg_start=load,
                    loadavg_end=os.getloadavg(), seconds=time.perf_counter() - started, models=out)
-    _write(payload, quick)
+    write_result_part("diffusers", "caching", payload, quick)
     return payload
 
 
-def _write(payload: dict, quick: bool) -> str:
-    """Merge into bench/results/diffusers.json (or .quick.json) under "caching", keeping the other keys."""
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"diffusers{'.quick' if quick else ''}.json")
-    doc = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            doc = json.load(f)
-    doc.setdefault("name", "diffusers")
-    doc["caching"] = payload
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-    return path

@@ -18,14 +18,13 @@ bench/diffusers_cache.py; `python -m bench diffusers` runs both) and diffusers_s
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 import time
 
 import torch
 
-from .common import RESULTS, copy_seconds, machine, plot_path, print_table, pyplot
+from .common import copy_seconds, machine, plot_path, print_table, pyplot, write_result_part
 from .interleaved import interleaved_seconds, median_ci
 
 SHAPES = {"DiT-XL/2 latents (2, 4, 32, 32)": (2, 4, 32, 32), "SD3 latents (1, 16, 128, 128)": (1, 16, 128, 128)}
@@ -128,7 +127,7 @@ def run(quick: bool = False) -> dict:
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    machine=machine(), quick=quick, steps=steps, rounds=rounds, loadavg_start=load,
                    loadavg_end=os.getloadavg(), seconds=time.perf_counter() - started, shapes=out)
-    _write(payload, quick)
+    write_result_part("diffusers", "scheduler", payload, quick)
     _plot(out, quick)
     return payload
 
@@ -139,23 +138,6 @@ def _fmt_us(m: dict) -> str:
 
 def _fmt_ratio(m) -> str:
     return "" if m is None else f"{m['median']:.2f}x [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
-
-
-def _write(payload: dict, quick: bool) -> str:
-    """Merge into bench/results/diffusers.json (or .quick.json) under "scheduler", keeping the other keys."""
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"diffusers{'.quick' if quick else ''}.json")
-    doc = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            doc = json.load(f)
-    doc.setdefault("name", "diffusers")
-    doc["scheduler"] = payload
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-    return path
 
 
 def _plot(out: dict, quick: bool) -> None:
