@@ -23,9 +23,15 @@ residual MLP denoiser trains on fresh samples every iteration (infinite data, so
 DDPM-family denoisers are clipped to the data range (+-2) as DDPM samplers (IDDPM, diffusers) clip x0; EDM and VP
 samplers do not clip, as in EDM's code.
 Solvers, per family: DDPM (linear betas, 1000 steps): DPM-Solver++(2M), 10 log-SNR-uniform steps. EDM: EDM's Heun
-sampler, 10 steps (19 NFE), Karras rho = 7 over sigma in [0.01, 80] (0.01 is the smallest sigma of the DDPM steps
-that SpeeD + FDM trains on; all three EDM-family methods are scored on the same grid). VP (continuous linear):
-the same Heun sampler over the schedule's sigma range.
+sampler, 10 steps, every step corrected (20 NFE: the grid ends at sigma_min, not 0), Karras rho = 7 over sigma in
+[0.01, 80] (0.01 is the smallest sigma of the DDPM steps that SpeeD + FDM trains on; all three EDM-family methods
+are scored on the same grid). VP (continuous linear): the same Heun sampler over the schedule's sigma range,
+[0.0105, 152]. This differs from FDM's paper, which samples every model with EDM's sampler from
+sigma = min(80, sigma_max); it matters for fdm_vp only: at sigma 152 FDM's input factor (m = 2, t' = 1) is 4e-8, so
+the FDM-VP network sees no input at the first step (D = x there) and its samples keep the initial noise. The solvers
+run with order_rule="diffusers" (SOLVER_OPTIONS), the samplers the cached runs were measured with: tdiff.sample's
+default "stable" rule drops the Heun correction on long steps in lambda, which would change both the sampler and
+the sensitivity weights the metric is made of.
 
 Confirmation: digits (16x16, 1437 training images) with a small DiT; FD of 1000 class-balanced EMA samples
 (`tdiff.metrics.frechet`) with the same per-family solvers.
@@ -47,7 +53,9 @@ times FDM's lambda(sigma)); vp (EDM's VP preconditioning and loss, uniform t), f
 included: its paper's schedule is not available here, and SpeeD's own CLTS baseline is known to be wrong.
 
 Each finished (experiment, method, seed) run is cached under the tdiff cache directory (keyed by a hash of the
-protocol and the method), so a killed bench resumes where it stopped. --quick: one seed, short budgets.
+protocol and the method), so a killed bench resumes where it stopped; a cached run is rerun when the scorer it was
+measured with (its evaluation times and, on the mixture, the sensitivity weights) is not the current one. --quick:
+one seed, short budgets.
 """
 from __future__ import annotations
 
@@ -90,6 +98,8 @@ DIGITS_TRAIN = dict(iters=1000, batch=64, lr=2e-3, ema=0.98, eval_every=100, sam
 DIGITS_QUICK = dict(iters=20, batch=16, lr=2e-3, ema=0.9, eval_every=10, samples=100, steps=4)
 FDM_WARMUP_IMAGES = 10_000  # FDM's paper: the cap reaches lambda_end after 10k training images
 MIXTURE_CLIP = 2.0  # the mixture's data lie within +-1.96 (2e5 samples): DDPM samplers clip x0 to the data range
+#: EDM's Heun (every step corrected) and diffusers' DPM-Solver++(2M): the samplers the protocol was fixed with
+SOLVER_OPTIONS = dict(order_rule="diffusers")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,6 +170,11 @@ def family_sampler(family: str, steps: int):
     return sched, edm_rho(sched, steps), "heun", 2
 
 
+def scoring_times(schedule, ts, solver: str, order: int) -> torch.Tensor:
+    """The times at which the protocol's sampler evaluates the denoiser (float64)."""
+    return build_program(schedule, ts, solver, order, **SOLVER_OPTIONS).eval_times.to(torch.float64)
+
+
 class SigmaSpaceDenoiser(nn.Module):
     """A trained network's denoiser on another schedule of the same family (the EDM-family grid for SpeeD + FDM,
     trained on the DDPM steps): D(x_t, t) through the loss's own denoise at the same EDM sigma, clipped to
@@ -212,8 +227,7 @@ class MixtureScorer:
         self.gm, self.family = gm, family
         self.schedule, self.ts, self.solver, self.order = family_sampler(family, steps)
         self.clip = MIXTURE_CLIP if family == "ddpm" else None
-        prog = build_program(self.schedule, self.ts, self.solver, self.order)
-        self.times = prog.eval_times.to(torch.float64)
+        self.times = scoring_times(self.schedule, self.ts, self.solver, self.order)
         g = torch.Generator().manual_seed(12345)
         self.xt, self.exact = [], []
         for t in self.times:
@@ -231,7 +245,8 @@ class MixtureScorer:
         return self.gm.posterior_mean(x, t, self.schedule)
 
     def _solve(self, den, x_T):
-        return sample(den, x_T, self.ts, solver=self.solver, order=self.order, schedule=self.schedule)
+        return sample(den, x_T, self.ts, solver=self.solver, order=self.order, schedule=self.schedule,
+                      **SOLVER_OPTIONS)
 
     def _sensitivity(self, x_T, g, eps: float = 1e-5, directions: int = 4) -> list:
         """w_n = E||dx_final||^2 / (eps^2 d) when the exact denoiser's output at evaluation n is moved by eps times
@@ -339,7 +354,7 @@ def train_digits(method: str, seed: int, quick: bool) -> dict:
     n = cfg["samples"]
     y = torch.arange(n) % 10
     x_T = torch.randn((n, 1, 16, 16), generator=torch.Generator().manual_seed(54321)) * sched.sigma(ts[0]).float()
-    curve = {"iter": [], "fd": [], "train_loss": []}
+    curve = {"iter": [], "fd": [], "train_loss": [], "eval_times": scoring_times(sched, ts, solver, order).tolist()}
     running = []
     cpu0 = time.process_time()
     for it in range(1, cfg["iters"] + 1):
@@ -354,7 +369,8 @@ def train_digits(method: str, seed: int, quick: bool) -> dict:
         if it % cfg["eval_every"] == 0:
             den = SigmaSpaceDenoiser(loss_fn, ema, sched, 1.0 if FAMILY[method] == "ddpm" else None)
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                imgs = sample(lambda x, t: den(x, t, y=y), x_T, ts, solver=solver, order=order, schedule=sched)
+                imgs = sample(lambda x, t: den(x, t, y=y), x_T, ts, solver=solver, order=order, schedule=sched,
+                              **SOLVER_OPTIONS)
                 fd = frechet_distance(imgs.clamp(-1, 1))
             curve["iter"].append(it)
             curve["fd"].append(fd if math.isfinite(fd) else float("inf"))
@@ -375,7 +391,20 @@ def _protocol(experiment: str, quick: bool) -> dict:
             "warmup_images": FDM_WARMUP_IMAGES}
 
 
-def _cached(experiment: str, method: str, seed: int, quick: bool, run_fn, log) -> dict:
+def _scored_alike(curve: dict, expected: dict) -> bool:
+    """Whether a cached curve was measured with the expected scorer: every entry of `expected` (eval_times, and on
+    the mixture eval_weights) that the curve records matches (weights are finite differences: relative 1e-4)."""
+    for name, want in expected.items():
+        have = curve.get(name)
+        if have is None:  # recorded by every mixture run; digits runs record their times since this check exists
+            continue
+        tol = 1e-4 if name == "eval_weights" else 1e-9
+        if len(have) != len(want) or any(abs(a - b) > tol * max(abs(b), 1e-12) for a, b in zip(have, want)):
+            return False
+    return True
+
+
+def _cached(experiment: str, method: str, seed: int, quick: bool, run_fn, log, expected: dict = None) -> dict:
     key = json.dumps({"protocol": _protocol(experiment, quick), "method": method, "seed": seed,
                       "loss": make_loss(method, (MIX_TRAIN if experiment == "mixture" else DIGITS_TRAIN)["batch"])
                       .config()}, sort_keys=True, default=str)
@@ -383,9 +412,13 @@ def _cached(experiment: str, method: str, seed: int, quick: bool, run_fn, log) -
     path = os.path.join(cache_dir(), "bench_training_speedup", f"{experiment}-{method}-{seed}-{digest}.json")
     if os.path.exists(path):
         try:
-            return load_json(path, "tdiff-bench-training-run", 1)["curve"]
+            curve = load_json(path, "tdiff-bench-training-run", 1)["curve"]
         except ValueError as e:  # a damaged file is rerun, not trusted
             log(f"  cached run {path} unreadable ({e}); rerunning")
+        else:
+            if _scored_alike(curve, expected or {}):
+                return curve
+            log(f"  cached run {path} was scored with another sampler program; rerunning")
     t0 = time.perf_counter()
     curve = run_fn()
     save_json(path, "tdiff-bench-training-run", 1, {"key": json.loads(key), "curve": curve})
@@ -584,9 +617,13 @@ def run(quick: bool = False) -> dict:
     digits = {m: [] for m in dig_methods}
     for seed in seeds:  # seed-major: a partial run already has every method on the first seeds
         for m in mix_methods:
-            mix[m].append(_cached("mixture", m, seed, quick, lambda: train_mixture(m, seed, quick, scorers), log))
+            sc = scorers[FAMILY[m]]
+            mix[m].append(_cached("mixture", m, seed, quick, lambda: train_mixture(m, seed, quick, scorers), log,
+                                  {"eval_times": sc.times.tolist(), "eval_weights": sc.weights}))
         for m in dig_methods:
-            digits[m].append(_cached("digits", m, seed, quick, lambda: train_digits(m, seed, quick), log))
+            sched, ts, solver, order = family_sampler(FAMILY[m], (DIGITS_QUICK if quick else DIGITS_TRAIN)["steps"])
+            digits[m].append(_cached("digits", m, seed, quick, lambda: train_digits(m, seed, quick), log,
+                                     {"eval_times": scoring_times(sched, ts, solver, order).tolist()}))
 
     summary = {"mixture": {}, "digits": {}}
     for fam, base in BASELINE.items():
