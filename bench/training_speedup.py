@@ -76,13 +76,13 @@ from tdiff.data import image_mixture
 from tdiff.models.defaults import default_schedule
 from tdiff.models.embeddings import timestep_features
 from tdiff.models.paths import cache_dir
-from tdiff.models.trainer import ema_update
 from tdiff.preconditioning import Preconditioning
 from tdiff.solvers import sample
 from tdiff.solvers.sample import build_program
 from tdiff.timesteps import edm_rho, logsnr_uniform
 from tdiff.training import (DiffusionLoss, PreconditioningWeight, ProductWeight, SpeedWeight, WeightWarmup,
                             speed_areas)
+from tdiff.training.train import optimise
 
 VERSION = 2
 SEEDS, QUICK_SEEDS = [0, 1, 2, 3, 4], [900]
@@ -308,11 +308,7 @@ def train_mixture(method: str, seed: int, quick: bool, scorers: dict) -> dict:
     for it in range(1, cfg["iters"] + 1):
         x0 = gm.sample(cfg["batch"], generator=g).float()
         loss = loss_fn(model, x0, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_fn.step()
-        ema_update(ema, model, cfg["ema"])
+        optimise(loss, opt, loss_fn, model, ema, cfg["ema"])
         running.append(loss.item())
         if areas_ddpm is not None:  # the unweighted error per SpeeD area (the investigation's loss curves)
             area = areas_ddpm.area_of(loss_fn.cells.cell_of(loss_fn.last_t))
@@ -360,11 +356,7 @@ def train_digits(method: str, seed: int, quick: bool) -> dict:
     for it in range(1, cfg["iters"] + 1):
         idx = torch.randint(0, len(images), (cfg["batch"],), generator=g)
         loss = loss_fn(model, images[idx], generator=g, y=labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_fn.step()
-        ema_update(ema, model, cfg["ema"])
+        optimise(loss, opt, loss_fn, model, ema, cfg["ema"])
         running.append(loss.item())
         if it % cfg["eval_every"] == 0:
             den = SigmaSpaceDenoiser(loss_fn, ema, sched, 1.0 if FAMILY[method] == "ddpm" else None)

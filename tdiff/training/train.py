@@ -198,6 +198,17 @@ class _Stop:
         self.requested = True
 
 
+def optimise(loss: torch.Tensor, opt: torch.optim.Optimizer, loss_fn: DiffusionLoss, model: torch.nn.Module,
+             ema: torch.nn.Module, ema_decay: float) -> None:
+    """One training step after the loss: gradients, the optimiser, the loss's own state (FDM's warm-up counter)
+    and the EMA model, in that order (the loss's state and the EMA follow the step that used them)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    loss_fn.step()
+    ema_update(ema, model, ema_decay)
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, resume: bool = False,
           handle_sigterm: bool = False) -> dict:
     """Train; returns {"config", "loss_config", "history", "train_seconds", "interrupted"}."""
@@ -258,11 +269,7 @@ def _train(cfg: TrainConfig, log, resume: bool, stop: _Stop) -> dict:
     for it in range(start + 1, cfg.iters + 1):
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         loss = loss_fn(model, images[idx], generator=gen, y=labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_fn.step()
-        ema_update(ema, model, cfg.ema)
+        optimise(loss, opt, loss_fn, model, ema, cfg.ema)
         history["iter"].append(it)
         pending.append(loss.detach())  # converted at evaluations: no host sync per step on a GPU
         if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iters):
