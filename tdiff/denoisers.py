@@ -228,9 +228,9 @@ class Denoiser(nn.Module):
 
     def _network(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         scale = self._input_scale(t)
-        if scale is not None:
-            x = x * _per_sample(scale, x)
-        return self.raw(x.to(self._model_dtype(x.dtype)), self.model_time(t), **cond).to(x.dtype)
+        model_dtype = self._model_dtype(x.dtype)
+        return self._call_at(self.model_time(t), None if scale is None else _per_sample(scale, x),
+                             None if model_dtype == x.dtype else model_dtype, x, **cond)
 
     def _model_dtype(self, default: torch.dtype) -> torch.dtype:
         if isinstance(self.model, nn.Module):
@@ -260,12 +260,14 @@ class Denoiser(nn.Module):
         return [functools.partial(self._call_at, t_net[k], scales[k], cast) for k in range(t.numel())]
 
     def _call_at(self, t_net: torch.Tensor, scale: Optional[torch.Tensor], cast: Optional[torch.dtype],
-                 x: torch.Tensor) -> torch.Tensor:
+                 x: torch.Tensor, **cond) -> torch.Tensor:
+        """The network's raw output at network times t_net for x scaled by `scale` (EDM's input scaling, or None),
+        the model run in dtype `cast` (None: x's own), returned in x's dtype."""
         if scale is not None:
             x = x * scale
         if cast is None:
-            return self.raw(x, t_net)
-        return self.raw(x.to(cast), t_net).to(x.dtype)
+            return self.raw(x, t_net, **cond).to(x.dtype)
+        return self.raw(x.to(cast), t_net, **cond).to(x.dtype)
 
     def conversion(self, t, target: str = "x0") -> torch.Tensor:
         """(..., 2) rows [p, q]: target = p x + q m for a sample x at schedule time(s) t (target "x0" or "eps");
