@@ -9,8 +9,9 @@ tensor of that size; chunked copies and the fastest of read-only / write-only / 
 and the op passes them too, so out of cache "of copy" above 1 only says the op is at least as fast as a copy (its
 values are checked against the reference by opcheck and the fuzz tests). The update reads x and K history tensors
 and writes x_next: (K + 2) tensors. The convert form (src = x) also writes h_0: (K + 3). "In cache" is a working
-set that fits the L2 cache (16x4x32x32, 256 KiB a tensor); "out of cache" one well beyond it (64x4x64x64, 4 MiB a tensor). One thread, interleaved
-rounds, medians with 95% intervals (bench.common.median_ci); ratios are taken round by round.
+set that fits the L2 cache (16x4x32x32, 256 KiB a tensor); "out of cache" one well beyond it (64x4x64x64, 4 MiB a
+tensor). One thread, interleaved rounds, medians with 95% intervals (bench.common.median_ci); ratios are taken round
+by round.
 
 Overhead: the public wrapper (eager, no grad, check=False, as the sampling loop calls it) against calling the C++
 kernel through the dispatcher directly, at a size where the kernel itself is negligible.
