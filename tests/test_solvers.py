@@ -357,7 +357,7 @@ def test_stable_rule_blends_unipc_predictor_and_corrector_rows_over_the_same_buf
     ts = HEURISTICS["logsnr_uniform"](EDM(), 13).to(torch.float64)
     prog = build_program(EDM(), ts, "unipc", 3, variant=variant)
     g = make_grid(EDM(), ts)
-    plan = stable_orders(g.lam, 3, g.final_zero)
+    plan = stable_orders(g.lam, 3, g.final_zero, "unipc")
     assert plan.blend is not None and sum(plan.blend) >= 2  # the grid exercises the blend
     updates = [[ins for ins in step if isinstance(ins, Update)] for step in prog.steps]
     for i in (i for i, b in enumerate(plan.blend) if b):

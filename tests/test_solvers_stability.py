@@ -1,17 +1,20 @@
 """Stable final steps (issue 18): with the default order rule, no deterministic solver's error on the analytic
-mixture grows with NFE, for NFE 4-40, on any heuristic grid: the error at each NFE is within GROWTH of the best error
-at any smaller NFE. diffusers' count rule fails this badly (DPM++3 on uniform-t steps: 17x worse at NFE 15 than at 12;
-Heun 8-59 at NFE 4-5; up to 25x over these curves), and is kept as order_rule="diffusers".
+mixture grows with NFE, for NFE 4-40, on any heuristic grid: the error at each NFE is within GROWTH = 1.1 of the best
+error at any smaller NFE. diffusers' count rule fails this badly (DPM++3 on uniform-t steps: 17x worse at NFE 15 than
+at 12; Heun 8-59 at NFE 4-5; up to 25x over these curves), and is kept as order_rule="diffusers".
 
-GROWTH is 2, not the 1.1 the issue asked for. Most curves stay within 1.1, but a few rise by 1.1-1.4x for a few NFE
-where the blend between the first-order and the order-p update completes (the blend's error passes close to zero
-for some samples, and the pure order-p error is larger than that lucky dip): worst 1.10 on the seed the rule's
-thresholds were chosen on (0), 1.42 on this test's seed (1; 56 of 60 curves within 1.1) and on bench/solvers'
-seed (2; 37 of 40 within 1.1). A margin much under 2 would pass or fail by the seed.
+The rule (tdiff.solvers.program.stable_orders) blends each step's order-p update with the first-order one by the
+step's size in lambda and its ratio to the earlier steps, with a smoothstep weight; its thresholds and the ramp's
+shape were chosen on noise seed 0 (1024 samples; worst growth 1.03). This test uses seed 1, bench/solvers seed 2.
+
+N_SAMPLES: the mean error over 64 samples is not the solver's error but that of a few samples whose errors happen
+to cancel: with the earlier linear ramp, seed 1 gave 1.42 (iPNDM-4, logSNR) and 1.27 (UniPC-2, quadratic) at 64
+samples and at most 1.08 at 1024; with the same 1024 samples seed 0 still showed the genuine rises (1.12, from the
+linear ramp's kink) that the smoothstep removed.
 
 The 2-D default mixture (narrow modes, so the low-NFE errors are large), VP linear from t = 1 to 1e-3 (the
-heuristics' default interval), 64 samples from a noise seed other than the one the rule's thresholds were chosen on.
-Solvers that are the same first-order method (euler, ddim, dpmpp/dpmsolver/ipndm order 1) are run once.
+heuristics' default interval). Solvers that are the same first-order method (euler, ddim, dpmpp/dpmsolver/ipndm
+order 1) are run once.
 """
 import numpy as np
 import pytest
@@ -30,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SCHED = VPLinear()
 MIX = default_mixture_2d()
 NFE = range(4, 41)
-GROWTH = 2.0
+GROWTH = 1.1
+N_SAMPLES = 512
 SOLVERS = [("ddim", 1, {}), ("dpmpp", 2, {}), ("dpmpp", 2, {"solver_type": "heun"}), ("dpmpp", 3, {}),
            ("dpmpp_ab", 3, {}), ("dpmsolver", 2, {}), ("dpmsolver", 3, {}), ("unipc", 1, {}), ("unipc", 2, {}),
            ("unipc", 3, {}), ("unipc", 3, {"variant": "bh1"}), ("ipndm", 2, {}), ("ipndm", 3, {}), ("ipndm", 4, {}),
@@ -48,7 +52,7 @@ class Den:
 def problem():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(N_SAMPLES, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref = reference_ode_solution(Den(), SCHED, x, SCHED.t_max, SCHED.t_min, rtol=1e-10, atol=1e-10)
     torch.set_num_threads(threads)
     return x, ref

@@ -10,8 +10,9 @@ the slopes at both ends, except:
     ~1/sigma~_{i+1}; explicit Heun amplifies errors by ~(Delta/sigma~_{i+1})^2/2 there, so a long last step to a
     small sigma_min (uniform-t grids at NFE 4-5) blew up to errors of 8-59 where every other solver stays below
     0.5. The Euler step alone is a convex combination of x and D there and stays bounded. The corrected result is
-    kept in full up to h = HEUN_H[0], dropped from HEUN_H[1] (and its evaluation saved), and blended linearly
-    between (program.stable_orders explains why a blend rather than a switch). order_rule="diffusers" corrects
+    kept in full up to h = HEUN_H[0], dropped from HEUN_H[1] (and its evaluation saved), and blended between
+    with program.ramp's smoothstep weight (program.stable_orders explains why a blend rather than a switch, and
+    program.ramp why not a linear one). order_rule="diffusers" corrects
     every step but a final one to sigma = 0 (diffusers' HeunDiscreteScheduler, EDM).
 NFE = 2N minus one per uncorrected step.
 
