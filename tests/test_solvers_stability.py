@@ -1,7 +1,7 @@
 """Stable final steps (issue 18): with the default order rule, no deterministic solver's error on the analytic
 mixture grows with NFE, for NFE 4-40, on any heuristic grid: the error at each NFE is within GROWTH = 1.1 of the best
 error at any smaller NFE. diffusers' count rule fails this badly (DPM++3 on uniform-t steps: 17x worse at NFE 15 than
-at 12; Heun 8-59 at NFE 4-5; up to 25x over these curves), and is kept as order_rule="diffusers".
+at 12; Heun 8-59 at NFE 4-5; 23x on bench/solvers' curves), and is kept as order_rule="diffusers".
 
 The rule (tdiff.solvers.program.stable_orders) blends each step's order-p update with the first-order one by the
 step's size in lambda and its ratio to the earlier steps, with a smoothstep weight; its thresholds and the ramp's
