@@ -2,6 +2,8 @@
 
 Everything here is a differentiable torch function of the timesteps (no detach, no `.item()`), so autograd reaches
 the timesteps through every coefficient built from a Grid. The only host syncs are the up-front checks.
+Where no gradient is asked for, `Grid.on_host` hands the builders the same quantities as numpy float64 arrays, and
+the same formula code (arrays.py) builds the tables on the host.
 
 Convention: `timesteps` holds N+1 decreasing times t_0 > ... > t_N; a multistep solver evaluates the denoiser at
 t_0 .. t_{N-1} and lands at t_N. With `final_sigmas_type="zero"` the last step lands on clean data (alpha = 1,
@@ -9,6 +11,7 @@ sigma = 0) instead, as diffusers does; t_N is then still validated but otherwise
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..schedules import NoiseSchedule
+from . import arrays
 
 FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
 
@@ -66,12 +70,25 @@ class Grid:
 
     @property
     def n_steps(self) -> int:
-        return self.lam.numel() - 1
+        return len(self.lam) - 1
 
     @functools.cached_property
     def sigma_tilde(self) -> Tensor:
         """EDM sigma, sigma/alpha = e^-lambda; 0 at a final zero point."""
-        return (-self.lam).exp()
+        return arrays.exp(-self.lam)
+
+    def on_host(self) -> "Grid":
+        """This grid with its per-point quantities as numpy float64 arrays (t stays a tensor: the denoiser's times
+        are built from it), when none of them needs a gradient; else the grid itself. The rows built from a host
+        grid are the same formulas evaluated on the host (see arrays.py), sealed into tensors by
+        Program.seal_rows."""
+        fields = ("alpha", "sigma", "lam", "alpha_to", "sigma_to")
+        values = [getattr(self, f) for f in fields]
+        if any(v is not None and (v.requires_grad or v.dtype != torch.float64
+                                  or torch._C._functorch.is_functorch_wrapped_tensor(v)) for v in values):
+            return self  # differentiable (autograd, or a torch.func transform), or another dtype: torch tables
+        host = {f: None if v is None else v.detach().cpu().numpy() for f, v in zip(fields, values)}
+        return dataclasses.replace(self, **host)
 
     def landing(self) -> tuple:
         """(alpha, sigma) of the N points the steps land on."""

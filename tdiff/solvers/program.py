@@ -18,8 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from . import arrays
 
 #: what an evaluation's output is converted to: the data prediction x0 or the noise prediction eps
 TARGETS = ("x0", "eps")
@@ -78,11 +81,28 @@ class Program:
     nfe: int = 0
 
     def row(self, values: Union[Tensor, Sequence[Tensor]]) -> int:
-        """Register a coefficient row [c_x, c_0, ...] (a 1-D tensor or a list of 0-dim ones); return its index."""
-        if not isinstance(values, Tensor):
-            values = torch.stack([torch.as_tensor(v) for v in values])
+        """Register a coefficient row [c_x, c_0, ...] (a 1-D tensor or a list of 0-dim ones; or the same as numpy
+        float64 from a host grid, then sealed by `seal_rows`); return its index."""
+        if not isinstance(values, (Tensor, np.ndarray)):
+            if any(isinstance(v, Tensor) for v in values):
+                values = torch.stack([torch.as_tensor(v) for v in values])
+            else:
+                values = np.asarray(values, dtype=np.float64)
         self.rows.append(values)
         return len(self.rows) - 1
+
+    def seal_rows(self) -> "Program":
+        """Turn the rows built on the host (numpy) into float64 tensors: one conversion per row width, each row a
+        view of its width's matrix. Rows that are tensors already are kept."""
+        by_width: dict = {}
+        for r, row in enumerate(self.rows):
+            if isinstance(row, np.ndarray):
+                by_width.setdefault(len(row), []).append(r)
+        for idx in by_width.values():
+            mat = torch.from_numpy(np.stack([self.rows[r] for r in idx]))
+            for r, row in zip(idx, mat.unbind(0)):
+                self.rows[r] = row
+        return self
 
     def add_step(self, instructions: List[Instruction]) -> None:
         self.steps.append(instructions)
@@ -101,14 +121,16 @@ class Program:
             last = self.last_uses()
             out = []
             for n, ins in enumerate(i for step in self.steps for i in step):
-                names = [ins.out]
-                if isinstance(ins, Eval):
-                    names += [ins.src, *(name for name, _ in ins.extra)]
-                elif isinstance(ins, Alias):
-                    names.append(ins.src)
-                elif isinstance(ins, Update):
-                    names += [ins.x, *ins.hist]
-                out.append(tuple(dict.fromkeys(k for k in names if k != "x" and last.get(k, -1) <= n)))
+                if type(ins) is Eval:
+                    names = (ins.out, ins.src, *(name for name, _ in ins.extra)) if ins.extra else (ins.out, ins.src)
+                elif type(ins) is Update:
+                    names = (ins.out, ins.x, *ins.hist)
+                elif type(ins) is Alias:
+                    names = (ins.out, ins.src)
+                else:
+                    names = (ins.out,)
+                free = [k for k in names if k != "x" and last.get(k, -1) <= n]
+                out.append(tuple(dict.fromkeys(free)) if len(free) > 1 else tuple(free))
             self._frees = out
         return self._frees
 
@@ -158,7 +180,7 @@ def multistep_orders(n_steps: int, order: int, lower_order_final: bool, final_ze
 
 def ramp(v: Tensor, lo: float, hi: float) -> Tensor:
     """1 for v <= lo, 0 for v >= hi, linear between (differentiable in v)."""
-    return ((hi - v) / (hi - lo)).clamp(0.0, 1.0)
+    return arrays.clamp((hi - v) / (hi - lo), 0.0, 1.0)
 
 
 @dataclass
@@ -210,7 +232,7 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool) -> OrderPlan:
     The decisions (which order, whether to blend) are made on the host from the step sizes; the blend weights of
     the blending steps are one vectorised tensor expression of the time steps."""
     h = lam[1:] - lam[:-1]
-    hd = h.detach().tolist()
+    hd = arrays.tolist(h)
     n = len(hd)
     top, blend, reach = [], [], []
     for i in range(n):
@@ -231,17 +253,17 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool) -> OrderPlan:
             reach.append(i)
     if not reach:
         return OrderPlan(top)
-    steps = torch.tensor(reach)
+    steps = arrays.indices(reach)
     k_max = max(top[i] for i in reach) - 1
     # the earlier steps each blending step's order reaches back to (k < p); unused slots are masked out
-    back = torch.tensor([[max(i - k, 0) for k in range(1, k_max + 1)] for i in reach])
-    used = torch.tensor([[k < top[i] for k in range(1, k_max + 1)] for i in reach])
+    back = arrays.indices([[max(i - k, 0) for k in range(1, k_max + 1)] for i in reach])
+    used = np.array([[k < top[i] for k in range(1, k_max + 1)] for i in reach])
     hb = h[steps]
-    ratio = torch.where(used, hb.unsqueeze(1) / h[back], 0.0).amax(1)
-    lo = torch.tensor([STABLE_H[min(top[i], max(STABLE_H))][0] for i in reach], dtype=h.dtype)
-    hi = torch.tensor([STABLE_H[min(top[i], max(STABLE_H))][1] for i in reach], dtype=h.dtype)
-    a = ((hi - hb) / (hi - lo)).clamp(0.0, 1.0) * ramp(ratio, *STABLE_RATIO)
-    weight = torch.ones(n, dtype=h.dtype).index_put((steps,), a)
+    ratio = arrays.amax(arrays.where(used, hb[:, None] / h[back], 0.0), 1)
+    lo = arrays.tensor(h, [STABLE_H[min(top[i], max(STABLE_H))][0] for i in reach])
+    hi = arrays.tensor(h, [STABLE_H[min(top[i], max(STABLE_H))][1] for i in reach])
+    a = arrays.clamp((hi - hb) / (hi - lo), 0.0, 1.0) * ramp(ratio, *STABLE_RATIO)
+    weight = arrays.put(arrays.ones_like(h), steps, a)
     return OrderPlan(top, weight, blend)
 
 
@@ -252,7 +274,7 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
     just before its `tail` entries ([c_x, c_0, 0.., *tail]; a corrector's [c_x, c_new, c_0, 0..]) so the blend is
     one row over the same buffers.
 
-    row_fn(p, idx) gets a LongTensor of positions and returns a list of (len(idx),) tensors (one per row entry):
+    row_fn(p, idx) gets an index array of positions (numpy int64) and returns a list of (len(idx),) tensors (one per row entry):
     the rows are computed once per order for all positions that use it, so a table costs a few dozen tensor ops
     whatever the number of steps, and each row is a view of its order's (positions, width) matrix."""
     out: list = [None] * len(top)
@@ -261,17 +283,17 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
         if p is not None:
             groups.setdefault(p, []).append(i)
     for p, idx in groups.items():
-        mat = torch.stack(row_fn(p, torch.tensor(idx)), dim=1)  # (positions, 1+p+tail)
+        mat = arrays.stack(row_fn(p, arrays.indices(idx)), dim=1)  # (positions, 1+p+tail)
         sel = [j for j, i in enumerate(idx) if blend is not None and blend[i]] if p > 1 else []
         if sel:
-            at = torch.tensor([idx[j] for j in sel])
-            first = torch.stack(row_fn(1, at), dim=1)  # (blending positions, 2+tail)
+            at = arrays.indices([idx[j] for j in sel])
+            first = arrays.stack(row_fn(1, at), dim=1)  # (blending positions, 2+tail)
             cut = first.shape[1] - tail
-            first = torch.cat([first[:, :cut], first.new_zeros(len(sel), p - 1), first[:, cut:]], dim=1)
-            w = weight[at].unsqueeze(1)
-            rows = torch.tensor(sel)
-            mat = mat.index_put((rows,), w * mat[rows] + (1 - w) * first)
-        for i, row in zip(idx, mat.unbind(0)):
+            first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]], dim=1)
+            w = weight[at][:, None]
+            rows = arrays.indices(sel)
+            mat = arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
+        for i, row in zip(idx, arrays.unbind(mat, 0)):
             out[i] = row
     return out
 
@@ -297,7 +319,7 @@ def choose_orders(solver: str, lam: Tensor, order: int, lower_order_final: bool,
     """The OrderPlan: explicit `orders`, else the stable rule (by step size, `stable_orders`) or diffusers' rule
     (by count, `diffusers_rule(n_steps, order, lower_order_final, final_zero)`); lower_order_final=False disables
     lowering (but for warm-up and a final step to sigma = 0)."""
-    n = lam.numel() - 1
+    n = len(lam) - 1
     if orders is not None:
         return OrderPlan.pure(check_orders(solver, orders, n, allowed, final_zero))
     check_choice("order_rule", order_rule, ORDER_RULES)

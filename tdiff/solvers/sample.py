@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -121,8 +122,9 @@ def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[in
         # the public path lowers orders by step size; the builders' own default is diffusers' rule, which keeps
         # direct callers' objectives (DM-NonUniform's solver rows) smooth in the steps
         opts.setdefault("order_rule", "stable")
-    grid = make_grid(schedule, ts, final_sigmas_type, targets)
-    return spec.build(grid, cond, order, schedule, **opts)
+    grid = make_grid(schedule, ts, final_sigmas_type, targets).on_host()  # numpy tables unless differentiated
+    with np.errstate(all="ignore"):  # as torch: a non-finite coefficient is reported by the rows' check
+        return spec.build(grid, cond, order, schedule, **opts).seal_rows()
 
 
 def _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts: dict):
