@@ -90,3 +90,20 @@ def test_no_grad_tables_cost_a_bounded_number_of_torch_ops():
     with Count() as c:
         build_program(schedule, ts.clone().requires_grad_(), "unipc", 3, order_rule="stable")
     assert counts[0] == counts[1] and counts[0] < 100 < sum(c.ops.values()), (counts, sum(c.ops.values()))
+
+
+@pytest.mark.parametrize("prediction,precond", [("eps", None), ("v", None), ("x0", None), ("flow", None),
+                                                ("eps", "edm")])
+def test_conversion_from_the_grids_alpha_sigma_equals_the_schedules(prediction, precond):
+    """Denoiser.conversion with the grid's host alpha, sigma (the no-grad tables) equals the one from t."""
+    from tdiff import denoiser
+
+    schedule = SCHEDULES["discrete"]
+    den = denoiser(lambda x, t, y=None: x, schedule, prediction=prediction, precond=precond)
+    ts = torch.linspace(0.98, 0.02, 9, dtype=torch.float64)
+    alpha, sigma = make_grid(schedule, ts).on_host().points()
+    for target in ("x0", "eps"):
+        want = den.conversion(ts, target)
+        got = den.conversion(ts, target, alpha=alpha, sigma=sigma)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()

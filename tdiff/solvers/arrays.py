@@ -71,7 +71,12 @@ def tensor(like, values: Sequence):
 
 
 def stack(vs: Sequence, dim: int = 0):
-    return np.stack(vs, axis=dim) if isinstance(vs[0], HOST) else torch.stack(list(vs), dim=dim)
+    if not isinstance(vs[0], HOST):
+        return torch.stack(list(vs), dim=dim)
+    if vs[0].ndim == 1 and dim in (0, 1, -1):  # the common case, without np.stack's Python overhead
+        out = np.array(vs, dtype=np.float64)
+        return out if dim == 0 else out.T
+    return np.stack(vs, axis=dim)
 
 
 def cat(vs: Sequence, dim: int = 0):
@@ -80,7 +85,7 @@ def cat(vs: Sequence, dim: int = 0):
 
 def unbind(v, dim: int = 0) -> list:
     if isinstance(v, HOST):
-        return list(np.moveaxis(v, dim, 0))
+        return list(v if dim == 0 else np.moveaxis(v, dim, 0))
     return list(v.unbind(dim))
 
 

@@ -53,7 +53,7 @@ def build_ddim(g: Grid, cond_times, eta: float = 0.0, use_clipped_model_output: 
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta < float("inf"):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     check_flag("use_clipped_model_output", use_clipped_model_output)
-    prog = Program(eval_times=cond_times, eval_points=g.t)
+    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     alpha_to, sigma_to = g.landing()
     n = g.n_steps
     # every step's coefficients at once (a handful of tensor ops, whatever the number of steps)

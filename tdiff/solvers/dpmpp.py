@@ -160,7 +160,7 @@ def build_multistep(kind: str, g: Grid, cond_times, order: int, lower_order_fina
                          allowed)
     if euler_at_final and not explicit:
         plan.first_order_at(g.n_steps - 1)
-    prog = Program(eval_times=cond_times, eval_points=g.t)
+    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     rows = mixed_rows(plan.top, lambda p, idx: step_row(kind, g, idx, p, solver_type), plan.weight, plan.blend,
                       tail=int(stochastic))
     orders = plan.top

@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,13 +44,13 @@ def check_timesteps(schedule: NoiseSchedule, timesteps, name: str = "timesteps")
     if timesteps.dim() != 1 or timesteps.numel() < 2:
         raise ValueError(f"{name} must be a 1-D tensor of at least 2 times, got shape {tuple(timesteps.shape)}")
     schedule.check_t(timesteps.detach(), name)  # NaN, inf and domain
-    steps = timesteps[1:] - timesteps[:-1]
-    if bool((steps == 0).any()):
-        raise ValueError(f"{name} must not hold duplicated times (got {timesteps.detach().tolist()}); diffusers' "
+    values = timesteps.detach().tolist()  # one transfer; the order is checked on the host
+    if any(b == a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must not hold duplicated times (got {values}); diffusers' "
                          f"HeunDiscreteScheduler repeats its times by design: pass such a scheduler through "
                          f"tdiff.solvers.from_diffusers_timesteps, which recognises that convention")
-    if bool((steps > 0).any()):
-        raise ValueError(f"{name} must be strictly decreasing (from noise to data), got {timesteps.detach().tolist()}")
+    if any(b > a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be strictly decreasing (from noise to data), got {values}")
     return timesteps
 
 
@@ -77,6 +78,14 @@ class Grid:
         """EDM sigma, sigma/alpha = e^-lambda; 0 at a final zero point."""
         return arrays.exp(-self.lam)
 
+    def points(self) -> Optional[tuple]:
+        """(alpha, sigma) at the times t as host arrays, where they are the schedule's own values at t (all points
+        but a final zero one): what a denoiser's conversion at those times needs. None on the torch path."""
+        if not arrays.on_host(self.alpha) or self.t is None:
+            return None
+        m = len(self.alpha) - int(self.final_zero)
+        return self.alpha[:m], self.sigma[:m]
+
     def on_host(self) -> "Grid":
         """This grid with its per-point quantities as numpy float64 arrays (t stays a tensor: the denoiser's times
         are built from it), when none of them needs a gradient; else the grid itself. The rows built from a host
@@ -87,8 +96,10 @@ class Grid:
         if any(v is not None and (v.requires_grad or v.dtype != torch.float64
                                   or torch._C._functorch.is_functorch_wrapped_tensor(v)) for v in values):
             return self  # differentiable (autograd, or a torch.func transform), or another dtype: torch tables
-        host = {f: None if v is None else v.detach().cpu().numpy() for f, v in zip(fields, values)}
-        return dataclasses.replace(self, **host)
+        present = [f for f, v in zip(fields, values) if v is not None]
+        sizes = [len(getattr(self, f)) for f in present]
+        flat = torch.cat([getattr(self, f) for f in present]).detach().cpu().numpy()  # one transfer
+        return dataclasses.replace(self, **dict(zip(present, np.split(flat, np.cumsum(sizes)[:-1]))))
 
     def landing(self) -> tuple:
         """(alpha, sigma) of the N points the steps land on."""

@@ -124,6 +124,9 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         prog.add_step(step)
     idx = torch.tensor(points)
     prog.eval_times, prog.eval_points = cond_times[idx], g.t[idx]
+    known = g.points()
+    if known is not None and not churned and max(points) < len(known[0]):
+        prog.eval_alpha_sigma = (known[0][points], known[1][points])
     if churned:  # a churned predictor is evaluated (and converted) at its raised noise level
         pred, raised = torch.tensor([k for k, c in enumerate(where) if c]), t_eval[torch.tensor(churned)]
         prog.eval_times = prog.eval_times.index_put((pred,), raised)

@@ -50,7 +50,7 @@ def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = T
                          (1, 2, 3, 4))
     rows = mixed_rows(plan.top, lambda q, idx: step_row(g, idx, q), plan.weight, plan.blend)
     slopes = arrays.rows(slope_row(g, slice(0, g.n_steps)))
-    prog = Program(eval_times=cond_times, eval_points=g.t)
+    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     for i, (p, row) in enumerate(zip(plan.top, rows)):
         prog.add_step([
             Eval(f"D{i}", "x", i),

@@ -78,6 +78,8 @@ class Program:
     rows: List[Tensor] = field(default_factory=list)  # each (1+K,), differentiable in the timesteps
     eval_times: Optional[Tensor] = None  # (E,) times handed to the denoiser
     eval_points: Optional[Tensor] = None  # (E,) schedule times of the samples evaluated (where outputs convert)
+    # (alpha, sigma) host arrays at eval_points[:len(alpha)] when the grid knows them (Grid.points), else None
+    eval_alpha_sigma: Optional[tuple] = None
     nfe: int = 0
 
     def row(self, values: Union[Tensor, Sequence[Tensor]]) -> int:
@@ -93,16 +95,32 @@ class Program:
 
     def seal_rows(self) -> "Program":
         """Turn the rows built on the host (numpy) into float64 tensors: one conversion per row width, each row a
-        view of its width's matrix. Rows that are tensors already are kept."""
+        view of its width's matrix. Rows that are tensors already are kept. When every row was built on the host,
+        the matrices are kept for `row_groups`."""
         by_width: dict = {}
         for r, row in enumerate(self.rows):
             if isinstance(row, np.ndarray):
                 by_width.setdefault(len(row), []).append(r)
+        groups = []
         for idx in by_width.values():
-            mat = torch.from_numpy(np.stack([self.rows[r] for r in idx]))
-            for r, row in zip(idx, mat.unbind(0)):
+            host = np.stack([self.rows[r] for r in idx])
+            for r, row in zip(idx, torch.from_numpy(host).unbind(0)):
                 self.rows[r] = row
+            groups.append((idx, host))
+        self._host_groups = (groups, list(self.rows)) if sum(map(len, by_width.values())) == len(self.rows) else None
         return self
+
+    def row_groups(self) -> list:
+        """The rows grouped by width: [(row indices, (rows, width) float64 matrix)], the matrix a numpy array when
+        the program was built on the host (and its rows not replaced since), else a tensor (differentiable)."""
+        sealed = getattr(self, "_host_groups", None)
+        if sealed is not None and len(sealed[1]) == len(self.rows) and all(
+                a is b for a, b in zip(sealed[1], self.rows)):
+            return sealed[0]
+        by_width: dict = {}
+        for r, row in enumerate(self.rows):
+            by_width.setdefault(row.numel(), []).append(r)
+        return [(idx, torch.stack([self.rows[r] for r in idx])) for idx in by_width.values()]
 
     def add_step(self, instructions: List[Instruction]) -> None:
         self.steps.append(instructions)
@@ -118,17 +136,12 @@ class Program:
         write when nothing reads it later, so only those two need checking. Cached: the program is fixed once
         built."""
         if getattr(self, "_frees", None) is None:
-            last = self.last_uses()
+            flat = [i for step in self.steps for i in step]
+            reads = [_reads(ins) for ins in flat]
+            last = _last_reads(reads)
             out = []
-            for n, ins in enumerate(i for step in self.steps for i in step):
-                if type(ins) is Eval:
-                    names = (ins.out, ins.src, *(name for name, _ in ins.extra)) if ins.extra else (ins.out, ins.src)
-                elif type(ins) is Update:
-                    names = (ins.out, ins.x, *ins.hist)
-                elif type(ins) is Alias:
-                    names = (ins.out, ins.src)
-                else:
-                    names = (ins.out,)
+            for n, (ins, read) in enumerate(zip(flat, reads)):
+                names = (ins.out, *read, *(name for name, _ in ins.extra)) if type(ins) is Eval else (ins.out, *read)
                 free = [k for k in names if k != "x" and last.get(k, -1) <= n]
                 out.append(tuple(dict.fromkeys(free)) if len(free) > 1 else tuple(free))
             self._frees = out
@@ -136,15 +149,23 @@ class Program:
 
     def last_uses(self) -> dict:
         """buffer name -> index (in the flat instruction list) of the last instruction that reads it."""
-        last = {}
-        for n, ins in enumerate(i for step in self.steps for i in step):
-            if isinstance(ins, (Eval, Alias)):
-                reads = (ins.src,)
-            else:
-                reads = (ins.x, *ins.hist) if isinstance(ins, Update) else ()
-            for name in reads:
-                last[name] = n
-        return last
+        return _last_reads([_reads(i) for step in self.steps for i in step])
+
+
+def _reads(ins) -> tuple:
+    """The buffers an instruction reads."""
+    kind = type(ins)
+    if kind is Update:
+        return (ins.x, *ins.hist)
+    return (ins.src,) if kind is Eval or kind is Alias else ()
+
+
+def _last_reads(reads: list) -> dict:
+    last = {}
+    for n, names in enumerate(reads):
+        for name in names:
+            last[name] = n
+    return last
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     plan = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero,
                          functools.partial(multistep_orders, warmup=True), orders)
     orders = plan.top
-    prog = Program(eval_times=cond_times, eval_points=g.t)
+    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     predictors = mixed_rows(orders, lambda p, idx: predictor_row(g, idx, p, variant), plan.weight, plan.blend)
     # the corrector at point i (1 <= i <= n) re-does step i-1 -> i with the order mix its predictor used; its row
     # reads (x, m_new, m_{i-1}, ...), one output more than the predictor's, and pads the same way
