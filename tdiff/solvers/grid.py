@@ -11,7 +11,6 @@ sigma = 0) instead, as diffusers does; t_N is then still validated but otherwise
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -96,10 +95,11 @@ class Grid:
         if any(v is not None and (v.requires_grad or v.dtype != torch.float64
                                   or torch._C._functorch.is_functorch_wrapped_tensor(v)) for v in values):
             return self  # differentiable (autograd, or a torch.func transform), or another dtype: torch tables
-        present = [f for f, v in zip(fields, values) if v is not None]
-        sizes = [len(getattr(self, f)) for f in present]
-        flat = torch.cat([getattr(self, f) for f in present]).detach().cpu().numpy()  # one transfer
-        return dataclasses.replace(self, **dict(zip(present, np.split(flat, np.cumsum(sizes)[:-1]))))
+        alpha, sigma, lam = torch.stack(values[:3]).detach().cpu().numpy()  # one transfer (two with targets)
+        alpha_to = sigma_to = None
+        if self.alpha_to is not None:
+            alpha_to, sigma_to = torch.stack(values[3:]).detach().cpu().numpy()
+        return Grid(self.t, alpha, sigma, lam, self.final_zero, alpha_to, sigma_to)
 
     def landing(self) -> tuple:
         """(alpha, sigma) of the N points the steps land on."""
