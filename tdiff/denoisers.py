@@ -12,6 +12,7 @@ import functools
 import math
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -269,15 +270,25 @@ class Denoiser(nn.Module):
             return self.raw(x, t_net, **cond).to(x.dtype)
         return self.raw(x.to(cast), t_net, **cond).to(x.dtype)
 
-    def conversion(self, t, target: str = "x0") -> torch.Tensor:
+    def conversion(self, t, target: str = "x0", alpha=None, sigma=None) -> torch.Tensor:
         """(..., 2) rows [p, q]: target = p x + q m for a sample x at schedule time(s) t (target "x0" or "eps");
-        differentiable in t. The clamp (clip_x0) is not part of it."""
+        differentiable in t. The clamp (clip_x0) is not part of it.
+
+        alpha, sigma: the schedule's values at t as numpy float64 arrays, when the caller has them (a solver's
+        no-grad tables, Grid.points): the eps and v conversions, plain arithmetic in alpha and sigma, are then
+        evaluated on the host with the same formulas (no schedule evaluation, no gradient); the other
+        predictions and preconditionings compute from t."""
+        if target not in ("x0", "eps"):
+            raise ValueError(f"target must be 'x0' or 'eps', got {target!r}")
         t = as_time(t)
+        if isinstance(alpha, np.ndarray) and self.precond is None and self.prediction in ("eps", "v"):
+            p, q = conversion_coefficients(self.prediction, alpha, sigma)
+            if target == "eps":
+                p, q = eps_coefficients(p, q, alpha, sigma)
+            return torch.from_numpy(np.stack([p, q], axis=-1)).to(t.device)
         p, q = schedule_conversion(self.schedule, t, self.prediction, self.precond, self.sigma_data)
         if target == "eps":
             p, q = eps_coefficients(p, q, self.schedule.alpha(t), self.schedule.sigma(t))
-        elif target != "x0":
-            raise ValueError(f"target must be 'x0' or 'eps', got {target!r}")
         return torch.stack([p, q], dim=-1)
 
     def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:

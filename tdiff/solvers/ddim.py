@@ -21,8 +21,7 @@ clamped x0 (they differ only when the denoiser clamps its x0 prediction, `clip_x
 """
 from __future__ import annotations
 
-import torch
-
+from . import arrays
 from .grid import Grid
 from .program import Eval, Noise, Program, Update, check_flag
 
@@ -33,8 +32,8 @@ def ddim_coefficients(alpha_s, sigma_s, alpha_t, sigma_t, eta: float = 0.0) -> t
         ratio = sigma_t / sigma_s
         return ratio, alpha_t - ratio * alpha_s, sigma_t, None
     emh = (sigma_t * alpha_s) / (sigma_s * alpha_t)
-    s = eta * sigma_t * (1 - emh * emh).clamp_min(0).sqrt()
-    c_eps = (sigma_t * sigma_t - s * s).clamp_min(0).sqrt()
+    s = eta * sigma_t * arrays.sqrt_pos(1 - emh * emh)
+    c_eps = arrays.sqrt_pos(sigma_t * sigma_t - s * s)
     c_x = c_eps / sigma_s
     return c_x, alpha_t - c_x * alpha_s, c_eps, s
 
@@ -54,7 +53,7 @@ def build_ddim(g: Grid, cond_times, eta: float = 0.0, use_clipped_model_output: 
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta < float("inf"):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     check_flag("use_clipped_model_output", use_clipped_model_output)
-    prog = Program(eval_times=cond_times, eval_points=g.t)
+    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     alpha_to, sigma_to = g.landing()
     n = g.n_steps
     # every step's coefficients at once (a handful of tensor ops, whatever the number of steps)
@@ -62,7 +61,7 @@ def build_ddim(g: Grid, cond_times, eta: float = 0.0, use_clipped_model_output: 
     cols, hist = ([c_x, c_d], ("D",)) if use_clipped_model_output else ([alpha_to * 0, alpha_to, c_eps], ("D", "E"))
     if s is not None:
         cols.append(s)
-    rows = torch.stack(cols, dim=1).unbind(0)
+    rows = arrays.rows(cols)
     for i in range(n):
         noisy = s is not None and not (g.final_zero and i == n - 1)  # no noise is added at sigma = 0
         extra = () if use_clipped_model_output else ((f"E{i}", "eps"),)

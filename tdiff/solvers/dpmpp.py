@@ -35,8 +35,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-import torch
-
+from . import arrays
 from .ddim import ddim_coefficients, first_order_row
 from .grid import Grid
 from .program import Eval, Noise, Program, Update, check_choice, check_flag, check_order, choose_orders, \
@@ -75,7 +74,7 @@ def dpmpp_orders(n_steps: int, order: int, lower_order_final: bool, final_zero: 
 
 def _phis(h):
     """phi1 = expm1(-h), phi2 = phi1/h + 1, phi3 = phi2/h - 1/2."""
-    phi1 = torch.expm1(-h)
+    phi1 = arrays.expm1(-h)
     phi2 = phi1 / h + 1
     return phi1, phi2, phi2 / h - 0.5
 
@@ -94,24 +93,24 @@ def _step_coefficients(kind: str, g: Grid, i, p: int, solver_type: str) -> tuple
         psi1, psi2, _ = _phis(2 * h)
         c1 = (a_t * psi2) if (p == 3 or heun) else -0.5 * a_t * psi1
         c2 = a_t * (-psi2 / (2 * h) - 0.5)
-        c_x = s_t / s_s * torch.exp(-h)
-        return c_x, [-a_t * psi1, c1, c2][:p], s_t * (-psi1).clamp_min(0).sqrt()
+        c_x = s_t / s_s * arrays.exp(-h)
+        return c_x, [-a_t * psi1, c1, c2][:p], s_t * arrays.sqrt_pos(-psi1)
     # noise prediction: e^h - 1 = expm1(h), (e^h - 1)/h - 1, ((e^h - 1)/h - 1)/h - 1/2
-    e1 = torch.expm1(h)
+    e1 = arrays.expm1(h)
     e2 = e1 / h - 1
     e3 = e2 / h - 0.5
     if kind == "dpmsolver":
         c1 = -s_t * e2 if (p == 3 or heun) else -0.5 * s_t * e1
         return a_t / a_s, [-s_t * e1, c1, -s_t * e3][:p], None
     c1 = -2 * s_t * e2 if heun else -s_t * e1  # dpmsolver_sde
-    return a_t / a_s, [-2 * s_t * e1, c1][:p], s_t * torch.expm1(2 * h).clamp_min(0).sqrt()
+    return a_t / a_s, [-2 * s_t * e1, c1][:p], s_t * arrays.sqrt_pos(arrays.expm1(2 * h))
 
 
 def _divided_differences(g: Grid, i, p: int) -> list:
     """D0, D1, (D2) as rows over (m0, m1, (m2)) for step i at order p (see the module doc)."""
     lam = g.lam
     h = lam[i + 1] - lam[i]
-    one, zero = torch.ones_like(h), torch.zeros_like(h)
+    one, zero = arrays.ones_like(h), arrays.zeros_like(h)
     r0 = (lam[i] - lam[i - 1]) / h
     if p == 2:
         return [[one, zero], [1 / r0, -1 / r0]]
@@ -125,7 +124,7 @@ def _divided_differences(g: Grid, i, p: int) -> list:
 
 
 def step_row(kind: str, g: Grid, i, p: int, solver_type: str = "midpoint") -> list:
-    """[c_x, c_m0, ..., c_m{p-1}, (c_z)] for step i -> i+1 at order p (i: a step index or a LongTensor of them)."""
+    """[c_x, c_m0, ..., c_m{p-1}, (c_z)] for step i -> i+1 at order p (i: a step index or an index array)."""
     if p == 1 and kind in ("dpmpp", "dpmpp_ab"):
         return first_order_row(g, i, i + 1)
     if p == 1 and kind == "dpmpp_sde":
@@ -161,7 +160,7 @@ def build_multistep(kind: str, g: Grid, cond_times, order: int, lower_order_fina
                          allowed)
     if euler_at_final and not explicit:
         plan.first_order_at(g.n_steps - 1)
-    prog = Program(eval_times=cond_times, eval_points=g.t)
+    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     rows = mixed_rows(plan.top, lambda p, idx: step_row(kind, g, idx, p, solver_type), plan.weight, plan.blend,
                       tail=int(stochastic))
     orders = plan.top

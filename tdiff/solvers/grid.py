@@ -2,6 +2,8 @@
 
 Everything here is a differentiable torch function of the timesteps (no detach, no `.item()`), so autograd reaches
 the timesteps through every coefficient built from a Grid. The only host syncs are the up-front checks.
+Where no gradient is asked for, `Grid.on_host` hands the builders the same quantities as numpy float64 arrays, and
+the same formula code (arrays.py) builds the tables on the host.
 
 Convention: `timesteps` holds N+1 decreasing times t_0 > ... > t_N; a multistep solver evaluates the denoiser at
 t_0 .. t_{N-1} and lands at t_N. With `final_sigmas_type="zero"` the last step lands on clean data (alpha = 1,
@@ -13,10 +15,12 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..schedules import NoiseSchedule
+from . import arrays
 
 FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
 
@@ -39,13 +43,13 @@ def check_timesteps(schedule: NoiseSchedule, timesteps, name: str = "timesteps")
     if timesteps.dim() != 1 or timesteps.numel() < 2:
         raise ValueError(f"{name} must be a 1-D tensor of at least 2 times, got shape {tuple(timesteps.shape)}")
     schedule.check_t(timesteps.detach(), name)  # NaN, inf and domain
-    steps = timesteps[1:] - timesteps[:-1]
-    if bool((steps == 0).any()):
-        raise ValueError(f"{name} must not hold duplicated times (got {timesteps.detach().tolist()}); diffusers' "
+    values = timesteps.detach().tolist()  # one transfer; the order is checked on the host
+    if any(b == a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must not hold duplicated times (got {values}); diffusers' "
                          f"HeunDiscreteScheduler repeats its times by design: pass such a scheduler through "
                          f"tdiff.solvers.from_diffusers_timesteps, which recognises that convention")
-    if bool((steps > 0).any()):
-        raise ValueError(f"{name} must be strictly decreasing (from noise to data), got {timesteps.detach().tolist()}")
+    if any(b > a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be strictly decreasing (from noise to data), got {values}")
     return timesteps
 
 
@@ -66,12 +70,36 @@ class Grid:
 
     @property
     def n_steps(self) -> int:
-        return self.lam.numel() - 1
+        return len(self.lam) - 1
 
     @functools.cached_property
     def sigma_tilde(self) -> Tensor:
         """EDM sigma, sigma/alpha = e^-lambda; 0 at a final zero point."""
-        return (-self.lam).exp()
+        return arrays.exp(-self.lam)
+
+    def points(self) -> Optional[tuple]:
+        """(alpha, sigma) at the times t as host arrays, where they are the schedule's own values at t (all points
+        but a final zero one): what a denoiser's conversion at those times needs. None on the torch path."""
+        if not arrays.on_host(self.alpha) or self.t is None:
+            return None
+        m = len(self.alpha) - int(self.final_zero)
+        return self.alpha[:m], self.sigma[:m]
+
+    def on_host(self) -> "Grid":
+        """This grid with its per-point quantities as numpy float64 arrays (t stays a tensor: the denoiser's times
+        are built from it), when none of them needs a gradient; else the grid itself. The rows built from a host
+        grid are the same formulas evaluated on the host (see arrays.py), sealed into tensors by
+        Program.seal_rows."""
+        fields = ("alpha", "sigma", "lam", "alpha_to", "sigma_to")
+        values = [getattr(self, f) for f in fields]
+        if any(v is not None and (v.requires_grad or v.dtype != torch.float64
+                                  or torch._C._functorch.is_functorch_wrapped_tensor(v)) for v in values):
+            return self  # differentiable (autograd, or a torch.func transform), or another dtype: torch tables
+        alpha, sigma, lam = torch.stack(values[:3]).detach().cpu().numpy()  # one transfer (two with targets)
+        alpha_to = sigma_to = None
+        if self.alpha_to is not None:
+            alpha_to, sigma_to = torch.stack(values[3:]).detach().cpu().numpy()
+        return Grid(self.t, alpha, sigma, lam, self.final_zero, alpha_to, sigma_to)
 
     def landing(self) -> tuple:
         """(alpha, sigma) of the N points the steps land on."""

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..schedules import NoiseSchedule
+from . import arrays
 from .ddim import first_order_coefficients
 from .grid import Grid
 from .program import ORDER_RULES, Alias, Eval, Noise, Program, Update, check_choice, ramp
@@ -36,7 +38,7 @@ def _gammas(g: Grid, s_churn: float, s_min: float, s_max: float) -> list:
     """EDM's per-step churn gamma_i, decided on the host once (the loop stays sync-free)."""
     if s_churn <= 0:
         return [0.0] * g.n_steps
-    sig = g.sigma_tilde.detach().tolist()
+    sig = arrays.tolist(g.sigma_tilde)
     gamma = min(s_churn / g.n_steps, math.sqrt(2) - 1)
     return [gamma if s_min <= sig[i] <= s_max else 0.0 for i in range(g.n_steps)]
 
@@ -69,7 +71,7 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
     n = g.n_steps
     gammas = _gammas(g, s_churn, s_min, s_max)
     # on the host: which steps are corrected, and which of those blend with the Euler step (stable rule)
-    hd = (g.lam[1:] - g.lam[:-1]).detach().tolist()
+    hd = arrays.tolist(g.lam[1:] - g.lam[:-1])
     corrected, blended = [], []
     for i in range(n):
         if g.final_zero and i == n - 1:
@@ -83,28 +85,27 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
     t_eval = cond_times[:n]
     churned = [i for i, gamma in enumerate(gammas) if gamma > 0]
     if churned:
-        at = torch.tensor(churned)
-        st_c = g.sigma_tilde[at] * (1 + torch.tensor([gammas[i] for i in churned], dtype=st_hat.dtype))
-        t_c = schedule.t_from_edm_sigma(st_c)
-        a_c = schedule.alpha(t_c)
+        at = arrays.indices(churned)
+        st_c = g.sigma_tilde[at] * (1 + arrays.tensor(st_hat, [gammas[i] for i in churned]))
+        t_c = schedule.t_from_edm_sigma(arrays.as_torch(st_c))  # the schedule's maths is torch's
+        a_c = arrays.as_like(schedule.alpha(t_c), st_c)
         # x^ = alpha^ (x/alpha_i + sqrt(sigma^2 - sigma~_i^2) S_noise z)
-        noise_rows = torch.stack([a_c / g.alpha[at], a_c * (st_c**2 - g.sigma_tilde[at] ** 2).sqrt() * s_noise],
-                                 dim=1).unbind(0)
-        st_hat, t_eval = st_hat.index_put((at,), st_c), t_eval.index_put((at,), t_c)
-        a_hat = a_hat.index_put((at,), a_c)
-        s_hat = s_hat.index_put((at,), a_c * st_c)
-    euler_rows = torch.stack(first_order_coefficients(a_hat, s_hat, g.alpha[1:], g.sigma[1:]), dim=1).unbind(0)
+        noise_rows = arrays.rows([a_c / g.alpha[at], a_c * arrays.sqrt(st_c**2 - g.sigma_tilde[at] ** 2) * s_noise])
+        st_hat, t_eval = arrays.put(st_hat, at, st_c), arrays.put(t_eval, at, t_c)
+        a_hat = arrays.put(a_hat, at, a_c)
+        s_hat = arrays.put(s_hat, at, a_c * st_c)
+    euler_rows = arrays.rows(first_order_coefficients(a_hat, s_hat, g.alpha[1:], g.sigma[1:]))
     correction_rows = {}
     if corrected:
-        at, nx = torch.tensor(corrected), torch.tensor(corrected) + 1
+        at, nx = arrays.indices(corrected), arrays.indices(corrected) + 1
         a_h, s_h = a_hat[at], s_hat[at]
         a_n, s_n = g.alpha[nx], g.sigma[nx]
         half = a_n * (g.sigma_tilde[nx] - st_hat[at]) / 2
         cols = [a_n / a_h + half / s_h, -a_n * half / s_n, -half * a_h / s_h, half / s_n]
         if any(blended):  # w (Heun) + (1 - w) (Euler, which is xp itself); w = 1 where the step does not blend
-            w = torch.where(torch.tensor(blended), ramp(g.lam[nx] - g.lam[at], *HEUN_H), 1.0)
+            w = arrays.where(np.array(blended), ramp(g.lam[nx] - g.lam[at], *HEUN_H), 1.0)
             cols = [w * c for c in cols[:3]] + [w * cols[3] + (1 - w)]
-        correction_rows = dict(zip(corrected, torch.stack(cols, dim=1).unbind(0)))
+        correction_rows = dict(zip(corrected, arrays.rows(cols)))
     prog = Program()
     points, where = [], []  # per evaluation: the grid point it is at, and whether it is a churned predictor
     for i in range(n):
@@ -124,6 +125,9 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         prog.add_step(step)
     idx = torch.tensor(points)
     prog.eval_times, prog.eval_points = cond_times[idx], g.t[idx]
+    known = g.points()
+    if known is not None and not churned and max(points) < len(known[0]):
+        prog.eval_alpha_sigma = (known[0][points], known[1][points])
     if churned:  # a churned predictor is evaluated (and converted) at its raised noise level
         pred, raised = torch.tensor([k for k, c in enumerate(where) if c]), t_eval[torch.tensor(churned)]
         prog.eval_times = prog.eval_times.index_put((pred,), raised)

@@ -9,8 +9,7 @@ fused update over up to four slopes.
 """
 from __future__ import annotations
 
-import torch
-
+from . import arrays
 from .grid import Grid
 from .program import Eval, Program, Update, check_flag, check_order, choose_orders, mixed_rows, multistep_orders
 
@@ -50,8 +49,8 @@ def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = T
     plan = choose_orders("ipndm", g.lam, order, lower_order_final, order_rule, g.final_zero, _count_rule, orders,
                          (1, 2, 3, 4))
     rows = mixed_rows(plan.top, lambda q, idx: step_row(g, idx, q), plan.weight, plan.blend)
-    slopes = torch.stack(slope_row(g, slice(0, g.n_steps)), dim=1).unbind(0)
-    prog = Program(eval_times=cond_times, eval_points=g.t)
+    slopes = arrays.rows(slope_row(g, slice(0, g.n_steps)))
+    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     for i, (p, row) in enumerate(zip(plan.top, rows)):
         prog.add_step([
             Eval(f"D{i}", "x", i),

@@ -18,8 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from . import arrays
 
 #: what an evaluation's output is converted to: the data prediction x0 or the noise prediction eps
 TARGETS = ("x0", "eps")
@@ -75,14 +78,49 @@ class Program:
     rows: List[Tensor] = field(default_factory=list)  # each (1+K,), differentiable in the timesteps
     eval_times: Optional[Tensor] = None  # (E,) times handed to the denoiser
     eval_points: Optional[Tensor] = None  # (E,) schedule times of the samples evaluated (where outputs convert)
+    # (alpha, sigma) host arrays at eval_points[:len(alpha)] when the grid knows them (Grid.points), else None
+    eval_alpha_sigma: Optional[tuple] = None
     nfe: int = 0
 
     def row(self, values: Union[Tensor, Sequence[Tensor]]) -> int:
-        """Register a coefficient row [c_x, c_0, ...] (a 1-D tensor or a list of 0-dim ones); return its index."""
-        if not isinstance(values, Tensor):
-            values = torch.stack([torch.as_tensor(v) for v in values])
+        """Register a coefficient row [c_x, c_0, ...] (a 1-D tensor or a list of 0-dim ones; or the same as numpy
+        float64 from a host grid, then sealed by `seal_rows`); return its index."""
+        if not isinstance(values, (Tensor, np.ndarray)):
+            if any(isinstance(v, Tensor) for v in values):
+                values = torch.stack([torch.as_tensor(v) for v in values])
+            else:
+                values = np.asarray(values, dtype=np.float64)
         self.rows.append(values)
         return len(self.rows) - 1
+
+    def seal_rows(self) -> "Program":
+        """Turn the rows built on the host (numpy) into float64 tensors: one conversion per row width, each row a
+        view of its width's matrix. Rows that are tensors already are kept. When every row was built on the host,
+        the matrices are kept for `row_groups`."""
+        by_width: dict = {}
+        for r, row in enumerate(self.rows):
+            if isinstance(row, np.ndarray):
+                by_width.setdefault(len(row), []).append(r)
+        groups = []
+        for idx in by_width.values():
+            host = np.stack([self.rows[r] for r in idx])
+            for r, row in zip(idx, torch.from_numpy(host).unbind(0)):
+                self.rows[r] = row
+            groups.append((idx, host))
+        self._host_groups = (groups, list(self.rows)) if sum(map(len, by_width.values())) == len(self.rows) else None
+        return self
+
+    def row_groups(self) -> list:
+        """The rows grouped by width: [(row indices, (rows, width) float64 matrix)], the matrix a numpy array when
+        the program was built on the host (and its rows not replaced since), else a tensor (differentiable)."""
+        sealed = getattr(self, "_host_groups", None)
+        if sealed is not None and len(sealed[1]) == len(self.rows) and all(
+                a is b for a, b in zip(sealed[1], self.rows)):
+            return sealed[0]
+        by_width: dict = {}
+        for r, row in enumerate(self.rows):
+            by_width.setdefault(row.numel(), []).append(r)
+        return [(idx, torch.stack([self.rows[r] for r in idx])) for idx in by_width.values()]
 
     def add_step(self, instructions: List[Instruction]) -> None:
         self.steps.append(instructions)
@@ -98,31 +136,36 @@ class Program:
         write when nothing reads it later, so only those two need checking. Cached: the program is fixed once
         built."""
         if getattr(self, "_frees", None) is None:
-            last = self.last_uses()
+            flat = [i for step in self.steps for i in step]
+            reads = [_reads(ins) for ins in flat]
+            last = _last_reads(reads)
             out = []
-            for n, ins in enumerate(i for step in self.steps for i in step):
-                names = [ins.out]
-                if isinstance(ins, Eval):
-                    names += [ins.src, *(name for name, _ in ins.extra)]
-                elif isinstance(ins, Alias):
-                    names.append(ins.src)
-                elif isinstance(ins, Update):
-                    names += [ins.x, *ins.hist]
-                out.append(tuple(dict.fromkeys(k for k in names if k != "x" and last.get(k, -1) <= n)))
+            for n, (ins, read) in enumerate(zip(flat, reads)):
+                names = (ins.out, *read, *(name for name, _ in ins.extra)) if type(ins) is Eval else (ins.out, *read)
+                free = [k for k in names if k != "x" and last.get(k, -1) <= n]
+                out.append(tuple(dict.fromkeys(free)) if len(free) > 1 else tuple(free))
             self._frees = out
         return self._frees
 
     def last_uses(self) -> dict:
         """buffer name -> index (in the flat instruction list) of the last instruction that reads it."""
-        last = {}
-        for n, ins in enumerate(i for step in self.steps for i in step):
-            if isinstance(ins, (Eval, Alias)):
-                reads = (ins.src,)
-            else:
-                reads = (ins.x, *ins.hist) if isinstance(ins, Update) else ()
-            for name in reads:
-                last[name] = n
-        return last
+        return _last_reads([_reads(i) for step in self.steps for i in step])
+
+
+def _reads(ins) -> tuple:
+    """The buffers an instruction reads."""
+    kind = type(ins)
+    if kind is Update:
+        return (ins.x, *ins.hist)
+    return (ins.src,) if kind is Eval or kind is Alias else ()
+
+
+def _last_reads(reads: list) -> dict:
+    last = {}
+    for n, names in enumerate(reads):
+        for name in names:
+            last[name] = n
+    return last
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +202,7 @@ def multistep_orders(n_steps: int, order: int, lower_order_final: bool, final_ze
     return orders
 
 
-def ramp(v: Tensor, lo, hi) -> Tensor:
+def ramp(v, lo, hi):
     """1 for v <= lo, 0 for v >= hi, smoothstep s^2 (3 - 2 s) between, s = (hi - v)/(hi - lo) (differentiable in v).
 
     Why not linear: the blend u = a u_p + (1 - a) u_1 owes part of its accuracy to the first-order error
@@ -168,7 +211,7 @@ def ramp(v: Tensor, lo, hi) -> Tensor:
     pure order-p error as the steps shrink to lo (iPNDM-4 on logSNR-uniform grids: 1.12x over NFE 27-32; Heun's
     last step on quadratic-t grids: 1.12x). The smoothstep's zero slope at both ends lets the order-p error's own
     decrease dominate there."""
-    s = ((hi - v) / (hi - lo)).clamp(0.0, 1.0)
+    s = arrays.clamp((hi - v) / (hi - lo), 0.0, 1.0)
     return s * s * (3 - 2 * s)
 
 
@@ -231,7 +274,7 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
     The decisions (which order, whether to blend) are made on the host from the step sizes; the blend weights of
     the blending steps are one vectorised tensor expression of the time steps."""
     h = lam[1:] - lam[:-1]
-    hd = h.detach().tolist()
+    hd = arrays.tolist(h)
     n = len(hd)
     top, blend, reach = [], [], []
     for i in range(n):
@@ -252,16 +295,18 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
             reach.append(i)
     if not reach:
         return OrderPlan(top)
-    steps = torch.tensor(reach)
+    steps = arrays.indices(reach)
     k_max = max(top[i] for i in reach) - 1
     # the earlier steps each blending step's order reaches back to (k < p); unused slots are masked out
-    back = torch.tensor([[max(i - k, 0) for k in range(1, k_max + 1)] for i in reach])
-    used = torch.tensor([[k < top[i] for k in range(1, k_max + 1)] for i in reach])
+    back = arrays.indices([[max(i - k, 0) for k in range(1, k_max + 1)] for i in reach])
+    used = np.array([[k < top[i] for k in range(1, k_max + 1)] for i in reach])
     hb = h[steps]
-    ratio = torch.where(used, hb.unsqueeze(1) / h[back], 0.0).amax(1)
-    lo, hi = (torch.tensor(v, dtype=h.dtype) for v in zip(*(stable_window(solver, top[i]) for i in reach)))
+    ratio = arrays.amax(arrays.where(used, hb[:, None] / h[back], 0.0), 1)
+    windows = [stable_window(solver, top[i]) for i in reach]
+    lo = arrays.tensor(h, [w[0] for w in windows])
+    hi = arrays.tensor(h, [w[1] for w in windows])
     a = ramp(hb, lo, hi) * ramp(ratio, *STABLE_RATIO)
-    weight = torch.ones(n, dtype=h.dtype).index_put((steps,), a)
+    weight = arrays.put(arrays.ones_like(h), steps, a)
     return OrderPlan(top, weight, blend)
 
 
@@ -272,7 +317,7 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
     just before its `tail` entries ([c_x, c_0, 0.., *tail]; a corrector's [c_x, c_new, c_0, 0..]) so the blend is
     one row over the same buffers.
 
-    row_fn(p, idx) gets a LongTensor of positions and returns a list of (len(idx),) tensors (one per row entry):
+    row_fn(p, idx) gets an index array of positions (numpy int64) and returns a list of (len(idx),) tensors (one per row entry):
     the rows are computed once per order for all positions that use it, so a table costs a few dozen tensor ops
     whatever the number of steps, and each row is a view of its order's (positions, width) matrix."""
     out: list = [None] * len(top)
@@ -281,17 +326,17 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
         if p is not None:
             groups.setdefault(p, []).append(i)
     for p, idx in groups.items():
-        mat = torch.stack(row_fn(p, torch.tensor(idx)), dim=1)  # (positions, 1+p+tail)
+        mat = arrays.stack(row_fn(p, arrays.indices(idx)), dim=1)  # (positions, 1+p+tail)
         sel = [j for j, i in enumerate(idx) if blend is not None and blend[i]] if p > 1 else []
         if sel:
-            at = torch.tensor([idx[j] for j in sel])
-            first = torch.stack(row_fn(1, at), dim=1)  # (blending positions, 2+tail)
+            at = arrays.indices([idx[j] for j in sel])
+            first = arrays.stack(row_fn(1, at), dim=1)  # (blending positions, 2+tail)
             cut = first.shape[1] - tail
-            first = torch.cat([first[:, :cut], first.new_zeros(len(sel), p - 1), first[:, cut:]], dim=1)
-            w = weight[at].unsqueeze(1)
-            rows = torch.tensor(sel)
-            mat = mat.index_put((rows,), w * mat[rows] + (1 - w) * first)
-        for i, row in zip(idx, mat.unbind(0)):
+            first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]], dim=1)
+            w = weight[at][:, None]
+            rows = arrays.indices(sel)
+            mat = arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
+        for i, row in zip(idx, arrays.unbind(mat, 0)):
             out[i] = row
     return out
 
@@ -317,7 +362,7 @@ def choose_orders(solver: str, lam: Tensor, order: int, lower_order_final: bool,
     """The OrderPlan: explicit `orders`, else the stable rule (by step size, `stable_orders`) or diffusers' rule
     (by count, `diffusers_rule(n_steps, order, lower_order_final, final_zero)`); lower_order_final=False disables
     lowering (but for warm-up and a final step to sigma = 0)."""
-    n = lam.numel() - 1
+    n = len(lam) - 1
     if orders is not None:
         return OrderPlan.pure(check_orders(solver, orders, n, allowed, final_zero))
     check_choice("order_rule", order_rule, ORDER_RULES)

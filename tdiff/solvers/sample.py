@@ -24,10 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..denoisers import convert, eps_coefficients, times_validated
+from ..denoisers import Denoiser, convert, eps_coefficients, times_validated
 from ..ops import dispatch
 from ..schedules import NoiseSchedule
 from ..ops.multistep_update import multistep_update
@@ -121,8 +122,9 @@ def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[in
         # the public path lowers orders by step size; the builders' own default is diffusers' rule, which keeps
         # direct callers' objectives (DM-NonUniform's solver rows) smooth in the steps
         opts.setdefault("order_rule", "stable")
-    grid = make_grid(schedule, ts, final_sigmas_type, targets)
-    return spec.build(grid, cond, order, schedule, **opts)
+    grid = make_grid(schedule, ts, final_sigmas_type, targets).on_host()  # numpy tables unless differentiated
+    with np.errstate(all="ignore"):  # as torch: a non-finite coefficient is reported by the rows' check
+        return spec.build(grid, cond, order, schedule, **opts).seal_rows()
 
 
 def _unpack_timesteps(timesteps, timesteps_cond, solver, order, opts: dict):
@@ -163,8 +165,13 @@ def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tenso
                 by_target.setdefault(target, []).append((k, j))
     tables = []
     for target, at in by_target.items():
-        t = prog.eval_points[torch.tensor([evals[k].k for k, _ in at])]
-        if raw:
+        ks = [evals[k].k for k, _ in at]
+        t = prog.eval_points[torch.tensor(ks)]
+        known = prog.eval_alpha_sigma
+        if isinstance(denoiser, Denoiser) and known is not None and max(ks) < len(known[0]):
+            # alpha, sigma at those points from the grid (host arrays): tdiff's Denoiser accepts them
+            table = denoiser.conversion(t, target, alpha=known[0][ks], sigma=known[1][ks])
+        elif raw:
             table = denoiser.conversion(t, target)
         else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma
             p, q = eps_coefficients(torch.zeros_like(t), torch.ones_like(t), schedule.alpha(t), schedule.sigma(t))
@@ -316,22 +323,22 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
     network times on x's device, all checked for NaN/inf once (one sync). Rows of equal width are cast and
     expanded together; each row is then a contiguous slice of its group."""
     dtype, b = dispatch.coef_dtype(x), x.shape[0]
-    by_width: dict = {}
-    for r, row in enumerate(prog.rows):
-        by_width.setdefault(row.numel(), []).append(r)
     out: list = [None] * len(prog.rows)
-    finite = []
-    for idx in by_width.values():
-        mat = torch.stack([prog.rows[r] for r in idx])  # (rows, 1+K)
-        finite.append(torch.isfinite(mat).all())
-        group = mat.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous()  # (rows, B, 1+K)
+    finite, host_finite = [], True
+    for idx, mat in prog.row_groups():  # (rows, 1+K)
+        if isinstance(mat, np.ndarray):  # built on the host: checked and expanded there, one transfer
+            host_finite = host_finite and bool(np.isfinite(mat).all())
+            group = torch.from_numpy(np.repeat(mat[:, None], b, axis=1)).to(device=x.device, dtype=dtype)
+        else:
+            finite.append(torch.isfinite(mat).all())
+            group = mat.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous()  # (rows, B, 1+K)
         for r, row in zip(idx, group.unbind(0)):  # one op for all the views
             out[r] = row
     conv = None
     if conversion is not None:
         finite.append(torch.isfinite(conversion).all())
         conv = conversion.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous().unbind(0)
-    if finite and not bool(torch.stack(finite).all()):
+    if not host_finite or (finite and not bool(torch.stack(finite).all())):
         raise ValueError("the solver coefficients are not finite for these timesteps (are two steps too close, is a "
                          "step at a point where sigma = 0, or does the prediction type need alpha > 0 there?)")
     return out, conv, prog.eval_times.to(x.device)

@@ -14,8 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
-import torch
-
+from . import arrays
 from .ddim import first_order_row
 from .grid import Grid
 from .program import Alias, Eval, Program, Update, check_choice, check_flag, check_order, choose_orders, \
@@ -27,22 +26,22 @@ VARIANTS = ("bh1", "bh2")
 def _phi_terms(h, p: int, variant: str):
     """phi1 = expm1(hh), B(h) and the right-hand side b (length p) of UniPC's order conditions."""
     hh = -h
-    phi1 = torch.expm1(hh)
+    phi1 = arrays.expm1(hh)
     big_b = hh if variant == "bh1" else phi1
     b, h_phi_k, factorial = [], phi1 / hh - 1, 1.0
     for i in range(1, p + 1):
         b.append(h_phi_k * factorial / big_b)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    return phi1, big_b, torch.stack(b)
+    return phi1, big_b, arrays.stack(b)
 
 
 def _solve_rhos(rks: Sequence, b, n: int) -> list:
     """rho solving R[:n,:n] rho = b[:n], R_ij = rks_j^(i-1), batched over steps: rks holds (m,) tensors, b is
     (p, m); returns n tensors of shape (m,)."""
-    rks = torch.stack(list(rks), dim=-1)  # (m, p)
-    powers = torch.stack([rks**i for i in range(n)], dim=-2)  # (m, n, p)
-    return list(torch.linalg.solve(powers[..., :n, :n], b[:n].transpose(0, 1)).unbind(-1))
+    rks = arrays.stack(list(rks), dim=-1)  # (m, p)
+    powers = arrays.stack([rks**i for i in range(n)], dim=-2)  # (m, n, p)
+    return arrays.unbind(arrays.solve_vectors(powers[..., :n, :n], b[:n].T), -1)
 
 
 def _step_terms(g: Grid, i, p: int, variant: str):
@@ -61,9 +60,9 @@ def predictor_row(g: Grid, i, p: int, variant: str) -> list:
         return first_order_row(g, i, i + 1)
     c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant)
     if p == 2:
-        rhos = [torch.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
+        rhos = [arrays.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
     else:
-        rhos = _solve_rhos(rks + [torch.ones_like(h)], b, p - 1)
+        rhos = _solve_rhos(rks + [arrays.ones_like(h)], b, p - 1)
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos, rks)]  # on (m_{i-k} - m_i)
     return [c_x, -a_t * phi1 + sum(weights), *[-w for w in weights]]
 
@@ -73,12 +72,12 @@ def corrector_row(g: Grid, i, p: int, variant: str) -> list:
     new output m_{i+1}. p is the order of the predictor that produced x_{i+1}."""
     c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant)
     if p == 1:
-        rhos = [torch.full_like(h, 0.5)]
+        rhos = [arrays.full_like(h, 0.5)]
     else:
-        rhos = _solve_rhos(rks + [torch.ones_like(h)], b, p)
+        rhos = _solve_rhos(rks + [arrays.ones_like(h)], b, p)
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos[:-1], rks)]  # on (m_{i-k} - m_i)
     w_new = a_t * big_b * rhos[-1]  # on (m_{i+1} - m_i)
-    return [c_x, -w_new, -a_t * phi1 + sum(weights, torch.zeros_like(h)) + w_new,
+    return [c_x, -w_new, -a_t * phi1 + sum(weights, arrays.zeros_like(h)) + w_new,
             *[-w for w in weights]]
 
 
@@ -103,13 +102,13 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     plan = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero,
                          functools.partial(multistep_orders, warmup=True), orders)
     orders = plan.top
-    prog = Program(eval_times=cond_times, eval_points=g.t)
+    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     predictors = mixed_rows(orders, lambda p, idx: predictor_row(g, idx, p, variant), plan.weight, plan.blend)
     # the corrector at point i (1 <= i <= n) re-does step i-1 -> i with the order mix its predictor used; its row
     # reads (x, m_new, m_{i-1}, ...), one output more than the predictor's, and pads the same way
     corrects = [i > 0 and use_corrector and (i - 1) not in disable_corrector for i in range(n + 1)]
     corrects[n] = corrects[n] and final_corrector
-    shifted = None if plan.weight is None else torch.cat([plan.weight[:1], plan.weight])  # position i: step i-1
+    shifted = None if plan.weight is None else arrays.cat([plan.weight[:1], plan.weight])  # position i: step i-1
     correctors = mixed_rows([orders[i - 1] if c else None for i, c in enumerate(corrects)],
                             lambda p, idx: corrector_row(g, idx - 1, p, variant), shifted,
                             None if plan.blend is None else [c and plan.blend[i - 1] for i, c in enumerate(corrects)])

@@ -1,0 +1,109 @@
+"""The no-grad tables (the same formulas evaluated on numpy float64, arrays.py) against the differentiable torch
+tables, for every solver and its options, on a discrete and a continuous schedule, both order rules and both
+final sigma types; and the host path is taken only without gradients."""
+import pytest
+import torch
+
+from tdiff.schedules import EDM, DiscreteVP
+from tdiff.solvers import build_program
+from tdiff.solvers.grid import make_grid
+
+SCHEDULES = {"discrete": DiscreteVP(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)), "edm": EDM()}
+CONFIGS = [("dpmpp", 1, {}), ("dpmpp", 2, {}), ("dpmpp", 2, {"solver_type": "heun"}), ("dpmpp", 3, {}),
+           ("dpmpp_ab", 3, {}), ("dpmpp_sde", 3, {}), ("dpmpp_sde", 2, {"solver_type": "heun"}),
+           ("dpmsolver", 3, {}), ("dpmsolver_sde", 2, {}), ("unipc", 1, {}), ("unipc", 2, {}),
+           ("unipc", 3, {"variant": "bh1"}), ("unipc", 3, {"final_corrector": True}), ("ipndm", 4, {}),
+           ("ddim", 1, {"eta": 0.5}), ("ddpm", 1, {}), ("euler", 1, {}), ("heun", 2, {}),
+           ("heun", 2, {"s_churn": 10.0, "s_min": 0.1, "s_max": 5.0})]
+RULED = ("dpmpp", "dpmpp_ab", "dpmpp_sde", "dpmsolver", "dpmsolver_sde", "unipc", "ipndm", "heun")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference, entries that are equal or both NaN/inf counting as 0."""
+    same = (a == b) | (a.isnan() & b.isnan())
+    return torch.where(same, 0.0, (a - b).abs()).max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("rule", ["stable", "diffusers"])
+def test_host_tables_equal_the_differentiable_ones(name, rule):
+    schedule = SCHEDULES[name]
+    built = 0
+    for n in (4, 9, 20):  # long and short steps: the stable rule's plain, blended and lowered orders
+        u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+        ts = 0.98 - 0.96 * u**2
+        for fst in ("sigma_min", "zero"):
+            for solver, order, opts in CONFIGS:
+                opts = dict(opts, **({"order_rule": rule} if solver in RULED else {}))
+                try:
+                    host = build_program(schedule, ts, solver, order, final_sigmas_type=fst, **opts)
+                except ValueError:  # a noise-prediction solver to sigma = 0
+                    continue
+                grad = build_program(schedule, ts.clone().requires_grad_(), solver, order, final_sigmas_type=fst,
+                                     **opts)
+                assert host.steps == grad.steps
+                assert all(type(r) is torch.Tensor and r.dtype == torch.float64 for r in host.rows)
+                assert [r.shape for r in host.rows] == [r.shape for r in grad.rows]
+                for a, b in zip(host.rows, grad.rows):
+                    assert b.requires_grad
+                    assert _same(a, b.detach()) <= 1e-12 * max(1.0, b.detach().abs().max().item())
+                assert torch.equal(host.eval_points, grad.eval_points.detach())
+                assert torch.equal(host.eval_times, grad.eval_times.detach())
+                built += 1
+    assert built >= 80
+
+
+def test_grid_goes_to_the_host_only_without_gradients():
+    ts = torch.linspace(0.9, 0.1, 5, dtype=torch.float64)
+    g = make_grid(EDM(), ts)
+    assert isinstance(g.on_host().lam, type(g.lam.numpy()))
+    assert g.on_host().t is g.t  # the denoiser's times stay a tensor
+    g = make_grid(EDM(), ts.clone().requires_grad_())
+    assert g.on_host() is g
+    assert make_grid(EDM(), ts.float()).on_host().lam.dtype == torch.float32  # another dtype keeps torch's maths
+
+
+def test_no_grad_tables_cost_a_bounded_number_of_torch_ops():
+    """The host path is taken by build_program: the tables of UniPC-3 (the costliest, ~500 torch ops when
+    differentiable) then take a fixed few dozen torch ops (validation, the schedule, the sealing), whatever the
+    number of steps."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    schedule = SCHEDULES["discrete"]
+    counts = []
+    for n in (10, 40):
+        ts = torch.linspace(0.98, 0.02, n + 1, dtype=torch.float64)
+        with Count() as c:
+            build_program(schedule, ts, "unipc", 3, order_rule="stable")
+        counts.append(sum(c.ops.values()))
+    with Count() as c:
+        build_program(schedule, ts.clone().requires_grad_(), "unipc", 3, order_rule="stable")
+    assert counts[0] == counts[1] and counts[0] < 100 < sum(c.ops.values()), (counts, sum(c.ops.values()))
+
+
+@pytest.mark.parametrize("prediction,precond", [("eps", None), ("v", None), ("x0", None), ("flow", None),
+                                                ("eps", "edm")])
+def test_conversion_from_the_grids_alpha_sigma_equals_the_schedules(prediction, precond):
+    """Denoiser.conversion with the grid's host alpha, sigma (the no-grad tables) equals the one from t."""
+    from tdiff import denoiser
+
+    schedule = SCHEDULES["discrete"]
+    den = denoiser(lambda x, t, y=None: x, schedule, prediction=prediction, precond=precond)
+    ts = torch.linspace(0.98, 0.02, 9, dtype=torch.float64)
+    alpha, sigma = make_grid(schedule, ts).on_host().points()
+    for target in ("x0", "eps"):
+        want = den.conversion(ts, target)
+        got = den.conversion(ts, target, alpha=alpha, sigma=sigma)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()
