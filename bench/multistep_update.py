@@ -16,7 +16,10 @@ by round.
 Overhead: the public wrapper (eager, no grad, check=False, as the sampling loop calls it) against the C++ function
 it calls, bound directly (tdiff._C, csrc/direct.h; overhead_us) and through the dispatcher (vs_dispatcher_us), at a
 size where the kernel itself is negligible. In cache a call lasts about 10 us, so every configuration gets untimed
-warm-up rounds and many timed rounds of few-ms blocks on the same buffers.
+warm-up rounds and many timed rounds of few-ms blocks on the same buffers. On a loaded machine the in-cache figures
+at K >= 2 are still unreliable: there a dst.copy_(src) of the op's 1-1.5 MiB (K = 2..4) alone runs 3-4x slower in
+some processes than in others (the working set no longer stays in this CPU's 2 MiB L2 when other processes share
+the core), so the copy, and with it the ratio, is bimodal; time them on an idle machine.
 """
 from __future__ import annotations
 
