@@ -13,8 +13,13 @@ set that fits the L2 cache (16x4x32x32, 256 KiB a tensor); "out of cache" one we
 tensor). One thread, interleaved rounds, medians with 95% intervals (bench.common.median_ci); ratios are taken round
 by round.
 
-Overhead: the public wrapper (eager, no grad, check=False, as the sampling loop calls it) against calling the C++
-kernel through the dispatcher directly, at a size where the kernel itself is negligible.
+Overhead: the public wrapper (eager, no grad, check=False, as the sampling loop calls it) against the C++ function
+it calls, bound directly (tdiff._C, csrc/direct.h; overhead_us) and through the dispatcher (vs_dispatcher_us), at a
+size where the kernel itself is negligible. In cache a call lasts about 10 us, so every configuration gets untimed
+warm-up rounds and many timed rounds of few-ms blocks on the same buffers. On a loaded machine the in-cache figures
+at K >= 2 are still unreliable: there a dst.copy_(src) of the op's 1-1.5 MiB (K = 2..4) alone runs 3-4x slower in
+some processes than in others (the working set no longer stays in this CPU's 2 MiB L2 when other processes share
+the core), so the copy, and with it the ratio, is bimodal; time them on an idle machine.
 """
 from __future__ import annotations
 
@@ -24,6 +29,11 @@ from bench.common import (copy_fn, interleaved, load_average, median_ci, paired_
                           pyplot, write_result)
 from tdiff.ops import dispatch
 from tdiff.ops.multistep_update import multistep_update
+
+try:
+    import tdiff._C as _C
+except ImportError:  # the reference backend: no C++ function to compare the wrapper with
+    _C = None
 
 IN_CACHE, OUT_OF_CACHE = (16, 4, 32, 32), (64, 4, 64, 64)
 QUICK_IN, QUICK_OUT = (4, 4, 32, 32), (16, 4, 64, 64)
@@ -57,7 +67,7 @@ def _stats(times, copy_times, nbytes):
 
 
 def bandwidth(quick: bool) -> list:
-    rounds = 7 if quick else 31
+    rounds = 7 if quick else 61
     records = []
     for where, shape in (("in cache", QUICK_IN if quick else IN_CACHE),
                          ("out of cache", QUICK_OUT if quick else OUT_OF_CACHE)):
@@ -79,6 +89,7 @@ def bandwidth(quick: bool) -> list:
                 compiled = torch.compile(eager, dynamic=False)
                 fns = {"copy": copy_fn(nbytes), "eager": eager, "torch.compile": compiled, "tdiff": ours}
                 with torch.no_grad():
+                    interleaved(fns, rounds=2)  # warm-up: caches, allocator, compiled graphs
                     times = interleaved(fns, rounds=rounds)
                 for name in ("eager", "torch.compile", "tdiff"):
                     records.append({"where": where, "shape": list(shape), "K": k, "form": form, "impl": name,
@@ -125,7 +136,8 @@ def half_precision(quick: bool) -> list:
 
 
 def overhead(quick: bool) -> dict:
-    """Per-call cost of the public wrapper above the C++ kernel called through the dispatcher (tiny tensors)."""
+    """Per-call cost of the public wrapper above the C++ function it calls (tiny tensors): overhead_us against the
+    direct binding, vs_dispatcher_us against the registered op called through torch.ops."""
     x = torch.randn(1, 4, 8, 8)
     hist = [torch.randn(1, 4, 8, 8) for _ in range(2)]
     coeffs, row, pq = torch.randn(1, 3), torch.randn(3), torch.randn(2)
@@ -140,23 +152,33 @@ def overhead(quick: bool) -> dict:
         "registered custom op": lambda: torch.ops.tdiff.multistep_update(x, hist, coeffs),
         "eager (2 muls, 2 adds)": lambda: eager_update(x, hist, coeffs),
     }
+    if _C is not None and hasattr(_C, "multistep_update_cpu"):
+        fns["C++ kernel, direct binding"] = lambda: _C.multistep_update_cpu(x, hist, coeffs)
+        fns["C++ convert kernel, direct binding"] = lambda: _C.multistep_update_convert_cpu(x, hist, row, None, None,
+                                                                                             None, pq)
     with torch.no_grad():
-        times = interleaved(fns, rounds=7 if quick else 31, block_seconds=5e-3)
+        interleaved(fns, rounds=2)
+        times = interleaved(fns, rounds=7 if quick else 41, block_seconds=5e-3)
     stats = {name: dict(median_ci(t), best=min(t)) for name, t in times.items()}
-    base = times["C++ kernel via dispatcher"]
-    cbase = times["C++ convert kernel via dispatcher"]
     result = {name: {"us": s["median"] * 1e6, "us_lo": s["lo"] * 1e6, "us_hi": s["hi"] * 1e6,
                      "us_best": s["best"] * 1e6} for name, s in stats.items()}
-    for name, ref in (("public wrapper", base), ("public wrapper, shared row", base),
-                      ("public wrapper, convert", cbase)):
-        d = median_ci([a - b for a, b in zip(times[name], ref)])
-        result[name].update({"overhead_us": d["median"] * 1e6, "overhead_lo": d["lo"] * 1e6,
-                             "overhead_hi": d["hi"] * 1e6, "overhead_best_us": (min(times[name]) - min(ref)) * 1e6})
+    for name, convert in (("public wrapper", False), ("public wrapper, shared row", False),
+                          ("public wrapper, convert", True)):
+        prefix = "C++ convert kernel" if convert else "C++ kernel"
+        for key, ref in (("overhead", f"{prefix}, direct binding"), ("vs_dispatcher", f"{prefix} via dispatcher")):
+            if ref not in times:
+                continue
+            d = median_ci([a - b for a, b in zip(times[name], times[ref])])
+            result[name].update({f"{key}_us": d["median"] * 1e6, f"{key}_lo": d["lo"] * 1e6,
+                                 f"{key}_hi": d["hi"] * 1e6,
+                                 f"{key}_best_us": (min(times[name]) - min(times[ref])) * 1e6})
     print_table("Per-call cost at 1x4x8x8 (eager, no grad, one thread), median [95% interval]",
-                ["call", "us", "best us", "wrapper overhead us", "overhead, best rounds"],
+                ["call", "us", "best us", "above direct binding us", "above dispatcher us"],
                 [[n, f"{r['us']:.2f} [{r['us_lo']:.2f}, {r['us_hi']:.2f}]", r["us_best"],
                   f"{r['overhead_us']:.2f} [{r['overhead_lo']:.2f}, {r['overhead_hi']:.2f}]"
-                  if "overhead_us" in r else "", r.get("overhead_best_us", "")] for n, r in result.items()])
+                  if "overhead_us" in r else "",
+                  f"{r['vs_dispatcher_us']:.2f} [{r['vs_dispatcher_lo']:.2f}, {r['vs_dispatcher_hi']:.2f}]"
+                  if "vs_dispatcher_us" in r else ""] for n, r in result.items()])
     return result
 
 

@@ -7,7 +7,12 @@ weighted_mse reads pred and target and writes (B,) values: 2 tensors. Effective 
 ceiling is dst.copy_(src) moving the same bytes, timed in the same interleaved rounds (a read-only reduction such
 as weighted_mse may pass it: reading needs no write-allocate). "In cache" is 16x4x32x32 (256 KiB a tensor in
 float32, inside the L2 cache), "out of cache" 128x4x64x64 (8 MiB a tensor). One thread, medians with 95%
-intervals; ratios round by round.
+intervals; ratios round by round. In cache a call lasts about 10 us, so a round is a block of calls of a few ms on
+the same buffers, after untimed warm-up blocks, and there are many rounds: the in-cache ratio is otherwise at the
+mercy of the other processes' cache traffic.
+
+Overhead: the public function (eager, no grad, check=False) against the C++ function it calls, bound directly
+(tdiff._C, csrc/direct.h) and through the dispatcher, at a size where the data pass is negligible (1x4x8x8).
 """
 from __future__ import annotations
 
@@ -20,9 +25,14 @@ from tdiff.ops import dispatch
 from tdiff.ops.noisy_sample import noisy_sample
 from tdiff.ops.weighted_mse import weighted_mse
 
+try:
+    import tdiff._C as _C
+except ImportError:  # the reference backend: no C++ function to compare the wrapper with
+    _C = None
+
 SIZES = {"in cache": (16, 4, 32, 32), "out of cache": (128, 4, 64, 64)}
 QUICK_SIZES = {"in cache": (4, 4, 32, 32), "out of cache": (16, 4, 64, 64)}
-TARGETS = {"frac_of_copy": 0.8, "half_speedup_vs_eager": 1.5, "half_speedup_goal": 2.0}
+TARGETS = {"frac_of_copy": 0.8, "half_speedup_vs_eager": 1.5, "half_speedup_goal": 2.0, "wrapper_overhead_us": 10.0}
 
 
 def eager_noisy(sched):
@@ -51,7 +61,7 @@ def _record(where, shape, dtype, impl, times, copy_times, nbytes):
 
 def measure(quick: bool) -> list:
     sched = S.VPLinear()
-    rounds = 7 if quick else 25
+    rounds = 7 if quick else 61
     records = []
     for where, shape in (QUICK_SIZES if quick else SIZES).items():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -77,6 +87,7 @@ def measure(quick: bool) -> list:
                 fns["noisy_sample torch.compile (x_t, input)"] = lambda: compiled(x0, eps, t)
                 fns["weighted_mse torch.compile"] = lambda: compiled_wmse(x0, eps, w)
             with torch.no_grad():
+                interleaved(fns, rounds=2)  # warm-up: caches, allocator, compiled graphs
                 times = interleaved(fns, rounds=rounds)
             for impl, ts in times.items():
                 if impl.startswith("copy"):
@@ -97,6 +108,45 @@ def measure(quick: bool) -> list:
                     records[-1].update({"speedup_vs_compile": c["median"], "speedup_vs_compile_lo": c["lo"],
                                         "speedup_vs_compile_hi": c["hi"]})
     return records
+
+
+def overhead(quick: bool) -> dict:
+    """Per-call cost of the public function above the C++ function it calls (1x4x8x8: the pass itself is
+    negligible). overhead_us = public - direct binding, round by round; vs_dispatcher_us = public - the registered
+    C++ op called through torch.ops."""
+    x0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = torch.tensor([0.5], dtype=torch.float64)
+    sched = S.VPLinear()
+    spec = sched.kernel_spec()
+    args = (x0, eps, t, spec.kind, [float(p) for p in spec.params], None, -1.0, [], 0, False)
+    fns = {"public (check=False)": lambda: noisy_sample(x0, eps, t, sched, check=False),
+           "public (check=True)": lambda: noisy_sample(x0, eps, t, sched)}
+    if dispatch.cpp_has("noisy_sample_cpu"):
+        fns["C++ function via dispatcher"] = lambda: torch.ops.tdiff.noisy_sample_cpu(*args)
+    if _C is not None and hasattr(_C, "noisy_sample_cpu"):
+        fns["C++ function, direct binding"] = lambda: _C.noisy_sample_cpu(*args)
+    with torch.no_grad():
+        interleaved(fns, rounds=2)
+        times = interleaved(fns, rounds=7 if quick else 41, block_seconds=5e-3)
+    result = {}
+    for name, ts in times.items():
+        s = median_ci(ts)
+        result[name] = {"us": s["median"] * 1e6, "us_lo": s["lo"] * 1e6, "us_hi": s["hi"] * 1e6,
+                        "us_best": min(ts) * 1e6}
+    for name in ("public (check=False)", "public (check=True)"):
+        for key, ref in (("overhead", "C++ function, direct binding"), ("vs_dispatcher", "C++ function via dispatcher")):
+            if ref in times:
+                d = median_ci([a - b for a, b in zip(times[name], times[ref])])
+                result[name].update({f"{key}_us": d["median"] * 1e6, f"{key}_lo": d["lo"] * 1e6,
+                                     f"{key}_hi": d["hi"] * 1e6})
+    print_table("noisy_sample per-call cost at 1x4x8x8 (eager, no grad, one thread), median [95% interval]",
+                ["call", "us", "best us", "above direct binding us", "above dispatcher us"],
+                [[n, f"{r['us']:.2f} [{r['us_lo']:.2f}, {r['us_hi']:.2f}]", r["us_best"],
+                  f"{r['overhead_us']:.2f} [{r['overhead_lo']:.2f}, {r['overhead_hi']:.2f}]" if "overhead_us" in r
+                  else "",
+                  f"{r['vs_dispatcher_us']:.2f} [{r['vs_dispatcher_lo']:.2f}, {r['vs_dispatcher_hi']:.2f}]"
+                  if "vs_dispatcher_us" in r else ""] for n, r in result.items()])
+    return result
 
 
 def _plot(records, path):
@@ -125,6 +175,7 @@ def run(quick: bool = False) -> dict:
     load_before = load_average()
     try:
         records = measure(quick)
+        calls = overhead(quick)
     finally:
         torch.set_num_threads(threads_before)
     print_table("noisy_sample / weighted_mse (CPU, one thread): time and bandwidth against copy",
@@ -141,6 +192,7 @@ def run(quick: bool = False) -> dict:
     backend = dispatch.backend_for(torch.empty(1), "noisy_sample_cpu")
     isa = torch.ops.tdiff.cpu_capability() if dispatch.cpp_has("cpu_capability") else None
     payload = {"threads": 1, "backend": backend, "cpu_capability": isa, "targets": TARGETS, "records": records,
+               "overhead": calls,
                "loadavg_before": load_before, "loadavg_after": load_average()}
     _plot(records, plot_path("noisy_sample", quick))
     path = write_result("noisy_sample", payload, quick)

@@ -13,6 +13,7 @@
 #include "checks.h"
 #include "cpu_kernels.h"
 #include "direct.h"
+#include "outputs.h"
 #include "row_spans.h"
 
 #include <optional>
@@ -92,7 +93,7 @@ at::Tensor multistep_update_cpu(const at::Tensor& x_in, at::TensorList history, 
   const char* op = "tdiff::multistep_update_cpu";
   const std::vector<at::Tensor> hist = check_update(op, x_in, history, coeffs_in, /*shared_row=*/true);
   const at::Tensor x = x_in.contiguous(), coeffs = coeffs_in.contiguous();
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = new_cpu_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "multistep_update",
                                   [&] { run_update<scalar_t>(x, hist, coeffs, Optional{}, out, nullptr); });
   return out;
@@ -134,8 +135,8 @@ std::tuple<at::Tensor, at::Tensor> multistep_update_convert_cpu(
     }
     opt.src = &src;
   }
-  at::Tensor out = at::empty_like(x);
-  at::Tensor h0 = at::empty_like(x);
+  at::Tensor out = new_cpu_like(x);
+  at::Tensor h0 = new_cpu_like(x);
   if (!cfg && !conv) h0.copy_(hist[0]);  // m' = m: the loop below does not write it
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "multistep_update",
                                   [&] { run_update<scalar_t>(x, hist, coeffs, opt, out, &h0); });

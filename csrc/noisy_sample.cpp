@@ -6,13 +6,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <optional>
 #include <tuple>
-#include <vector>
 
 #include "checks.h"
 #include "cpu_kernels.h"
 #include "direct.h"
+#include "outputs.h"
 #include "row_spans.h"
 #include "schedule_coefficients.h"
 
@@ -72,16 +74,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
   const at::Tensor x0 = x0_in.contiguous();
   const at::Tensor eps = eps_in.contiguous();
 
-  // Per-sample coefficients in double: B values, negligible next to the data pass (and no tensor ops: at small
-  // sizes each one costs as much as the pass).
+  // Per-sample coefficients in double: B values, negligible next to the data pass. No tensor ops and no heap
+  // allocation for them: at in-cache sizes the fixed cost of each one is a sizeable part of the pass.
   const at::Tensor t64 = t.scalar_type() == at::kDouble ? t.contiguous() : t.to(at::kDouble).contiguous();
   const double* tp = t64.data_ptr<double>();
-  std::vector<double> cp(static_cast<size_t>(3 * batch));
+  c10::SmallVector<double, 3 * 64> cp(static_cast<size_t>(3 * batch));
   for (int64_t b = 0; b < batch; ++b) sample_coefficients(spec, tp[b], cp.data() + 3 * b);
 
-  at::Tensor xt = at::empty_like(x0);
-  at::Tensor net_in = write_input ? at::empty_like(x0) : at::empty({0}, x0.options());
-  at::Tensor coefs = at::empty({batch, 3}, x0.options().dtype(at::toOpMathType(x0.scalar_type())));
+  at::Tensor xt = new_cpu_like(x0);
+  at::Tensor net_in = write_input ? new_cpu_like(x0) : new_cpu({0}, x0.scalar_type());
+  at::Tensor coefs = new_cpu({batch, 3}, at::toOpMathType(x0.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "noisy_sample", [&] {
     noisy_sample_rows<scalar_t>(x0, eps, xt, write_input ? &net_in : nullptr, cp.data());
     using acc_t = at::opmath_type<scalar_t>;
@@ -129,8 +131,8 @@ std::tuple<at::Tensor, at::Tensor> noisy_sample_backward_cpu(const at::Tensor& g
   const at::Tensor gxt = grad_xt_in.contiguous();
   const at::Tensor gin = has_in ? grad_in_in.contiguous() : grad_in_in;
   const at::Tensor c64 = coefs.scalar_type() == at::kDouble ? coefs.contiguous() : coefs.to(at::kDouble).contiguous();
-  at::Tensor gx0 = at::empty_like(gxt);
-  at::Tensor geps = at::empty_like(gxt);
+  at::Tensor gx0 = new_cpu_like(gxt);
+  at::Tensor geps = new_cpu_like(gxt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gxt.scalar_type(), "noisy_sample", [&] {
     noisy_sample_backward_rows<scalar_t>(gxt, has_in ? &gin : nullptr, gx0, geps, c64.data_ptr<double>());
   });

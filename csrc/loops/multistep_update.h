@@ -12,28 +12,36 @@ void multistep_span(const tdiff::MultistepSpan<T>& a) {
   V c[K + 1];
   for (int k = 0; k <= K; ++k) c[k] = V(a.c[k]);
   const V w(a.w), p(a.p), q(a.q);
+  // pointers in locals: through the struct they are reloaded at every step (see loops/noisy_sample.h)
+  const T* xp = a.x;
+  const T* up = a.uncond;
+  const T* sp = a.src;
+  T* out = a.out;
+  T* h0 = a.h0;
+  const T* hp[K];
+  for (int k = 0; k < K; ++k) hp[k] = a.h[k];
   for_each_step<T>(a.n, [&](int64_t j, int64_t count) {
     V x[P], m[P], acc[P];
-    IO::load(a.x + j, count, x);
-    IO::load(a.h[0] + j, count, m);
+    IO::load(xp + j, count, x);
+    IO::load(hp[0] + j, count, m);
     if constexpr (CFG) {
       V u[P];
-      IO::load(a.uncond + j, count, u);
+      IO::load(up + j, count, u);
       for (int i = 0; i < P; ++i) m[i] = at::vec::fmadd(w, m[i] - u[i], u[i]);
     }
     if constexpr (CONVERT) {
       V s[P];
-      IO::load(a.src + j, count, s);
+      IO::load(sp + j, count, s);
       for (int i = 0; i < P; ++i) m[i] = at::vec::fmadd(p, s[i], q * m[i]);
     }
     for (int i = 0; i < P; ++i) acc[i] = at::vec::fmadd(c[1], m[i], c[0] * x[i]);
     for (int k = 1; k < K; ++k) {
       V h[P];
-      IO::load(a.h[k] + j, count, h);
+      IO::load(hp[k] + j, count, h);
       for (int i = 0; i < P; ++i) acc[i] = at::vec::fmadd(c[k + 1], h[i], acc[i]);
     }
-    IO::store(a.out + j, count, acc);
-    if constexpr (CFG || CONVERT) IO::store(a.h0 + j, count, m);
+    IO::store(out + j, count, acc);
+    if constexpr (CFG || CONVERT) IO::store(h0 + j, count, m);
   });
 }
 
@@ -70,22 +78,31 @@ void multistep_backward_k(const tdiff::MultistepBackwardSpan<T>& a) {
     c[k] = V(a.c[k]);
     d[k] = V(acc_t(0));
   }
+  const T* gp = a.g;
+  const T* xp = a.x;
+  T* gx = a.gx;
+  const T* hp[K];
+  T* ghp[K];
+  for (int k = 0; k < K; ++k) {
+    hp[k] = a.h[k];
+    ghp[k] = a.gh[k];
+  }
   for_each_step<T>(a.n, [&](int64_t j, int64_t count) {
     V g[P], t[P], r[P];
-    IO::load(a.g + j, count, g);
-    IO::load(a.x + j, count, t);  // zero-filled past `count`: the dot products ignore those lanes
+    IO::load(gp + j, count, g);
+    IO::load(xp + j, count, t);  // zero-filled past `count`: the dot products ignore those lanes
     for (int i = 0; i < P; ++i) {
       d[0] = at::vec::fmadd(g[i], t[i], d[0]);
       r[i] = c[0] * g[i];
     }
-    IO::store(a.gx + j, count, r);
+    IO::store(gx + j, count, r);
     for (int k = 0; k < K; ++k) {
-      IO::load(a.h[k] + j, count, t);
+      IO::load(hp[k] + j, count, t);
       for (int i = 0; i < P; ++i) {
         d[k + 1] = at::vec::fmadd(g[i], t[i], d[k + 1]);
         r[i] = c[k + 1] * g[i];
       }
-      IO::store(a.gh[k] + j, count, r);
+      IO::store(ghp[k] + j, count, r);
     }
   });
   for (int k = 0; k <= K; ++k) a.dots[k] = at::vec::vec_reduce_all<acc_t>([](V& x, V& y) { return x + y; }, d[k]);

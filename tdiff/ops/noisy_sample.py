@@ -220,6 +220,42 @@ def fdm_code(fdm: Optional[S.FDMMomentum]) -> int:
     return FDM_OFF if fdm is None else (FDM_ON_INPUT if fdm.on == "input" else FDM_ON_MEAN)
 
 
+# id(schedule) -> (snapshot of its attributes, kind, params, table, {device: table there}): what the kernels need
+# from a schedule, made once per schedule. Building it (kernel_spec(), the params list, the table's device copy)
+# costs more than an in-cache data pass's share of a small op. The snapshot holds the attribute objects
+# themselves, so reassigning an attribute (a new float, a new tensor) misses and rebuilds the entry; an entry
+# lives as long as its schedule.
+_SCHEDULE_ARGS: dict = {}
+
+
+def _schedule_args(schedule: S.NoiseSchedule, x0: Tensor) -> tuple:
+    """(kind, params, table on x0's device) of a schedule, for the kernels; from _SCHEDULE_ARGS when current."""
+    state = getattr(schedule, "__dict__", None)
+    entry = _SCHEDULE_ARGS.get(id(schedule))
+    if entry is not None:
+        try:
+            current = entry[0] == state  # by identity first: the same objects compare equal without a tensor op
+        except RuntimeError:  # a reassigned many-element tensor compares elementwise: ambiguous, so not current
+            current = False
+        if current:
+            kind, params, table, tables = entry[1:]
+            if table is None:
+                return kind, params, None
+            device = x0.device
+            if device not in tables:
+                tables[device] = kernel_table(S.KernelSpec(kind, tuple(params), table), device)
+            return kind, params, tables[device]
+    if not isinstance(schedule, S.NoiseSchedule):
+        raise TypeError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
+    spec = schedule.kernel_spec()
+    params = [float(p) for p in spec.params]
+    if state is not None:
+        if entry is None:
+            weakref.finalize(schedule, _SCHEDULE_ARGS.pop, id(schedule), None)
+        _SCHEDULE_ARGS[id(schedule)] = (dict(state), spec.kind, params, spec.table, {})
+    return spec.kind, params, kernel_table(spec, x0.device)
+
+
 def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, *,
                  precond_sigma_data: Optional[float] = None, fdm: Optional[S.FDMMomentum] = None,
                  write_input: bool = False, check: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
@@ -233,20 +269,24 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
     """
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
-    if not isinstance(schedule, S.NoiseSchedule):
-        raise TypeError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
     if precond_sigma_data is not None and (isinstance(precond_sigma_data, bool) or not isinstance(
             precond_sigma_data, (int, float)) or not 0 < precond_sigma_data < math.inf):
         raise ValueError(f"precond_sigma_data must be None or a finite number > 0, got {precond_sigma_data!r}")
-    spec = schedule.kernel_spec()
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # traced: no module state (the caches above) may be read or written
+        if not isinstance(schedule, S.NoiseSchedule):
+            raise TypeError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
+        spec = schedule.kernel_spec()
+        kind, params, table = spec.kind, [float(p) for p in spec.params], kernel_table(spec, x0.device)
+    else:
+        kind, params, table = _schedule_args(schedule, x0)
     if isinstance(t, (int, float)):
         t = torch.full((x0.shape[0],), float(t), device=x0.device, dtype=torch.float64)
-    args = (x0, eps, t, spec.kind, [float(p) for p in spec.params], kernel_table(spec, x0.device),
-            -1.0 if precond_sigma_data is None else float(precond_sigma_data),
+    args = (x0, eps, t, kind, params, table, -1.0 if precond_sigma_data is None else float(precond_sigma_data),
             [] if fdm is None else fdm.kernel_params(), fdm_code(fdm), write_input)
-    if torch.compiler.is_compiling():
+    if compiling:
         xt, net_in, coefs = torch.ops.tdiff.noisy_sample(*args)  # traced through its fake and autograd registrations
-    elif torch.is_grad_enabled() and (getattr(x0, "requires_grad", False) or getattr(eps, "requires_grad", False)):
+    elif torch.is_grad_enabled() and (x0.requires_grad or getattr(eps, "requires_grad", False)):
         xt, net_in, coefs = _EagerNoisySample.apply(*args)
     else:
         # eager, no autograd: the C++ kernel itself when it is the backend (it validates its inputs; a refusal is
@@ -267,6 +307,14 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
 
 def _check_times(t: Tensor, coefs: Tensor, schedule: S.NoiseSchedule) -> None:
     lo, hi = schedule.domain
+    if t.is_cpu and not torch.compiler.is_compiling():
+        # eager on the CPU: two reductions, since min and max propagate NaN (a NaN time or coefficient makes a
+        # bound NaN and fails the test) and an inf is a bound itself. The masks below, which name the bad samples,
+        # run only when this fails: they cost several tensor ops (isfinite alone is a few), 30-40 us at any size.
+        t_lo, t_hi = torch.aminmax(t)
+        c_lo, c_hi = torch.aminmax(coefs)
+        if lo <= float(t_lo) and float(t_hi) <= hi and math.isfinite(float(c_lo)) and math.isfinite(float(c_hi)):
+            return
     bad = ~torch.isfinite(coefs).all(dim=1) | ~(t >= lo) | ~(t <= hi)  # ~(t >= lo) also catches NaN
 
     def message(compiling: bool) -> str:
