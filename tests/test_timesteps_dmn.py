@@ -229,3 +229,27 @@ def test_tdiff_scheduler_samples_dm_nonuniform_steps_with_their_order_plan():
     given = TdiffScheduler.from_config(DDPMScheduler().config, timesteps="dm_nonuniform", solver="dpmpp", order=3,
                                        solver_options={"orders": [1, 2, 2, 2, 2, 1]})
     assert given._recipe(6, None, None, None)["options"]["orders"] == [1, 2, 2, 2, 2, 1]
+
+
+@pytest.mark.parametrize("objective", ["lagrange", "solver"])
+def test_batched_evaluation_matches_point_by_point(objective):
+    """parts_batch (the Newton Hessian's one-pass columns) against parts at each point of the batch."""
+    obj = SurrogateObjective(EDM(), 5, objective=objective)
+    zs = obj.initial("edm_rho") + np.random.default_rng(2).normal(0, 0.05, (2, 4))
+    batch = obj.parts_batch(zs)
+    for i, z in enumerate(zs):
+        for got, want in zip(batch, obj.parts(z)):
+            np.testing.assert_allclose(got[i], want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("schedule,order,p,nfe", [(VPCosine(), 2, 1.0, 16), (RectifiedFlow(), 3, 2.0, 12)],
+                         ids=["cosine-o2-16", "flow-o3-12"])
+def test_screened_starts_reach_the_unscreened_optimum(monkeypatch, schedule, order, p, nfe):
+    """Screening (a short burst per start, then only the leader continues) against every start run to the end, on
+    settings other than the bench's (DDPM, order 3, p = 2)."""
+    module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    _, screened = dm_nonuniform(schedule, nfe, order=order, p=p, return_result=True)
+    monkeypatch.setattr(module, "_BURST", 10**6)
+    _, full = dm_nonuniform(schedule, nfe, order=order, p=p, return_result=True)
+    assert screened.nit < full.nit
+    assert screened.fun <= full.fun * (1 + 1e-9)
