@@ -253,3 +253,23 @@ def test_screened_starts_reach_the_unscreened_optimum(monkeypatch, schedule, ord
     _, full = dm_nonuniform(schedule, nfe, order=order, p=p, return_result=True)
     assert screened.nit < full.nit
     assert screened.fun <= full.fun * (1 + 1e-9)
+
+
+def test_screening_continues_the_next_starts_while_no_end_is_certified(monkeypatch):
+    """An uncertified end may be a stall: the leader alone ends the run only where Newton certifies its end; with
+    Newton never certifying, every start runs to the end after its burst."""
+    module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    runs, slack_sqp = [], module._slack_sqp
+
+    def counted(obj, z0, margin, maxiter, tol, **kwargs):
+        runs.append(maxiter)
+        return slack_sqp(obj, z0, margin, maxiter, tol, **kwargs)
+
+    monkeypatch.setattr(module, "_slack_sqp", counted)
+    _, certified = dm_nonuniform(EDM(), 6, return_result=True)
+    assert runs == [module._BURST] * 4 + [300 - module._BURST]  # four bursts, then the leader alone
+    runs.clear()
+    monkeypatch.setattr(module, "_active_set_newton", lambda *args, **kwargs: None)
+    _, uncertified = dm_nonuniform(EDM(), 6, return_result=True)
+    assert runs == [module._BURST] * 4 + [300 - module._BURST] * 4
+    assert uncertified.fun <= certified.fun * (1 + 1e-6)  # SLSQP alone, to its tolerance

@@ -142,44 +142,50 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
     """Run from every start; (J, z, start) of the best point seen, J per start, total iterations and evaluations.
 
     With "sqp" and several starts, the starts are screened: each runs `burst` SLSQP iterations (default `_BURST`,
-    no Newton try), and only the start that leads afterwards continues, from its point, to the end (unless SLSQP had
-    already converged there). The losers' per_start values are their J after the burst. Checked against running
-    every start to the end (where the starts do not all reach the same minimum, the best one wins): on the paper's
-    objective for the DDPM, cosine, EDM and flow schedules, orders 2 and 3, p 1 and 2, NFE 5, 6, 7, 8, 10, 12, 14,
-    15, 16, 18, 20 (176 settings), the screened J is never above by more than 1e-13 relative, at 3.2x less CPU; on
-    the solver-row objective, DDPM and cosine at NFE 5, 8, 12, 16 (see the report in bench/dmn.py). A burst of 5
-    or 10 lost 46% in one of those settings (order 2, NFE 20): the leader after a longer burst is not always the
-    start that ends best, so the burst is kept short."""
+    no Newton try); then the leader runs to the end from its point, and the next ones in the order of their J only
+    while none has ended at a point Newton certified a local minimum (an uncertified end may be a stall). A start
+    left after the burst reports its J there in per_start. Checked against running every start to the end (the best
+    one winning where they do not all reach the same minimum): on the paper's objective for the DDPM, cosine, EDM and
+    flow schedules, orders 2 and 3, p 1 and 2, NFE 5, 6, 7, 8, 10, 12, 14, 15, 16, 18, 20 (176 settings), the
+    screened J was never above by more than 1e-13 relative; on the solver-row objective, DDPM and cosine, NFE 5, 8,
+    12, 16. Without the fallback, a burst of 5 lost 46% in one setting (cosine, order 2, p 2, NFE 20: two starts
+    fail there), so the burst is kept short as well."""
     nfe = obj.nfe
     burst = _BURST if burst is None else burst
-    best, per_start, nit, nfev = None, {}, 0, 0
-    leader = None  # (start, finished) of the best start after its burst
-    for start in starts:
-        z0 = _start_point(obj, start, margin, maxiter, tol)
-        candidates = [z0]  # a start is a candidate too
-        if method == "sqp":
-            screened = len(starts) > 1 and burst < maxiter
-            res, polished = _slack_sqp(obj, z0, margin, burst, tol, newton=False) if screened else \
-                _slack_sqp(obj, z0, margin, maxiter, tol)
-            candidates += [res.x[: nfe - 1]] + ([polished] if polished is not None else [])
-        else:
-            res = _trust_constr(obj, z0, margin, maxiter, tol, gradient)
-            candidates.append(res.x)
-        nit, nfev = nit + res.nit, nfev + res.nfev
-        values = [obj.fun(z) if _increasing(obj, z, margin * (1 - 1e-6)) else np.inf for z in candidates]
-        per_start[start] = min(values[1:])
+    screen = method == "sqp" and len(starts) > 1 and burst < maxiter
+    best, per_start, nit, nfev, after_burst = None, {}, 0, 0, []
+
+    def consider(start, points):  # the best J among points; keeps the best point seen
+        nonlocal best
+        values = [obj.fun(z) if _increasing(obj, z, margin * (1 - 1e-6)) else np.inf for z in points]
         i = int(np.argmin(values))
         if best is None or values[i] < best[0]:
-            best = (values[i], candidates[i], start)
-            leader = (start, polished is not None or res.nit < burst) if method == "sqp" else None
-    if method == "sqp" and len(starts) > 1 and burst < maxiter and leader is not None and not leader[1]:
-        res, polished = _slack_sqp(obj, best[1], margin, maxiter - burst, tol)
+            best = (values[i], points[i], start)
+        return values[i]
+
+    for start in starts:
+        z0 = _start_point(obj, start, margin, maxiter, tol)
+        consider(start, [z0])  # a start is a candidate too
+        if method == "trust-constr":
+            res = _trust_constr(obj, z0, margin, maxiter, tol, gradient)
+            points = [res.x]
+        elif screen:
+            res, _ = _slack_sqp(obj, z0, margin, burst, tol, newton=False)
+            points = [res.x[: nfe - 1]]
+        else:
+            res, polished = _slack_sqp(obj, z0, margin, maxiter, tol)
+            points = [res.x[: nfe - 1]] + ([polished] if polished is not None else [])
         nit, nfev = nit + res.nit, nfev + res.nfev
-        for z in [res.x[: nfe - 1]] + ([polished] if polished is not None else []):
-            value = obj.fun(z) if _increasing(obj, z, margin * (1 - 1e-6)) else np.inf
-            if value < best[0]:
-                best = (value, z, leader[0])
-        per_start[leader[0]] = min(per_start[leader[0]], best[0])
+        per_start[start] = consider(start, points)
+        if screen:
+            after_burst.append((per_start[start], start, points[0] if np.isfinite(per_start[start]) else z0))
+    for _, start, z in sorted(after_burst, key=lambda run: run[0]):
+        res, polished = _slack_sqp(obj, z, margin, maxiter - burst, tol)
+        nit, nfev = nit + res.nit, nfev + res.nfev
+        per_start[start] = min(per_start[start],
+                               consider(start, [res.x[: nfe - 1]] + ([polished] if polished is not None else [])))
+        if polished is not None:
+            break
     return best, per_start, nit, nfev
 
 
