@@ -147,9 +147,10 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
     left after the burst reports its J there in per_start. Checked against running every start to the end (the best
     one winning where they do not all reach the same minimum): on the paper's objective for the DDPM, cosine, EDM and
     flow schedules, orders 2 and 3, p 1 and 2, NFE 5, 6, 7, 8, 10, 12, 14, 15, 16, 18, 20 (176 settings), the
-    screened J was never above by more than 1e-13 relative; on the solver-row objective, DDPM and cosine, NFE 5, 8,
-    12, 16. Without the fallback, a burst of 5 lost 46% in one setting (cosine, order 2, p 2, NFE 20: two starts
-    fail there), so the burst is kept short as well."""
+    screened J was never above by more than 1e-13 relative; on the solver-row objective, DDPM and cosine, orders 2
+    and 3, p 1 and 2, NFE 5, 8, 12, 16 (32 settings), within 1e-9 but for one (cosine, order 3, p 1, NFE 16: 4.7e-5
+    above with the leader alone, 4e-15 with the fallback). A burst of 5 lost 46% in one setting (cosine, order 2,
+    p 2, NFE 20, where two starts fail), with the fallback too, so the burst is kept short."""
     nfe = obj.nfe
     burst = _BURST if burst is None else burst
     screen = method == "sqp" and len(starts) > 1 and burst < maxiter
