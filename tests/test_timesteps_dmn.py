@@ -229,3 +229,47 @@ def test_tdiff_scheduler_samples_dm_nonuniform_steps_with_their_order_plan():
     given = TdiffScheduler.from_config(DDPMScheduler().config, timesteps="dm_nonuniform", solver="dpmpp", order=3,
                                        solver_options={"orders": [1, 2, 2, 2, 2, 1]})
     assert given._recipe(6, None, None, None)["options"]["orders"] == [1, 2, 2, 2, 2, 1]
+
+
+@pytest.mark.parametrize("objective", ["lagrange", "solver"])
+def test_batched_evaluation_matches_point_by_point(objective):
+    """parts_batch (the Newton Hessian's one-pass columns) against parts at each point of the batch."""
+    obj = SurrogateObjective(EDM(), 5, objective=objective)
+    zs = obj.initial("edm_rho") + np.random.default_rng(2).normal(0, 0.05, (2, 4))
+    batch = obj.parts_batch(zs)
+    for i, z in enumerate(zs):
+        for got, want in zip(batch, obj.parts(z)):
+            np.testing.assert_allclose(got[i], want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("schedule,order,p,nfe", [(VPCosine(), 2, 1.0, 16), (RectifiedFlow(), 3, 2.0, 12)],
+                         ids=["cosine-o2-16", "flow-o3-12"])
+def test_screened_starts_reach_the_unscreened_optimum(monkeypatch, schedule, order, p, nfe):
+    """Screening (a short burst per start, then only the leader continues) against every start run to the end, on
+    settings other than the bench's (DDPM, order 3, p = 2)."""
+    module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    _, screened = dm_nonuniform(schedule, nfe, order=order, p=p, return_result=True)
+    monkeypatch.setattr(module, "_BURST", 10**6)
+    _, full = dm_nonuniform(schedule, nfe, order=order, p=p, return_result=True)
+    assert screened.nit < full.nit
+    assert screened.fun <= full.fun * (1 + 1e-9)
+
+
+def test_screening_continues_the_next_starts_while_no_end_is_certified(monkeypatch):
+    """An uncertified end may be a stall: the leader alone ends the run only where Newton certifies its end; with
+    Newton never certifying, every start runs to the end after its burst."""
+    module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    runs, slack_sqp = [], module._slack_sqp
+
+    def counted(obj, z0, margin, maxiter, tol, **kwargs):
+        runs.append(maxiter)
+        return slack_sqp(obj, z0, margin, maxiter, tol, **kwargs)
+
+    monkeypatch.setattr(module, "_slack_sqp", counted)
+    _, certified = dm_nonuniform(EDM(), 6, return_result=True)
+    assert runs == [module._BURST] * 4 + [300 - module._BURST]  # four bursts, then the leader alone
+    runs.clear()
+    monkeypatch.setattr(module, "_active_set_newton", lambda *args, **kwargs: None)
+    _, uncertified = dm_nonuniform(EDM(), 6, return_result=True)
+    assert runs == [module._BURST] * 4 + [300 - module._BURST] * 4
+    assert uncertified.fun <= certified.fun * (1 + 1e-6)  # SLSQP alone, to its tolerance

@@ -95,38 +95,51 @@ def exp_moments(h: np.ndarray, k: int) -> np.ndarray:
 
     The recursion phi_q = e^h h^q - q phi_{q-1} cancels for small h (phi_q ~ h^{q+1}/(q+1)); below |h| = 1/2 the
     power series h^{q+1} sum_i h^i / (i! (q+1+i)) is used instead (16 terms: remainder < 2^-16/16!)."""
-    h = np.asarray(h, dtype=np.float64)[:, None]
-    q = np.arange(k)
-    series = (h**_SERIES_POWERS @ (_INV_FACT[:, None] / (q + 1 + _SERIES_POWERS[:, None]))) * h ** (q + 1)
-    recursion = np.empty_like(series)
-    recursion[:, 0] = np.expm1(h[:, 0])
+    h = np.asarray(h, dtype=np.float64)
+    out = np.empty((h.size, k))
+    out[:, 0] = np.expm1(h)
+    exp_h, h_power = np.exp(h), np.ones_like(h)
     for m in range(1, k):
-        recursion[:, m] = np.exp(h[:, 0]) * h[:, 0] ** m - m * recursion[:, m - 1]
-    return np.where(np.abs(h) < 0.5, series, recursion)
+        h_power = h_power * h
+        out[:, m] = exp_h * h_power - m * out[:, m - 1]
+    small = np.abs(h) < 0.5
+    if small.any():  # only there: the optimiser's steps are mostly wider
+        hs = h[small]
+        powers = np.ones((hs.size, _SERIES_TERMS + k))  # h^0 .. h^(15 + k)
+        powers[:, 1:] = np.cumprod(np.broadcast_to(hs[:, None], (hs.size, _SERIES_TERMS + k - 1)), axis=1)
+        q = np.arange(k)
+        series = powers[:, :_SERIES_TERMS] @ (_INV_FACT[:, None] / (q + 1 + _SERIES_POWERS[:, None]))
+        out[small] = series * powers[:, 1:k + 1]
+    return out
 
 
 def lagrange_step_weights(lam: np.ndarray, orders, jacobian: bool = True):
     """P (S, N) of the paper's Eq. 18 over lambda_0 .. lambda_N (S = N steps) and, if asked, dP/dlambda
-    (S, N, N+1); else None."""
-    st = _stencil(tuple(int(k) for k in orders))
-    n_steps, k = lam.size - 1, st.k
+    (S, N, N+1); else None. A batch of points lam (B, N+1) gives (B, S, N) and (B, S, N, N+1) in one pass (the
+    optimiser's Hessians by differences of the Jacobian)."""
+    st = _stencil(orders if isinstance(orders, tuple) else tuple(int(k) for k in orders))
+    batched = lam.ndim == 2
+    lam = np.atleast_2d(lam)
+    b, n_steps, k = lam.shape[0], lam.shape[1] - 1, st.k
     exp_lam = np.exp(lam)
-    d = lam[st.node] - lam[:-1, None]  # (S, K) node offsets from the step's start, d[:, 0] = 0
-    h = lam[1:] - lam[:-1]
-    coef = _lagrange_monomials(d, st.valid)  # (S, K basis, K powers of u)
-    w = exp_lam[:-1, None] * np.einsum("sjq,sq->sj", coef, exp_moments(h, k))
-    weights = np.zeros((n_steps, n_steps))
-    weights[st.s2, st.n2] = w[st.valid]
-    if not jacobian:
-        return weights, None
-    at_end = np.einsum("sjq,sq->sj", coef, h[:, None] ** np.arange(k))  # l_j(h)
-    powers = np.arange(1, k)
-    slope = np.einsum("sjq,siq->sji", coef[:, :, 1:] * powers, d[:, :, None] ** (powers - 1))  # l_j'(d_i)
-    node_terms = -slope * w[:, None, :]
-    node_terms[:, 0, 0] -= exp_lam[:-1]  # the lower limit lambda_s is node 0 as well
-    jac = np.zeros((n_steps, n_steps, n_steps + 1))
-    jac[st.s2, st.n2, st.s2 + 1] = (exp_lam[1:, None] * at_end)[st.valid]
-    jac[st.s3, st.n3j, st.n3i] = node_terms[st.valid3]
+    d = lam[:, st.node] - lam[:, :-1, None]  # (B, S, K) node offsets from the step's start, d[..., 0] = 0
+    h = lam[:, 1:] - lam[:, :-1]
+    coef = _lagrange_monomials(d.reshape(-1, k), np.tile(st.order, b)).reshape(b, n_steps, k, k)  # basis, power
+    w = exp_lam[:, :-1, None] * (coef @ exp_moments(h.ravel(), k).reshape(b, n_steps, k, 1))[..., 0]
+    weights = np.zeros((b, n_steps, n_steps))
+    weights[:, st.s2, st.n2] = w[:, st.valid]
+    jac = None
+    if jacobian:
+        at_end = (coef @ (h[..., None] ** np.arange(k))[..., None])[..., 0]  # l_j(h)
+        powers = np.arange(1, k)
+        slope = (coef[..., 1:] * powers) @ np.swapaxes(d[..., None] ** (powers - 1), -1, -2)  # l_j'(d_i)
+        node_terms = -slope * w[:, :, None, :]
+        node_terms[:, :, 0, 0] -= exp_lam[:, :-1]  # the lower limit lambda_s is node 0 as well
+        jac = np.zeros((b, n_steps, n_steps, n_steps + 1))
+        jac[:, st.s2, st.n2, st.s2 + 1] = (exp_lam[:, 1:, None] * at_end)[:, st.valid]
+        jac[:, st.s3, st.n3j, st.n3i] = node_terms[:, st.valid3]
+    if not batched:
+        return weights[0], None if jac is None else jac[0]
     return weights, jac
 
 
@@ -137,7 +150,8 @@ class _Stencil:
     def __init__(self, orders: tuple):
         n_steps, self.k = len(orders), max(orders)
         s = np.arange(n_steps)[:, None]
-        self.valid = np.arange(self.k) < np.asarray(orders)[:, None]
+        self.order = np.asarray(orders)
+        self.valid = np.arange(self.k) < self.order[:, None]
         self.node = np.where(self.valid, s - np.arange(self.k), s)  # padding points at the step's own node
         self.s2, self.n2 = np.broadcast_to(s, self.valid.shape)[self.valid], self.node[self.valid]
         self.valid3 = self.valid[:, :, None] & self.valid[:, None, :]
@@ -150,15 +164,30 @@ class _Stencil:
 _stencil = functools.lru_cache(maxsize=64)(_Stencil)
 
 
-def _lagrange_monomials(d: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """coef[s, j, q]: the coefficient of u^q in the Lagrange basis polynomial of node j over the valid nodes d[s]
-    (zero for a padding node j).
+def _lagrange_monomials(d: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """coef[s, j, q]: the coefficient of u^q in the Lagrange basis polynomial of node j over the first order[s]
+    nodes d[s] (d[s, 0] = 0; zero for a padding node j), in closed form for the orders 1 to 3 the objective takes:
 
-    l_j(d_i) = delta_ij is coef V^T = I for the Vandermonde matrix V[i, q] = d_i^q. A padding node i gets the row
-    e_i instead, which forces coef[j, i] = 0: the valid polynomials keep degree < the step's order."""
-    k = d.shape[1]
-    vander = np.where(valid[:, :, None], d[:, :, None] ** np.arange(k), np.eye(k))
-    return np.linalg.inv(vander).transpose(0, 2, 1) * valid[:, :, None]
+        order 2:  l_0 = 1 - u/d_1,                          l_1 = u/d_1
+        order 3:  l_0 = (u - d_1)(u - d_2) / (d_1 d_2),     l_1 = u (u - d_2) / (d_1 (d_1 - d_2)),
+                  l_2 = u (u - d_1) / (d_2 (d_2 - d_1))
+    (a batched Vandermonde inverse gives the same at 3-4x the cost of these few vector operations)."""
+    n_steps, k = d.shape
+    if k > 3:
+        raise ValueError(f"the Lagrange weights are implemented for orders 1 to 3, got order {k}")
+    coef = np.zeros((n_steps, k, k))
+    coef[:, 0, 0] = 1.0
+    two, three = order == 2, order == 3
+    if two.any():
+        inv_d1 = 1.0 / d[two, 1]
+        coef[two, 0, 1], coef[two, 1, 1] = -inv_d1, inv_d1
+    if three.any():
+        d1, d2 = d[three, 1], d[three, 2]
+        a0, a1, a2 = 1.0 / (d1 * d2), 1.0 / (d1 * (d1 - d2)), 1.0 / (d2 * (d2 - d1))
+        coef[three, 0, 1], coef[three, 0, 2] = -(d1 + d2) * a0, a0
+        coef[three, 1, 1], coef[three, 1, 2] = -d2 * a1, a1
+        coef[three, 2, 1], coef[three, 2, 2] = -d1 * a2, a2
+    return coef
 
 
 class SurrogateObjective:
@@ -196,6 +225,7 @@ class SurrogateObjective:
             n_steps = len(check.steps)
         else:
             n_steps = self.nfe
+        self._orders = tuple(paper_orders(self.nfe, order))
         steps = np.arange(n_steps)
         self.alone = (steps < warmup_steps) | (steps == n_steps - 1)
         self._cache_key, self._cache = None, None
@@ -223,9 +253,12 @@ class SurrogateObjective:
 
     # ----- the objective -----
     def step_weights(self, lam: np.ndarray, jacobian: bool = True):
-        """P (S, N) and, if asked, dP/dlambda (S, N, N+1)."""
+        """P (S, N) and, if asked, dP/dlambda (S, N, N+1); with a batch lam (B, N+1), (B, S, N) and (B, S, N, N+1)."""
         if self.objective == "lagrange":
-            return lagrange_step_weights(lam, paper_orders(self.nfe, self.order), jacobian)
+            return lagrange_step_weights(lam, self._orders, jacobian)
+        if lam.ndim == 2:  # the solver's program is built point by point
+            pairs = [self.step_weights(row, jacobian) for row in lam]
+            return np.stack([w for w, _ in pairs]), np.stack([j for _, j in pairs]) if jacobian else None
         build = _BUILDERS[self.solver]
 
         def rows_of(lam_t):
@@ -239,25 +272,32 @@ class SurrogateObjective:
         key = (np.asarray(z, dtype=np.float64).tobytes(), jacobian)
         if self._cache_key == key or (not jacobian and self._cache_key == (key[0], True)):
             return self._cache
-        lam = self.full(z)
+        smooth, d_smooth, c, dc = self.parts_batch(np.asarray(z, dtype=np.float64)[None], jacobian)
+        self._cache_key, self._cache = key, (float(smooth[0]), None if d_smooth is None else d_smooth[0], c[0],
+                                             None if dc is None else dc[0])
+        return self._cache
+
+    def parts_batch(self, z: np.ndarray, jacobian: bool = True):
+        """`parts` at a batch of points z (B, N-1): smooth (B,), d smooth/dz (B, N-1), c (B, m), dc/dz (B, m, N-1)."""
+        lam = np.concatenate([np.full((z.shape[0], 1), self.lam_start), z, np.full((z.shape[0], 1), self.lam_end)],
+                             axis=1)
         weights, jac = self.step_weights(lam, jacobian)
-        eps, deps = error_proxy(lam[:-1], self.p)
-        weighted = weights * eps
-        alone_rows = weighted[self.alone]
-        norms = np.sqrt((alone_rows**2).sum(1))
-        smooth = float(norms.sum())
-        c = weighted[~self.alone].sum(0)[self.coupled]
+        eps, deps = error_proxy(lam[:, :-1], self.p)
+        weighted = weights * eps[:, None, :]
+        alone_rows = weighted[:, self.alone]
+        norms = np.sqrt((alone_rows**2).sum(-1))
+        smooth = norms.sum(-1)
+        c = weighted[:, ~self.alone].sum(1)[:, self.coupled]
         d_smooth = dc = None
         if jacobian:
             # d(weighted)[s, n, m] = dP[s, n, m] eps_n + P[s, n] eps'_n [m = n]
-            dweighted = jac * eps[None, :, None]
-            idx = np.arange(lam.size - 1)
-            dweighted[:, idx, idx] += weights * deps
-            d_smooth = np.einsum("sn,snm->m", alone_rows / np.maximum(norms, 1e-300)[:, None],
-                                 dweighted[self.alone])[1:-1]
-            dc = dweighted[~self.alone].sum(0)[self.coupled][:, 1:-1]
-        self._cache_key, self._cache = key, (smooth, d_smooth, c, dc)
-        return self._cache
+            dweighted = jac * eps[:, None, :, None]
+            idx = np.arange(lam.shape[1] - 1)
+            dweighted[:, :, idx, idx] += weights * deps[:, None, :]
+            d_smooth = np.einsum("bsn,bsnm->bm", alone_rows / np.maximum(norms, 1e-300)[..., None],
+                                 dweighted[:, self.alone])[:, 1:-1]
+            dc = dweighted[:, ~self.alone].sum(1)[:, self.coupled][:, :, 1:-1]
+        return smooth, d_smooth, c, dc
 
     def fun(self, z: np.ndarray) -> float:
         smooth, _, c, _ = self.parts(z, jacobian=False)
