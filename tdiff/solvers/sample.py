@@ -35,8 +35,9 @@ from .ddim import build_ddim, build_ddpm
 from .dpmpp import build_multistep
 from .grid import FINAL_SIGMAS_TYPES, check_timesteps, condition_times, make_grid
 from .heun import build_heun
+from .buffers import BufferPool
 from .ipndm import build_ipndm
-from .program import Alias, Eval, Noise, Program, Update
+from .program import Alias, Eval, Noise, Program, Update, check_flag
 from .unipc import build_unipc
 
 
@@ -97,8 +98,10 @@ def check_options(solver: str, opts: dict) -> None:
 
 
 def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[int] = None, timesteps_cond=None,
-                  final_sigmas_type: str = "sigma_min", **opts) -> Program:
-    """Validate the timesteps and build the solver's program (instructions + differentiable coefficient rows)."""
+                  final_sigmas_type: str = "sigma_min", clamped: bool = False, **opts) -> Program:
+    """Validate the timesteps and build the solver's program (instructions + differentiable coefficient rows).
+    clamped: the denoiser clamps its x0 prediction (clip_x0), so a history that would be read off the raw output
+    in another target (iPNDM's slopes, the eps prediction) is formed from the clamped x0 instead."""
     if solver not in SPECS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not isinstance(schedule, NoiseSchedule):
@@ -121,6 +124,9 @@ def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[in
         # the public path lowers orders by step size; the builders' own default is diffusers' rule, which keeps
         # direct callers' objectives (DM-NonUniform's solver rows) smooth in the steps
         opts.setdefault("order_rule", "stable")
+    check_flag("clamped", clamped)
+    if solver == "ipndm" and clamped:
+        opts["slopes"] = "x0"
     grid = make_grid(schedule, ts, final_sigmas_type, targets)
     return spec.build(grid, cond, order, schedule, **opts)
 
@@ -220,7 +226,8 @@ class Sampler:
             # without a clamp, eps from the raw output is eps = (x - alpha D)/sigma, so the step is the same
             # function of (x, D): the one-target form, whose conversion fuses into the update
             opts["use_clipped_model_output"] = True
-        self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond, **opts)
+        self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond,
+                                     clamped=self._clip is not None, **opts)
         self.solver = solver
         self.guidance, self.progress, self.state_dtype = guidance, progress, state_dtype
         self._conversion, self._plan = _conversion_table(denoiser, self.schedule, self.program)
@@ -422,6 +429,8 @@ class Execution:
         self.check_finite = check_finite
         self.frees = prog.frees()
         self.buf = {"x": x_T}
+        # eager no-grad updates write into buffers the loop no longer needs (buffers.py); x_T itself is never one
+        self.pool = BufferPool(x_T)
         self.pending = {}  # name -> Raw: conversion and guidance not yet applied (fused into the next update)
         self.flags = []  # (step, what, 0-dim bool) for check_finite
         self.n = 0  # index of the next instruction in the flat program
@@ -447,7 +456,13 @@ class Execution:
                 self.flags.append((step, f"the denoiser's output at evaluation {ins.k}",
                                    _finite(buf, self.pending, ins)))
         elif isinstance(ins, Update):
-            buf[ins.out] = _update(ins, buf, self.pending, self.rows[ins.row], self.scale)
+            new, h0 = _update(ins, buf, self.pending, self.rows[ins.row], self.scale, self.pool)
+            if h0 is not None:  # the converted output, kept as history
+                self.pool.release(buf, ins.hist[0])  # a value of that name from an earlier step
+                buf[ins.hist[0]] = h0
+            self.pool.release(buf, ins.out)  # the value it replaces, if nothing else holds it
+            buf[ins.out] = new
+            del new, h0
             if self.check_finite:
                 self.flags.append((step, "the solver update", torch.isfinite(buf[ins.out]).all()))
         elif isinstance(ins, Noise):
@@ -456,7 +471,7 @@ class Execution:
             buf[ins.out] = buf[ins.src]
         # free buffers nobody reads any more (the history of a multistep solver stays bounded)
         for name in self.frees[self.n]:
-            buf.pop(name, None)
+            self.pool.release(buf, name)
         self.n += 1
 
     def result(self) -> Tensor:
@@ -522,17 +537,24 @@ def _materialise(raw: Raw, scale) -> Tensor:
     return to_prediction(raw.src, m, raw.pq)
 
 
-def _update(ins: Update, buf: dict, pending: dict, row: Tensor, scale) -> Tensor:
+def _update(ins: Update, buf: dict, pending: dict, row: Tensor, scale,
+            pool: Optional[BufferPool] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """(x_next, D): D is the converted output formed in the pass when the first history entry was pending, else
+    None. Eager no-grad updates write into the pool's recycled buffers."""
     for name in ins.hist[1:]:
         if name in pending:
             buf[name] = _materialise(pending.pop(name), scale)
     first = ins.hist[0]
+    x = buf[ins.x]
     if first in pending:  # one pass: convert (and guide) the raw output, keep D, update
         raw = pending.pop(first)
         history = [raw.m] + [buf[h] for h in ins.hist[1:]]
-        out, buf[first] = multistep_update(buf[ins.x], history, row, uncond=raw.uncond,
-                                           scale=None if raw.uncond is None else scale,
-                                           src=None if raw.pq is None else raw.src,
-                                           convert=raw.pq, check=False)
-        return out
-    return multistep_update(buf[ins.x], [buf[h] for h in ins.hist], row, check=False)
+        kw = dict(uncond=raw.uncond, scale=None if raw.uncond is None else scale,
+                  src=None if raw.pq is None else raw.src, convert=raw.pq)
+        if pool is not None and pool.enabled and dispatch.fast_call(x, row, *history, *kw.values()):
+            return pool.update(x, history, row, **kw)
+        return multistep_update(x, history, row, check=False, **kw)
+    history = [buf[h] for h in ins.hist]
+    if pool is not None and pool.enabled and dispatch.fast_call(x, row, *history):
+        return pool.update(x, history, row), None
+    return multistep_update(x, history, row, check=False), None
