@@ -45,9 +45,9 @@ def _alone() -> int:
 class BufferPool:
     """Free buffers shaped like the solver state x; `kernel` is the out= update (None: the pool is off)."""
 
-    def __init__(self, like: Tensor, min_bytes: Optional[int] = None):
+    def __init__(self, like: Tensor, min_bytes: Optional[int] = None, enabled: bool = True):
         big = like.numel() * like.element_size() >= (MIN_BYTES if min_bytes is None else min_bytes)
-        self.kernel = dispatch.eager_kernel(like, "multistep_update_out_cpu") if big else None
+        self.kernel = dispatch.eager_kernel(like, "multistep_update_out_cpu") if big and enabled else None
         self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
         self.free: list = []
 

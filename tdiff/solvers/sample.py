@@ -210,6 +210,9 @@ class Sampler:
     #: fuse the affine prediction conversion (and guidance) into the updates; False converts each output in a pass
     #: of its own before its update (the unfused path: the tests' oracle and the benches' comparison)
     fuse: bool = True
+    #: let eager no-grad updates of states >= buffers.MIN_BYTES write into buffers the loop no longer needs
+    #: (buffers.py); False allocates every update's outputs afresh (the benches' comparison)
+    reuse_buffers: bool = True
 
     def __init__(self, denoiser, timesteps, solver: Optional[str] = None, order: Optional[int] = None,
                  timesteps_cond=None, guidance=None, progress: bool = False, schedule=None,
@@ -261,7 +264,7 @@ class Sampler:
         rows, conv, eval_times, calls = self._rows[key]
         return Execution(self.program, rows, eval_times, x, scale=_prepare_scale(self.guidance, x),
                          generator=generator, conv=conv, plan=self._plan, clip=self._clip, io_dtype=x_T.dtype,
-                         check_finite=check_finite, fuse=self.fuse, calls=calls)
+                         check_finite=check_finite, fuse=self.fuse, calls=calls, reuse=self.reuse_buffers)
 
     def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
                  check_finite: bool = False) -> Tensor:
@@ -421,7 +424,7 @@ class Execution:
 
     def __init__(self, prog: Program, rows, eval_times, x_T: Tensor, scale=None, generator=None, conv=None,
                  plan=None, clip=None, io_dtype=None, check_finite: bool = False, fuse: bool = True,
-                 calls=None):
+                 calls=None, reuse: bool = True):
         self.prog, self.rows, self.eval_times, self.fuse, self.calls = prog, rows, eval_times, fuse, calls
         self.scale, self.generator, self.conv, self.clip, self.io_dtype = scale, generator, conv, clip, io_dtype
         # a bare program: every evaluation returns x0 as is
@@ -430,7 +433,7 @@ class Execution:
         self.frees = prog.frees()
         self.buf = {"x": x_T}
         # eager no-grad updates write into buffers the loop no longer needs (buffers.py); x_T itself is never one
-        self.pool = BufferPool(x_T)
+        self.pool = BufferPool(x_T, enabled=reuse)
         self.pending = {}  # name -> Raw: conversion and guidance not yet applied (fused into the next update)
         self.flags = []  # (step, what, 0-dim bool) for check_finite
         self.n = 0  # index of the next instruction in the flat program
