@@ -152,8 +152,8 @@ def per_step(quick: bool) -> list:
                 records[-1]["loop_unfused_us"] = _us(median_ci(times[f"unfused:{name}"]))
                 records[-1]["unfused_over_fused"] = _ratio(speedup(times, loop, f"unfused:{name}", None))
     print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread, interleaved: "
-                f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per model evaluation (a copy moving those "
-                f"bytes); x/floor = x / (NFE per step * floor); prev = the loop before folding and buffer reuse",
+                f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per model evaluation (a copy moving "
+                f"those bytes); x/floor = x / (NFE per step * floor); prev = the loop before folding and buffer reuse",
                 ["shape", "solver", "NFE/step", "sample us/step", "loop us/step", "prev loop us/step",
                  "diffusers us/step", "floor us/eval", "sample/floor", "loop/floor", "prev/floor", "diffusers/sample"],
                 [[str(tuple(r["shape"])), f"{r['solver']}{r['order']}", f"{r['nfe_per_step']:.2f}",
@@ -203,8 +203,10 @@ def _previous_programs():
     saved = dict(specs)
     for name, fixed in (("unipc", {"fold": False}), ("ipndm", {"slopes": "x0"})):
         build = saved[name].build
-        specs[name] = dataclasses.replace(
-            saved[name], build=lambda g, c, o, s, _build=build, _fixed=fixed, **kw: _build(g, c, o, s, **kw, **_fixed))
+        def fixed_build(g, c, o, s, _build=build, _fixed=fixed, **kw):
+            return _build(g, c, o, s, **{**kw, **_fixed})
+
+        specs[name] = dataclasses.replace(saved[name], build=fixed_build)
     try:
         yield
     finally:

@@ -6,9 +6,10 @@ d = (x~ - D)/sigma~ = (x - alpha D)/sigma, with x~ = x/alpha and sigma~ = sigma/
 
 The slope is the noise prediction: d = (x - alpha D)/sigma = eps, since x = alpha x0 + sigma eps. So each
 evaluation asks for the eps target, the loop's fused update converts the raw network output to it (and keeps it as
-history) in the pass that makes the step: one fused update per evaluation. With a denoiser that clamps its x0
-prediction (clip_x0) the clamp must reach the slopes: slopes="x0" forms d_i from the clamped D_i in an update of its
-own (two updates per evaluation), which the Sampler chooses for such a denoiser.
+history) in the pass that makes the step: one fused update per evaluation (what the Sampler builds). slopes="x0"
+forms d_i from D_i in an update of its own (two updates per evaluation): for a denoiser that clamps its x0 prediction
+(clip_x0), whose clamp must reach the slopes, and for the analyses that read a program as linear in the D's
+(tdiff.timesteps.sensitivity; build_program's default).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ SLOPES = ("eps", "x0")
 
 
 def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = True, order_rule: str = "diffusers",
-                orders=None, slopes: str = "eps") -> Program:
+                orders=None, slopes: str = "x0") -> Program:
     """order_rule="stable" lowers the order by the step size in lambda (program.stable_orders; a final step to
     sigma = 0 is then first order); "diffusers" keeps the count rule of diff-sampler (warm-up, and with
     lower_order_final the steps left). slopes: "eps" (the slope is the eps prediction, one fused update per

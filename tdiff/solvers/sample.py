@@ -10,7 +10,8 @@ returns D to keep as history (SPEC_multistep). A clamped output, or one read as 
 use_clipped_model_output=False and a clamp; without one the Sampler builds the equal one-target step), converts in
 a pass of its own (`to_prediction`), then updates. Every update uses a
 coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once). So the loop makes no host
-syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs. Nothing is
+syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs; eager and without
+autograd, states from 1 MiB have their update outputs written into buffers the loop no longer needs (buffers.py). Nothing is
 detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
 coefficient and conversion row) and the denoiser's parameters.
 
@@ -31,11 +32,11 @@ from ..denoisers import convert, eps_coefficients, times_validated
 from ..ops import dispatch
 from ..schedules import NoiseSchedule
 from ..ops.multistep_update import multistep_update
+from .buffers import BufferPool
 from .ddim import build_ddim, build_ddpm
 from .dpmpp import build_multistep
 from .grid import FINAL_SIGMAS_TYPES, check_timesteps, condition_times, make_grid
 from .heun import build_heun
-from .buffers import BufferPool
 from .ipndm import build_ipndm
 from .program import Alias, Eval, Noise, Program, Update, check_flag
 from .unipc import build_unipc
@@ -98,10 +99,12 @@ def check_options(solver: str, opts: dict) -> None:
 
 
 def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[int] = None, timesteps_cond=None,
-                  final_sigmas_type: str = "sigma_min", clamped: bool = False, **opts) -> Program:
+                  final_sigmas_type: str = "sigma_min", fused_targets: bool = False, **opts) -> Program:
     """Validate the timesteps and build the solver's program (instructions + differentiable coefficient rows).
-    clamped: the denoiser clamps its x0 prediction (clip_x0), so a history that would be read off the raw output
-    in another target (iPNDM's slopes, the eps prediction) is formed from the clamped x0 instead."""
+    fused_targets: the sampling loop runs the program on a denoiser that does not clamp its x0 prediction, so a
+    history that is another target of the model output (iPNDM's slopes: the eps prediction) is read off the output
+    in the fused update, one update per evaluation. False (the default) keeps every evaluation's output the data
+    prediction D, the form linear in the D's that tdiff.timesteps.sensitivity reads (and the clamped one)."""
     if solver not in SPECS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not isinstance(schedule, NoiseSchedule):
@@ -124,9 +127,9 @@ def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[in
         # the public path lowers orders by step size; the builders' own default is diffusers' rule, which keeps
         # direct callers' objectives (DM-NonUniform's solver rows) smooth in the steps
         opts.setdefault("order_rule", "stable")
-    check_flag("clamped", clamped)
-    if solver == "ipndm" and clamped:
-        opts["slopes"] = "x0"
+    check_flag("fused_targets", fused_targets)
+    if solver == "ipndm":
+        opts["slopes"] = "eps" if fused_targets else "x0"
     grid = make_grid(schedule, ts, final_sigmas_type, targets)
     return spec.build(grid, cond, order, schedule, **opts)
 
@@ -230,7 +233,7 @@ class Sampler:
             # function of (x, D): the one-target form, whose conversion fuses into the update
             opts["use_clipped_model_output"] = True
         self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond,
-                                     clamped=self._clip is not None, **opts)
+                                     fused_targets=self._clip is None, **opts)
         self.solver = solver
         self.guidance, self.progress, self.state_dtype = guidance, progress, state_dtype
         self._conversion, self._plan = _conversion_table(denoiser, self.schedule, self.program)
