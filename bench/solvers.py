@@ -10,9 +10,21 @@ against the copy ceiling, and solver error against the exact ODE solution on the
    and writes x_next and the new history entry), timed as a copy moving those bytes (2.5 copies of x; issue 18's
    table divided by 5 whole copies, 10 passes, a floor half as strict). Heun (two updates) and the higher orders
    (longer histories) move more than 5 passes per step by construction; Heun's step makes two model calls. Also the
-   dpmpp2 loop unfused (`Sampler.fuse = False`: convert, then update), to show what the fusion saves. Interleaved
-   in one run (bench/interleaved.py), one thread, 20 steps, medians with 95% intervals; the ratios are per-round
-   (both sides saw the same machine state).
+   dpmpp2 loop unfused (`Sampler.fuse = False`: convert, then update), to show what the fusion saves, and for
+   every solver the previous loop ("prev": UniPC's corrected sample and iPNDM's slopes as buffers of their own,
+   two updates per evaluation, and fresh outputs for every update) beside the current one (one fused update per
+   evaluation, outputs written into recycled buffers from 1 MiB up). Interleaved in one run (bench/interleaved.py),
+   one thread, 20 steps, medians with 95% intervals; the ratios are per-round (both sides saw the same machine
+   state).
+   The floor is per model evaluation: each evaluation needs one update, and one update reads at least x and the
+   model output and writes x_next and the new history entry. Heun evaluates the model twice per step (each
+   evaluation has its update), so its floor per step is twice the others': `floor_us` is per step of one
+   evaluation, `nfe_per_step` the evaluations per step (Heun: 2, 1 on a step whose correction the stable rule
+   drops), and `loop_over_floor` = loop / (nfe_per_step * floor). Higher orders read a longer history (UniPC-3
+   folded: 4 outputs, iPNDM-4: 4 slopes), so they move more than 5 passes by construction; first-order updates
+   read no history (x and m in, x_next and D out: 4 passes), so out of cache they can sit near 0.8 of the floor.
+   Below 3/5 (read x and m, write x_next) is impossible and flagged as a disturbed measurement.
+   `python -m bench solvers_per_step` runs this part alone (into solvers.json's per_step).
 2. Fused update, K = 1..4: tdiff::multistep_update reads (1+K) tensors and writes one; its converting form (the
    sampling loop's: D = p x + q m formed in the pass and written too) reads 1+K and writes two. Effective bandwidth
    = those bytes / time, against dst.copy_(src) on the same bytes, eager PyTorch and torch.compile.
@@ -29,6 +41,9 @@ against the copy ceiling, and solver error against the exact ODE solution on the
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib
 import math
 import os
 
@@ -43,6 +58,7 @@ from tdiff.solvers import from_diffusers_timesteps, sample
 OVERHEAD_SHAPES = [(1, 4, 32, 32), (16, 4, 32, 32), (16, 4, 128, 128)]
 STEPS = 20
 FLOOR_PASSES = 5
+MIN_PASSES = 3  # what any update must move: read x and the model output, write x_next
 BANDWIDTH_SHAPES = [(16, 4, 32, 32), (64, 4, 64, 64)]
 NFES = list(range(4, 41))
 QUICK_NFES = [4, 6, 10]
@@ -100,11 +116,17 @@ def per_step(quick: bool) -> list:
                 copy()
 
         variants = {"diffusers": _step_loop(sched, eps, x), "floor": floor}
+        nfe = {}
         for solver, order in timed:
             name = f"{solver}{order}" if solver not in ("ddim", "euler", "heun") else solver
             sampler = Sampler(den, ts, solver=solver, order=order)
+            nfe[name] = sampler.nfe / STEPS
             variants[f"sample:{name}"] = (lambda s=solver, o=order: sample(den, x, ts, solver=s, order=o))
             variants[f"loop:{name}"] = (lambda sm=sampler: sm(x))
+            with _previous_programs():
+                previous = Sampler(den, ts, solver=solver, order=order)
+            previous.reuse_buffers = False
+            variants[f"prev:{name}"] = (lambda sm=previous: sm(x))
             if (solver, order) == ("dpmpp", 2):  # what fusing the conversion saves: the same loop, unfused
                 unfused = Sampler(den, ts, solver=solver, order=order)
                 unfused.fuse = False
@@ -117,28 +139,40 @@ def per_step(quick: bool) -> list:
         floor_t = median_ci(times["floor"])
         for solver, order in timed:
             name = f"{solver}{order}" if solver not in ("ddim", "euler", "heun") else solver
-            full, loop = f"sample:{name}", f"loop:{name}"
+            full, loop, prev = f"sample:{name}", f"loop:{name}", f"prev:{name}"
+            per_eval = 1 / nfe[name]  # the floor of a step is nfe_per_step evaluations' floors
             records.append({
-                "shape": list(shape), "solver": solver, "order": order,
-                "nfe_per_step": 2 if solver == "heun" else 1,
+                "shape": list(shape), "solver": solver, "order": order, "nfe_per_step": nfe[name],
                 "sample_us": _us(median_ci(times[full])), "loop_us": _us(median_ci(times[loop])),
+                "prev_loop_us": _us(median_ci(times[prev])),
                 "diffusers_us": _us(median_ci(times["diffusers"])), "floor_us": _us(floor_t),
                 # per-round ratios: diffusers / tdiff (> 1: tdiff faster), tdiff / floor (>= 1 by construction)
                 "vs_diffusers": _ratio(speedup(times, full, "diffusers", None)),
                 "loop_vs_diffusers": _ratio(speedup(times, loop, "diffusers", None)),
-                "over_floor": _ratio(speedup(times, "floor", full, None)),
-                "loop_over_floor": _ratio(speedup(times, "floor", loop, None)),
+                "over_floor": _ratio(speedup(times, "floor", full, None), per_eval),
+                "loop_over_floor": _ratio(speedup(times, "floor", loop, None), per_eval),
+                "prev_loop_over_floor": _ratio(speedup(times, "floor", prev, None), per_eval),
+                "prev_over_loop": _ratio(speedup(times, loop, prev, None)),
                 "backend": dispatch.backend_for(x, "multistep_update_cpu")})
+            # an update reads at least x and the model output and writes x_next: below MIN_PASSES of the floor's
+            # passes is impossible (the copy and the loop were disturbed unequally)
+            records[-1]["below_floor"] = records[-1]["loop_over_floor"]["median"] < MIN_PASSES / FLOOR_PASSES
             if f"unfused:{name}" in times:
                 records[-1]["loop_unfused_us"] = _us(median_ci(times[f"unfused:{name}"]))
                 records[-1]["unfused_over_fused"] = _ratio(speedup(times, loop, f"unfused:{name}", None))
     print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread, interleaved: "
-                f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per step (a copy moving those bytes)",
-                ["shape", "solver", "sample us/step", "loop us/step", "diffusers us/step", "floor us/step",
-                 "sample/floor", "loop/floor", "diffusers/sample"],
-                [[str(tuple(r["shape"])), f"{r['solver']}{r['order']}", _fmt(r["sample_us"]), _fmt(r["loop_us"]),
-                  _fmt(r["diffusers_us"]), _fmt(r["floor_us"]), _fmt(r["over_floor"]), _fmt(r["loop_over_floor"]),
-                  _fmt(r["vs_diffusers"])] for r in records])
+                f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per model evaluation (a copy moving "
+                f"those bytes); x/floor = x / (NFE per step * floor); prev = the loop before folding and buffer reuse",
+                ["shape", "solver", "NFE/step", "sample us/step", "loop us/step", "prev loop us/step",
+                 "diffusers us/step", "floor us/eval", "sample/floor", "loop/floor", "prev/floor", "diffusers/sample"],
+                [[str(tuple(r["shape"])), f"{r['solver']}{r['order']}", f"{r['nfe_per_step']:.2f}",
+                  _fmt(r["sample_us"]), _fmt(r["loop_us"]), _fmt(r["prev_loop_us"]), _fmt(r["diffusers_us"]),
+                  _fmt(r["floor_us"]), _fmt(r["over_floor"]), _fmt(r["loop_over_floor"]),
+                  _fmt(r["prev_loop_over_floor"]), _fmt(r["vs_diffusers"])] for r in records])
+    below = [f"{tuple(r['shape'])} {r['solver']}{r['order']}" for r in records if r["below_floor"]]
+    if below:
+        print(f"  loop/floor below {MIN_PASSES}/{FLOOR_PASSES} (impossible: a disturbed measurement, not a result): "
+              f"{', '.join(below)}")
     for r in records:
         if "loop_unfused_us" in r:
             print(f"  {tuple(r['shape'])} {r['solver']}{r['order']}: the loop unfused (convert, then update) "
@@ -167,8 +201,26 @@ def _us(m: dict) -> dict:
     return {"median": m["median"] * 1e6, "ci95": [v * 1e6 for v in m["ci95"]], "n": m["n"]}
 
 
-def _ratio(r: dict) -> dict:
-    return {"median": r["median"], "ci95": r["ci95"]}
+def _ratio(r: dict, scale: float = 1.0) -> dict:
+    return {"median": r["median"] * scale, "ci95": [v * scale for v in r["ci95"]]}
+
+
+@contextlib.contextmanager
+def _previous_programs():
+    """Samplers built inside get the programs of the loop before issue 18's fold: UniPC's corrected sample and
+    iPNDM's slopes as buffers of their own (two updates per evaluation)."""
+    specs = importlib.import_module("tdiff.solvers.sample").SPECS
+    saved = dict(specs)
+    for name, fixed in (("unipc", {"fold": False}), ("ipndm", {"slopes": "x0"})):
+        build = saved[name].build
+        def fixed_build(g, c, o, s, _build=build, _fixed=fixed, **kw):
+            return _build(g, c, o, s, **{**kw, **_fixed})
+
+        specs[name] = dataclasses.replace(saved[name], build=fixed_build)
+    try:
+        yield
+    finally:
+        specs.update(saved)
 
 
 def _fmt(m: dict) -> str:
@@ -404,6 +456,31 @@ def _plot_convergence(conv: dict, quick: bool) -> str:
     path = plot_path("solvers_convergence", quick)
     fig.savefig(path, dpi=110)
     return path
+
+
+def run_per_step(quick: bool = False) -> dict:
+    """The per-step part alone, merged into solvers.json (python -m bench solvers_per_step)."""
+    from bench.common import write_result_part
+
+    threads_before = torch.get_num_threads()
+    threads = int(os.environ.get("TDIFF_BENCH_THREADS", "1"))
+    torch.set_num_threads(threads)
+    try:
+        load = list(os.getloadavg())
+        records = per_step(quick)
+    finally:
+        torch.set_num_threads(threads_before)
+    path = write_result_part("solvers", "per_step", records, quick)
+    import datetime
+
+    from bench.common import machine
+
+    write_result_part("solvers", "per_step_run", {
+        "command": "python -m bench " + ("--quick " if quick else "") + "solvers_per_step", "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": load, "loadavg": list(os.getloadavg()), "threads": threads}, quick)
+    print(f"wrote {path}")
+    return {"per_step": records}
 
 
 def run(quick: bool = False) -> dict:

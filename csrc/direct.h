@@ -18,6 +18,10 @@ std::tuple<at::Tensor, at::Tensor> multistep_update_convert_cpu(
     const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs, const std::optional<at::Tensor>& uncond,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& src,
     const std::optional<at::Tensor>& convert);
+void multistep_update_out_cpu(const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs,
+                              const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& src, const std::optional<at::Tensor>& convert,
+                              const at::Tensor& out, const std::optional<at::Tensor>& h0);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
     const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t, int64_t kind, at::ArrayRef<double> params,
     const std::optional<at::Tensor>& table, double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on,

@@ -40,6 +40,12 @@ PYBIND11_MODULE(_C, m) {
           return tdiff::direct::multistep_update_convert_cpu(x, history, coeffs, uncond, scale, src, convert);
         },
         release);
+  m.def("multistep_update_out_cpu",
+        [](const at::Tensor& x, const tensors& history, const at::Tensor& coeffs, const maybe& uncond,
+           const maybe& scale, const maybe& src, const maybe& convert, const at::Tensor& out, const maybe& h0) {
+          tdiff::direct::multistep_update_out_cpu(x, history, coeffs, uncond, scale, src, convert, out, h0);
+        },
+        release);
   m.def("noisy_sample_cpu",
         [](const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t, int64_t kind,
            const std::vector<double>& params, const maybe& table, double precond_sigma_data,

@@ -6,6 +6,7 @@
 // grad_h_k = c_k g and the per-sample dot products grad_c = <g, input>. Memory-bound: each input is read once and
 // each output written once; the span loops are in csrc/loops/multistep_update.h.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -99,11 +100,12 @@ at::Tensor multistep_update_cpu(const at::Tensor& x_in, at::TensorList history, 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> multistep_update_convert_cpu(
-    const at::Tensor& x_in, at::TensorList history, const at::Tensor& coeffs_in,
-    const std::optional<at::Tensor>& uncond_in, const std::optional<at::Tensor>& scale_in,
-    const std::optional<at::Tensor>& src_in, const std::optional<at::Tensor>& convert_in) {
-  const char* op = "tdiff::multistep_update_convert_cpu";
+// The converting update written into out (and h_0 into *h0, when given): the one body of the functional op and
+// of the out= form, so both validate alike.
+void convert_into(const char* op, const at::Tensor& x_in, at::TensorList history, const at::Tensor& coeffs_in,
+                  const std::optional<at::Tensor>& uncond_in, const std::optional<at::Tensor>& scale_in,
+                  const std::optional<at::Tensor>& src_in, const std::optional<at::Tensor>& convert_in,
+                  at::Tensor& out, at::Tensor* h0) {
   const std::vector<at::Tensor> hist = check_update(op, x_in, history, coeffs_in, /*shared_row=*/true);
   const bool cfg = uncond_in.has_value() && uncond_in->defined();
   const bool has_scale = scale_in.has_value() && scale_in->defined();
@@ -135,12 +137,61 @@ std::tuple<at::Tensor, at::Tensor> multistep_update_convert_cpu(
     }
     opt.src = &src;
   }
-  at::Tensor out = new_cpu_like(x);
-  at::Tensor h0 = new_cpu_like(x);
-  if (!cfg && !conv) h0.copy_(hist[0]);  // m' = m: the loop below does not write it
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "multistep_update",
-                                  [&] { run_update<scalar_t>(x, hist, coeffs, opt, out, &h0); });
+  if (h0 && !cfg && !conv) h0->copy_(hist[0]);  // m' = m: the loop below does not write it
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "multistep_update", [&] {
+    run_update<scalar_t>(x, hist, coeffs, opt, out, (cfg || conv) ? h0 : nullptr);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> multistep_update_convert_cpu(
+    const at::Tensor& x_in, at::TensorList history, const at::Tensor& coeffs_in,
+    const std::optional<at::Tensor>& uncond_in, const std::optional<at::Tensor>& scale_in,
+    const std::optional<at::Tensor>& src_in, const std::optional<at::Tensor>& convert_in) {
+  at::Tensor out = new_cpu_like(x_in);
+  at::Tensor h0 = new_cpu_like(x_in);
+  convert_into("tdiff::multistep_update_convert_cpu", x_in, history, coeffs_in, uncond_in, scale_in, src_in,
+               convert_in, out, &h0);
   return {out, h0};
+}
+
+// An output buffer of the out= form: shaped like x, contiguous, and sharing no memory with an input (the sampling
+// loop hands in buffers it recycled; an overlap would be a bug there, never something to compute through).
+void check_out(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+               at::TensorList inputs) {
+  check_like(op, name, t, "x", x);
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  for (const auto& in : inputs) {
+    if (in.defined()) {
+      TORCH_CHECK_VALUE(at::get_overlap_status(t, in) == at::MemOverlapStatus::No, op, ": ", name,
+                        " must not share memory with an input");
+    }
+  }
+}
+
+// The update written into caller-owned buffers: out (x_next) and, with guidance or a conversion, h0 (h_0). The
+// eager no-grad sampling loop's buffer reuse (no fresh multi-MiB outputs, so no page faults, every step).
+void multistep_update_out_cpu(const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs,
+                              const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& src, const std::optional<at::Tensor>& convert,
+                              at::Tensor out, const std::optional<at::Tensor>& h0) {
+  const char* op = "tdiff::multistep_update_out_cpu";
+  check_data(op, "x", x);
+  std::vector<at::Tensor> inputs(history.begin(), history.end());
+  inputs.push_back(x);
+  for (const auto* t : {&uncond, &src}) {
+    if (t->has_value()) inputs.push_back(**t);
+  }
+  check_out(op, "out", out, x, inputs);
+  const bool converts = (uncond.has_value() && uncond->defined()) || (convert.has_value() && convert->defined());
+  const bool has_h0 = h0.has_value() && h0->defined();
+  TORCH_CHECK_VALUE(has_h0 == converts, op, ": h0 must be given exactly when guidance or a conversion forms h_0");
+  at::Tensor h0_out;
+  if (has_h0) {
+    h0_out = *h0;
+    inputs.push_back(out);
+    check_out(op, "h0", h0_out, x, inputs);
+  }
+  convert_into(op, x, history, coeffs, uncond, scale, src, convert, out, has_h0 ? &h0_out : nullptr);
 }
 
 template <typename T>
@@ -209,6 +260,12 @@ std::tuple<at::Tensor, at::Tensor> multistep_update_convert_cpu(
     const std::optional<at::Tensor>& convert) {
   return ::tdiff::multistep_update_convert_cpu(x, history, coeffs, uncond, scale, src, convert);
 }
+void multistep_update_out_cpu(const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs,
+                              const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& src, const std::optional<at::Tensor>& convert,
+                              const at::Tensor& out, const std::optional<at::Tensor>& h0) {
+  ::tdiff::multistep_update_out_cpu(x, history, coeffs, uncond, scale, src, convert, out, h0);
+}
 }  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tdiff, m) {
@@ -217,6 +274,9 @@ TORCH_LIBRARY_FRAGMENT(tdiff, m) {
       "multistep_update_convert_cpu(Tensor x, Tensor[] history, Tensor coeffs, Tensor? uncond=None, "
       "Tensor? scale=None, Tensor? src=None, Tensor? convert=None) -> (Tensor, Tensor)");
   m.def(
+      "multistep_update_out_cpu(Tensor x, Tensor[] history, Tensor coeffs, Tensor? uncond, Tensor? scale, "
+      "Tensor? src, Tensor? convert, Tensor(a!) out, Tensor(b!)? h0) -> ()");
+  m.def(
       "multistep_update_backward_cpu(Tensor grad, Tensor x, Tensor[] history, Tensor coeffs) "
       "-> (Tensor, Tensor[], Tensor)");
 }
@@ -224,6 +284,7 @@ TORCH_LIBRARY_FRAGMENT(tdiff, m) {
 TORCH_LIBRARY_IMPL(tdiff, CPU, m) {
   m.impl("multistep_update_cpu", &multistep_update_cpu);
   m.impl("multistep_update_convert_cpu", &multistep_update_convert_cpu);
+  m.impl("multistep_update_out_cpu", &multistep_update_out_cpu);
   m.impl("multistep_update_backward_cpu", &multistep_update_backward_cpu);
 }
 

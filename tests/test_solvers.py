@@ -249,25 +249,72 @@ def test_sampler_reuses_its_tables():
     assert Sampler(MixtureDenoiser(), _ts(4), solver="heun", order_rule="diffusers").nfe == 8
 
 
+def _allocations(sampler, x) -> int:
+    with torch.no_grad():
+        sampler(x)  # builds and caches the rows
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            sampler(x)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::item") == 0 and names.count("aten::_local_scalar_dense") == 0
+    return sum(names.count(n) for n in ("aten::empty", "aten::empty_strided"))  # the leaf allocators
+
+
+LOOP_SOLVERS = [("unipc", 3), ("dpmpp", 3), ("ipndm", 4), ("heun", 2), ("ddim", 1)]
+
+
 def test_loop_allocates_only_the_update_outputs(monkeypatch):
-    """With the C++ kernel and a free model, the loop's only allocations are the fused updates' outputs."""
+    """With the C++ kernel and a free model, the loop's only allocations are the fused updates' outputs (x_next,
+    and D where the update converts the raw output), and UniPC and iPNDM make one update per evaluation."""
     from tdiff.solvers import Sampler
 
     monkeypatch.setenv("TDIFF_BACKEND", "cpp")
     x, x0 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     free_model = lambda x, t: x0  # noqa: E731
     free_model.schedule = SCHED
-    for solver, order in [("unipc", 3), ("dpmpp", 3), ("ipndm", 4), ("heun", 2)]:
+    for solver, order in LOOP_SOLVERS:
         sampler = Sampler(free_model, _ts(8), solver=solver, order=order)
         n_updates = sum(isinstance(i, Update) for step in sampler.program.steps for i in step)
+        if solver != "heun":  # Heun: two evaluations per step, each with its own update
+            assert n_updates == sampler.nfe, f"{solver}: {n_updates} updates for {sampler.nfe} evaluations"
+        converted = sum(r is not None for entries in sampler._plan for _, _, r in entries)
+        allocs = _allocations(sampler, x)
+        assert allocs == n_updates + converted, f"{solver}: {allocs} allocations for {n_updates} updates"
+
+
+def test_loop_reuses_its_buffers(monkeypatch):
+    """Eager and without autograd, the updates write into buffers the loop no longer needs: a bounded number of
+    allocations whatever the number of steps, the same result bit for bit, and nothing that someone else holds
+    (x_T, a model output the model keeps, a tensor with a live view) is ever written."""
+    import tdiff.solvers.buffers as buffers
+    from tdiff.solvers import Sampler
+
+    monkeypatch.setenv("TDIFF_BACKEND", "cpp")
+    x, x0 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    kept = []
+
+    def keeping_model(x, t):  # keeps its inputs, a view of one, and returns fresh outputs
+        kept.append((x, x.clone(), x[:1]))
+        return x0 * t + 0.1 * x
+
+    keeping_model.schedule = SCHED
+    for solver, order in LOOP_SOLVERS:
+        fresh = Sampler(keeping_model, _ts(12), solver=solver, order=order)
         with torch.no_grad():
-            sampler(x)  # builds and caches the rows
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                sampler(x)
-        names = [e.name for e in prof.events()]
-        allocs = sum(names.count(n) for n in ("aten::empty", "aten::empty_strided"))  # the leaf allocators
-        assert allocs == n_updates, f"{solver}: {allocs} allocations for {n_updates} updates"
-        assert names.count("aten::item") == 0 and names.count("aten::_local_scalar_dense") == 0
+            want = fresh(x)
+        monkeypatch.setattr(buffers, "MIN_BYTES", 0)
+        kept.clear()
+        x_before = x.clone()
+        with torch.no_grad():
+            got = Sampler(keeping_model, _ts(12), solver=solver, order=order)(x)
+        assert torch.equal(got, want), solver
+        assert torch.equal(x, x_before), f"{solver}: x_T was written"
+        assert all(torch.equal(seen, copy) for seen, copy, _ in kept), f"{solver}: a sample the model kept changed"
+        if solver in ("unipc", "ipndm", "heun"):  # the longest histories, and Heun's reused names
+            free_model = lambda x, t: x0  # noqa: E731  (allocates nothing itself)
+            free_model.schedule = SCHED
+            few, many = (_allocations(Sampler(free_model, _ts(n), solver=solver, order=order), x) for n in (5, 10))
+            assert many <= few <= 12, f"{solver}: {few} allocations at 5 steps, {many} at 10"
+        monkeypatch.setattr(buffers, "MIN_BYTES", 1 << 40)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
@@ -348,15 +395,16 @@ def test_new_solvers_are_differentiable_in_the_timesteps():
 def test_stable_rule_blends_unipc_predictor_and_corrector_rows_over_the_same_buffers(variant):
     """Where the stable rule blends order p with order 1, the row is w row_p + (1 - w) row_1, row_1 padded with
     zeros on the histories it does not read: the predictor's after (c_x, c_0), the corrector's after
-    (c_x, c_new, c_0). Built directly from the row functions here, step by step."""
-    from tdiff.solvers.grid import make_grid
+    (c_x, c_new, c_0). Built directly from the row functions here, step by step, against the unfolded program
+    (the sampling loop's folded rows equal it: tests/test_solvers_fused.py)."""
+    from tdiff.solvers.grid import condition_times, make_grid
     from tdiff.solvers.program import stable_orders
-    from tdiff.solvers.unipc import corrector_row, predictor_row
+    from tdiff.solvers.unipc import build_unipc, corrector_row, predictor_row
     from tdiff.timesteps import HEURISTICS
 
     ts = HEURISTICS["logsnr_uniform"](EDM(), 13).to(torch.float64)
-    prog = build_program(EDM(), ts, "unipc", 3, variant=variant)
     g = make_grid(EDM(), ts)
+    prog = build_unipc(g, condition_times(EDM(), ts, None), 3, variant=variant, order_rule="stable", fold=False)
     plan = stable_orders(g.lam, 3, g.final_zero, "unipc")
     assert plan.blend is not None and sum(plan.blend) >= 2  # the grid exercises the blend
     updates = [[ins for ins in step if isinstance(ins, Update)] for step in prog.steps]

@@ -12,9 +12,12 @@ import torch
 import tdiff
 from tdiff.schedules import VPLinear
 from tdiff.solvers import Sampler, build_program, sample
+from tdiff.solvers.program import Update
 from tdiff.timesteps.remat import sample_remat
 
 sample_mod = importlib.import_module("tdiff.solvers.sample")
+unipc_mod = importlib.import_module("tdiff.solvers.unipc")
+ipndm_mod = importlib.import_module("tdiff.solvers.ipndm")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,8 +103,9 @@ def test_fused_conversion_equals_the_unfused_loop_for_every_solver(monkeypatch, 
     den = _denoiser(prediction, precond, guided)
     guidance = 2.5 if guided else None
     for solver, order, opts in SOLVERS:
-        # an x0 network's output is the data prediction as is; dpmsolver's noise-prediction form converts it to eps
-        identity = prediction == "x0" and precond is None and not solver.startswith("dpmsolver")
+        # an x0 network's output is the data prediction as is; dpmsolver's noise-prediction form and iPNDM's slopes
+        # (the eps prediction) convert it to eps
+        identity = prediction == "x0" and precond is None and not solver.startswith(("dpmsolver", "ipndm"))
         counts = Counts(monkeypatch)
         with torch.no_grad():
             fused, nfe = _run(den, solver, order, opts, True, guidance)
@@ -139,6 +143,59 @@ def test_a_clamped_or_doubly_used_output_is_converted_unfused(monkeypatch):
     den = _denoiser("v", None, False, clip_x0=0.5)
     fused = _run(den, "unipc", 3, {}, True, None)[0]
     torch.testing.assert_close(fused, _run(den, "unipc", 3, {}, False, None)[0], rtol=0, atol=0)
+
+
+def _with_builder(monkeypatch, solver, **fixed):
+    """Sampler's spec of `solver` with builder keywords fixed (the forms the public options do not expose)."""
+    spec = sample_mod.SPECS[solver]
+    build = {"unipc": unipc_mod.build_unipc, "ipndm": ipndm_mod.build_ipndm}[solver]
+    monkeypatch.setitem(sample_mod.SPECS, solver, sample_mod.SolverSpec(
+        lambda g, cond, order, schedule, **o: build(g, cond, order, **{**o, **fixed}), spec.orders,
+        spec.default_order, spec.options))
+
+
+def test_unipc_folded_into_one_update_per_evaluation_equals_the_unfolded_program(monkeypatch):
+    """The corrector folded into the next predictor (one fused update per model evaluation, the state being the
+    predicted sample) equals the program with the corrected sample as a buffer of its own, in float64 to 1e-12,
+    over orders, variants, order rules, final sigmas, disabled and final correctors."""
+    den = _denoiser("eps", None, False)
+    configs = [dict(order=o, order_rule=r, final_sigmas_type=f, **extra)
+               for o in (1, 2, 3) for r in ("stable", "diffusers") for f in ("sigma_min", "zero")
+               for extra in ({}, {"use_corrector": False}, {"disable_corrector": [1, 3]}, {"final_corrector": True},
+                             {"variant": "bh1"}) if not (f == "zero" and extra.get("final_corrector"))]
+    ts = torch.linspace(0.99, 0.001, 11, dtype=torch.float64)
+    folded = []
+    for fold in (True, False):
+        _with_builder(monkeypatch, "unipc", fold=fold)
+        folded.append([Sampler(den, ts, solver="unipc", **c) for c in configs])
+    for c, a, b in zip(configs, *folded):
+        updates = sum(isinstance(i, Update) for step in a.program.steps for i in step)
+        assert updates == a.nfe, c
+        torch.testing.assert_close(a(X), b(X), rtol=1e-12, atol=1e-12, msg=str(c))
+
+
+def test_ipndm_slopes_are_the_eps_prediction(monkeypatch):
+    """iPNDM's slope (x - alpha D)/sigma is the eps prediction: read off the raw output in the fused update (one
+    per evaluation), it equals the slopes formed from D in an update of their own, for every prediction type. With a
+    clamped x0 (clip_x0) the slopes come from the clamped D, so order 1 is exactly DDIM with the clamp."""
+    for prediction, precond in PREDICTIONS:
+        den = _denoiser(prediction, precond, False)
+        for order in (1, 2, 3, 4):
+            for rule in ("stable", "diffusers"):
+                _with_builder(monkeypatch, "ipndm", slopes="eps")
+                eps = Sampler(den, TS, solver="ipndm", order=order, order_rule=rule)
+                assert all(e.target == "eps" for e in eps.program.evals())
+                _with_builder(monkeypatch, "ipndm", slopes="x0")
+                x0 = Sampler(den, TS, solver="ipndm", order=order, order_rule=rule)
+                torch.testing.assert_close(eps(X), x0(X), rtol=1e-12, atol=1e-12, msg=f"{prediction} {order} {rule}")
+    monkeypatch.undo()
+    den = _denoiser("eps", None, False, clip_x0=0.2)
+    clamped = Sampler(den, TS, solver="ipndm", order=1)
+    assert all(e.target == "x0" for e in clamped.program.evals())
+    ddim = Sampler(den, TS, solver="ddim")
+    torch.testing.assert_close(clamped(X), ddim(X), rtol=1e-12, atol=1e-12)
+    # the clamp binds here: the unclamped slopes would differ
+    assert not torch.allclose(Sampler(_denoiser("eps", None, False), TS, solver="ipndm", order=1)(X), ddim(X))
 
 
 GRAD_SOLVERS = [("dpmpp", 3, {}), ("dpmsolver", 2, {}), ("unipc", 3, {}), ("ipndm", 4, {}), ("heun", 2, {}),

@@ -4,14 +4,19 @@ d = (x~ - D)/sigma~ = (x - alpha D)/sigma, with x~ = x/alpha and sigma~ = sigma/
   x~_{i+1} = x~_i + (sigma~_{i+1} - sigma~_i) sum_k c_k d_{i-k}
   c = (1), (3, -1)/2, (23, -16, 5)/12, (55, -59, 37, -9)/24      (fixed: the steps are treated as equal)
 
-The slopes are kept as history (one fused update makes d_i from x_i and D_i), so the step itself is one more
-fused update over up to four slopes.
+The slope is the noise prediction: d = (x - alpha D)/sigma = eps, since x = alpha x0 + sigma eps. So each
+evaluation asks for the eps target, the loop's fused update converts the raw network output to it (and keeps it as
+history) in the pass that makes the step: one fused update per evaluation (what the Sampler builds). slopes="x0"
+forms d_i from D_i in an update of its own (two updates per evaluation): for a denoiser that clamps its x0 prediction
+(clip_x0), whose clamp must reach the slopes, and for the analyses that read a program as linear in the D's
+(tdiff.timesteps.sensitivity; build_program's default).
 """
 from __future__ import annotations
 
 from . import arrays
 from .grid import Grid
-from .program import Eval, Program, Update, check_flag, check_order, choose_orders, mixed_rows, multistep_orders
+from .program import Eval, Program, Update, check_choice, check_flag, check_order, choose_orders, mixed_rows, \
+    multistep_orders
 
 ADAMS_BASHFORTH = {
     1: (1.0,),
@@ -22,7 +27,8 @@ ADAMS_BASHFORTH = {
 
 
 def slope_row(g: Grid, i) -> list:
-    """d_i = x_i/sigma_i - (alpha_i/sigma_i) D_i (i: a point index, a slice or a LongTensor of them)."""
+    """d_i = x_i/sigma_i - (alpha_i/sigma_i) D_i (i: a point index, a slice or a LongTensor of them): the eps
+    target's conversion from D, spelt out for the clamped form."""
     return [1 / g.sigma[i], -g.alpha[i] / g.sigma[i]]
 
 
@@ -39,22 +45,32 @@ def _count_rule(n_steps: int, order: int, lower_order_final: bool, final_zero: b
     return multistep_orders(n_steps, order, lower_order_final, final_zero=False)
 
 
+SLOPES = ("eps", "x0")
+
+
 def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = True, order_rule: str = "diffusers",
-                orders=None) -> Program:
+                orders=None, slopes: str = "x0") -> Program:
     """order_rule="stable" lowers the order by the step size in lambda (program.stable_orders; a final step to
     sigma = 0 is then first order); "diffusers" keeps the count rule of diff-sampler (warm-up, and with
-    lower_order_final the steps left)."""
+    lower_order_final the steps left). slopes: "eps" (the slope is the eps prediction, one fused update per
+    evaluation) or "x0" (formed from the data prediction, clamped if the denoiser clamps; see the module doc)."""
     check_order("ipndm", order, (1, 2, 3, 4))
     check_flag("lower_order_final", lower_order_final)
+    check_choice("slopes", slopes, SLOPES)
     plan = choose_orders("ipndm", g.lam, order, lower_order_final, order_rule, g.final_zero, _count_rule, orders,
                          (1, 2, 3, 4))
     rows = mixed_rows(plan.top, lambda q, idx: step_row(g, idx, q), plan.weight, plan.blend)
-    slopes = arrays.rows(slope_row(g, slice(0, g.n_steps)))
     prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
+    if slopes == "eps":
+        for i, (p, row) in enumerate(zip(plan.top, rows)):
+            prog.add_step([Eval(f"d{i}", "x", i, target="eps"),
+                           Update("x", "x", tuple(f"d{i - k}" for k in range(p)), prog.row(row))])
+        return prog
+    slope_rows = arrays.rows(slope_row(g, slice(0, g.n_steps)))
     for i, (p, row) in enumerate(zip(plan.top, rows)):
         prog.add_step([
             Eval(f"D{i}", "x", i),
-            Update(f"d{i}", "x", (f"D{i}",), prog.row(slopes[i])),
+            Update(f"d{i}", "x", (f"D{i}",), prog.row(slope_rows[i])),
             Update("x", "x", tuple(f"d{i - k}" for k in range(p)), prog.row(row)),
         ])
     return prog

@@ -10,7 +10,8 @@ returns D to keep as history (SPEC_multistep). A clamped output, or one read as 
 use_clipped_model_output=False and a clamp; without one the Sampler builds the equal one-target step), converts in
 a pass of its own (`to_prediction`), then updates. Every update uses a
 coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once). So the loop makes no host
-syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs. Nothing is
+syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs; eager and without
+autograd, states from 1 MiB have their update outputs written into buffers the loop no longer needs (buffers.py). Nothing is
 detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
 coefficient and conversion row) and the denoiser's parameters.
 
@@ -32,12 +33,13 @@ from ..denoisers import Denoiser, convert, eps_coefficients, times_validated
 from ..ops import dispatch
 from ..schedules import NoiseSchedule
 from ..ops.multistep_update import multistep_update
+from .buffers import BufferPool
 from .ddim import build_ddim, build_ddpm
 from .dpmpp import build_multistep
 from .grid import FINAL_SIGMAS_TYPES, check_timesteps, condition_times, make_grid
 from .heun import build_heun
 from .ipndm import build_ipndm
-from .program import Alias, Eval, Noise, Program, Update
+from .program import Alias, Eval, Noise, Program, Update, check_flag
 from .unipc import build_unipc
 
 
@@ -98,8 +100,12 @@ def check_options(solver: str, opts: dict) -> None:
 
 
 def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[int] = None, timesteps_cond=None,
-                  final_sigmas_type: str = "sigma_min", **opts) -> Program:
-    """Validate the timesteps and build the solver's program (instructions + differentiable coefficient rows)."""
+                  final_sigmas_type: str = "sigma_min", fused_targets: bool = False, **opts) -> Program:
+    """Validate the timesteps and build the solver's program (instructions + differentiable coefficient rows).
+    fused_targets: the sampling loop runs the program on a denoiser that does not clamp its x0 prediction, so a
+    history that is another target of the model output (iPNDM's slopes: the eps prediction) is read off the output
+    in the fused update, one update per evaluation. False (the default) keeps every evaluation's output the data
+    prediction D, the form linear in the D's that tdiff.timesteps.sensitivity reads (and the clamped one)."""
     if solver not in SPECS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not isinstance(schedule, NoiseSchedule):
@@ -122,6 +128,9 @@ def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[in
         # the public path lowers orders by step size; the builders' own default is diffusers' rule, which keeps
         # direct callers' objectives (DM-NonUniform's solver rows) smooth in the steps
         opts.setdefault("order_rule", "stable")
+    check_flag("fused_targets", fused_targets)
+    if solver == "ipndm":
+        opts["slopes"] = "eps" if fused_targets else "x0"
     grid = make_grid(schedule, ts, final_sigmas_type, targets).on_host()  # numpy tables unless differentiated
     with np.errstate(all="ignore"):  # as torch: a non-finite coefficient is reported by the rows' check
         return spec.build(grid, cond, order, schedule, **opts).seal_rows()
@@ -211,6 +220,9 @@ class Sampler:
     #: fuse the affine prediction conversion (and guidance) into the updates; False converts each output in a pass
     #: of its own before its update (the unfused path: the tests' oracle and the benches' comparison)
     fuse: bool = True
+    #: let eager no-grad updates of states >= buffers.MIN_BYTES write into buffers the loop no longer needs
+    #: (buffers.py); False allocates every update's outputs afresh (the benches' comparison)
+    reuse_buffers: bool = True
 
     def __init__(self, denoiser, timesteps, solver: Optional[str] = None, order: Optional[int] = None,
                  timesteps_cond=None, guidance=None, progress: bool = False, schedule=None,
@@ -227,7 +239,8 @@ class Sampler:
             # without a clamp, eps from the raw output is eps = (x - alpha D)/sigma, so the step is the same
             # function of (x, D): the one-target form, whose conversion fuses into the update
             opts["use_clipped_model_output"] = True
-        self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond, **opts)
+        self.program = build_program(self.schedule, timesteps, solver, order, timesteps_cond,
+                                     fused_targets=self._clip is None, **opts)
         self.solver = solver
         self.guidance, self.progress, self.state_dtype = guidance, progress, state_dtype
         self._conversion, self._plan = _conversion_table(denoiser, self.schedule, self.program)
@@ -261,7 +274,7 @@ class Sampler:
         rows, conv, eval_times, calls = self._rows[key]
         return Execution(self.program, rows, eval_times, x, scale=_prepare_scale(self.guidance, x),
                          generator=generator, conv=conv, plan=self._plan, clip=self._clip, io_dtype=x_T.dtype,
-                         check_finite=check_finite, fuse=self.fuse, calls=calls)
+                         check_finite=check_finite, fuse=self.fuse, calls=calls, reuse=self.reuse_buffers)
 
     def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
                  check_finite: bool = False) -> Tensor:
@@ -421,7 +434,7 @@ class Execution:
 
     def __init__(self, prog: Program, rows, eval_times, x_T: Tensor, scale=None, generator=None, conv=None,
                  plan=None, clip=None, io_dtype=None, check_finite: bool = False, fuse: bool = True,
-                 calls=None):
+                 calls=None, reuse: bool = True):
         self.prog, self.rows, self.eval_times, self.fuse, self.calls = prog, rows, eval_times, fuse, calls
         self.scale, self.generator, self.conv, self.clip, self.io_dtype = scale, generator, conv, clip, io_dtype
         # a bare program: every evaluation returns x0 as is
@@ -429,6 +442,8 @@ class Execution:
         self.check_finite = check_finite
         self.frees = prog.frees()
         self.buf = {"x": x_T}
+        # eager no-grad updates write into buffers the loop no longer needs (buffers.py); x_T itself is never one
+        self.pool = BufferPool(x_T, enabled=reuse)
         self.pending = {}  # name -> Raw: conversion and guidance not yet applied (fused into the next update)
         self.flags = []  # (step, what, 0-dim bool) for check_finite
         self.n = 0  # index of the next instruction in the flat program
@@ -454,7 +469,13 @@ class Execution:
                 self.flags.append((step, f"the denoiser's output at evaluation {ins.k}",
                                    _finite(buf, self.pending, ins)))
         elif isinstance(ins, Update):
-            buf[ins.out] = _update(ins, buf, self.pending, self.rows[ins.row], self.scale)
+            new, h0 = _update(ins, buf, self.pending, self.rows[ins.row], self.scale, self.pool)
+            if h0 is not None:  # the converted output, kept as history
+                self.pool.release(buf, ins.hist[0])  # a value of that name from an earlier step
+                buf[ins.hist[0]] = h0
+            self.pool.release(buf, ins.out)  # the value it replaces, if nothing else holds it
+            buf[ins.out] = new
+            del new, h0
             if self.check_finite:
                 self.flags.append((step, "the solver update", torch.isfinite(buf[ins.out]).all()))
         elif isinstance(ins, Noise):
@@ -463,7 +484,7 @@ class Execution:
             buf[ins.out] = buf[ins.src]
         # free buffers nobody reads any more (the history of a multistep solver stays bounded)
         for name in self.frees[self.n]:
-            buf.pop(name, None)
+            self.pool.release(buf, name)
         self.n += 1
 
     def result(self) -> Tensor:
@@ -529,17 +550,24 @@ def _materialise(raw: Raw, scale) -> Tensor:
     return to_prediction(raw.src, m, raw.pq)
 
 
-def _update(ins: Update, buf: dict, pending: dict, row: Tensor, scale) -> Tensor:
+def _update(ins: Update, buf: dict, pending: dict, row: Tensor, scale,
+            pool: Optional[BufferPool] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """(x_next, D): D is the converted output formed in the pass when the first history entry was pending, else
+    None. Eager no-grad updates write into the pool's recycled buffers."""
     for name in ins.hist[1:]:
         if name in pending:
             buf[name] = _materialise(pending.pop(name), scale)
     first = ins.hist[0]
+    x = buf[ins.x]
     if first in pending:  # one pass: convert (and guide) the raw output, keep D, update
         raw = pending.pop(first)
         history = [raw.m] + [buf[h] for h in ins.hist[1:]]
-        out, buf[first] = multistep_update(buf[ins.x], history, row, uncond=raw.uncond,
-                                           scale=None if raw.uncond is None else scale,
-                                           src=None if raw.pq is None else raw.src,
-                                           convert=raw.pq, check=False)
-        return out
-    return multistep_update(buf[ins.x], [buf[h] for h in ins.hist], row, check=False)
+        kw = dict(uncond=raw.uncond, scale=None if raw.uncond is None else scale,
+                  src=None if raw.pq is None else raw.src, convert=raw.pq)
+        if pool is not None and pool.enabled and dispatch.fast_call(x, row, *history, *kw.values()):
+            return pool.update(x, history, row, **kw)
+        return multistep_update(x, history, row, check=False, **kw)
+    history = [buf[h] for h in ins.hist]
+    if pool is not None and pool.enabled and dispatch.fast_call(x, row, *history):
+        return pool.update(x, history, row), None
+    return multistep_update(x, history, row, check=False), None

@@ -7,7 +7,8 @@ the model evaluation made there (no extra NFE) and re-does the step from the cor
 
 with r_k = (lambda_{s-k} - lambda_s)/h and rho solving the order conditions R rho = b (R_ij = r_j^(i-1)). The
 solve is torch.linalg.solve on tensors of the timesteps, so the gradient reaches the timesteps through rho too.
-The corrector is skipped after the last step (there is no evaluation to reuse).
+The corrector is skipped after the last step (there is no evaluation to reuse). The corrector and the next
+predictor are folded into one fused update per evaluation (build_unipc's fold).
 """
 from __future__ import annotations
 
@@ -83,16 +84,24 @@ def corrector_row(g: Grid, i, p: int, variant: str) -> list:
 
 def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower_order_final: bool = True,
                 order_rule: str = "diffusers", use_corrector: bool = True, disable_corrector: Sequence[int] = (),
-                final_corrector: bool = False, orders=None) -> Program:
+                final_corrector: bool = False, orders=None, fold: bool = True) -> Program:
     """UniPC-p: predictor UniP-p at every step, corrector UniC at the start of the next step (reusing the model
     evaluation made there; none after the last step). final_corrector=True also evaluates the model at the last
     point and corrects the last step with it (NFE N+1), which is what diffusers' UniPCMultistepScheduler does
-    when its last step has zero length (a final sigma_min equal to the last sigma)."""
+    when its last step has zero length (a final sigma_min equal to the last sigma).
+
+    fold=True (the default) makes one update per model evaluation: the corrector and the next predictor start from
+    the same corrected sample, and the corrector's step and the predictor's own step before it share c_x, so the
+    corrected sample is the predicted one plus a combination of the outputs (`correction`) and the next predicted
+    sample is one row over (predicted sample, new output, history) (`fold_rows`). The state is then the predicted
+    sample; the corrected one is never formed, but for the final correction (the result). fold=False keeps the
+    corrected sample as a buffer of its own (two updates per evaluation; equal up to rounding)."""
     check_order("unipc", order, (1, 2, 3))
     check_choice("variant", variant, VARIANTS)
     check_flag("lower_order_final", lower_order_final)
     check_flag("use_corrector", use_corrector)
     check_flag("final_corrector", final_corrector)
+    check_flag("fold", fold)
     if isinstance(disable_corrector, (str, bytes)) or not all(
             isinstance(k, int) and not isinstance(k, bool) for k in disable_corrector):
         raise ValueError(f"disable_corrector must be a list of step indices, got {disable_corrector!r}")
@@ -112,6 +121,41 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     correctors = mixed_rows([orders[i - 1] if c else None for i, c in enumerate(corrects)],
                             lambda p, idx: corrector_row(g, idx - 1, p, variant), shifted,
                             None if plan.blend is None else [c and plan.blend[i - 1] for i, c in enumerate(corrects)])
+    if not fold:
+        return _unfolded(prog, n, orders, corrects, predictors, correctors)
+    for i in range(n + 1):
+        if i == n and not corrects[n]:
+            break
+        delta = correction(predictors[i - 1], correctors[i]) if corrects[i] else None
+        if i < n:
+            row = fold_rows(delta, predictors[i])
+        else:  # the final correction is the result
+            row = arrays.cat([arrays.ones_like(delta[:1]), delta])
+        prog.add_step([Eval(f"D{i}", "x", i),
+                       Update("x", "x", tuple(f"D{i - k}" for k in range(len(row) - 1)), prog.row(row))])
+    return prog
+
+
+def correction(predictor, corrector):
+    """The corrected sample minus the predicted one at the same point, as weights on (m_new, m_i, m_{i-1}, ...):
+    UniC re-does the predictor's step from the same sample with the same c_x, so x_c = x_p + delta . m."""
+    return corrector[1:] - arrays.cat([arrays.zeros_like(corrector[:1]), predictor[1:]])
+
+
+def fold_rows(delta, predictor):
+    """The predictor's row applied to the corrected sample x_p + delta . m, as one row over (x_p, m_new, ...):
+    [c_x, c_x delta + c_m] (zero-padded to the longer of the two)."""
+    if delta is None:
+        return predictor
+    c_x, c_m = predictor[:1], predictor[1:]
+    width = max(len(delta), len(c_m))
+    pad = lambda v: arrays.cat([v, arrays.zeros(v, (width - len(v),))])  # noqa: E731
+    return arrays.cat([c_x, c_x * pad(delta) + pad(c_m)])
+
+
+def _unfolded(prog: Program, n: int, orders, corrects, predictors, correctors) -> Program:
+    """The corrected sample as a buffer of its own ("xc"): two updates per evaluation (the folded program's oracle,
+    and the form whose local error, from an exact corrected state, is the corrector's)."""
     for i in range(n + 1):
         if i == n and not corrects[n]:
             break
