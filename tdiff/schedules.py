@@ -90,6 +90,14 @@ class NoiseSchedule(abc.ABC):
             )
         return t
 
+    def log_alpha_sigma(self, t: TimeLike) -> tuple:
+        """(log alpha, log sigma) at t, the schedule evaluated once where sigma follows from alpha (the VP
+        schedules' log_sigma; an interpolated table, DiscreteVP's, would otherwise be searched twice)."""
+        log_alpha = self.log_alpha(t)
+        if type(self).log_sigma is _log_sigma_vp:
+            return log_alpha, _vp_log_sigma(log_alpha)
+        return log_alpha, self.log_sigma(t)
+
     def alpha(self, t: TimeLike) -> torch.Tensor:
         return self.log_alpha(t).exp()
 
@@ -177,6 +185,11 @@ def _vp_log_sigma(log_alpha: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
 
 
+def _log_sigma_vp(self, t):
+    """log sigma of a VP schedule (alpha^2 + sigma^2 = 1), from its log alpha: the VP classes' log_sigma."""
+    return _vp_log_sigma(self.log_alpha(t))
+
+
 def _vp_log_alpha_from_lambda(lam: torch.Tensor) -> torch.Tensor:
     # alpha^2 = 1 / (1 + exp(-2 lambda))
     return -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
@@ -197,8 +210,7 @@ class VPLinear(NoiseSchedule):
         t = as_time(t)
         return -0.25 * t * t * (self.beta1 - self.beta0) - 0.5 * t * self.beta0
 
-    def log_sigma(self, t):
-        return _vp_log_sigma(self.log_alpha(t))
+    log_sigma = _log_sigma_vp
 
     def t_from_lambda(self, lam):
         lam = as_time(lam)
@@ -230,8 +242,7 @@ class VPCosine(NoiseSchedule):
         t = as_time(t)
         return torch.log(torch.cos((t + self.s) / (1.0 + self.s) * math.pi / 2.0)) - self._log_alpha0
 
-    def log_sigma(self, t):
-        return _vp_log_sigma(self.log_alpha(t))
+    log_sigma = _log_sigma_vp
 
     def t_from_lambda(self, lam):
         log_alpha = _vp_log_alpha_from_lambda(as_time(lam))
@@ -376,8 +387,7 @@ class DiscreteVP(NoiseSchedule):
             out = torch.where(t > t0, y0 + torch.log1p(-w.clamp(min=0.0)), out)
         return out
 
-    def log_sigma(self, t):
-        return _vp_log_sigma(self.log_alpha(t))
+    log_sigma = _log_sigma_vp
 
     def t_from_lambda(self, lam):
         log_alpha = _vp_log_alpha_from_lambda(as_time(lam))

@@ -165,9 +165,10 @@ def build_multistep(kind: str, g: Grid, cond_times, order: int, lower_order_fina
                       tail=int(stochastic))
     orders = plan.top
     name = "E" if target == "eps" else "D"
+    names = [f"{name}{i}" for i in range(len(orders))]
     for i, p in enumerate(orders):
-        hist = tuple(f"{name}{i - k}" for k in range(p))
-        step = [Eval(f"{name}{i}", "x", i, target=target)]
+        hist = tuple(names[i - k] for k in range(p))
+        step = [Eval(names[i], "x", i, target)]
         row = rows[i]
         if stochastic:
             if g.final_zero and i == g.n_steps - 1:

@@ -12,6 +12,7 @@ sigma = 0) instead, as diffusers does; t_N is then still validated but otherwise
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,8 +43,11 @@ def check_timesteps(schedule: NoiseSchedule, timesteps, name: str = "timesteps")
         timesteps = timesteps.to(torch.float64)
     if timesteps.dim() != 1 or timesteps.numel() < 2:
         raise ValueError(f"{name} must be a 1-D tensor of at least 2 times, got shape {tuple(timesteps.shape)}")
-    schedule.check_t(timesteps.detach(), name)  # NaN, inf and domain
-    values = timesteps.detach().tolist()  # one transfer; the order is checked on the host
+    values = timesteps.detach().tolist()  # one transfer; domain and order are checked on the host
+    lo, hi = schedule.domain
+    if type(schedule).check_t is not NoiseSchedule.check_t or not (
+            math.isfinite(sum(values)) and lo <= min(values) and max(values) <= hi):
+        schedule.check_t(timesteps.detach(), name)  # the schedule's own check (and its message: NaN, inf, domain)
     if any(b == a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must not hold duplicated times (got {values}); diffusers' "
                          f"HeunDiscreteScheduler repeats its times by design: pass such a scheduler through "
@@ -113,7 +117,7 @@ def make_grid(schedule: NoiseSchedule, timesteps: Tensor, final_sigmas_type: str
     if final_sigmas_type not in FINAL_SIGMAS_TYPES:
         raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
     t = timesteps
-    log_alpha, log_sigma = schedule.log_alpha(t), schedule.log_sigma(t)
+    log_alpha, log_sigma = schedule.log_alpha_sigma(t)  # one schedule evaluation
     alpha, sigma, lam = log_alpha.exp(), log_sigma.exp(), log_alpha - log_sigma
     final_zero = final_sigmas_type == "zero"
     if final_zero:

@@ -16,7 +16,7 @@ timestep), but its output is converted at the sample's own noise level, eval_poi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,14 +28,17 @@ from . import arrays
 TARGETS = ("x0", "eps")
 
 
-@dataclass(frozen=True)
-class Eval:
+class Eval(NamedTuple):
     """buffers[out] = the model's prediction of `target` at buffers[src], at network time eval_times[k] and
     converted at the sample's noise level eval_points[k].
 
     extra: further (name, target) conversions of the same model output (no extra model call). A clamp of x0
     (the denoiser's clip_x0) applies to the x0 targets only, so ("E", "eps") is the *unclipped* noise prediction
-    (diffusers' DDIM with use_clipped_model_output=False)."""
+    (diffusers' DDIM with use_clipped_model_output=False).
+
+    The instructions are named tuples (immutable, as the frozen dataclasses they were): a program is built inside
+    every `tdiff.sample` call, and a tuple is the cheapest immutable record to build. Their lengths differ, so no
+    two kinds compare equal."""
 
     out: str
     src: str
@@ -44,8 +47,7 @@ class Eval:
     extra: Tuple[Tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
-class Update:
+class Update(NamedTuple):
     """buffers[out] = row[0] buffers[x] + sum_j row[j+1] buffers[hist[j]], with row = rows[row]."""
 
     out: str
@@ -54,15 +56,13 @@ class Update:
     row: int
 
 
-@dataclass(frozen=True)
-class Noise:
+class Noise(NamedTuple):
     """buffers[out] = standard normal noise like x (SDE solvers, churn)."""
 
     out: str
 
 
-@dataclass(frozen=True)
-class Alias:
+class Alias(NamedTuple):
     """buffers[out] = buffers[src]: a second name for the same tensor, no copy (keeps a state for a corrector)."""
 
     out: str
@@ -124,24 +124,36 @@ class Program:
 
     def add_step(self, instructions: List[Instruction]) -> None:
         self.steps.append(instructions)
-        self.nfe += sum(isinstance(i, Eval) for i in instructions)
+        self.nfe += sum(type(i) is Eval for i in instructions)
 
     def evals(self) -> List[Eval]:
         """The evaluations in program order (evaluation k is the k-th)."""
-        return sorted((i for step in self.steps for i in step if isinstance(i, Eval)), key=lambda e: e.k)
+        return sorted((i for step in self.steps for i in step if type(i) is Eval), key=lambda e: e.k)
 
     def frees(self) -> List[Tuple[str, ...]]:
         """Per instruction (flat index n), the buffers nobody reads after it: those it reads or writes whose last
         read is at or before n ("x", the result, excepted). A buffer is always freed at its last read, or at its
-        write when nothing reads it later, so only those two need checking. Cached: the program is fixed once
-        built."""
+        write when nothing reads it later, so only those two need checking. Two linear passes over the flat
+        program (reads, then the frees); cached: the program is fixed once built."""
         if getattr(self, "_frees", None) is None:
-            flat = [i for step in self.steps for i in step]
-            reads = [_reads(ins) for ins in flat]
-            last = _last_reads(reads)
+            touched = []  # per instruction: the names it writes and reads, in that order
+            last = {}
+            for n, ins in enumerate(i for step in self.steps for i in step):
+                kind = type(ins)
+                if kind is Update:
+                    read = (ins.x, *ins.hist)
+                elif kind is Eval:
+                    read = (ins.src,)
+                elif kind is Alias:
+                    read = (ins.src,)
+                else:
+                    read = ()
+                for name in read:
+                    last[name] = n
+                names = (ins.out, *read, *(name for name, _ in ins.extra)) if kind is Eval else (ins.out, *read)
+                touched.append(names)
             out = []
-            for n, (ins, read) in enumerate(zip(flat, reads)):
-                names = (ins.out, *read, *(name for name, _ in ins.extra)) if type(ins) is Eval else (ins.out, *read)
+            for n, names in enumerate(touched):
                 free = [k for k in names if k != "x" and last.get(k, -1) <= n]
                 out.append(tuple(dict.fromkeys(free)) if len(free) > 1 else tuple(free))
             self._frees = out
@@ -277,14 +289,15 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
     hd = arrays.tolist(h)
     n = len(hd)
     top, blend, reach = [], [], []
+    window = {p: stable_window(solver, p) for p in range(2, order + 1)}
     for i in range(n):
         p = min(order, i + 1)
         if final_zero and i == n - 1:
             p = 1
         mixed = False
         if p > 1:
-            lo, hi = stable_window(solver, p)
-            ratio = max(hd[i] / hd[i - k] for k in range(1, p))
+            lo, hi = window[p]
+            ratio = hd[i] / hd[i - 1] if p == 2 else max(hd[i] / hd[i - k] for k in range(1, p))
             if hd[i] < hi and ratio < STABLE_RATIO[1]:
                 mixed = not (hd[i] <= lo and ratio <= STABLE_RATIO[0])
             else:

@@ -175,7 +175,8 @@ def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tenso
     tables = []
     for target, at in by_target.items():
         ks = [evals[k].k for k, _ in at]
-        t = prog.eval_points[torch.tensor(ks)]
+        # evaluations 0..E-1 in order (every built-in solver): a view, no index tensor
+        t = prog.eval_points[:len(ks)] if ks == list(range(len(ks))) else prog.eval_points[torch.tensor(ks)]
         known = prog.eval_alpha_sigma
         if isinstance(denoiser, Denoiser) and known is not None and max(ks) < len(known[0]):
             # alpha, sigma at those points from the grid (host arrays): tdiff's Denoiser accepts them
