@@ -92,8 +92,8 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
 
     fold=True (the default) makes one update per model evaluation: the corrector and the next predictor start from
     the same corrected sample, and the corrector's step and the predictor's own step before it share c_x, so the
-    corrected sample is the predicted one plus a combination of the outputs (`correction`) and the next predicted
-    sample is one row over (predicted sample, new output, history) (`fold_rows`). The state is then the predicted
+    corrected sample is the predicted one plus a combination of the outputs and the next predicted
+    sample is one row over (predicted sample, new output, history) (`_folded_rows`). The state is then the predicted
     sample; the corrected one is never formed, but for the final correction (the result). fold=False keeps the
     corrected sample as a buffer of its own (two updates per evaluation; equal up to rounding)."""
     check_order("unipc", order, (1, 2, 3))
@@ -123,34 +123,46 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
                             None if plan.blend is None else [c and plan.blend[i - 1] for i, c in enumerate(corrects)])
     if not fold:
         return _unfolded(prog, n, orders, corrects, predictors, correctors)
-    for i in range(n + 1):
-        if i == n and not corrects[n]:
-            break
-        delta = correction(predictors[i - 1], correctors[i]) if corrects[i] else None
-        if i < n:
-            row = fold_rows(delta, predictors[i])
-        else:  # the final correction is the result
-            row = arrays.cat([arrays.ones_like(delta[:1]), delta])
-        prog.add_step([Eval(f"D{i}", "x", i),
-                       Update("x", "x", tuple(f"D{i - k}" for k in range(len(row) - 1)), prog.row(row))])
+    rows = _folded_rows(n, corrects, predictors, correctors)
+    names = [f"D{i}" for i in range(len(rows))]
+    for i, row in enumerate(rows):
+        prog.add_step([Eval(names[i], "x", i), Update("x", "x", tuple(names[i - k] for k in range(len(row) - 1)),
+                                                      prog.row(row))])
     return prog
 
 
-def correction(predictor, corrector):
-    """The corrected sample minus the predicted one at the same point, as weights on (m_new, m_i, m_{i-1}, ...):
-    UniC re-does the predictor's step from the same sample with the same c_x, so x_c = x_p + delta . m."""
-    return corrector[1:] - arrays.cat([arrays.zeros_like(corrector[:1]), predictor[1:]])
+def _folded_rows(n: int, corrects, predictors, correctors) -> list:
+    """Per evaluation i, the folded row: the predictor's where no correction precedes it, else the predictor's
+    row applied to the corrected sample, and after the last step (a final correction) [1, delta].
 
-
-def fold_rows(delta, predictor):
-    """The predictor's row applied to the corrected sample x_p + delta . m, as one row over (x_p, m_new, ...):
-    [c_x, c_x delta + c_m] (zero-padded to the longer of the two)."""
-    if delta is None:
-        return predictor
-    c_x, c_m = predictor[:1], predictor[1:]
-    width = max(len(delta), len(c_m))
-    pad = lambda v: arrays.cat([v, arrays.zeros(v, (width - len(v),))])  # noqa: E731
-    return arrays.cat([c_x, c_x * pad(delta) + pad(c_m)])
+    The correction: UniC re-does the predictor's step from the same sample with the same c_x, so the corrected
+    sample is x_c = x_p + delta . (m_new, m_i, m_{i-1}, ...) with delta = corrector[1:] - [0, predictor[1:]].
+    The predictor [c_x, c_m] applied to x_c is one row over (x_p, m_new, ...): [c_x, c_x delta + c_m] (both
+    zero-padded to the longer). Computed for all the evaluations of one (delta width, predictor width) at once,
+    so a table costs a few array ops per width, whatever the number of steps."""
+    count = n + 1 if corrects[n] else n
+    rows: list = [None] * count
+    groups: dict = {}
+    for i in range(count):
+        if not corrects[i]:
+            rows[i] = predictors[i]
+        else:
+            groups.setdefault((len(correctors[i]) - 1, len(predictors[i]) if i < n else 0), []).append(i)
+    for (dw, pw), idx in groups.items():
+        corr = arrays.stack([correctors[i] for i in idx])  # (m, 1 + dw)
+        prev = arrays.stack([predictors[i - 1] for i in idx])  # (m, dw): [c_x, c_m]
+        delta = corr[:, 1:] - arrays.cat([arrays.zeros(corr, (len(idx), 1)), prev[:, 1:]], dim=1)
+        if pw == 0:  # the final correction is the result
+            mat = arrays.cat([arrays.ones_like(delta[:, :1]), delta], dim=1)
+        else:
+            pred = arrays.stack([predictors[i] for i in idx])
+            c_x, c_m = pred[:, :1], pred[:, 1:]
+            width = max(dw, pw - 1)
+            pad = lambda v: arrays.cat([v, arrays.zeros(v, (len(idx), width - v.shape[1]))], dim=1)  # noqa: E731
+            mat = arrays.cat([c_x, c_x * pad(delta) + pad(c_m)], dim=1)
+        for i, row in zip(idx, arrays.unbind(mat, 0)):
+            rows[i] = row
+    return rows
 
 
 def _unfolded(prog: Program, n: int, orders, corrects, predictors, correctors) -> Program:
