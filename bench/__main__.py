@@ -10,7 +10,7 @@ import time
 SCRIPTS = ["noisy_sample", "multistep_update", "training_loss", "solvers", "dmn", "ld3", "caching", "diffusers",
            "training_speedup", "gpu"]
 # Parts that a script above also runs (`diffusers` runs both), runnable alone by name.
-PARTS = ["diffusers_scheduler", "diffusers_cache", "solvers_per_step"]
+PARTS = ["diffusers_scheduler", "diffusers_cache", "solvers_per_step", "sample_build"]
 
 
 def main(argv=None) -> int:

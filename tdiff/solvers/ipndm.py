@@ -61,16 +61,17 @@ def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = T
                          (1, 2, 3, 4))
     rows = mixed_rows(plan.top, lambda q, idx: step_row(g, idx, q), plan.weight, plan.blend)
     prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
+    slope = [f"d{i}" for i in range(len(rows))]
     if slopes == "eps":
         for i, (p, row) in enumerate(zip(plan.top, rows)):
-            prog.add_step([Eval(f"d{i}", "x", i, target="eps"),
-                           Update("x", "x", tuple(f"d{i - k}" for k in range(p)), prog.row(row))])
+            prog.add_step([Eval(slope[i], "x", i, "eps"),
+                           Update("x", "x", tuple(slope[i - k] for k in range(p)), prog.row(row))])
         return prog
     slope_rows = arrays.rows(slope_row(g, slice(0, g.n_steps)))
     for i, (p, row) in enumerate(zip(plan.top, rows)):
         prog.add_step([
             Eval(f"D{i}", "x", i),
-            Update(f"d{i}", "x", (f"D{i}",), prog.row(slope_rows[i])),
-            Update("x", "x", tuple(f"d{i - k}" for k in range(p)), prog.row(row)),
+            Update(slope[i], "x", (f"D{i}",), prog.row(slope_rows[i])),
+            Update("x", "x", tuple(slope[i - k] for k in range(p)), prog.row(row)),
         ])
     return prog

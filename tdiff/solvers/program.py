@@ -85,7 +85,7 @@ class Program:
     def row(self, values: Union[Tensor, Sequence[Tensor]]) -> int:
         """Register a coefficient row [c_x, c_0, ...] (a 1-D tensor or a list of 0-dim ones; or the same as numpy
         float64 from a host grid, then sealed by `seal_rows`); return its index."""
-        if not isinstance(values, (Tensor, np.ndarray)):
+        if type(values) is not np.ndarray and not isinstance(values, Tensor):
             if any(isinstance(v, Tensor) for v in values):
                 values = torch.stack([torch.as_tensor(v) for v in values])
             else:
@@ -124,7 +124,9 @@ class Program:
 
     def add_step(self, instructions: List[Instruction]) -> None:
         self.steps.append(instructions)
-        self.nfe += sum(type(i) is Eval for i in instructions)
+        for ins in instructions:
+            if type(ins) is Eval:
+                self.nfe += 1
 
     def evals(self) -> List[Eval]:
         """The evaluations in program order (evaluation k is the k-th)."""

@@ -349,13 +349,23 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
         for r, row in zip(idx, group.unbind(0)):  # one op for all the views
             out[r] = row
     conv = None
-    if conversion is not None:
+    if conversion is not None and _readable_on_host(conversion):  # computed on the host (no gradient)
+        host = conversion.numpy()
+        host_finite = host_finite and bool(np.isfinite(host).all())
+        conv = torch.from_numpy(np.repeat(host[:, None], b, axis=1)).to(device=x.device, dtype=dtype).unbind(0)
+    elif conversion is not None:
         finite.append(torch.isfinite(conversion).all())
         conv = conversion.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous().unbind(0)
     if not host_finite or (finite and not bool(torch.stack(finite).all())):
         raise ValueError("the solver coefficients are not finite for these timesteps (are two steps too close, is a "
                          "step at a point where sigma = 0, or does the prediction type need alpha > 0 there?)")
     return out, conv, prog.eval_times.to(x.device)
+
+
+def _readable_on_host(t: Tensor) -> bool:
+    """A plain CPU float64 tensor outside autograd and torch.func, whose values numpy can read without a copy."""
+    return (t.device.type == "cpu" and t.dtype == torch.float64 and not t.requires_grad
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _prepare_scale(guidance, x: Tensor) -> Optional[Tensor]:
