@@ -54,6 +54,20 @@ def test_lambda_inverse_and_sigma_roundtrip(sched):
     torch.testing.assert_close(sched.edm_sigma(t), sched.sigma(t) / sched.alpha(t))
 
 
+class _ShiftedSigma(S.VPLinear):
+    """A VP subclass with its own log_sigma: log_alpha_sigma must call it, not derive sigma from alpha."""
+
+    def log_sigma(self, t):
+        return super().log_sigma(t) + 0.25
+
+
+@pytest.mark.parametrize("sched", all_schedules() + [_ShiftedSigma()], ids=lambda s: type(s).__name__)
+def test_log_alpha_sigma_is_the_two_evaluations(sched):
+    t = _t_for(sched)
+    log_alpha, log_sigma = sched.log_alpha_sigma(t)
+    assert torch.equal(log_alpha, sched.log_alpha(t)) and torch.equal(log_sigma, sched.log_sigma(t))
+
+
 @pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: type(s).__name__)
 def test_log_alpha_from_lambda_matches_the_detour_through_t(sched):
     t = torch.linspace(sched.t_min, sched.t_max, 11, dtype=torch.float64)
