@@ -171,7 +171,7 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
             best = (values[i], points[i], start)
         return values[i]
 
-    z0s = [_start_point(obj, start, margin, maxiter, tol) for start in starts]
+    z0s = _start_points(obj, starts, margin, maxiter, tol)
     start_values = _values(obj, z0s, margin)  # one batched evaluation
     for start, z0, j0 in zip(starts, z0s, start_values):
         consider(start, [z0], [j0])  # a start is a candidate too
@@ -202,9 +202,13 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
     return best, per_start, nit, nfev
 
 
-def _start_point(obj: SurrogateObjective, start: str, margin: float, maxiter: int, tol: float) -> np.ndarray:
-    if start != "lagrange":
-        return obj.initial(start)
+def _start_points(obj: SurrogateObjective, starts, margin: float, maxiter: int, tol: float) -> list:
+    heuristics = obj.initials([start for start in starts if start != "lagrange"])
+    return [_lagrange_optimum(obj, margin, maxiter, tol) if start == "lagrange" else heuristics.pop(0)
+            for start in starts]
+
+
+def _lagrange_optimum(obj: SurrogateObjective, margin: float, maxiter: int, tol: float) -> np.ndarray:
     # the paper's objective models the same solver: its optimum (cheap) is a good start for the solver rows'
     paper = SurrogateObjective(obj.schedule, obj.nfe, obj.solver, obj.order, obj.p, "lagrange", float(obj.t_hi),
                                float(obj.t_lo), obj.warmup_steps)

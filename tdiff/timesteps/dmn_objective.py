@@ -59,7 +59,7 @@ from ..schedules import NoiseSchedule
 from ..solvers.dpmpp import build_dpmpp
 from ..solvers.grid import grid_from_lambda
 from ..solvers.unipc import build_unipc
-from .heuristics import HEURISTICS, check_nfe, sampling_interval, with_exact_ends
+from .heuristics import HEURISTICS, check_nfe, karras_sigmas, sampling_interval, with_exact_ends
 from .sensitivity import step_output_weight_tangents
 
 OBJECTIVES = ("lagrange", "solver")
@@ -249,12 +249,24 @@ class SurrogateObjective:
 
     def initial(self, start: str = "logsnr_uniform") -> np.ndarray:
         """Interior lambdas of a heuristic schedule (the reference's "unif" is logsnr_uniform)."""
-        if start not in STARTS:
-            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
-        if start == "logsnr_uniform":  # exact, without the round trip through t
-            return np.linspace(self.lam_start, self.lam_end, self.nfe + 1)[1:-1]
-        t = HEURISTICS[start](self.schedule, self.nfe, t_max=float(self.t_hi), t_min=float(self.t_lo))
-        return self.schedule.lambda_(t).detach().numpy()[1:-1].astype(np.float64)
+        return self.initials((start,))[0]
+
+    def initials(self, starts) -> list:
+        """`initial` of several starts. Those spaced in lambda or EDM sigma (= e^-lambda) are placed in lambda
+        directly, exact and without torch; those spaced in t go through the schedule's lambda in one call."""
+        if any(start not in STARTS for start in starts):
+            raise ValueError(f"start must be one of {STARTS}, got {starts!r}")
+        u = np.linspace(0.0, 1.0, self.nfe + 1)[1:-1]
+        out = {"logsnr_uniform": self.lam_start + u * (self.lam_end - self.lam_start)}
+        if "edm_rho" in starts:
+            out["edm_rho"] = -np.log(karras_sigmas(np.exp(-self.lam_start), np.exp(-self.lam_end), u))
+        in_t = [start for start in starts if start not in out]
+        if in_t:
+            t = torch.cat([HEURISTICS[start](self.schedule, self.nfe, t_max=self.t_hi, t_min=self.t_lo)[1:-1]
+                           for start in in_t])
+            lam = self.schedule.lambda_(t).detach().numpy().astype(np.float64).reshape(len(in_t), -1)
+            out.update(zip(in_t, lam))
+        return [out[start] for start in starts]
 
     # ----- the objective -----
     def step_weights(self, lam: np.ndarray, jacobian: bool = True):
