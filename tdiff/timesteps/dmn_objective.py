@@ -127,17 +127,16 @@ def lagrange_step_weights(lam: np.ndarray, orders, jacobian: bool = True):
     coef = _lagrange_monomials(d, st)  # (B, S, basis, power)
     w = exp_lam[:, :-1, None] * (coef @ exp_moments(h.ravel(), k).reshape(b, n_steps, k, 1))[..., 0]
     weights = np.zeros((b, n_steps, n_steps))
-    weights[:, st.s2, st.n2] = w[:, st.valid]
+    weights[:, st.s2, st.n2] = w.reshape(b, -1)[:, st.valid_flat]
     jac = None
     if jacobian:
-        at_end = (coef @ (h[..., None] ** np.arange(k))[..., None])[..., 0]  # l_j(h)
-        powers = np.arange(1, k)
-        slope = (coef[..., 1:] * powers) @ np.swapaxes(d[..., None] ** (powers - 1), -1, -2)  # l_j'(d_i)
+        at_end = (coef @ (h[..., None] ** st.powers)[..., None])[..., 0]  # l_j(h)
+        slope = (coef[..., 1:] * st.powers[1:]) @ np.swapaxes(d[..., None] ** st.powers[:-1], -1, -2)  # l_j'(d_i)
         node_terms = -slope * w[:, :, None, :]
         node_terms[:, :, 0, 0] -= exp_lam[:, :-1]  # the lower limit lambda_s is node 0 as well
         jac = np.zeros((b, n_steps, n_steps, n_steps + 1))
-        jac[:, st.s2, st.n2, st.s2 + 1] = (exp_lam[:, 1:, None] * at_end)[:, st.valid]
-        jac[:, st.s3, st.n3j, st.n3i] = node_terms[:, st.valid3]
+        jac[:, st.s2, st.n2, st.s2_end] = (exp_lam[:, 1:, None] * at_end).reshape(b, -1)[:, st.valid_flat]
+        jac[:, st.s3, st.n3j, st.n3i] = node_terms.reshape(b, -1)[:, st.valid3_flat]
     if not batched:
         return weights[0], None if jac is None else jac[0]
     return weights, jac
@@ -160,6 +159,9 @@ class _Stencil:
         self.s3 = s3[self.valid3]
         self.n3j = np.broadcast_to(self.node[:, :, None], self.valid3.shape)[self.valid3]
         self.n3i = np.broadcast_to(self.node[:, None, :], self.valid3.shape)[self.valid3]
+        # the same selections as flat indices, and the constants of the Jacobian (built once, used at every call)
+        self.valid_flat, self.valid3_flat = np.flatnonzero(self.valid), np.flatnonzero(self.valid3)
+        self.s2_end, self.powers = self.s2 + 1, np.arange(self.k)
 
 
 _stencil = functools.lru_cache(maxsize=64)(_Stencil)
@@ -216,7 +218,7 @@ class SurrogateObjective:
         self.warmup_steps, self.solver_opts = warmup_steps, solver_opts
         hi, lo = sampling_interval(schedule, t_max, t_min)
         self.t_hi, self.t_lo = hi, lo
-        lam_ends = torch.stack([schedule.lambda_(hi), schedule.lambda_(lo)]).detach()
+        lam_ends = schedule.lambda_(torch.stack([hi, lo])).detach()
         if not bool(torch.isfinite(lam_ends).all()):
             raise ValueError(f"lambda = log(alpha/sigma) must be finite at t_max and t_min (got {lam_ends.tolist()} "
                              f"for {schedule!r}); move them inside the schedule's domain")
