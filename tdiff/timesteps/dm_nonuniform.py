@@ -226,7 +226,8 @@ def _values(obj: SurrogateObjective, points, margin: float) -> np.ndarray:
 
 
 def _increasing(obj: SurrogateObjective, z: np.ndarray, margin: float) -> bool:
-    return bool(np.all(np.isfinite(z)) and np.all(np.diff(obj.full(z)) >= margin))
+    lam = obj.full(z)  # the ends are finite, so a NaN or infinite z gives a NaN or -inf gap: False
+    return bool((lam[1:] - lam[:-1] >= margin).all())
 
 
 def _monotone_rows(n: int, lam_start: float, lam_end: float, margin: float):
