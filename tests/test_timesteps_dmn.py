@@ -242,34 +242,38 @@ def test_batched_evaluation_matches_point_by_point(objective):
             np.testing.assert_allclose(got[i], want, rtol=1e-13, atol=0)
 
 
-@pytest.mark.parametrize("schedule,order,p,nfe", [(VPCosine(), 2, 1.0, 16), (RectifiedFlow(), 3, 2.0, 12)],
-                         ids=["cosine-o2-16", "flow-o3-12"])
+@pytest.mark.parametrize("schedule,order,p,nfe", [(VPCosine(), 2, 1.0, 16), (RectifiedFlow(), 3, 2.0, 12),
+                                                   (VPCosine(), 3, 1.0, 6), (EDM(), 2, 2.0, 9)],
+                         ids=["cosine-o2-16", "flow-o3-12", "cosine-o3-6", "edm-o2-9"])
 def test_screened_starts_reach_the_unscreened_optimum(monkeypatch, schedule, order, p, nfe):
-    """Screening (a short burst per start, then only the leader continues) against every start run to the end, on
-    settings other than the bench's (DDPM, order 3, p = 2)."""
+    """Screening (a short burst per start above NFE 10, the starts' own J up to it; then only the leader continues)
+    against every start run to the end, on settings other than the bench's (DDPM, order 3, p = 2)."""
     module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
     _, screened = dm_nonuniform(schedule, nfe, order=order, p=p, return_result=True)
     monkeypatch.setattr(module, "_BURST", 10**6)
+    monkeypatch.setattr(module, "_RANK_STARTS_UP_TO", 0)
     _, full = dm_nonuniform(schedule, nfe, order=order, p=p, return_result=True)
     assert screened.nit < full.nit
     assert screened.fun <= full.fun * (1 + 1e-9)
 
 
-def test_screening_continues_the_next_starts_while_no_end_is_certified(monkeypatch):
+@pytest.mark.parametrize("nfe", [6, 12])
+def test_screening_continues_the_next_starts_while_no_end_is_certified(monkeypatch, nfe):
     """An uncertified end may be a stall: the leader alone ends the run only where Newton certifies its end; with
-    Newton never certifying, every start runs to the end after its burst."""
+    Newton never certifying, every start runs to the end after its burst (above NFE 10) or from its start."""
     module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
     runs, slack_sqp = [], module._slack_sqp
+    burst = module._BURST if nfe > module._RANK_STARTS_UP_TO else 0
 
     def counted(obj, z0, margin, maxiter, tol, **kwargs):
         runs.append(maxiter)
         return slack_sqp(obj, z0, margin, maxiter, tol, **kwargs)
 
     monkeypatch.setattr(module, "_slack_sqp", counted)
-    _, certified = dm_nonuniform(EDM(), 6, return_result=True)
-    assert runs == [module._BURST] * 4 + [300 - module._BURST]  # four bursts, then the leader alone
+    _, certified = dm_nonuniform(EDM(), nfe, return_result=True)
+    assert runs == [burst] * 4 * (burst > 0) + [300 - burst]  # four bursts (or none), then the leader alone
     runs.clear()
     monkeypatch.setattr(module, "_active_set_newton", lambda *args, **kwargs: None)
-    _, uncertified = dm_nonuniform(EDM(), 6, return_result=True)
-    assert runs == [module._BURST] * 4 + [300 - module._BURST] * 4
+    _, uncertified = dm_nonuniform(EDM(), nfe, return_result=True)
+    assert runs == [burst] * 4 * (burst > 0) + [300 - burst] * 4
     assert uncertified.fun <= certified.fun * (1 + 1e-6)  # SLSQP alone, to its tolerance

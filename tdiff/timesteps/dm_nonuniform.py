@@ -42,6 +42,8 @@ from threadpoolctl import ThreadpoolController
 
 METHODS = ("sqp", "trust-constr")
 _BURST = 3  # SLSQP iterations every start gets before only the leader continues (`_optimise`)
+_EARLY_NEWTON = 5  # the SLSQP iteration of an early Newton try with the paper's objective (`_slack_sqp`)
+_RANK_STARTS_UP_TO = 10  # up to this NFE the starts are ranked by their own J, without a burst (`_optimise`)
 GRADIENTS = ("analytic", "finite-difference")
 __all__ = ["dm_nonuniform", "sampling_options", "METHODS", "GRADIENTS", "OBJECTIVES", "STARTS", "SurrogateObjective"]
 
@@ -141,8 +143,8 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
               tol: float, burst: Optional[int] = None):
     """Run from every start; (J, z, start) of the best point seen, J per start, total iterations and evaluations.
 
-    With "sqp" and several starts, the starts are screened: each runs `burst` SLSQP iterations (default `_BURST`,
-    no Newton try); then the leader runs to the end from its point, and the next ones in the order of their J only
+    With "sqp" and several starts, the starts are screened: each runs `burst` SLSQP iterations (default `_BURST`
+    above NFE 10, none up to it; no Newton try); then the leader runs to the end from its point, and the next ones in the order of their J only
     while none has ended at a point Newton certified a local minimum (an uncertified end may be a stall). A start
     left after the burst reports its J there in per_start. Checked against running every start to the end (the best
     one winning where they do not all reach the same minimum): on the paper's objective for the DDPM, cosine, EDM and
@@ -150,26 +152,37 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
     screened J was never above by more than 1e-13 relative; on the solver-row objective, DDPM and cosine, orders 2
     and 3, p 1 and 2, NFE 5, 8, 12, 16 (32 settings), within 1e-9 but for one (cosine, order 3, p 1, NFE 16: 4.7e-5
     above with the leader alone, 4e-15 with the fallback). A burst of 5 lost 46% in one setting (cosine, order 2,
-    p 2, NFE 20, where two starts fail), with the fallback too, so the burst is kept short."""
+    p 2, NFE 20, where two starts fail), with the fallback too, so the burst is kept short.
+
+    Up to NFE `_RANK_STARTS_UP_TO` (10) there is no burst: the starts are ranked by their own J (one batched
+    evaluation), half the evaluations at NFE 5. Checked against the burst of 3 on the paper's objective (DDPM,
+    cosine, EDM, flow; orders 2 and 3; p 1 and 2; NFE 5 to 20, 256 settings): never above by more than 6e-14 relative
+    up to NFE 18, 1.6e-7 once at NFE 19 (cosine, order 3, p 2), hence the limit; on the solver rows' (same grid, NFE
+    5 and 8) never above by more than 5e-16."""
     nfe = obj.nfe
-    burst = _BURST if burst is None else burst
+    burst = (0 if nfe <= _RANK_STARTS_UP_TO else _BURST) if burst is None else burst
     screen = method == "sqp" and len(starts) > 1 and burst < maxiter
     best, per_start, nit, nfev, after_burst = None, {}, 0, 0, []
 
-    def consider(start, points):  # the best J among points; keeps the best point seen
+    def consider(start, points, values=None):  # the best J among points; keeps the best point seen
         nonlocal best
-        values = [obj.fun(z) if _increasing(obj, z, margin * (1 - 1e-6)) else np.inf for z in points]
+        values = _values(obj, points, margin) if values is None else values
         i = int(np.argmin(values))
         if best is None or values[i] < best[0]:
             best = (values[i], points[i], start)
         return values[i]
 
-    for start in starts:
-        z0 = _start_point(obj, start, margin, maxiter, tol)
-        consider(start, [z0])  # a start is a candidate too
+    z0s = _start_points(obj, starts, margin, maxiter, tol)
+    start_values = _values(obj, z0s, margin)  # one batched evaluation
+    for start, z0, j0 in zip(starts, z0s, start_values):
+        consider(start, [z0], [j0])  # a start is a candidate too
         if method == "trust-constr":
             res = _trust_constr(obj, z0, margin, maxiter, tol, gradient)
             points = [res.x]
+        elif screen and burst == 0:  # ranked by the starts' own J
+            per_start[start] = j0
+            after_burst.append((j0, start, z0))
+            continue
         elif screen:
             res, _ = _slack_sqp(obj, z0, margin, burst, tol, newton=False)
             points = [res.x[: nfe - 1]]
@@ -190,17 +203,31 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
     return best, per_start, nit, nfev
 
 
-def _start_point(obj: SurrogateObjective, start: str, margin: float, maxiter: int, tol: float) -> np.ndarray:
-    if start != "lagrange":
-        return obj.initial(start)
+def _start_points(obj: SurrogateObjective, starts, margin: float, maxiter: int, tol: float) -> list:
+    heuristics = obj.initials([start for start in starts if start != "lagrange"])
+    return [_lagrange_optimum(obj, margin, maxiter, tol) if start == "lagrange" else heuristics.pop(0)
+            for start in starts]
+
+
+def _lagrange_optimum(obj: SurrogateObjective, margin: float, maxiter: int, tol: float) -> np.ndarray:
     # the paper's objective models the same solver: its optimum (cheap) is a good start for the solver rows'
     paper = SurrogateObjective(obj.schedule, obj.nfe, obj.solver, obj.order, obj.p, "lagrange", float(obj.t_hi),
                                float(obj.t_lo), obj.warmup_steps)
     return _optimise(paper, STARTS, "sqp", "analytic", margin, maxiter, tol)[0][1]
 
 
+def _values(obj: SurrogateObjective, points, margin: float) -> np.ndarray:
+    """J at each point (one batched evaluation), inf where the lambdas are not increasing by the margin."""
+    ok = np.array([_increasing(obj, z, margin * (1 - 1e-6)) for z in points])
+    values = np.full(len(points), np.inf)
+    if ok.any():
+        values[ok] = obj.fun_batch(np.stack([z for z, good in zip(points, ok) if good]))
+    return values
+
+
 def _increasing(obj: SurrogateObjective, z: np.ndarray, margin: float) -> bool:
-    return bool(np.all(np.isfinite(z)) and np.all(np.diff(obj.full(z)) >= margin))
+    lam = obj.full(z)  # the ends are finite, so a NaN or infinite z gives a NaN or -inf gap: False
+    return bool((lam[1:] - lam[:-1] >= margin).all())
 
 
 def _monotone_rows(n: int, lam_start: float, lam_end: float, margin: float):
@@ -218,8 +245,9 @@ def _monotone_rows(n: int, lam_start: float, lam_end: float, margin: float):
 def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: int, tol: float,
                polish_every: int = 20, newton: bool = True):
     """SLSQP on the slack reformulation; (its result, a certified local minimum from `_active_set_newton` or None).
-    After `polish_every` iterations, then at doubling intervals (20, 60, 140, ...), and at the end, Newton tries to
-    finish from the current point; SLSQP stops as soon as that certifies a local minimum at or below its own J."""
+    After `polish_every` iterations, then at doubling intervals (20, 60, 140, ...), and at the end (with the paper's
+    objective also after `_EARLY_NEWTON`), Newton tries to finish from the current point; SLSQP stops as soon as
+    that certifies a local minimum at or below its own J."""
     n, m = z0.size, int(obj.coupled.sum())
     a, lb = _monotone_rows(n, obj.lam_start, obj.lam_end, margin)
     # the Jacobians' constant blocks, built once (np.block at every iteration cost as much as an evaluation)
@@ -227,15 +255,19 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
     slack_rows[:m, n:] = slack_rows[m:, n:] = np.eye(m)
     gap_rows = np.hstack([a, np.zeros((n + 1, m))])
 
-    # values alone at SLSQP's line-search points, the Jacobians only where it asks for them
+    # SLSQP asks for the Jacobians at most points it evaluates (its first line-search step is mostly taken): with the
+    # paper's objective one pass for both costs less than two (a Jacobian ~1.7x a value), so they come with the
+    # values; with the solver rows' (a Jacobian ~7x a value) only where SLSQP asks for them
+    eager = obj.objective == "lagrange"
+
     def f(v):
-        return obj.parts(v[:n], jacobian=False)[0] + v[n:].sum()
+        return obj.parts(v[:n], jacobian=eager)[0] + v[n:].sum()
 
     def f_grad(v):
         return np.concatenate([obj.parts(v[:n])[1], np.ones(m)])
 
     def slack(v):  # s - c >= 0 and s + c >= 0
-        c = obj.parts(v[:n], jacobian=False)[2]
+        c = obj.parts(v[:n], jacobian=eager)[2]
         return np.concatenate([v[n:] - c, v[n:] + c])
 
     def slack_jac(v):
@@ -245,6 +277,9 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
         return out
 
     found, iterations, next_try = [], [0], [polish_every, polish_every]  # (iteration of the next try, interval)
+    # with the paper's objective a try costs about one evaluation per variable in one batched pass, so it is tried
+    # early too (at NFE 5 and 6, SLSQP's 11-14 iterations become 5); with the solver rows' the Hessian costs n Jacobians
+    tries = {_EARLY_NEWTON} if obj.objective == "lagrange" and _EARLY_NEWTON < polish_every else set()
 
     def try_newton(z):
         if _increasing(obj, z, margin * (1 - 1e-6)):
@@ -256,6 +291,8 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
 
     def callback(v):
         iterations[0] += 1
+        if newton and iterations[0] in tries and try_newton(v[:n].copy()):
+            raise StopIteration
         if newton and iterations[0] == next_try[0]:
             if try_newton(v[:n].copy()):
                 raise StopIteration

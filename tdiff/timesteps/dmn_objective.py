@@ -59,7 +59,7 @@ from ..schedules import NoiseSchedule
 from ..solvers.dpmpp import build_dpmpp
 from ..solvers.grid import grid_from_lambda
 from ..solvers.unipc import build_unipc
-from .heuristics import HEURISTICS, check_nfe, sampling_interval, with_exact_ends
+from .heuristics import HEURISTICS, check_nfe, karras_sigmas, sampling_interval, with_exact_ends
 from .sensitivity import step_output_weight_tangents
 
 OBJECTIVES = ("lagrange", "solver")
@@ -124,20 +124,19 @@ def lagrange_step_weights(lam: np.ndarray, orders, jacobian: bool = True):
     exp_lam = np.exp(lam)
     d = lam[:, st.node] - lam[:, :-1, None]  # (B, S, K) node offsets from the step's start, d[..., 0] = 0
     h = lam[:, 1:] - lam[:, :-1]
-    coef = _lagrange_monomials(d.reshape(-1, k), np.tile(st.order, b)).reshape(b, n_steps, k, k)  # basis, power
+    coef = _lagrange_monomials(d, st)  # (B, S, basis, power)
     w = exp_lam[:, :-1, None] * (coef @ exp_moments(h.ravel(), k).reshape(b, n_steps, k, 1))[..., 0]
     weights = np.zeros((b, n_steps, n_steps))
-    weights[:, st.s2, st.n2] = w[:, st.valid]
+    weights[:, st.s2, st.n2] = w.reshape(b, -1)[:, st.valid_flat]
     jac = None
     if jacobian:
-        at_end = (coef @ (h[..., None] ** np.arange(k))[..., None])[..., 0]  # l_j(h)
-        powers = np.arange(1, k)
-        slope = (coef[..., 1:] * powers) @ np.swapaxes(d[..., None] ** (powers - 1), -1, -2)  # l_j'(d_i)
+        at_end = (coef @ (h[..., None] ** st.powers)[..., None])[..., 0]  # l_j(h)
+        slope = (coef[..., 1:] * st.powers[1:]) @ np.swapaxes(d[..., None] ** st.powers[:-1], -1, -2)  # l_j'(d_i)
         node_terms = -slope * w[:, :, None, :]
         node_terms[:, :, 0, 0] -= exp_lam[:, :-1]  # the lower limit lambda_s is node 0 as well
         jac = np.zeros((b, n_steps, n_steps, n_steps + 1))
-        jac[:, st.s2, st.n2, st.s2 + 1] = (exp_lam[:, 1:, None] * at_end)[:, st.valid]
-        jac[:, st.s3, st.n3j, st.n3i] = node_terms[:, st.valid3]
+        jac[:, st.s2, st.n2, st.s2_end] = (exp_lam[:, 1:, None] * at_end).reshape(b, -1)[:, st.valid_flat]
+        jac[:, st.s3, st.n3j, st.n3i] = node_terms.reshape(b, -1)[:, st.valid3_flat]
     if not batched:
         return weights[0], None if jac is None else jac[0]
     return weights, jac
@@ -151,6 +150,7 @@ class _Stencil:
         n_steps, self.k = len(orders), max(orders)
         s = np.arange(n_steps)[:, None]
         self.order = np.asarray(orders)
+        self.two, self.three = np.flatnonzero(self.order == 2), np.flatnonzero(self.order == 3)
         self.valid = np.arange(self.k) < self.order[:, None]
         self.node = np.where(self.valid, s - np.arange(self.k), s)  # padding points at the step's own node
         self.s2, self.n2 = np.broadcast_to(s, self.valid.shape)[self.valid], self.node[self.valid]
@@ -159,34 +159,38 @@ class _Stencil:
         self.s3 = s3[self.valid3]
         self.n3j = np.broadcast_to(self.node[:, :, None], self.valid3.shape)[self.valid3]
         self.n3i = np.broadcast_to(self.node[:, None, :], self.valid3.shape)[self.valid3]
+        # the same selections as flat indices, and the constants of the Jacobian (built once, used at every call)
+        self.valid_flat, self.valid3_flat = np.flatnonzero(self.valid), np.flatnonzero(self.valid3)
+        self.s2_end, self.powers = self.s2 + 1, np.arange(self.k)
 
 
 _stencil = functools.lru_cache(maxsize=64)(_Stencil)
 
 
-def _lagrange_monomials(d: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """coef[s, j, q]: the coefficient of u^q in the Lagrange basis polynomial of node j over the first order[s]
-    nodes d[s] (d[s, 0] = 0; zero for a padding node j), in closed form for the orders 1 to 3 the objective takes:
+def _lagrange_monomials(d: np.ndarray, st: "_Stencil") -> np.ndarray:
+    """coef[b, s, j, q]: the coefficient of u^q in the Lagrange basis polynomial of node j over step s's first
+    order[s] nodes d[b, s] (d[..., 0] = 0; zero for a padding node j), in closed form for the orders 1 to 3 the
+    objective takes:
 
         order 2:  l_0 = 1 - u/d_1,                          l_1 = u/d_1
         order 3:  l_0 = (u - d_1)(u - d_2) / (d_1 d_2),     l_1 = u (u - d_2) / (d_1 (d_1 - d_2)),
                   l_2 = u (u - d_1) / (d_2 (d_2 - d_1))
     (a batched Vandermonde inverse gives the same at 3-4x the cost of these few vector operations)."""
-    n_steps, k = d.shape
+    b, n_steps, k = d.shape
     if k > 3:
         raise ValueError(f"the Lagrange weights are implemented for orders 1 to 3, got order {k}")
-    coef = np.zeros((n_steps, k, k))
-    coef[:, 0, 0] = 1.0
-    two, three = order == 2, order == 3
-    if two.any():
-        inv_d1 = 1.0 / d[two, 1]
-        coef[two, 0, 1], coef[two, 1, 1] = -inv_d1, inv_d1
-    if three.any():
-        d1, d2 = d[three, 1], d[three, 2]
+    coef = np.zeros((b, n_steps, k, k))
+    coef[:, :, 0, 0] = 1.0
+    two, three = st.two, st.three  # the steps of order 2 and 3, as index arrays (cheaper than masks)
+    if two.size:
+        inv_d1 = 1.0 / d[:, two, 1]
+        coef[:, two, 0, 1], coef[:, two, 1, 1] = -inv_d1, inv_d1
+    if three.size:
+        d1, d2 = d[:, three, 1], d[:, three, 2]
         a0, a1, a2 = 1.0 / (d1 * d2), 1.0 / (d1 * (d1 - d2)), 1.0 / (d2 * (d2 - d1))
-        coef[three, 0, 1], coef[three, 0, 2] = -(d1 + d2) * a0, a0
-        coef[three, 1, 1], coef[three, 1, 2] = -d2 * a1, a1
-        coef[three, 2, 1], coef[three, 2, 2] = -d1 * a2, a2
+        coef[:, three, 0, 1], coef[:, three, 0, 2] = -(d1 + d2) * a0, a0
+        coef[:, three, 1, 1], coef[:, three, 1, 2] = -d2 * a1, a1
+        coef[:, three, 2, 1], coef[:, three, 2, 2] = -d1 * a2, a2
     return coef
 
 
@@ -214,7 +218,7 @@ class SurrogateObjective:
         self.warmup_steps, self.solver_opts = warmup_steps, solver_opts
         hi, lo = sampling_interval(schedule, t_max, t_min)
         self.t_hi, self.t_lo = hi, lo
-        lam_ends = torch.stack([schedule.lambda_(hi), schedule.lambda_(lo)]).detach()
+        lam_ends = schedule.lambda_(torch.stack([hi, lo])).detach()
         if not bool(torch.isfinite(lam_ends).all()):
             raise ValueError(f"lambda = log(alpha/sigma) must be finite at t_max and t_min (got {lam_ends.tolist()} "
                              f"for {schedule!r}); move them inside the schedule's domain")
@@ -232,6 +236,9 @@ class SurrogateObjective:
         weights, _ = self.step_weights(self.full(self.initial()), jacobian=False)
         # nodes that only alone steps use have c_n = 0 identically: no kink, no slack variable
         self.coupled = np.abs(weights[~self.alone]).sum(0) > 0
+        # the same as index arrays: each evaluation indexes with them (masks cost a conversion every time)
+        self._alone_steps, self._summed_steps = np.flatnonzero(self.alone), np.flatnonzero(~self.alone)
+        self._coupled_nodes = np.flatnonzero(self.coupled)
 
     # ----- lambda <-> interior vector -----
     def full(self, z: np.ndarray) -> np.ndarray:
@@ -244,12 +251,24 @@ class SurrogateObjective:
 
     def initial(self, start: str = "logsnr_uniform") -> np.ndarray:
         """Interior lambdas of a heuristic schedule (the reference's "unif" is logsnr_uniform)."""
-        if start not in STARTS:
-            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
-        if start == "logsnr_uniform":  # exact, without the round trip through t
-            return np.linspace(self.lam_start, self.lam_end, self.nfe + 1)[1:-1]
-        t = HEURISTICS[start](self.schedule, self.nfe, t_max=float(self.t_hi), t_min=float(self.t_lo))
-        return self.schedule.lambda_(t).detach().numpy()[1:-1].astype(np.float64)
+        return self.initials((start,))[0]
+
+    def initials(self, starts) -> list:
+        """`initial` of several starts. Those spaced in lambda or EDM sigma (= e^-lambda) are placed in lambda
+        directly, exact and without torch; those spaced in t go through the schedule's lambda in one call."""
+        if any(start not in STARTS for start in starts):
+            raise ValueError(f"start must be one of {STARTS}, got {starts!r}")
+        u = np.linspace(0.0, 1.0, self.nfe + 1)[1:-1]
+        out = {"logsnr_uniform": self.lam_start + u * (self.lam_end - self.lam_start)}
+        if "edm_rho" in starts:
+            out["edm_rho"] = -np.log(karras_sigmas(np.exp(-self.lam_start), np.exp(-self.lam_end), u))
+        in_t = [start for start in starts if start not in out]
+        if in_t:
+            t = torch.cat([HEURISTICS[start](self.schedule, self.nfe, t_max=self.t_hi, t_min=self.t_lo)[1:-1]
+                           for start in in_t])
+            lam = self.schedule.lambda_(t).detach().numpy().astype(np.float64).reshape(len(in_t), -1)
+            out.update(zip(in_t, lam))
+        return [out[start] for start in starts]
 
     # ----- the objective -----
     def step_weights(self, lam: np.ndarray, jacobian: bool = True):
@@ -279,15 +298,15 @@ class SurrogateObjective:
 
     def parts_batch(self, z: np.ndarray, jacobian: bool = True):
         """`parts` at a batch of points z (B, N-1): smooth (B,), d smooth/dz (B, N-1), c (B, m), dc/dz (B, m, N-1)."""
-        lam = np.concatenate([np.full((z.shape[0], 1), self.lam_start), z, np.full((z.shape[0], 1), self.lam_end)],
-                             axis=1)
+        lam = np.empty((z.shape[0], z.shape[1] + 2))
+        lam[:, 0], lam[:, 1:-1], lam[:, -1] = self.lam_start, z, self.lam_end
         weights, jac = self.step_weights(lam, jacobian)
         eps, deps = error_proxy(lam[:, :-1], self.p)
         weighted = weights * eps[:, None, :]
-        alone_rows = weighted[:, self.alone]
-        norms = np.sqrt((alone_rows**2).sum(-1))
+        alone_rows = weighted[:, self._alone_steps]
+        norms = np.sqrt(np.einsum("bsn,bsn->bs", alone_rows, alone_rows))
         smooth = norms.sum(-1)
-        c = weighted[:, ~self.alone].sum(1)[:, self.coupled]
+        c = weighted[:, self._summed_steps].sum(1)[:, self._coupled_nodes]
         d_smooth = dc = None
         if jacobian:
             # d(weighted)[s, n, m] = dP[s, n, m] eps_n + P[s, n] eps'_n [m = n]
@@ -295,13 +314,18 @@ class SurrogateObjective:
             idx = np.arange(lam.shape[1] - 1)
             dweighted[:, :, idx, idx] += weights * deps[:, None, :]
             d_smooth = np.einsum("bsn,bsnm->bm", alone_rows / np.maximum(norms, 1e-300)[..., None],
-                                 dweighted[:, self.alone])[:, 1:-1]
-            dc = dweighted[:, ~self.alone].sum(1)[:, self.coupled][:, :, 1:-1]
+                                 dweighted[:, self._alone_steps])[:, 1:-1]
+            dc = dweighted[:, self._summed_steps].sum(1)[:, self._coupled_nodes, 1:-1]
         return smooth, d_smooth, c, dc
 
     def fun(self, z: np.ndarray) -> float:
         smooth, _, c, _ = self.parts(z, jacobian=False)
         return smooth + float(np.abs(c).sum())
+
+    def fun_batch(self, z: np.ndarray) -> np.ndarray:
+        """J at a batch of points z (B, N-1), in one pass."""
+        smooth, _, c, _ = self.parts_batch(z, jacobian=False)
+        return smooth + np.abs(c).sum(-1)
 
     def fun_and_grad(self, z: np.ndarray):
         smooth, d_smooth, c, dc = self.parts(z)

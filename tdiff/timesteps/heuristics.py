@@ -80,6 +80,12 @@ def quadratic_t(schedule: NoiseSchedule, nfe: int, rho: float = 2.0, t_max=None,
     return with_exact_ends(u**rho * (hi - lo) + lo, hi, lo)
 
 
+def karras_sigmas(sigma_hi, sigma_lo, u, rho: float = 7.0):
+    """Karras et al.'s noise levels at the fractions u in [0, 1]: uniform in sigma^(1/rho). numpy or torch."""
+    s_hi, s_lo = sigma_hi ** (1.0 / rho), sigma_lo ** (1.0 / rho)
+    return (s_hi + u * (s_lo - s_hi)) ** rho
+
+
 def edm_rho(schedule: NoiseSchedule, nfe: int, rho: float = 7.0, t_max=None, t_min=None) -> Tensor:
     """Karras et al.'s steps in EDM sigma (sigma/alpha) space, mapped back through the schedule."""
     check_nfe(nfe)
@@ -87,9 +93,7 @@ def edm_rho(schedule: NoiseSchedule, nfe: int, rho: float = 7.0, t_max=None, t_m
     hi, lo = sampling_interval(schedule, t_max, t_min)
     ends = schedule.edm_sigma(torch.stack([hi, lo]))
     finite_ends("edm_rho", ends.log(), "log sigma/alpha", hi, lo)
-    s_hi, s_lo = ends[0] ** (1.0 / rho), ends[1] ** (1.0 / rho)
-    u = torch.linspace(0.0, 1.0, nfe + 1, dtype=torch.float64)
-    sigmas = (s_hi + u * (s_lo - s_hi)) ** rho
+    sigmas = karras_sigmas(ends[0], ends[1], torch.linspace(0.0, 1.0, nfe + 1, dtype=torch.float64), rho)
     interior = schedule.t_from_edm_sigma(sigmas[1:-1])
     return torch.cat([hi.reshape(1), interior, lo.reshape(1)])
 
