@@ -24,6 +24,8 @@ against the copy ceiling, and solver error against the exact ODE solution on the
    folded: 4 outputs, iPNDM-4: 4 slopes), so they move more than 5 passes by construction; first-order updates
    read no history (x and m in, x_next and D out: 4 passes), so out of cache they can sit near 0.8 of the floor.
    Below 3/5 (read x and m, write x_next) is impossible and flagged as a disturbed measurement.
+   `interp_loop_over_floor`: the same Sampler with compiled_loop = False (every instruction interpreted, the
+   loop before Execution.compile), to show what compiling the eager loop into closures saves.
    `python -m bench solvers_per_step` runs this part alone (into solvers.json's per_step).
 2. Fused update, K = 1..4: tdiff::multistep_update reads (1+K) tensors and writes one; its converting form (the
    sampling loop's: D = p x + q m formed in the pass and written too) reads 1+K and writes two. Effective bandwidth
@@ -127,6 +129,9 @@ def per_step(quick: bool) -> list:
                 previous = Sampler(den, ts, solver=solver, order=order)
             previous.reuse_buffers = False
             variants[f"prev:{name}"] = (lambda sm=previous: sm(x))
+            interpreted = Sampler(den, ts, solver=solver, order=order)
+            interpreted.compiled_loop = False  # the same loop, each instruction interpreted
+            variants[f"interp:{name}"] = (lambda sm=interpreted: sm(x))
             if (solver, order) == ("dpmpp", 2):  # what fusing the conversion saves: the same loop, unfused
                 unfused = Sampler(den, ts, solver=solver, order=order)
                 unfused.fuse = False
@@ -152,6 +157,7 @@ def per_step(quick: bool) -> list:
                 "over_floor": _ratio(speedup(times, "floor", full, None), per_eval),
                 "loop_over_floor": _ratio(speedup(times, "floor", loop, None), per_eval),
                 "prev_loop_over_floor": _ratio(speedup(times, "floor", prev, None), per_eval),
+                "interp_loop_over_floor": _ratio(speedup(times, "floor", f"interp:{name}", None), per_eval),
                 "prev_over_loop": _ratio(speedup(times, loop, prev, None)),
                 "backend": dispatch.backend_for(x, "multistep_update_cpu")})
             # an update reads at least x and the model output and writes x_next: below MIN_PASSES of the floor's
@@ -162,12 +168,15 @@ def per_step(quick: bool) -> list:
                 records[-1]["unfused_over_fused"] = _ratio(speedup(times, loop, f"unfused:{name}", None))
     print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread, interleaved: "
                 f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per model evaluation (a copy moving "
-                f"those bytes); x/floor = x / (NFE per step * floor); prev = the loop before folding and buffer reuse",
+                f"those bytes); x/floor = x / (NFE per step * floor); prev = the loop before folding and buffer reuse; "
+                f"interp = today's loop interpreted instruction by instruction (not compiled into closures)",
                 ["shape", "solver", "NFE/step", "sample us/step", "loop us/step", "prev loop us/step",
-                 "diffusers us/step", "floor us/eval", "sample/floor", "loop/floor", "prev/floor", "diffusers/sample"],
+                 "diffusers us/step", "floor us/eval", "sample/floor", "loop/floor", "interp/floor", "prev/floor",
+                 "diffusers/sample"],
                 [[str(tuple(r["shape"])), f"{r['solver']}{r['order']}", f"{r['nfe_per_step']:.2f}",
                   _fmt(r["sample_us"]), _fmt(r["loop_us"]), _fmt(r["prev_loop_us"]), _fmt(r["diffusers_us"]),
                   _fmt(r["floor_us"]), _fmt(r["over_floor"]), _fmt(r["loop_over_floor"]),
+                  _fmt(r["interp_loop_over_floor"]),
                   _fmt(r["prev_loop_over_floor"]), _fmt(r["vs_diffusers"])] for r in records])
     below = [f"{tuple(r['shape'])} {r['solver']}{r['order']}" for r in records if r["below_floor"]]
     if below:

@@ -267,7 +267,8 @@ class Denoiser(nn.Module):
         if scale is not None:
             x = x * scale
         if cast is None:
-            return self.raw(x, t_net, **cond).to(x.dtype)
+            out = self.raw(x, t_net, **cond)
+            return out if out.dtype == x.dtype else out.to(x.dtype)  # a no-op .to costs a dispatch
         return self.raw(x.to(cast), t_net, **cond).to(x.dtype)
 
     def conversion(self, t, target: str = "x0", alpha=None, sigma=None) -> torch.Tensor:

@@ -18,6 +18,7 @@ from tdiff.timesteps.remat import sample_remat
 sample_mod = importlib.import_module("tdiff.solvers.sample")
 unipc_mod = importlib.import_module("tdiff.solvers.unipc")
 ipndm_mod = importlib.import_module("tdiff.solvers.ipndm")
+buffers_mod = importlib.import_module("tdiff.solvers.buffers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,6 +90,18 @@ class Counts:
 
         monkeypatch.setattr(sample_mod, "convert", counted_convert)
         monkeypatch.setattr(sample_mod, "multistep_update", counted_update)
+        kernels = sample_mod._kernels
+
+        def counted_kernels(x):  # the compiled eager loop calls the C++ kernels directly
+            plain, fused = kernels(x)
+
+            def counted_fused(*a):
+                self.fused += a[3] is not None or a[6] is not None  # uncond, convert
+                return fused(*a)
+
+            return plain, None if fused is None else counted_fused
+
+        monkeypatch.setattr(sample_mod, "_kernels", counted_kernels)
 
 
 def _run(den, solver, order, opts, fuse, guidance):
@@ -311,3 +324,40 @@ def test_fused_loop_on_each_backend_matches_the_reference(monkeypatch, backend):
         out, nfe = _run(den, "unipc", 3, {}, True, guidance)
         assert counts.fused == nfe and counts.converts == 0
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def _both_loops(den, solver, order, opts, guidance, x):
+    """(compiled loop, interpreted loop) outputs under no_grad, and whether the compiled closures were used."""
+    out = []
+    for compiled in (True, False):
+        s = Sampler(den, TS, solver=solver, order=order, guidance=guidance, **opts)
+        s.compiled_loop = compiled
+        with torch.no_grad():
+            out.append(s(x, generator=torch.Generator().manual_seed(3)))
+        if compiled:
+            used = bool(s._compiled)
+    return out[0], out[1], used
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("variant", ["plain", "cfg", "clip"])
+def test_compiled_loop_is_bit_identical_to_the_interpreter(prediction, variant):
+    """Execution.compile (eager, no grad: closures calling the C++ kernels) against the instruction interpreter,
+    for every solver; a clamp (clip_x0) mixes interpreted evaluations with compiled updates."""
+    den = _denoiser(prediction, None, variant == "cfg", clip_x0=1.0 if variant == "clip" else None)
+    for solver, order, opts in SOLVERS:
+        fast, slow, used = _both_loops(den, solver, order, opts, 2.0 if variant == "cfg" else None, X)
+        assert used, (solver, order, opts)
+        assert torch.equal(fast, slow), (solver, order, opts, (fast - slow).abs().max())
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+def test_compiled_loop_with_recycled_buffers_is_bit_identical(guided):
+    """From buffers.MIN_BYTES the compiled updates write into the BufferPool's recycled buffers."""
+    x = torch.randn(45000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert x.numel() * x.element_size() >= buffers_mod.MIN_BYTES
+    den = _denoiser("eps", None, guided)
+    for solver, order, opts in [("dpmpp", 2, {}), ("dpmpp_sde", 2, {}), ("unipc", 3, {}), ("ipndm", 4, {}),
+                                ("heun", 2, {})]:
+        fast, slow, used = _both_loops(den, solver, order, opts, 1.5 if guided else None, x)
+        assert used and torch.equal(fast, slow), (solver, order)

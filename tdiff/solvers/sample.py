@@ -11,7 +11,8 @@ use_clipped_model_output=False and a clamp; without one the Sampler builds the e
 a pass of its own (`to_prediction`), then updates. Every update uses a
 coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once). So the loop makes no host
 syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs; eager and without
-autograd, states from 1 MiB have their update outputs written into buffers the loop no longer needs (buffers.py). Nothing is
+autograd, states from 1 MiB have their update outputs written into buffers the loop no longer needs (buffers.py), and
+the loop runs as closures compiled once per Sampler that call the C++ kernels directly (Execution.compile). Nothing is
 detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
 coefficient and conversion row) and the denoiser's parameters.
 
@@ -224,6 +225,9 @@ class Sampler:
     #: let eager no-grad updates of states >= buffers.MIN_BYTES write into buffers the loop no longer needs
     #: (buffers.py); False allocates every update's outputs afresh (the benches' comparison)
     reuse_buffers: bool = True
+    #: run eager no-grad loops as precompiled closures calling the C++ kernels (Execution.compile); False
+    #: interprets every instruction (the benches' comparison; results are bit-identical)
+    compiled_loop: bool = True
 
     def __init__(self, denoiser, timesteps, solver: Optional[str] = None, order: Optional[int] = None,
                  timesteps_cond=None, guidance=None, progress: bool = False, schedule=None,
@@ -279,12 +283,15 @@ class Sampler:
 
     def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
                  check_finite: bool = False) -> Tensor:
+        if not hasattr(self, "_compiled"):  # the eager loop's closures (Execution.compile), per rows and shape
+            self._compiled = {}
         run = self.start(x_T, generator, check_finite)
+        cache = self._compiled if self.compiled_loop else None
         if run.calls is not None:  # prepared calls: no validation, no per-call time arithmetic
-            out = _run(run, None, self.progress)
+            out = _run(run, None, self.progress, cache)
         else:
             with times_validated():  # the program's times were checked once, when it was built
-                out = _run(run, self._call, self.progress)
+                out = _run(run, self._call, self.progress, cache)
         return out.to(x_T.dtype)
 
 
@@ -414,12 +421,20 @@ def _expected(x: Tensor, out, what: str) -> None:
         raise ValueError(f"the denoiser returned {what} of shape {got}; expected {tuple(x.shape)} (the shape of x)")
 
 
-def _run(run: "Execution", denoiser, progress: bool) -> Tensor:
+def _run(run: "Execution", denoiser, progress: bool, cache: Optional[dict] = None) -> Tensor:
+    """Drive a run through its program: as compiled closures where Execution.compile allows (cache: the
+    Sampler's dict of them; None interprets), else instruction by instruction."""
     steps = run.prog.steps
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
+    compiled = run.compile(denoiser, cache) if cache is not None else None
+    if compiled is not None:  # eager, no autograd: the precompiled steps
+        for s, _ in enumerate(steps):
+            for fn in compiled[s]:
+                fn(run)
+        return run.result()
     for s, step in enumerate(steps):
         for ins in step:
             run.execute(ins, s, call=denoiser)
@@ -498,6 +513,125 @@ class Execution:
             self.pool.release(buf, name)
         self.n += 1
 
+    def compile(self, call=None, cache: Optional[dict] = None) -> Optional[list]:
+        """The whole run as one list per step of closures f(run), or None where the interpreter must run
+        (autograd, torch.compile, check_finite, an unfused loop, a backend other than the C++ kernels).
+
+        The sampling loop's per-step Python (the isinstance dispatch, the option checks, the op wrapper, the
+        BufferPool's checks on small states) cost more than the fused update at 16x4x32x32 (256 KiB a tensor,
+        ~20 us an update). Each closure has its instruction's names, row, network call and kernel bound once; it
+        calls the C++ kernel directly, with the same arguments as the interpreter, so results are bit-identical.
+        Instructions the closures do not specialise (clamped or two-target evaluations, noise) run through
+        `execute`. Must be called before the first instruction runs. `cache` (a Sampler's dict) keeps the closures
+        for the next run with the same rows, network calls and state shape: they read the run's buffers from
+        their argument."""
+        if (self.n != 0 or self.check_finite or not self.fuse or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()):
+            return None
+        x = self.buf["x"]
+        plain, fused = _kernels(x)
+        if plain is None or fused is None:
+            return None
+        key = (x.shape, self.pool.enabled, self.scale is None, self.io_dtype, call)
+        hit = None if cache is None else cache.get(key)
+        if hit is not None and hit[0] is self.rows and hit[1] is self.calls and hit[2] is self.conv:
+            return hit[3]
+        flat = iter(range(sum(len(step) for step in self.prog.steps)))
+        compiled = [[self._compiled(ins, next(flat), s, call, plain, fused) for ins in step]
+                    for s, step in enumerate(self.prog.steps)]
+        if cache is not None:
+            cache[key] = (self.rows, self.calls, self.conv, compiled)
+        return compiled
+
+    def _compiled(self, ins, n: int, step: int, call, plain, fused) -> Callable[["Execution"], None]:
+        """Instruction number n as a closure (see `compile`)."""
+        frees = tuple(self.frees[n])
+        pooled, guided = self.pool.enabled, self.scale is not None
+        shape, state = self.buf["x"].shape, self.buf["x"].dtype
+        if type(ins) is Eval and not ins.extra and len(self.plan[ins.k]) == 1:
+            name, target, r = self.plan[ins.k][0]
+            raw_kept = not (self.clip is not None and target == "x0") and (guided or r is not None)
+        else:
+            raw_kept = False
+        if raw_kept:  # one target, conversion (and guidance) fused into the next update: keep the raw output
+            pq = None if r is None else self.conv[r]
+            src_name, io = ins.src, self.io_dtype
+            cast = io is not None and io != state
+            net = self.calls[ins.k] if self.calls is not None else (
+                lambda v, f=call, t=self.eval_times[ins.k]: f(v, t))
+
+            def evaluate(run):
+                buf = run.buf
+                src = buf[src_name]
+                out = net(src.to(io) if cast else src)
+                if not guided:
+                    if type(out) is not Tensor or out.shape != shape:
+                        _expected(src, out, "an output")
+                    run.pending[name] = Raw(out if out.dtype == state else out.to(state), None, src, pq)
+                else:
+                    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                        raise ValueError("with guidance, the denoiser must return a pair (cond, uncond)")
+                    for part in out:
+                        _expected(src, part, "a guidance output")
+                    cond, uncond = (part if part.dtype == state else part.to(state) for part in out)
+                    run.pending[name] = Raw(cond, uncond, src, pq)
+                release = run.pool.release if pooled else _drop
+                for f in frees:
+                    release(buf, f)
+
+            return evaluate
+        if type(ins) is Update:
+            row, x_name, names, rest, out_name = self.rows[ins.row], ins.x, ins.hist, ins.hist[1:], ins.out
+
+            def kernel(pool, args, converted: bool):
+                """(x_next, h_0 or None) from the C++ kernel, into recycled buffers when the pool is on."""
+                if not pooled:
+                    return fused(*args) if converted else (plain(*args), None)
+                new = pool.take()
+                if not converted:
+                    pool.kernel(*args, None, None, None, None, new, None)
+                    return new, None
+                h0 = pool.take()
+                pool.kernel(*args, new, h0)
+                return new, h0
+
+            def update(run):
+                buf, pending, pool = run.buf, run.pending, run.pool
+                release = pool.release if pooled else _drop
+                for h in rest:
+                    if h in pending:  # not reached by the built-in solvers
+                        buf[h] = _materialise(pending.pop(h), run.scale)
+                raw = pending.pop(names[0], None)
+                if raw is None:
+                    args = (buf[x_name], [buf[h] for h in names], row)
+                else:
+                    args = (buf[x_name], [raw.m, *[buf[h] for h in rest]], row, raw.uncond,
+                            None if raw.uncond is None else run.scale, None if raw.pq is None else raw.src, raw.pq)
+                del raw
+                try:
+                    new, h0 = kernel(pool, args, len(args) == 7)
+                except (RuntimeError, TypeError, ValueError):  # the public function names the bad argument
+                    multistep_update(*args[:3], check=False,
+                                     **dict(zip(("uncond", "scale", "src", "convert"), args[3:])))
+                    raise
+                del args  # before the releases: the pool keeps only what nothing else holds
+                if h0 is not None:
+                    release(buf, names[0])
+                    buf[names[0]] = h0
+                release(buf, out_name)
+                buf[out_name] = new
+                del new, h0
+                for f in frees:
+                    release(buf, f)
+
+            return update
+
+        def interpreted(run):
+            run.n = n
+            run.execute(ins, step, call=call)
+
+        return interpreted
+
     def result(self) -> Tensor:
         if self.check_finite and self.flags:
             ok = torch.stack([f for _, _, f in self.flags]).tolist()  # the one host sync
@@ -506,6 +640,17 @@ class Execution:
                 raise FloatingPointError(f"sampling produced a non-finite value (NaN or inf) first at step {s} of "
                                          f"{len(self.prog.steps)}, in {what}")
         return self.buf["x"]
+
+
+def _kernels(x: Tensor) -> tuple:
+    """The C++ update kernels the compiled loop calls for states like x: (plain, converting), None where the C++
+    backend does not serve x."""
+    return dispatch.eager_kernel(x, "multistep_update_cpu"), dispatch.eager_kernel(x, "multistep_update_convert_cpu")
+
+
+def _drop(buf: dict, name: str) -> None:
+    """Forget buf[name] (a small state: no pool; BufferPool.release's signature)."""
+    buf.pop(name, None)
 
 
 def _finite(buf: dict, pending: dict, ins: Eval) -> Tensor:
