@@ -311,7 +311,7 @@ class SurrogateObjective:
         eps, deps = error_proxy(lam[:, :-1], self.p)
         weighted = weights * eps[:, None, :]
         alone_rows = weighted[:, self._alone_steps]
-        norms = np.sqrt((alone_rows * alone_rows).sum(-1))
+        norms = np.sqrt(np.einsum("bsn,bsn->bs", alone_rows, alone_rows))
         smooth = norms.sum(-1)
         c = weighted[:, self._summed_steps].sum(1)[:, self._coupled_nodes]
         d_smooth = dc = None
