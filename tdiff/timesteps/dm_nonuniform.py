@@ -320,7 +320,7 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
     (c_n ~ 0), the gaps at the margin, and fixed signs s_n elsewhere, it solves
         grad(smooth) + s dc_I + mu dc_A + nu a_M = 0,   c_A = 0,   a_M z = lb_M
     by Newton, with the Lagrangian's Hessian from forward differences of the exact Jacobians, kept across steps while
-    they contract the residual tenfold (each Hessian costs n Jacobians: with the solver-row objective that is most of
+    they contract the residual 30-fold (`_CHORD_CONTRACTION`) (each Hessian costs n Jacobians: with the solver-row objective that is most of
     the polish). The point is kept
     only if it is feasible and certified a local minimum: the multipliers (|mu| <= 1, else leaving that kink would
     lower J; nu <= 0, else opening that gap would), unchanged signs off the kinks, and a Lagrangian Hessian positive
