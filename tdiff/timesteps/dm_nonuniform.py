@@ -43,6 +43,7 @@ from threadpoolctl import ThreadpoolController
 METHODS = ("sqp", "trust-constr")
 _BURST = 3  # SLSQP iterations every start gets before only the leader continues (`_optimise`)
 _EARLY_NEWTON = 5  # the SLSQP iteration of an early Newton try with the paper's objective (`_slack_sqp`)
+_CHORD_CONTRACTION = 0.03  # `_active_set_newton` keeps its Hessian while a step shrinks the KKT residual this much
 _RANK_STARTS_UP_TO = 10  # up to this NFE the starts are ranked by their own J, without a burst (`_optimise`)
 GRADIENTS = ("analytic", "finite-difference")
 __all__ = ["dm_nonuniform", "sampling_options", "METHODS", "GRADIENTS", "OBJECTIVES", "STARTS", "SurrogateObjective"]
@@ -319,7 +320,7 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
     (c_n ~ 0), the gaps at the margin, and fixed signs s_n elsewhere, it solves
         grad(smooth) + s dc_I + mu dc_A + nu a_M = 0,   c_A = 0,   a_M z = lb_M
     by Newton, with the Lagrangian's Hessian from forward differences of the exact Jacobians, kept across steps while
-    they contract the residual tenfold (each Hessian costs n Jacobians: with the solver-row objective that is most of
+    they contract the residual 30-fold (`_CHORD_CONTRACTION`) (each Hessian costs n Jacobians: with the solver-row objective that is most of
     the polish). The point is kept
     only if it is feasible and certified a local minimum: the multipliers (|mu| <= 1, else leaving that kink would
     lower J; nu <= 0, else opening that gap would), unchanged signs off the kinks, and a Lagrangian Hessian positive
@@ -352,11 +353,12 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
         size = np.abs(residual).max()
         if size <= 1e-13 * (1 + np.abs(g).max()):
             break
-        if hess is None or size > 0.1 * previous:  # chord steps while they contract fast, else a fresh Hessian
+        if hess is None or size > _CHORD_CONTRACTION * previous:  # chord steps while they contract fast, else a fresh Hessian
             hess = _hessian_by_differences(lambda zs: gradients(zs, mult), z, g)
         previous = size
         jac = np.vstack([a, rows])
-        kkt = np.block([[hess, jac.T], [jac, np.zeros((k, k))]])
+        kkt = np.zeros((n + k, n + k))  # [[hess, jac.T], [jac, 0]], assembled by hand (np.block costs ~20 us)
+        kkt[:n, :n], kkt[:n, n:], kkt[n:, :n] = hess, jac.T, jac
         try:
             step = np.linalg.solve(kkt, -residual)
         except np.linalg.LinAlgError:

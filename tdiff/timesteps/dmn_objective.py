@@ -162,6 +162,11 @@ class _Stencil:
         # the same selections as flat indices, and the constants of the Jacobian (built once, used at every call)
         self.valid_flat, self.valid3_flat = np.flatnonzero(self.valid), np.flatnonzero(self.valid3)
         self.s2_end, self.powers = self.s2 + 1, np.arange(self.k)
+        # `_lagrange_monomials`' flat positions in (step, basis j, power q): order 2's (j, q) = (0, 1), (1, 1), then
+        # order 3's (0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2), each over its steps
+        flat = lambda steps, j, q: steps * self.k * self.k + j * self.k + q
+        self.monomial_flat = np.concatenate([flat(self.two, 0, 1), flat(self.two, 1, 1)]
+                                            + [flat(self.three, j, q) for j in range(3) for q in (1, 2)]).astype(np.intp)
 
 
 _stencil = functools.lru_cache(maxsize=64)(_Stencil)
@@ -184,13 +189,15 @@ def _lagrange_monomials(d: np.ndarray, st: "_Stencil") -> np.ndarray:
     two, three = st.two, st.three  # the steps of order 2 and 3, as index arrays (cheaper than masks)
     if two.size:
         inv_d1 = 1.0 / d[:, two, 1]
-        coef[:, two, 0, 1], coef[:, two, 1, 1] = -inv_d1, inv_d1
+        values = [-inv_d1, inv_d1]
+    else:
+        values = []
     if three.size:
         d1, d2 = d[:, three, 1], d[:, three, 2]
         a0, a1, a2 = 1.0 / (d1 * d2), 1.0 / (d1 * (d1 - d2)), 1.0 / (d2 * (d2 - d1))
-        coef[:, three, 0, 1], coef[:, three, 0, 2] = -(d1 + d2) * a0, a0
-        coef[:, three, 1, 1], coef[:, three, 1, 2] = -d2 * a1, a1
-        coef[:, three, 2, 1], coef[:, three, 2, 2] = -d1 * a2, a2
+        values += [-(d1 + d2) * a0, a0, -d2 * a1, a1, -d1 * a2, a2]
+    if values:  # one fancy-indexed write (each costs ~1.5 us, more than the arithmetic here)
+        coef.reshape(b, -1)[:, st.monomial_flat] = np.concatenate(values, axis=-1)
     return coef
 
 
