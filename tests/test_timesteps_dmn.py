@@ -277,3 +277,26 @@ def test_screening_continues_the_next_starts_while_no_end_is_certified(monkeypat
     _, uncertified = dm_nonuniform(EDM(), nfe, return_result=True)
     assert runs == [burst] * 4 * (burst > 0) + [300 - burst] * 4
     assert uncertified.fun <= certified.fun * (1 + 1e-6)  # SLSQP alone, to its tolerance
+
+
+@pytest.mark.parametrize("order,warmup_steps", [(1, 3), (2, 0), (3, 3), (3, 1)])
+def test_sparse_jacobian_matches_the_dense_one(order, warmup_steps):
+    """parts_batch contracts the paper's Jacobian from its nonzero entries: against the dense dP/dlambda of
+    lagrange_step_weights contracted by hand, d weighted = dP eps + P eps' on the diagonal."""
+    from tdiff.timesteps.dmn_objective import error_proxy, lagrange_step_weights
+    for nfe in (2, 5, 9):
+        obj = SurrogateObjective(DDPM, nfe, order=order, warmup_steps=warmup_steps)
+        zs = obj.initial("edm_rho") + np.random.default_rng(nfe).normal(0, 0.05, (3, nfe - 1))
+        smooth, d_smooth, c, dc = obj.parts_batch(zs)
+        lam = np.stack([obj.full(z) for z in zs])
+        weights, jac = lagrange_step_weights(lam, paper_orders(nfe, order))
+        eps, deps = error_proxy(lam[:, :-1], 2.0)
+        dweighted = jac * eps[:, None, :, None]
+        dweighted[:, :, np.arange(nfe), np.arange(nfe)] += weights * deps[:, None, :]
+        rows = (weights * eps[:, None, :])[:, obj.alone]
+        unit = rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+        want_smooth = np.einsum("bsn,bsnm->bm", unit, dweighted[:, obj.alone])[:, 1:-1]
+        want_c = dweighted[:, ~obj.alone].sum(1)[:, obj.coupled, 1:-1]
+        assert dc.shape == want_c.shape and d_smooth.shape == want_smooth.shape
+        np.testing.assert_allclose(d_smooth, want_smooth, rtol=1e-13, atol=1e-14 * np.abs(want_smooth).max())
+        np.testing.assert_allclose(dc, want_c, rtol=1e-13, atol=1e-14 * np.abs(want_c).max(initial=1.0))

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from typing import Tuple
 
 import numpy as np
@@ -120,6 +121,23 @@ def lagrange_step_weights(lam: np.ndarray, orders, jacobian: bool = True):
     st = _stencil(orders if isinstance(orders, tuple) else tuple(int(k) for k in orders))
     batched = lam.ndim == 2
     lam = np.atleast_2d(lam)
+    b, n_steps = lam.shape[0], lam.shape[1] - 1
+    weights, _, end_terms, node_terms = _lagrange_terms(lam, st, jacobian)
+    jac = None
+    if jacobian:
+        jac = np.zeros((b, n_steps, n_steps, n_steps + 1))
+        jac[:, st.s2, st.n2, st.s2_end] = end_terms
+        jac[:, st.s3, st.n3j, st.n3i] = node_terms
+    if not batched:
+        return weights[0], None if jac is None else jac[0]
+    return weights, jac
+
+
+def _lagrange_terms(lam: np.ndarray, st: "_Stencil", jacobian: bool):
+    """P (B, S, N) at a batch lam (B, N+1), its nonzero entries w (B, V) in `_Stencil.valid`'s order and, if asked,
+    dP's nonzero entries: d/dlambda_{s+1} per valid (s, j) (B, V) and d/dlambda_{s-i} per valid (s, j, i) (B, V3);
+    else None. `lagrange_step_weights` scatters them into the dense Jacobian, `SurrogateObjective.parts_batch`
+    contracts them directly."""
     b, n_steps, k = lam.shape[0], lam.shape[1] - 1, st.k
     exp_lam = np.exp(lam)
     d = lam[:, st.node] - lam[:, :-1, None]  # (B, S, K) node offsets from the step's start, d[..., 0] = 0
@@ -127,19 +145,16 @@ def lagrange_step_weights(lam: np.ndarray, orders, jacobian: bool = True):
     coef = _lagrange_monomials(d, st)  # (B, S, basis, power)
     w = exp_lam[:, :-1, None] * (coef @ exp_moments(h.ravel(), k).reshape(b, n_steps, k, 1))[..., 0]
     weights = np.zeros((b, n_steps, n_steps))
-    weights[:, st.s2, st.n2] = w.reshape(b, -1)[:, st.valid_flat]
-    jac = None
-    if jacobian:
-        at_end = (coef @ (h[..., None] ** st.powers)[..., None])[..., 0]  # l_j(h)
-        slope = (coef[..., 1:] * st.powers[1:]) @ np.swapaxes(d[..., None] ** st.powers[:-1], -1, -2)  # l_j'(d_i)
-        node_terms = -slope * w[:, :, None, :]
-        node_terms[:, :, 0, 0] -= exp_lam[:, :-1]  # the lower limit lambda_s is node 0 as well
-        jac = np.zeros((b, n_steps, n_steps, n_steps + 1))
-        jac[:, st.s2, st.n2, st.s2_end] = (exp_lam[:, 1:, None] * at_end).reshape(b, -1)[:, st.valid_flat]
-        jac[:, st.s3, st.n3j, st.n3i] = node_terms.reshape(b, -1)[:, st.valid3_flat]
-    if not batched:
-        return weights[0], None if jac is None else jac[0]
-    return weights, jac
+    w_valid = w.reshape(b, -1)[:, st.valid_flat]
+    weights[:, st.s2, st.n2] = w_valid
+    if not jacobian:
+        return weights, w_valid, None, None
+    at_end = (coef @ (h[..., None] ** st.powers)[..., None])[..., 0]  # l_j(h)
+    slope = (coef[..., 1:] * st.powers[1:]) @ np.swapaxes(d[..., None] ** st.powers[:-1], -1, -2)  # l_j'(d_i)
+    node_terms = -slope * w[:, :, None, :]
+    node_terms[:, :, 0, 0] -= exp_lam[:, :-1]  # the lower limit lambda_s is node 0 as well
+    return (weights, w_valid, (exp_lam[:, 1:, None] * at_end).reshape(b, -1)[:, st.valid_flat],
+            node_terms.reshape(b, -1)[:, st.valid3_flat])
 
 
 class _Stencil:
@@ -307,7 +322,12 @@ class SurrogateObjective:
         """`parts` at a batch of points z (B, N-1): smooth (B,), d smooth/dz (B, N-1), c (B, m), dc/dz (B, m, N-1)."""
         lam = np.empty((z.shape[0], z.shape[1] + 2))
         lam[:, 0], lam[:, 1:-1], lam[:, -1] = self.lam_start, z, self.lam_end
-        weights, jac = self.step_weights(lam, jacobian)
+        sparse = jacobian and self.objective == "lagrange"
+        if sparse:  # the Jacobian's nonzero entries only, contracted below by two products with constant matrices
+            weights, w_valid, end_terms, node_terms = _lagrange_terms(lam, _stencil(self._orders), True)
+            jac = None
+        else:
+            weights, jac = self.step_weights(lam, jacobian)
         eps, deps = error_proxy(lam[:, :-1], self.p)
         weighted = weights * eps[:, None, :]
         alone_rows = weighted[:, self._alone_steps]
@@ -315,7 +335,15 @@ class SurrogateObjective:
         smooth = norms.sum(-1)
         c = weighted[:, self._summed_steps].sum(1)[:, self._coupled_nodes]
         d_smooth = dc = None
-        if jacobian:
+        if sparse:
+            con = self._contraction
+            # entry e of d(weighted) = dP_e eps_n(e), or P_e eps'_n(e) on the diagonal (m = n)
+            terms = np.concatenate([end_terms, node_terms, w_valid], axis=1) \
+                * np.concatenate([eps, deps], axis=1)[:, con.proxy]
+            unit = (alone_rows / np.maximum(norms, 1e-300)[..., None]).reshape(z.shape[0], -1)
+            d_smooth = (terms[:, con.alone] * unit[:, con.unit]) @ con.to_smooth
+            dc = (terms @ con.to_c).reshape(z.shape[0], self._coupled_nodes.size, z.shape[1])
+        elif jacobian:
             # d(weighted)[s, n, m] = dP[s, n, m] eps_n + P[s, n] eps'_n [m = n]
             dweighted = jac * eps[:, None, :, None]
             idx = np.arange(lam.shape[1] - 1)
@@ -324,6 +352,33 @@ class SurrogateObjective:
                                  dweighted[:, self._alone_steps])[:, 1:-1]
             dc = dweighted[:, self._summed_steps].sum(1)[:, self._coupled_nodes, 1:-1]
         return smooth, d_smooth, c, dc
+
+    @functools.cached_property
+    def _contraction(self):
+        """The constants of `parts_batch`'s sparse Jacobian (the paper's objective): per nonzero entry e = (step s,
+        node n, lambda m) of d(weighted), in `_lagrange_terms`' order then the diagonal P eps' terms: `proxy` (the
+        column of [eps, eps'] it is scaled by); `alone` (the entries of alone steps) with `unit` (their position in
+        the alone rows, flat) and `to_smooth` (one-hot of their interior m); `to_c` (E, m * (N-1)), one-hot of
+        (coupled n, interior m) for the summed steps' entries. A product with these replaces the dense (S, N, N+1)
+        Jacobian and its scatters and reductions (most of an evaluation's cost at NFE 5-6)."""
+        st, n = _stencil(self._orders), self.nfe
+        step = np.concatenate([st.s2, st.s3, st.s2])
+        node = np.concatenate([st.n2, st.n3j, st.n2])
+        lam_index = np.concatenate([st.s2_end, st.n3i, st.n2])
+        proxy = np.concatenate([st.n2, st.n3j, n + st.n2])
+        interior = (lam_index >= 1) & (lam_index <= n - 1)
+        alone_pos = np.full(n, -1)
+        alone_pos[self._alone_steps] = np.arange(self._alone_steps.size)
+        alone = np.flatnonzero(self.alone[step] & interior)
+        to_smooth = np.zeros((alone.size, n - 1))
+        to_smooth[np.arange(alone.size), lam_index[alone] - 1] = 1.0
+        coupled_pos = np.full(n, -1)
+        coupled_pos[self._coupled_nodes] = np.arange(self._coupled_nodes.size)
+        summed = np.flatnonzero(~self.alone[step] & self.coupled[node] & interior)
+        to_c = np.zeros((step.size, self._coupled_nodes.size * (n - 1)))
+        to_c[summed, coupled_pos[node[summed]] * (n - 1) + lam_index[summed] - 1] = 1.0
+        return types.SimpleNamespace(proxy=proxy, alone=alone, unit=alone_pos[step[alone]] * n + node[alone],
+                                     to_smooth=to_smooth, to_c=to_c)
 
     def fun(self, z: np.ndarray) -> float:
         smooth, _, c, _ = self.parts(z, jacobian=False)
