@@ -42,6 +42,18 @@ def _alone() -> int:
     return _ALONE
 
 
+def _sole_reference_count() -> int:
+    """What sys.getrefcount reports for an object held only by a local popped from a dict, in code shaped like
+    `release`. CPython 3.11-3.13 say 2 (the local and the call's argument); 3.14 may borrow the argument's
+    reference and say 1, and a hard-coded 2 would then take a buffer somebody else still holds for a free one."""
+    store = {"t": object()}
+    t = store.pop("t", None)
+    return sys.getrefcount(t)
+
+
+_SOLE = _sole_reference_count()
+
+
 class BufferPool:
     """Free buffers shaped like the solver state x; `kernel` is the out= update (None: the pool is off)."""
 
@@ -61,8 +73,8 @@ class BufferPool:
     def release(self, buf: dict, name: str) -> None:
         """Pop buf[name] and keep it for reuse if nothing else refers to it."""
         t = buf.pop(name, None)
-        # two references: `t` and getrefcount's argument
-        if (self.kernel is not None and type(t) is Tensor and sys.getrefcount(t) == 2 and not t.requires_grad
+        # held by `t` alone (see _sole_reference_count)
+        if (self.kernel is not None and type(t) is Tensor and sys.getrefcount(t) == _SOLE and not t.requires_grad
                 and t.shape == self.shape and t.dtype == self.dtype and t.device == self.device
                 and t.is_contiguous() and t._base is None and _storage_users(t) == _alone()):
             self.free.append(t)
