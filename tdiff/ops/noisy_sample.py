@@ -220,11 +220,18 @@ def fdm_code(fdm: Optional[S.FDMMomentum]) -> int:
     return FDM_OFF if fdm is None else (FDM_ON_INPUT if fdm.on == "input" else FDM_ON_MEAN)
 
 
-# id(schedule) -> (snapshot of its attributes, kind, params, table, {device: table there}): what the kernels need
-# from a schedule, made once per schedule. Building it (kernel_spec(), the params list, the table's device copy)
-# costs more than an in-cache data pass's share of a small op. The snapshot holds the attribute objects
-# themselves, so reassigning an attribute (a new float, a new tensor) misses and rebuilds the entry; an entry
-# lives as long as its schedule.
+def _spec_args(schedule: S.NoiseSchedule) -> tuple:
+    """(kind, params, spec) of a schedule for the kernels (the table goes through kernel_table, per device)."""
+    if not isinstance(schedule, S.NoiseSchedule):
+        raise TypeError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
+    spec = schedule.kernel_spec()
+    return spec.kind, [float(p) for p in spec.params], spec
+
+
+# id(schedule) -> (snapshot of its attributes, kind, params, spec): what the kernels need from a schedule, made once
+# per schedule. Building it (kernel_spec(), the params list) costs more than an in-cache data pass's share of a
+# small op. The snapshot holds the attribute objects themselves, so reassigning an attribute (a new float, a new
+# tensor) misses and rebuilds the entry; an entry lives as long as its schedule.
 _SCHEDULE_ARGS: dict = {}
 
 
@@ -232,28 +239,21 @@ def _schedule_args(schedule: S.NoiseSchedule, x0: Tensor) -> tuple:
     """(kind, params, table on x0's device) of a schedule, for the kernels; from _SCHEDULE_ARGS when current."""
     state = getattr(schedule, "__dict__", None)
     entry = _SCHEDULE_ARGS.get(id(schedule))
+    current = False
     if entry is not None:
         try:
             current = entry[0] == state  # by identity first: the same objects compare equal without a tensor op
         except RuntimeError:  # a reassigned many-element tensor compares elementwise: ambiguous, so not current
             current = False
-        if current:
-            kind, params, table, tables = entry[1:]
-            if table is None:
-                return kind, params, None
-            device = x0.device
-            if device not in tables:
-                tables[device] = kernel_table(S.KernelSpec(kind, tuple(params), table), device)
-            return kind, params, tables[device]
-    if not isinstance(schedule, S.NoiseSchedule):
-        raise TypeError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
-    spec = schedule.kernel_spec()
-    params = [float(p) for p in spec.params]
-    if state is not None:
-        if entry is None:
-            weakref.finalize(schedule, _SCHEDULE_ARGS.pop, id(schedule), None)
-        _SCHEDULE_ARGS[id(schedule)] = (dict(state), spec.kind, params, spec.table, {})
-    return spec.kind, params, kernel_table(spec, x0.device)
+    if current:
+        kind, params, spec = entry[1:]
+    else:
+        kind, params, spec = _spec_args(schedule)
+        if state is not None:
+            if entry is None:
+                weakref.finalize(schedule, _SCHEDULE_ARGS.pop, id(schedule), None)
+            _SCHEDULE_ARGS[id(schedule)] = (dict(state), kind, params, spec)
+    return kind, params, kernel_table(spec, x0.device)  # kernel_table keeps each table's copy per device
 
 
 def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, *,
@@ -273,11 +273,9 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
             precond_sigma_data, (int, float)) or not 0 < precond_sigma_data < math.inf):
         raise ValueError(f"precond_sigma_data must be None or a finite number > 0, got {precond_sigma_data!r}")
     compiling = torch.compiler.is_compiling()
-    if compiling:  # traced: no module state (the caches above) may be read or written
-        if not isinstance(schedule, S.NoiseSchedule):
-            raise TypeError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
-        spec = schedule.kernel_spec()
-        kind, params, table = spec.kind, [float(p) for p in spec.params], kernel_table(spec, x0.device)
+    if compiling:  # traced: no module state (the cache above) may be read or written
+        kind, params, spec = _spec_args(schedule)
+        table = kernel_table(spec, x0.device)
     else:
         kind, params, table = _schedule_args(schedule, x0)
     if isinstance(t, (int, float)):
