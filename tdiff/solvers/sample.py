@@ -415,6 +415,18 @@ class Raw:
         return (self.m,) if self.uncond is None else (self.m, self.uncond)
 
 
+def _output_parts(src: Tensor, out, guided: bool) -> tuple:
+    """The model's output as (cond,) or, with guidance, (cond, uncond), each checked to be shaped like src."""
+    if not guided:
+        _expected(src, out, "an output")
+        return (out,)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError("with guidance, the denoiser must return a pair (cond, uncond)")
+    for part in out:
+        _expected(src, part, "a guidance output")
+    return tuple(out)
+
+
 def _expected(x: Tensor, out, what: str) -> None:
     if not isinstance(out, Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -547,7 +559,7 @@ class Execution:
         """Instruction number n as a closure (see `compile`)."""
         frees = tuple(self.frees[n])
         pooled, guided = self.pool.enabled, self.scale is not None
-        shape, state = self.buf["x"].shape, self.buf["x"].dtype
+        state = self.buf["x"].dtype
         if type(ins) is Eval and not ins.extra and len(self.plan[ins.k]) == 1:
             name, target, r = self.plan[ins.k][0]
             raw_kept = not (self.clip is not None and target == "x0") and (guided or r is not None)
@@ -563,18 +575,9 @@ class Execution:
             def evaluate(run):
                 buf = run.buf
                 src = buf[src_name]
-                out = net(src.to(io) if cast else src)
-                if not guided:
-                    if type(out) is not Tensor or out.shape != shape:
-                        _expected(src, out, "an output")
-                    run.pending[name] = Raw(out if out.dtype == state else out.to(state), None, src, pq)
-                else:
-                    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                        raise ValueError("with guidance, the denoiser must return a pair (cond, uncond)")
-                    for part in out:
-                        _expected(src, part, "a guidance output")
-                    cond, uncond = (part if part.dtype == state else part.to(state) for part in out)
-                    run.pending[name] = Raw(cond, uncond, src, pq)
+                parts = _output_parts(src, net(src.to(io) if cast else src), guided)
+                m = tuple(part if part.dtype == state else part.to(state) for part in parts)
+                run.pending[name] = Raw(m[0], m[1] if guided else None, src, pq)
                 release = run.pool.release if pooled else _drop
                 for f in frees:
                     release(buf, f)
@@ -666,14 +669,7 @@ def _store_eval(ins: Eval, src: Tensor, out, entries, conv, scale, clip, buf: di
     guides it in its own pass; otherwise it is converted here (and clamped), guidance staying pending unless a
     clamp or a second target needs the guided value now. fuse=False converts here always (the unfused path,
     kept for the clamp and as the tests' oracle)."""
-    if scale is not None:
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise ValueError("with guidance, the denoiser must return a pair (cond, uncond)")
-        for part in out:
-            _expected(src, part, "a guidance output")
-    else:
-        _expected(src, out, "an output")
-    parts = tuple(out) if scale is not None else (out,)
+    parts = _output_parts(src, out, scale is not None)
     single = not ins.extra
     for name, target, r in entries:
         pq = None if r is None else conv[r]
