@@ -4,11 +4,12 @@
 #include "cpu_kernels.h"
 #include "loops/vec_io.h"
 
+// Elementwise passes with one coefficient set per span, so they load and store through IoAnyOrder.
 // The span's pointers are copied into locals: read through the struct, they are reloaded at every step (a store
 // through T* may alias the struct as far as the compiler knows), which costs load slots in an in-cache pass.
 template <typename T, bool WRITE_INPUT>
 void noisy_sample_span(const tdiff::NoisySampleSpan<T>& a) {
-  using IO = Io<T>;
+  using IO = IoAnyOrder<T>;  // elementwise with one coefficient set: any lane order
   using V = typename IO::V;
   constexpr int P = IO::P;
   const V va(a.a), vs(a.s), vc(a.c);
@@ -39,7 +40,7 @@ void noisy_sample(const tdiff::NoisySampleSpan<T>& a) {
 
 template <typename T, bool HAS_IN>
 void noisy_sample_backward_span(const tdiff::NoisySampleBackwardSpan<T>& a) {
-  using IO = Io<T>;
+  using IO = IoAnyOrder<T>;  // elementwise with one coefficient set: any lane order
   using V = typename IO::V;
   constexpr int P = IO::P;
   const V va(a.a), vs(a.s), vc(a.c);

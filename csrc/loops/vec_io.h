@@ -13,6 +13,61 @@
 #include <cstdint>
 #include <type_traits>
 
+// Full steps of half / bfloat16 data, converted straight from and to memory: each half-width load widens in one
+// instruction (vcvtph2ps / vpmovzxwd with a memory operand) and each float half of a step narrows on its way to
+// memory. ATen's Vectorized<T> path loads the whole step into one register and splits it (an extract and a
+// register-form conversion per half): shuffle-port work that bounds an in-cache pass. The results are the same
+// bits: the same conversions (round to nearest even; ATen's own bfloat16 rounding for stores). load_full /
+// store_full return false where this instruction set has no such path (the caller takes ATen's).
+namespace half_io {
+#if defined(CPU_CAPABILITY_AVX512)
+inline bool load_full(const c10::Half* p, at::vec::Vectorized<float>* out) {
+  out[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  out[1] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+  return true;
+}
+inline bool load_full(const c10::BFloat16* p, at::vec::Vectorized<float>* out) {
+  for (int i = 0; i < 2; ++i)
+    out[i] = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * i))), 16));
+  return true;
+}
+inline bool store_full(c10::Half* p, const at::vec::Vectorized<float>* in) {
+  for (int i = 0; i < 2; ++i)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * i),
+                        _mm512_cvtps_ph(in[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return true;
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline bool load_full(const c10::Half* p, at::vec::Vectorized<float>* out) {
+  out[0] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  out[1] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  return true;
+}
+inline bool load_full(const c10::BFloat16* p, at::vec::Vectorized<float>* out) {
+  for (int i = 0; i < 2; ++i)
+    out[i] = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * i))), 16));
+  return true;
+}
+inline bool store_full(c10::Half* p, const at::vec::Vectorized<float>* in) {
+  for (int i = 0; i < 2; ++i)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8 * i),
+                     _mm256_cvtps_ph(in[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return true;
+}
+#endif
+// the fallbacks: no direct path for this type on this instruction set
+template <typename T, typename V>
+inline bool load_full(const T*, V*) {
+  return false;
+}
+template <typename T, typename V>
+inline bool store_full(T*, const V*) {
+  return false;
+}
+}  // namespace half_io
+
 template <typename T>
 struct Io {
   using acc_t = at::opmath_type<T>;
@@ -25,6 +80,7 @@ struct Io {
     if constexpr (P == 1) {
       out[0] = count == W ? V::loadu(p) : V::loadu(p, count);
     } else {
+      if (count == W && half_io::load_full(p, out)) return;
       const Raw r = count == W ? Raw::loadu(p) : Raw::loadu(p, count);
       auto [lo, hi] = at::vec::convert_to_float<T>(r);
       out[0] = lo;
@@ -33,6 +89,8 @@ struct Io {
   }
 
   static inline void store(T* p, int64_t count, const V* in) {
+    if constexpr (P == 2)
+      if (count == W && half_io::store_full(p, in)) return;
     Raw r;
     if constexpr (P == 1)
       r = in[0];
@@ -78,3 +136,48 @@ inline void for_each_step(int64_t n, const F& fn) {
   }
   if (j < n) fn(j, n - j);
 }
+
+// Io<T> for loops that treat every element alike within a step (elementwise, one coefficient set per span): the
+// lanes of a full step may hold its elements in any order, as long as the step's stores put each back where its
+// load found it. For bfloat16 on AVX512 that order is even elements in one vector and odd ones in the other: a
+// bfloat16 is the high half of a float, so widening is a shift or a mask of the loaded 32-bit lanes and narrowing
+// a blend of 16-bit lanes, with no cross-lane shuffle (ATen's order costs a widening move per load and a pack and
+// a permute per store, all on the shuffle port that bounds the in-cache pass). Rounding is ATen's, bit for bit
+// (round to nearest even, NaN to 0xffff). Partial steps, and every other type, take Io<T> as it is.
+template <typename T>
+struct IoAnyOrder : Io<T> {};
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+struct IoAnyOrder<c10::BFloat16> : Io<c10::BFloat16> {
+  using Base = Io<c10::BFloat16>;
+  using V = Base::V;
+  static constexpr int64_t W = Base::W;
+
+  static inline void load(const c10::BFloat16* p, int64_t count, V* out) {
+    if (count != W) return Base::load(p, count, out);
+    const __m512i raw = _mm512_loadu_si512(p);
+    out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));                             // even elements
+    out[1] = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u))));  // odd elements
+  }
+
+  static inline void store(c10::BFloat16* p, int64_t count, const V* in) {
+    if (count != W) return Base::store(p, count, in);
+    const __m512i even = rounded(in[0]);
+    const __m512i odd = rounded(in[1]);
+    // 16-bit lanes: even elements' bfloat16 (shifted down) in the low halves, odd ones' in place in the high halves
+    _mm512_storeu_si512(p, _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(even, 16), odd));
+  }
+
+ private:
+  // the float's bits with its round-to-nearest-even bfloat16 in the high half (0xffff there for NaN), as ATen's
+  // cvtfp32_bf16: x + 0x7fff + ((x >> 16) & 1)
+  static inline __m512i rounded(const V& v) {
+    const __m512 f = v;
+    const __m512i x = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb);
+    return _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), _mm512_cmp_ps_mask(f, f, _CMP_ORD_Q), r);
+  }
+};
+#endif
