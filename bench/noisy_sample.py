@@ -11,8 +11,9 @@ intervals; ratios round by round. In cache a call lasts about 10 us, so a round 
 the same buffers, after untimed warm-up blocks, and there are many rounds: the in-cache ratio is otherwise at the
 mercy of the other processes' cache traffic.
 
-Overhead: the public function (eager, no grad, check=False) against the C++ function it calls, bound directly
-(tdiff._C, csrc/direct.h) and through the dispatcher, at a size where the data pass is negligible (1x4x8x8).
+Overhead: the public function (eager, no grad, check=False) against the C++ function it calls (the prepared
+sampler, tdiff._C.NoisySampler), the op's full-argument direct binding (tdiff._C, csrc/direct.h) and the op through
+the dispatcher, at a size where the data pass is negligible (1x4x8x8).
 """
 from __future__ import annotations
 
@@ -112,8 +113,9 @@ def measure(quick: bool) -> list:
 
 def overhead(quick: bool) -> dict:
     """Per-call cost of the public function above the C++ function it calls (1x4x8x8: the pass itself is
-    negligible). overhead_us = public - direct binding, round by round; vs_dispatcher_us = public - the registered
-    C++ op called through torch.ops."""
+    negligible). overhead_us = public - the prepared sampler it calls (tdiff._C.NoisySampler), round by round;
+    vs_direct_us = public - the op's full-argument direct binding; vs_dispatcher_us = public - the registered C++ op
+    called through torch.ops."""
     x0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     t = torch.tensor([0.5], dtype=torch.float64)
     sched = S.VPLinear()
@@ -125,6 +127,10 @@ def overhead(quick: bool) -> dict:
         fns["C++ function via dispatcher"] = lambda: torch.ops.tdiff.noisy_sample_cpu(*args)
     if _C is not None and hasattr(_C, "noisy_sample_cpu"):
         fns["C++ function, direct binding"] = lambda: _C.noisy_sample_cpu(*args)
+    if _C is not None and hasattr(_C, "NoisySampler"):
+        # what the public function calls: the op with the schedule arguments resolved once (per schedule)
+        sampler = _C.NoisySampler(*args[3:9])
+        fns["C++ sampler (the public path's call)"] = lambda: sampler(x0, eps, t, False, False)
     with torch.no_grad():
         interleaved(fns, rounds=2)
         times = interleaved(fns, rounds=7 if quick else 41, block_seconds=5e-3)
@@ -134,15 +140,18 @@ def overhead(quick: bool) -> dict:
         result[name] = {"us": s["median"] * 1e6, "us_lo": s["lo"] * 1e6, "us_hi": s["hi"] * 1e6,
                         "us_best": min(ts) * 1e6}
     for name in ("public (check=False)", "public (check=True)"):
-        for key, ref in (("overhead", "C++ function, direct binding"), ("vs_dispatcher", "C++ function via dispatcher")):
+        for key, ref in (("overhead", "C++ sampler (the public path's call)"), ("vs_direct", "C++ function, direct binding"),
+                         ("vs_dispatcher", "C++ function via dispatcher")):
             if ref in times:
                 d = median_ci([a - b for a, b in zip(times[name], times[ref])])
                 result[name].update({f"{key}_us": d["median"] * 1e6, f"{key}_lo": d["lo"] * 1e6,
                                      f"{key}_hi": d["hi"] * 1e6})
     print_table("noisy_sample per-call cost at 1x4x8x8 (eager, no grad, one thread), median [95% interval]",
-                ["call", "us", "best us", "above direct binding us", "above dispatcher us"],
+                ["call", "us", "best us", "above the sampler us", "above direct binding us", "above dispatcher us"],
                 [[n, f"{r['us']:.2f} [{r['us_lo']:.2f}, {r['us_hi']:.2f}]", r["us_best"],
                   f"{r['overhead_us']:.2f} [{r['overhead_lo']:.2f}, {r['overhead_hi']:.2f}]" if "overhead_us" in r
+                  else "",
+                  f"{r['vs_direct_us']:.2f} [{r['vs_direct_lo']:.2f}, {r['vs_direct_hi']:.2f}]" if "vs_direct_us" in r
                   else "",
                   f"{r['vs_dispatcher_us']:.2f} [{r['vs_dispatcher_lo']:.2f}, {r['vs_dispatcher_hi']:.2f}]"
                   if "vs_dispatcher_us" in r else ""] for n, r in result.items()])

@@ -10,7 +10,17 @@
 #include <tuple>
 #include <vector>
 
+#include "schedule_coefficients.h"
+
 namespace tdiff {
+
+// noisy_sample's schedule arguments, checked and resolved: the coefficient spec, and the contiguous float64 table
+// its pointer refers to (held here, so it lives as long as the spec).
+struct NoisySampleSchedule {
+  ScheduleSpec spec{};
+  at::Tensor table;
+};
+
 namespace direct {
 
 at::Tensor multistep_update_cpu(const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs);
@@ -26,6 +36,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
     const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t, int64_t kind, at::ArrayRef<double> params,
     const std::optional<at::Tensor>& table, double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on,
     bool write_input);
+// noisy_sample_cpu with the schedule arguments resolved once (tdiff._C.NoisySampler, made once per schedule by
+// tdiff/ops/noisy_sample.py): a call parses 5 arguments instead of 10 and allocates only the outputs asked for
+// (net_in with write_input, the (B, 3) coefficients with want_coefs; None otherwise). Same checks, same results.
+class NoisySampler {
+ public:
+  NoisySampler(int64_t kind, at::ArrayRef<double> params, const std::optional<at::Tensor>& table,
+               double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on);
+  std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> operator()(
+      const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t, bool write_input, bool want_coefs) const;
+
+ private:
+  NoisySampleSchedule schedule_;
+};
 std::tuple<at::Tensor, at::Tensor> weighted_mse_cpu(const at::Tensor& pred, const at::Tensor& target,
                                                     const at::Tensor& weight);
 std::tuple<at::Tensor, at::Tensor> cached_block_cpu(const at::Tensor& x, const at::Tensor& gate,

@@ -54,6 +54,11 @@ PYBIND11_MODULE(_C, m) {
                                                  write_input);
         },
         release);
+  py::class_<tdiff::direct::NoisySampler>(m, "NoisySampler")
+      .def(py::init<int64_t, const std::vector<double>&, const maybe&, double, const std::vector<double>&, int64_t>(),
+           py::arg("kind"), py::arg("params"), py::arg("table"), py::arg("precond_sigma_data"), py::arg("fdm"),
+           py::arg("fdm_on"))
+      .def("__call__", &tdiff::direct::NoisySampler::operator(), release);
   m.def("weighted_mse_cpu", &tdiff::direct::weighted_mse_cpu, release);
   m.def("cached_block_cpu", &tdiff::direct::cached_block_cpu, release);
 }

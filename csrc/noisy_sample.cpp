@@ -47,30 +47,40 @@ void noisy_sample_rows(const at::Tensor& x0, const at::Tensor& eps, at::Tensor& 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
-    const at::Tensor& x0_in, const at::Tensor& eps_in, const at::Tensor& t, int64_t kind, at::ArrayRef<double> params,
-    const std::optional<at::Tensor>& table, double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on,
-    bool write_input) {
-  const char* op = "tdiff::noisy_sample_cpu";
-  check_data(op, "x0", x0_in);
-  check_batch(op, "x0", x0_in);
-  check_like(op, "eps", eps_in, "x0", x0_in);
-  const int64_t batch = x0_in.size(0);
-  check_rows(op, "t", t, batch, 0, /*shared=*/false, std::nullopt);
-  at::Tensor table64;
+// The schedule arguments, checked and turned into the coefficient spec (the table copied to contiguous float64,
+// held by the result so the spec's pointer into it stays valid).
+NoisySampleSchedule resolve_schedule(const char* op, int64_t kind, at::ArrayRef<double> params,
+                                     const std::optional<at::Tensor>& table, double precond_sigma_data,
+                                     at::ArrayRef<double> fdm, int64_t fdm_on) {
+  NoisySampleSchedule out;
   const double* table_ptr = nullptr;
   int64_t table_n = 0;
   if (table.has_value() && table->defined()) {
     TORCH_CHECK_VALUE(table->device().is_cpu() && table->scalar_type() == at::kDouble && table->dim() == 1, op,
                       ": table must be a 1-D float64 CPU tensor of log-alpha, got ", table->scalar_type(), " ",
                       table->sizes(), " on ", table->device());
-    table64 = table->contiguous();
-    table_ptr = table64.data_ptr<double>();
-    table_n = table64.numel();
+    out.table = table->contiguous();
+    table_ptr = out.table.data_ptr<double>();
+    table_n = out.table.numel();
     TORCH_CHECK_VALUE(kind == TABLE_VP, op, ": table is only for a discrete schedule (kind ", TABLE_VP, "), got kind ",
                       kind);
   }
-  const ScheduleSpec spec = make_spec(kind, params, table_ptr, table_n, precond_sigma_data, fdm, fdm_on);
+  out.spec = make_spec(kind, params, table_ptr, table_n, precond_sigma_data, fdm, fdm_on);
+  return out;
+}
+
+// The op on checked schedule arguments: x_t, net_in (undefined unless write_input) and the (B, 3) coefficients
+// (undefined unless want_coefs). Outputs nobody asked for are not allocated: at in-cache sizes each allocation is
+// a visible share of the call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_run(const char* op, const ScheduleSpec& spec,
+                                                                const at::Tensor& x0_in, const at::Tensor& eps_in,
+                                                                const at::Tensor& t, bool write_input,
+                                                                bool want_coefs) {
+  check_data(op, "x0", x0_in);
+  check_batch(op, "x0", x0_in);
+  check_like(op, "eps", eps_in, "x0", x0_in);
+  const int64_t batch = x0_in.size(0);
+  check_rows(op, "t", t, batch, 0, /*shared=*/false, std::nullopt);
   const at::Tensor x0 = x0_in.contiguous();
   const at::Tensor eps = eps_in.contiguous();
 
@@ -82,14 +92,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
   for (int64_t b = 0; b < batch; ++b) sample_coefficients(spec, tp[b], cp.data() + 3 * b);
 
   at::Tensor xt = new_cpu_like(x0);
-  at::Tensor net_in = write_input ? new_cpu_like(x0) : new_cpu({0}, x0.scalar_type());
-  at::Tensor coefs = new_cpu({batch, 3}, at::toOpMathType(x0.scalar_type()));
+  at::Tensor net_in = write_input ? new_cpu_like(x0) : at::Tensor();
+  at::Tensor coefs = want_coefs ? new_cpu({batch, 3}, at::toOpMathType(x0.scalar_type())) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "noisy_sample", [&] {
     noisy_sample_rows<scalar_t>(x0, eps, xt, write_input ? &net_in : nullptr, cp.data());
-    using acc_t = at::opmath_type<scalar_t>;
-    acc_t* out = coefs.data_ptr<acc_t>();
-    for (int64_t i = 0; i < 3 * batch; ++i) out[i] = static_cast<acc_t>(cp[i]);
+    if (want_coefs) {
+      using acc_t = at::opmath_type<scalar_t>;
+      acc_t* out = coefs.data_ptr<acc_t>();
+      for (int64_t i = 0; i < 3 * batch; ++i) out[i] = static_cast<acc_t>(cp[i]);
+    }
   });
+  return {xt, net_in, coefs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
+    const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t, int64_t kind, at::ArrayRef<double> params,
+    const std::optional<at::Tensor>& table, double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on,
+    bool write_input) {
+  const char* op = "tdiff::noisy_sample_cpu";
+  const NoisySampleSchedule schedule = resolve_schedule(op, kind, params, table, precond_sigma_data, fdm, fdm_on);
+  auto [xt, net_in, coefs] = noisy_sample_run(op, schedule.spec, x0, eps, t, write_input, /*want_coefs=*/true);
+  if (!write_input) net_in = new_cpu({0}, x0.scalar_type());  // the schema's empty tensor for "no input"
   return {xt, net_in, coefs};
 }
 
@@ -147,6 +170,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_cpu(
     const std::optional<at::Tensor>& table, double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on,
     bool write_input) {
   return ::tdiff::noisy_sample_cpu(x0, eps, t, kind, params, table, precond_sigma_data, fdm, fdm_on, write_input);
+}
+
+NoisySampler::NoisySampler(int64_t kind, at::ArrayRef<double> params, const std::optional<at::Tensor>& table,
+                           double precond_sigma_data, at::ArrayRef<double> fdm, int64_t fdm_on)
+    : schedule_(resolve_schedule("tdiff._C.NoisySampler", kind, params, table, precond_sigma_data, fdm, fdm_on)) {}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> NoisySampler::operator()(
+    const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t, bool write_input, bool want_coefs) const {
+  auto [xt, net_in, coefs] =
+      noisy_sample_run("tdiff::noisy_sample_cpu", schedule_.spec, x0, eps, t, write_input, want_coefs);
+  return {xt, net_in.defined() ? std::optional<at::Tensor>(net_in) : std::nullopt,
+          coefs.defined() ? std::optional<at::Tensor>(coefs) : std::nullopt};
 }
 }  // namespace direct
 

@@ -14,6 +14,7 @@ Ops (schemas under tdiff::):
 """
 from __future__ import annotations
 
+import importlib
 import math
 import weakref
 from typing import List, Optional, Tuple
@@ -228,32 +229,54 @@ def _spec_args(schedule: S.NoiseSchedule) -> tuple:
     return spec.kind, [float(p) for p in spec.params], spec
 
 
-# id(schedule) -> (snapshot of its attributes, kind, params, spec): what the kernels need from a schedule, made once
-# per schedule. Building it (kernel_spec(), the params list) costs more than an in-cache data pass's share of a
-# small op. The snapshot holds the attribute objects themselves, so reassigning an attribute (a new float, a new
-# tensor) misses and rebuilds the entry; an entry lives as long as its schedule.
+# id(schedule) -> (snapshot of its attributes, kind, params, spec, samplers): what the kernels need from a schedule,
+# made once per schedule. Building it (kernel_spec(), the params list) costs more than an in-cache data pass's share
+# of a small op. The snapshot holds the attribute objects themselves, so reassigning an attribute (a new float, a
+# new tensor) misses and rebuilds the entry; an entry lives as long as its schedule. samplers:
+# (precond_sigma_data, FDM arguments) -> tdiff._C.NoisySampler, the C++ op with these arguments resolved (the eager
+# CPU fast path).
 _SCHEDULE_ARGS: dict = {}
+_MAX_SAMPLERS = 16  # per schedule; a caller cycling through more precond/FDM settings rebuilds them
+
+
+def _schedule_entry(schedule: S.NoiseSchedule) -> tuple:
+    """The schedule's _SCHEDULE_ARGS entry, rebuilt when stale."""
+    state = getattr(schedule, "__dict__", None)
+    entry = _SCHEDULE_ARGS.get(id(schedule))
+    if entry is not None:
+        try:
+            if entry[0] == state:  # by identity first: the same objects compare equal without a tensor op
+                return entry
+        except RuntimeError:  # a reassigned many-element tensor compares elementwise: ambiguous, so not current
+            pass
+    kind, params, spec = _spec_args(schedule)
+    fresh = (None if state is None else dict(state), kind, params, spec, {})
+    if state is not None:
+        if entry is None:
+            weakref.finalize(schedule, _SCHEDULE_ARGS.pop, id(schedule), None)
+        _SCHEDULE_ARGS[id(schedule)] = fresh
+    return fresh
 
 
 def _schedule_args(schedule: S.NoiseSchedule, x0: Tensor) -> tuple:
     """(kind, params, table on x0's device) of a schedule, for the kernels; from _SCHEDULE_ARGS when current."""
-    state = getattr(schedule, "__dict__", None)
-    entry = _SCHEDULE_ARGS.get(id(schedule))
-    current = False
-    if entry is not None:
-        try:
-            current = entry[0] == state  # by identity first: the same objects compare equal without a tensor op
-        except RuntimeError:  # a reassigned many-element tensor compares elementwise: ambiguous, so not current
-            current = False
-    if current:
-        kind, params, spec = entry[1:]
-    else:
-        kind, params, spec = _spec_args(schedule)
-        if state is not None:
-            if entry is None:
-                weakref.finalize(schedule, _SCHEDULE_ARGS.pop, id(schedule), None)
-            _SCHEDULE_ARGS[id(schedule)] = (dict(state), kind, params, spec)
+    _, kind, params, spec, _ = _schedule_entry(schedule)
     return kind, params, kernel_table(spec, x0.device)  # kernel_table keeps each table's copy per device
+
+
+def _cpu_sampler(entry: tuple, precond_sigma_data: float, fdm_params: list, fdm_on: int):
+    """The schedule entry's tdiff._C.NoisySampler for these arguments (made on first use; it checks them)."""
+    samplers = entry[4]
+    key = precond_sigma_data if fdm_on == FDM_OFF else (precond_sigma_data, tuple(fdm_params), fdm_on)
+    sampler = samplers.get(key)
+    if sampler is None:
+        if len(samplers) >= _MAX_SAMPLERS:
+            samplers.clear()
+        _, kind, params, spec, _ = entry
+        sampler = importlib.import_module("tdiff._C").NoisySampler(
+            kind, params, kernel_table(spec, torch.device("cpu")), precond_sigma_data, fdm_params, fdm_on)
+        samplers[key] = sampler
+    return sampler
 
 
 def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, *,
@@ -272,32 +295,32 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
     if precond_sigma_data is not None and (isinstance(precond_sigma_data, bool) or not isinstance(
             precond_sigma_data, (int, float)) or not 0 < precond_sigma_data < math.inf):
         raise ValueError(f"precond_sigma_data must be None or a finite number > 0, got {precond_sigma_data!r}")
-    compiling = torch.compiler.is_compiling()
-    if compiling:  # traced: no module state (the cache above) may be read or written
-        kind, params, spec = _spec_args(schedule)
-        table = kernel_table(spec, x0.device)
-    else:
-        kind, params, table = _schedule_args(schedule, x0)
     if isinstance(t, (int, float)):
         t = torch.full((x0.shape[0],), float(t), device=x0.device, dtype=torch.float64)
-    args = (x0, eps, t, kind, params, table, -1.0 if precond_sigma_data is None else float(precond_sigma_data),
-            [] if fdm is None else fdm.kernel_params(), fdm_code(fdm), write_input)
-    if compiling:
+    sigma_data = -1.0 if precond_sigma_data is None else float(precond_sigma_data)
+    fdm_params, fdm_on = ([], FDM_OFF) if fdm is None else (fdm.kernel_params(), fdm_code(fdm))
+    grad = torch.is_grad_enabled() and (x0.requires_grad or getattr(eps, "requires_grad", False))
+    if torch.compiler.is_compiling():  # traced: no module state (the cache above) may be read or written
+        kind, params, spec = _spec_args(schedule)
+        args = (x0, eps, t, kind, params, kernel_table(spec, x0.device), sigma_data, fdm_params, fdm_on, write_input)
         xt, net_in, coefs = torch.ops.tdiff.noisy_sample(*args)  # traced through its fake and autograd registrations
-    elif torch.is_grad_enabled() and (x0.requires_grad or getattr(eps, "requires_grad", False)):
-        xt, net_in, coefs = _EagerNoisySample.apply(*args)
+    elif not grad and dispatch.eager_kernel(x0, "noisy_sample_cpu") is not None:
+        # eager, no autograd, the C++ kernel the backend: the schedule's prepared sampler (it validates its inputs;
+        # a refusal is re-explained by the Python validation, which names arguments as the public API does). It
+        # makes the coefficients only for the check, and net_in only when asked.
+        entry = _schedule_entry(schedule)
+        try:
+            xt, net_in, coefs = _cpu_sampler(entry, sigma_data, fdm_params, fdm_on)(x0, eps, t, write_input, check)
+        except (RuntimeError, TypeError, ValueError):
+            _validate(x0, eps, t, entry[1], entry[2], kernel_table(entry[3], x0.device), fdm_params, fdm_on)
+            raise
     else:
-        # eager, no autograd: the C++ kernel itself when it is the backend (it validates its inputs; a refusal is
-        # re-explained by the Python validation, which names arguments as the public API does)
-        kernel = dispatch.eager_kernel(x0, "noisy_sample_cpu")
-        if kernel is None:
-            xt, net_in, coefs = _forward_impl(*args)
+        kind, params, table = _schedule_args(schedule, x0)
+        args = (x0, eps, t, kind, params, table, sigma_data, fdm_params, fdm_on, write_input)
+        if grad:
+            xt, net_in, coefs = _EagerNoisySample.apply(*args)
         else:
-            try:
-                xt, net_in, coefs = kernel(*args)
-            except (RuntimeError, TypeError, ValueError):
-                _validate(*args[:6], *args[7:9])
-                raise
+            xt, net_in, coefs = _forward_impl(*args)
     if check:
         _check_times(t, coefs, schedule)
     return xt, (net_in if write_input else None)
