@@ -47,7 +47,7 @@ void noisy_sample_rows(const at::Tensor& x0, const at::Tensor& eps, at::Tensor& 
   });
 }
 
-// The schedule arguments, checked and turned into the coefficient spec (the table copied to contiguous float64,
+// The schedule arguments, checked and turned into the coefficient spec (the table as a contiguous float64 tensor,
 // held by the result so the spec's pointer into it stays valid).
 NoisySampleSchedule resolve_schedule(const char* op, int64_t kind, at::ArrayRef<double> params,
                                      const std::optional<at::Tensor>& table, double precond_sigma_data,
