@@ -33,13 +33,14 @@ Order 1 of the data-prediction ODE is DDIM; of the data-prediction SDE, DDPM's a
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence
 
 from . import arrays
 from .ddim import ddim_coefficients, first_order_row
 from .grid import Grid
-from .program import Eval, Noise, Program, Update, check_choice, check_flag, check_order, choose_orders, \
-    mixed_rows
+from .program import Eval, Noise, Program, Structure, Update, check_choice, check_flag, check_order, \
+    choose_orders, mixed_rows, structure
 
 #: solver name -> (what the history holds, stochastic, allowed orders)
 KINDS = {
@@ -160,25 +161,31 @@ def build_multistep(kind: str, g: Grid, cond_times, order: int, lower_order_fina
                          allowed)
     if euler_at_final and not explicit:
         plan.first_order_at(g.n_steps - 1)
-    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     rows = mixed_rows(plan.top, lambda p, idx: step_row(kind, g, idx, p, solver_type), plan.weight, plan.blend,
                       tail=int(stochastic))
-    orders = plan.top
-    name = "E" if target == "eps" else "D"
+    n = g.n_steps
+    noisy = tuple(stochastic and not (g.final_zero and i == n - 1) for i in range(n))
+    if stochastic and not noisy[-1]:
+        rows[-1] = rows[-1][:-1]  # no noise is added at sigma = 0 (its coefficient is 0)
+    return Program.of(_structure("E" if target == "eps" else "D", target, tuple(plan.top), noisy), rows,
+                      eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
+
+
+@functools.lru_cache(maxsize=256)
+def _structure(name: str, target: str, orders: tuple, noisy: tuple) -> Structure:
+    """The instructions of a multistep run with these per-step orders (and noise): pure structure, cached (see
+    program.Structure). Step i evaluates into name{i} and updates x with row i over its last orders[i] outputs."""
     names = [f"{name}{i}" for i in range(len(orders))]
+    steps = []
     for i, p in enumerate(orders):
         hist = tuple(names[i - k] for k in range(p))
         step = [Eval(names[i], "x", i, target)]
-        row = rows[i]
-        if stochastic:
-            if g.final_zero and i == g.n_steps - 1:
-                row = row[:-1]  # no noise is added at sigma = 0 (its coefficient is 0)
-            else:
-                step.append(Noise("z"))
-                hist = hist + ("z",)
-        step.append(Update("x", "x", hist, prog.row(row)))
-        prog.add_step(step)
-    return prog
+        if noisy[i]:
+            step.append(Noise("z"))
+            hist = hist + ("z",)
+        step.append(Update("x", "x", hist, i))
+        steps.append(step)
+    return structure(steps)
 
 
 def build_dpmpp(g: Grid, cond_times, order: int = 2, lower_order_final: bool = True, order_rule: str = "diffusers",
