@@ -83,9 +83,15 @@ def tensor(like, values: Sequence):
 def stack(vs: Sequence, dim: int = 0):
     if not isinstance(vs[0], HOST):
         return torch.stack(list(vs), dim=dim)
-    if vs[0].ndim == 1 and dim in (0, 1, -1):  # the common case, without np.stack's Python overhead
-        out = np.array(vs, dtype=np.float64)
-        return out if dim == 0 else out.T
+    nd = vs[0].ndim
+    if nd <= 2 and -nd - 1 <= dim <= nd:  # without np.stack's Python overhead: one array, then a transposed view
+        out = np.array(vs, dtype=np.float64)  # (len(vs), *shape)
+        dim = dim % (nd + 1)
+        if dim == 0:
+            return out
+        axes = list(range(1, nd + 1))
+        axes.insert(dim, 0)
+        return out.transpose(axes)
     return np.stack(vs, axis=dim)
 
 
@@ -95,7 +101,7 @@ def cat(vs: Sequence, dim: int = 0):
 
 def unbind(v, dim: int = 0) -> list:
     if isinstance(v, HOST):
-        return list(v if dim == 0 else np.moveaxis(v, dim, 0))
+        return list(v if dim == 0 else v.T if v.ndim == 2 else np.moveaxis(v, dim, 0))
     return list(v.unbind(dim))
 
 
