@@ -48,6 +48,8 @@ def check_timesteps(schedule: NoiseSchedule, timesteps, name: str = "timesteps")
     if type(schedule).check_t is not NoiseSchedule.check_t or not (
             math.isfinite(sum(values)) and lo <= min(values) and max(values) <= hi):
         schedule.check_t(timesteps.detach(), name)  # the schedule's own check (and its message: NaN, inf, domain)
+    if all(b < a for a, b in zip(values, values[1:])):  # the common case, in one pass
+        return timesteps
     if any(b == a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must not hold duplicated times (got {values}); diffusers' "
                          f"HeunDiscreteScheduler repeats its times by design: pass such a scheduler through "

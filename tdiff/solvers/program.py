@@ -93,6 +93,16 @@ class Structure:
     evals: tuple  # the evaluations in program order
     derived: dict = field(default_factory=dict)
 
+    def row_widths(self) -> dict:
+        """width -> the indices of the rows of that width (row r is read by the Update with row = r, and its width
+        is 1 + the length of that Update's history)."""
+        if "row_widths" not in self.derived:
+            by_width: dict = {}
+            for ins in sorted((i for step in self.steps for i in step if type(i) is Update), key=lambda u: u.row):
+                by_width.setdefault(1 + len(ins.hist), []).append(ins.row)
+            self.derived["row_widths"] = by_width
+        return self.derived["row_widths"]
+
 
 def structure(steps) -> Structure:
     """The Structure of a list of steps (each a list of instructions)."""
@@ -156,11 +166,14 @@ class Program:
         view of its width's matrix. When every row was built on the host, the matrices are kept for `row_groups`
         and the rows become tensors only when `rows` is read; otherwise they are converted now (rows that are
         tensors already are kept)."""
-        by_width: dict = {}
         rows = self._rows
-        for r, row in enumerate(rows):
-            if type(row) is np.ndarray:
-                by_width.setdefault(len(row), []).append(r)
+        if self.structure is not None and all(type(row) is np.ndarray for row in rows):
+            by_width = self.structure.row_widths()  # every row is host-built, and its width is structural
+        else:
+            by_width = {}
+            for r, row in enumerate(rows):
+                if type(row) is np.ndarray:
+                    by_width.setdefault(len(row), []).append(r)
         groups = [(idx, np.array([rows[r] for r in idx], dtype=np.float64)) for idx in by_width.values()]
         self._host_groups = (groups, None)  # None: not converted yet
         if sum(map(len, by_width.values())) != len(rows):
@@ -406,24 +419,36 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
     one row over the same buffers.
 
     row_fn(p, idx) gets an index array of positions (numpy int64) and returns a list of (len(idx),) tensors (one per row entry):
-    the rows are computed once per order for all positions that use it, so a table costs a few dozen tensor ops
-    whatever the number of steps, and each row is a view of its order's (positions, width) matrix."""
+    the rows are computed once per order for all positions that use it (the first-order rows of the order-1 and
+    the blending positions in one call), so a table costs a few dozen tensor ops whatever the number of steps, and
+    each row is a view of its order's (positions, width) matrix."""
     out: list = [None] * len(top)
     groups: dict = {}
     for i, p in enumerate(top):
         if p is not None:
             groups.setdefault(p, []).append(i)
+    blending = {p: [j for j, i in enumerate(idx) if blend[i]] for p, idx in groups.items() if p > 1} \
+        if blend is not None else {}
+    need = set(groups.get(1, ()))
+    for p, sel in blending.items():
+        need.update(groups[p][j] for j in sel)
+    need = sorted(need)
+    if need:
+        first_all = arrays.stack(row_fn(1, arrays.indices(need)), dim=1)  # (positions, 2+tail)
+        where = {i: k for k, i in enumerate(need)}
     for p, idx in groups.items():
-        mat = arrays.stack(row_fn(p, arrays.indices(idx)), dim=1)  # (positions, 1+p+tail)
-        sel = [j for j, i in enumerate(idx) if blend is not None and blend[i]] if p > 1 else []
-        if sel:
-            at = arrays.indices([idx[j] for j in sel])
-            first = arrays.stack(row_fn(1, at), dim=1)  # (blending positions, 2+tail)
-            cut = first.shape[1] - tail
-            first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]], dim=1)
-            w = weight[at][:, None]
-            rows = arrays.indices(sel)
-            mat = arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
+        if p == 1:
+            mat = first_all if idx == need else first_all[arrays.indices([where[i] for i in idx])]
+        else:
+            mat = arrays.stack(row_fn(p, arrays.indices(idx)), dim=1)  # (positions, 1+p+tail)
+            sel = blending.get(p)
+            if sel:
+                first = first_all[arrays.indices([where[idx[j]] for j in sel])]  # (blending positions, 2+tail)
+                cut = first.shape[1] - tail
+                first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]], dim=1)
+                w = weight[arrays.indices([idx[j] for j in sel])][:, None]
+                rows = arrays.indices(sel)
+                mat = arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
         for i, row in zip(idx, arrays.unbind(mat, 0)):
             out[i] = row
     return out
