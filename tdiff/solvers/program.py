@@ -9,6 +9,9 @@ no solver arithmetic, no host sync and no allocation in the loop beyond the mode
 Buffer names: "x" is the running sample; "D{i}" the data (x0) prediction of evaluation i; solvers may add their own
 (e.g. iPNDM's "d{i}", Heun's "xp", the noise-prediction solvers' "E{i}").
 
+Structure: the instructions depend only on the run's structure (per-step orders, noise, ...), never on the time
+steps' values; the builders cache them by that structure (`Structure`) and compute the rows in every call.
+
 Evaluation points: `eval_points[k]` is the schedule time of the sample that evaluation k sees (the grid point, or
 Heun's churned point). The network is fed `eval_times[k]` (LD3's decoupled time, or diffusers' rounded integer
 timestep), but its output is converted at the sample's own noise level, eval_points[k] (issue 12.1).
@@ -366,7 +369,8 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
     Blending p with p-1 (a cascade) was tried earlier and let more curves rise.
 
     The decisions (which order, whether to blend) are made on the host from the step sizes; the blend weights of
-    the blending steps are one vectorised tensor expression of the time steps."""
+    the blending steps are one vectorised tensor expression of the time steps (on a host grid, without gradients,
+    the same `ramp` expression in floats, in the loop that decides)."""
     h = lam[1:] - lam[:-1]
     hd = arrays.tolist(h)
     n = len(hd)
