@@ -107,21 +107,31 @@ def _step_coefficients(kind: str, g: Grid, i, p: int, solver_type: str) -> tuple
     return a_t / a_s, [-2 * s_t * e1, c1][:p], s_t * arrays.sqrt_pos(arrays.expm1(2 * h))
 
 
-def _divided_differences(g: Grid, i, p: int) -> list:
-    """D0, D1, (D2) as rows over (m0, m1, (m2)) for step i at order p (see the module doc)."""
+def _history_weights(g: Grid, i, cs: list) -> list:
+    """The weights on (m0, m1, (m2)) of c0 D0 + c1 D1 (+ c2 D2) for step i (p = len(cs) >= 2), D0, D1, D2 the
+    divided differences of the module doc as rows over the outputs:
+      2 outputs: D0 = (1, 0), D1 = (1/r0, -1/r0)
+      3 outputs: D1_0 = (1/r0, -1/r0, 0), D1_1 = (0, 1/r1, -1/r1), D0 = (1, 0, 0),
+                 D1 = D1_0 + w (D1_0 - D1_1) with w = r0/(r0+r1), D2 = (D1_0 - D1_1)/(r0 + r1).
+    The structural zeros and ones of those rows are not multiplied out (a no-grad table is a few dozen small array
+    operations, each costing about the same whatever its size); the sums keep their order, so the weights are the
+    ones the full product gives (up to the sign of a zero)."""
     lam = g.lam
-    h = lam[i + 1] - lam[i]
-    one, zero = arrays.ones_like(h), arrays.zeros_like(h)
-    r0 = (lam[i] - lam[i - 1]) / h
-    if p == 2:
-        return [[one, zero], [1 / r0, -1 / r0]]
-    r1 = (lam[i - 1] - lam[i - 2]) / h
-    d10 = [1 / r0, -1 / r0, zero]
-    d11 = [zero, 1 / r1, -1 / r1]
-    w = r0 / (r0 + r1)
-    d1 = [a + w * (a - b) for a, b in zip(d10, d11)]
-    d2 = [(a - b) / (r0 + r1) for a, b in zip(d10, d11)]
-    return [[one, zero, zero], d1, d2]
+    lam_i, lam_b = lam[i], lam[i - 1]
+    h = lam[i + 1] - lam_i
+    r0 = (lam_i - lam_b) / h
+    if len(cs) == 2:
+        c0, c1 = cs
+        return [c0 + c1 * (1 / r0), c1 * (-1 / r0)]
+    c0, c1, c2 = cs
+    r1 = (lam_b - lam[i - 2]) / h
+    a0, a1, b1, b2 = 1 / r0, -1 / r0, 1 / r1, -1 / r1  # D1_0 = (a0, a1, 0), D1_1 = (0, b1, b2)
+    s = r0 + r1
+    w = r0 / s
+    diff1, minus_b2 = a1 - b1, -b2  # D1_0 - D1_1 = (a0, diff1, minus_b2)
+    d1 = (a0 + w * a0, a1 + w * diff1, w * minus_b2)
+    d2 = (a0 / s, diff1 / s, minus_b2 / s)
+    return [c0 + c1 * d1[0] + c2 * d2[0], c1 * d1[1] + c2 * d2[1], c1 * d1[2] + c2 * d2[2]]
 
 
 def step_row(kind: str, g: Grid, i, p: int, solver_type: str = "midpoint") -> list:
@@ -132,11 +142,7 @@ def step_row(kind: str, g: Grid, i, p: int, solver_type: str = "midpoint") -> li
         c_x, c_d, _, s = ddim_coefficients(g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta=1.0)
         return [c_x, c_d, s]
     c_x, cs, c_z = _step_coefficients(kind, g, i, p, solver_type)
-    if p == 1:
-        cm = cs
-    else:
-        basis = _divided_differences(g, i, p)
-        cm = [sum(c * d[j] for c, d in zip(cs, basis)) for j in range(p)]
+    cm = cs if p == 1 else _history_weights(g, i, cs)
     return [c_x, *cm] + ([] if c_z is None else [c_z])
 
 
