@@ -104,10 +104,11 @@ class NoiseSchedule(abc.ABC):
         for the tables of a no-grad sampling call (a schedule evaluation there is ~20 torch ops on ~20 values,
         each a few microseconds of dispatch). None where the schedule has no host evaluation (the caller then
         evaluates it in torch)."""
-        log_alpha = self._log_alpha_host(t)
-        if log_alpha is None or type(self).log_sigma is not _log_sigma_vp:
+        cls = type(self)
+        if cls.log_sigma is not _log_sigma_vp or not _hosts_own_log_alpha(cls):
             return None
-        return log_alpha, _vp_log_sigma(log_alpha)
+        log_alpha = self._log_alpha_host(t)
+        return None if log_alpha is None else (log_alpha, _vp_log_sigma(log_alpha))
 
     def _log_alpha_host(self, t: np.ndarray) -> Optional[np.ndarray]:
         """log alpha at numpy times t, where the schedule's formula runs on numpy arrays (the VP schedules)."""
@@ -193,6 +194,18 @@ def check_param(cls: str, name: str, value, lo: float = -math.inf, hi: float = m
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
         raise ValueError(f"{cls} {name} must be finite and in {lb}{lo}, {hi}{rb}, got {value!r}")
     return v
+
+
+_HOSTS_OWN_LOG_ALPHA: dict = {}
+
+
+def _hosts_own_log_alpha(cls) -> bool:
+    """Whether cls's _log_alpha_host is defined with its log_alpha (a subclass that overrides log_alpha alone is
+    evaluated in torch, with its own formula)."""
+    if cls not in _HOSTS_OWN_LOG_ALPHA:
+        owner = lambda name: next(c for c in cls.__mro__ if name in c.__dict__)  # noqa: E731
+        _HOSTS_OWN_LOG_ALPHA[cls] = owner("_log_alpha_host") is owner("log_alpha")
+    return _HOSTS_OWN_LOG_ALPHA[cls]
 
 
 def _vp_log_sigma(log_alpha):

@@ -113,7 +113,7 @@ def test_conversion_from_the_grids_alpha_sigma_equals_the_schedules(prediction, 
 def test_host_grid_equals_the_torch_grid(fst):
     """The schedule evaluated on the host (NoiseSchedule.log_alpha_sigma_host: the VP schedules' closed forms on
     numpy) gives the grid that make_grid computes in torch; schedules without a host evaluation (VPCosine, EDM, a
-    zero-terminal-SNR table) fall back to it."""
+    zero-terminal-SNR table, a subclass that overrides log_alpha alone) fall back to it."""
     import numpy as np
 
     from tdiff.schedules import VPCosine, VPLinear
@@ -121,8 +121,12 @@ def test_host_grid_equals_the_torch_grid(fst):
 
     zero_snr = DiscreteVP(betas=torch.cat([torch.linspace(1e-4, 0.02, 999, dtype=torch.float64),
                                            torch.ones(1, dtype=torch.float64)]))
+    class Steeper(VPLinear):  # overrides log_alpha alone: its own formula, evaluated in torch
+        def log_alpha(self, t):
+            return 1.5 * super().log_alpha(t)
+
     hosted = 0
-    for schedule in (SCHEDULES["discrete"], VPLinear(), VPCosine(), EDM(), zero_snr):
+    for schedule in (SCHEDULES["discrete"], VPLinear(), VPCosine(), EDM(), zero_snr, Steeper()):
         lo, hi = schedule.t_min, min(schedule.t_max, schedule.domain[1])
         for u in (torch.linspace(0, 1, 8, dtype=torch.float64), torch.linspace(0, 1, 21, dtype=torch.float64) ** 2):
             ts = hi + (lo - hi) * u
