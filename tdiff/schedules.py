@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 TimeLike = Union[float, Sequence[float], torch.Tensor]
@@ -97,6 +98,21 @@ class NoiseSchedule(abc.ABC):
         if type(self).log_sigma is _log_sigma_vp:
             return log_alpha, _vp_log_sigma(log_alpha)
         return log_alpha, self.log_sigma(t)
+
+    def log_alpha_sigma_host(self, t: np.ndarray) -> Optional[tuple]:
+        """(log alpha, log sigma) at float64 times t as numpy arrays: the same closed forms evaluated on the host,
+        for the tables of a no-grad sampling call (a schedule evaluation there is ~20 torch ops on ~20 values,
+        each a few microseconds of dispatch). None where the schedule has no host evaluation (the caller then
+        evaluates it in torch)."""
+        cls = type(self)
+        if cls.log_sigma is not _log_sigma_vp or not _hosts_own_log_alpha(cls):
+            return None
+        log_alpha = self._log_alpha_host(t)
+        return None if log_alpha is None else (log_alpha, _vp_log_sigma(log_alpha))
+
+    def _log_alpha_host(self, t: np.ndarray) -> Optional[np.ndarray]:
+        """log alpha at numpy times t, where the schedule's formula runs on numpy arrays (the VP schedules)."""
+        return None
 
     def alpha(self, t: TimeLike) -> torch.Tensor:
         return self.log_alpha(t).exp()
@@ -180,8 +196,22 @@ def check_param(cls: str, name: str, value, lo: float = -math.inf, hi: float = m
     return v
 
 
-def _vp_log_sigma(log_alpha: torch.Tensor) -> torch.Tensor:
-    # sigma = sqrt(1 - alpha^2), computed stably near alpha -> 1
+_HOSTS_OWN_LOG_ALPHA: dict = {}
+
+
+def _hosts_own_log_alpha(cls) -> bool:
+    """Whether cls's _log_alpha_host is defined with its log_alpha (a subclass that overrides log_alpha alone is
+    evaluated in torch, with its own formula)."""
+    if cls not in _HOSTS_OWN_LOG_ALPHA:
+        owner = lambda name: next(c for c in cls.__mro__ if name in c.__dict__)  # noqa: E731
+        _HOSTS_OWN_LOG_ALPHA[cls] = owner("_log_alpha_host") is owner("log_alpha")
+    return _HOSTS_OWN_LOG_ALPHA[cls]
+
+
+def _vp_log_sigma(log_alpha):
+    # sigma = sqrt(1 - alpha^2), computed stably near alpha -> 1 (a tensor, or a numpy array on the host)
+    if isinstance(log_alpha, np.ndarray):
+        return 0.5 * np.log(-np.expm1(2.0 * log_alpha))
     return 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
 
 
@@ -207,7 +237,9 @@ class VPLinear(NoiseSchedule):
         self.t_min = check_param("VPLinear", "t_min", t_min, 0.0, 1.0, lo_open=False)
 
     def log_alpha(self, t):
-        t = as_time(t)
+        return self._log_alpha_host(as_time(t))
+
+    def _log_alpha_host(self, t):  # plain arithmetic: the one formula for tensors and numpy arrays
         return -0.25 * t * t * (self.beta1 - self.beta0) - 0.5 * t * self.beta0
 
     log_sigma = _log_sigma_vp
@@ -372,8 +404,12 @@ class DiscreteVP(NoiseSchedule):
 
     @staticmethod
     def _interp(x, xp, fp):
-        # piecewise-linear with linear extrapolation at both ends (DPM-Solver's interpolate_fn)
-        idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, xp.numel() - 1)
+        # piecewise-linear with linear extrapolation at both ends (DPM-Solver's interpolate_fn); tensors, or numpy
+        # arrays on the host (the same formula)
+        if isinstance(x, np.ndarray):
+            idx = np.minimum(np.maximum(np.searchsorted(xp, x), 1), len(xp) - 1)
+        else:
+            idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, xp.numel() - 1)
         x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
         return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
@@ -386,6 +422,14 @@ class DiscreteVP(NoiseSchedule):
             w = ((t - t0) / (t1 - t0)).clamp(max=1.0)
             out = torch.where(t > t0, y0 + torch.log1p(-w.clamp(min=0.0)), out)
         return out
+
+    def _log_alpha_host(self, t):
+        if self.zero_terminal_snr:
+            return None  # its last segment is the torch path's alone
+        tables = getattr(self, "_host_tables", None)
+        if tables is None:
+            tables = self._host_tables = (self.t_table.numpy(), self.log_alpha_table.numpy())
+        return self._interp(t, *tables)
 
     log_sigma = _log_sigma_vp
 

@@ -107,3 +107,57 @@ def test_conversion_from_the_grids_alpha_sigma_equals_the_schedules(prediction, 
         got = den.conversion(ts, target, alpha=alpha, sigma=sigma)
         assert got.dtype == want.dtype and got.shape == want.shape
         assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("fst", ["sigma_min", "zero"])
+def test_host_grid_equals_the_torch_grid(fst):
+    """The schedule evaluated on the host (NoiseSchedule.log_alpha_sigma_host: the VP schedules' closed forms on
+    numpy) gives the grid that make_grid computes in torch; schedules without a host evaluation (VPCosine, EDM, a
+    zero-terminal-SNR table, a subclass that overrides log_alpha alone) fall back to it."""
+    import numpy as np
+
+    from tdiff.schedules import VPCosine, VPLinear
+    from tdiff.solvers.grid import host_grid
+
+    zero_snr = DiscreteVP(betas=torch.cat([torch.linspace(1e-4, 0.02, 999, dtype=torch.float64),
+                                           torch.ones(1, dtype=torch.float64)]))
+    class Steeper(VPLinear):  # overrides log_alpha alone: its own formula, evaluated in torch
+        def log_alpha(self, t):
+            return 1.5 * super().log_alpha(t)
+
+    hosted = 0
+    for schedule in (SCHEDULES["discrete"], VPLinear(), VPCosine(), EDM(), zero_snr, Steeper()):
+        lo, hi = schedule.t_min, min(schedule.t_max, schedule.domain[1])
+        for u in (torch.linspace(0, 1, 8, dtype=torch.float64), torch.linspace(0, 1, 21, dtype=torch.float64) ** 2):
+            ts = hi + (lo - hi) * u
+            want = make_grid(schedule, ts, fst).on_host()
+            got = host_grid(schedule, ts, fst)
+            hosted += schedule.log_alpha_sigma_host(ts.numpy()) is not None
+            assert got.t is ts and got.final_zero == want.final_zero
+            for name in ("alpha", "sigma", "lam"):
+                a, b = getattr(got, name), getattr(want, name)
+                assert type(a) is np.ndarray and a.dtype == np.float64
+                np.testing.assert_allclose(a, b, rtol=4e-16, atol=4e-16, err_msg=f"{type(schedule).__name__} {name}")
+    assert hosted == 4  # DiscreteVP and VPLinear on the host; VPCosine, EDM and the zero-SNR table in torch
+
+
+def test_programs_of_one_structure_share_their_instructions():
+    """The instructions (and buffer lifetimes) are cached by structure, never by the timesteps' values: two grids
+    whose orders agree share one Structure, whose frees are the ones computed from its steps; a grid whose step
+    sizes change the orders gets another. Rows sealed on the host become tensors only when read, equal to the
+    matrices the sampling loop reads."""
+    from tdiff.solvers.program import Program
+
+    schedule = SCHEDULES["discrete"]
+    u = torch.linspace(0, 1, 21, dtype=torch.float64)
+    a = build_program(schedule, 0.98 - 0.96 * u, "dpmpp", 2, order_rule="diffusers")
+    b = build_program(schedule, 0.97 - 0.9 * u**2, "dpmpp", 2, order_rule="diffusers")
+    assert a.structure is not None and a.structure is b.structure and a.steps is b.steps
+    assert [r.tolist() for r in a.rows] != [r.tolist() for r in b.rows]  # the rows are each grid's own
+    plain = Program(steps=[list(step) for step in a.steps])
+    assert plain.frees() == a.frees() and plain.evals() == a.evals()
+    c = build_program(schedule, 0.98 - 0.96 * u, "dpmpp", 3, order_rule="diffusers")
+    assert c.structure is not a.structure
+    for idx, mat in b.row_groups():
+        for r, row in zip(idx, mat):
+            assert torch.equal(b.rows[r], torch.from_numpy(row))

@@ -24,6 +24,12 @@ def on_host(v) -> bool:
     return isinstance(v, HOST)
 
 
+def readable_on_host(t) -> bool:
+    """A plain CPU float64 tensor outside autograd and torch.func, whose values numpy can read without a copy."""
+    return (t.device.type == "cpu" and t.dtype == torch.float64 and not t.requires_grad
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def indices(values: Sequence[int]) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
@@ -46,7 +52,11 @@ def sqrt_pos(v):
 
 
 def clamp(v, lo: float, hi: float):
-    return np.clip(v, lo, hi) if isinstance(v, HOST) else v.clamp(lo, hi)
+    """v clamped to [lo, hi]: a tensor, a numpy array or a Python float (np.clip is twice as slow as this on
+    small arrays)."""
+    if isinstance(v, float):
+        return min(max(v, lo), hi)
+    return np.minimum(np.maximum(v, lo), hi) if isinstance(v, HOST) else v.clamp(lo, hi)
 
 
 def full_like(v, value: float):
@@ -73,9 +83,15 @@ def tensor(like, values: Sequence):
 def stack(vs: Sequence, dim: int = 0):
     if not isinstance(vs[0], HOST):
         return torch.stack(list(vs), dim=dim)
-    if vs[0].ndim == 1 and dim in (0, 1, -1):  # the common case, without np.stack's Python overhead
-        out = np.array(vs, dtype=np.float64)
-        return out if dim == 0 else out.T
+    nd = vs[0].ndim
+    if nd <= 2 and -nd - 1 <= dim <= nd:  # without np.stack's Python overhead: one array, then a transposed view
+        out = np.array(vs, dtype=np.float64)  # (len(vs), *shape)
+        dim = dim % (nd + 1)
+        if dim == 0:
+            return out
+        axes = list(range(1, nd + 1))
+        axes.insert(dim, 0)
+        return out.transpose(axes)
     return np.stack(vs, axis=dim)
 
 
@@ -85,7 +101,7 @@ def cat(vs: Sequence, dim: int = 0):
 
 def unbind(v, dim: int = 0) -> list:
     if isinstance(v, HOST):
-        return list(v if dim == 0 else np.moveaxis(v, dim, 0))
+        return list(v if dim == 0 else v.T if v.ndim == 2 else np.moveaxis(v, dim, 0))
     return list(v.unbind(dim))
 
 

@@ -21,9 +21,11 @@ clamped x0 (they differ only when the denoiser clamps its x0 prediction, `clip_x
 """
 from __future__ import annotations
 
+import functools
+
 from . import arrays
 from .grid import Grid
-from .program import Eval, Noise, Program, Update, check_flag
+from .program import Eval, Noise, Program, Structure, Update, check_flag, structure
 
 
 def ddim_coefficients(alpha_s, sigma_s, alpha_t, sigma_t, eta: float = 0.0) -> tuple:
@@ -53,27 +55,35 @@ def build_ddim(g: Grid, cond_times, eta: float = 0.0, use_clipped_model_output: 
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta < float("inf"):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     check_flag("use_clipped_model_output", use_clipped_model_output)
-    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     alpha_to, sigma_to = g.landing()
     n = g.n_steps
     # every step's coefficients at once (a handful of tensor ops, whatever the number of steps)
     c_x, c_d, c_eps, s = ddim_coefficients(g.alpha[:n], g.sigma[:n], alpha_to, sigma_to, float(eta))
-    cols, hist = ([c_x, c_d], ("D",)) if use_clipped_model_output else ([alpha_to * 0, alpha_to, c_eps], ("D", "E"))
+    cols = [c_x, c_d] if use_clipped_model_output else [alpha_to * 0, alpha_to, c_eps]
     if s is not None:
         cols.append(s)
     rows = arrays.rows(cols)
-    for i in range(n):
-        noisy = s is not None and not (g.final_zero and i == n - 1)  # no noise is added at sigma = 0
-        extra = () if use_clipped_model_output else ((f"E{i}", "eps"),)
-        step = [Eval(f"D{i}", "x", i, extra=extra)]
-        names = tuple(f"{h}{i}" for h in hist)
-        row = rows[i] if noisy or s is None else rows[i][:-1]
-        if noisy:
+    noisy = tuple(s is not None and not (g.final_zero and i == n - 1) for i in range(n))  # none at sigma = 0
+    if s is not None and not noisy[-1]:
+        rows[-1] = rows[-1][:-1]
+    return Program.of(_structure(noisy, use_clipped_model_output), rows, eval_times=cond_times, eval_points=g.t,
+                      eval_alpha_sigma=g.points())
+
+
+@functools.lru_cache(maxsize=256)
+def _structure(noisy: tuple, one_target: bool) -> Structure:
+    """DDIM's instructions (pure structure, cached: see program.Structure): per step, an evaluation (into D{i},
+    and E{i} as the unclipped eps unless one_target), noise where noisy[i], and the update with row i."""
+    steps = []
+    for i, noise in enumerate(noisy):
+        names = (f"D{i}",) if one_target else (f"D{i}", f"E{i}")
+        step = [Eval(f"D{i}", "x", i, extra=() if one_target else ((f"E{i}", "eps"),))]
+        if noise:
             step.append(Noise("z"))
             names = names + ("z",)
-        step.append(Update("x", "x", names, prog.row(row)))
-        prog.add_step(step)
-    return prog
+        step.append(Update("x", "x", names, i))
+        steps.append(step)
+    return structure(steps)
 
 
 def build_ddpm(g: Grid, cond_times) -> Program:

@@ -33,13 +33,14 @@ Order 1 of the data-prediction ODE is DDIM; of the data-prediction SDE, DDPM's a
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence
 
 from . import arrays
 from .ddim import ddim_coefficients, first_order_row
 from .grid import Grid
-from .program import Eval, Noise, Program, Update, check_choice, check_flag, check_order, choose_orders, \
-    mixed_rows
+from .program import Eval, Noise, Program, Structure, Update, check_choice, check_flag, check_order, \
+    choose_orders, mixed_rows, structure
 
 #: solver name -> (what the history holds, stochastic, allowed orders)
 KINDS = {
@@ -106,21 +107,31 @@ def _step_coefficients(kind: str, g: Grid, i, p: int, solver_type: str) -> tuple
     return a_t / a_s, [-2 * s_t * e1, c1][:p], s_t * arrays.sqrt_pos(arrays.expm1(2 * h))
 
 
-def _divided_differences(g: Grid, i, p: int) -> list:
-    """D0, D1, (D2) as rows over (m0, m1, (m2)) for step i at order p (see the module doc)."""
+def _history_weights(g: Grid, i, cs: list) -> list:
+    """The weights on (m0, m1, (m2)) of c0 D0 + c1 D1 (+ c2 D2) for step i (p = len(cs) >= 2), D0, D1, D2 the
+    divided differences of the module doc as rows over the outputs:
+      2 outputs: D0 = (1, 0), D1 = (1/r0, -1/r0)
+      3 outputs: D1_0 = (1/r0, -1/r0, 0), D1_1 = (0, 1/r1, -1/r1), D0 = (1, 0, 0),
+                 D1 = D1_0 + w (D1_0 - D1_1) with w = r0/(r0+r1), D2 = (D1_0 - D1_1)/(r0 + r1).
+    The structural zeros and ones of those rows are not multiplied out (a no-grad table is a few dozen small array
+    operations, each costing about the same whatever its size); the sums keep their order, so the weights are the
+    ones the full product gives (up to the sign of a zero)."""
     lam = g.lam
-    h = lam[i + 1] - lam[i]
-    one, zero = arrays.ones_like(h), arrays.zeros_like(h)
-    r0 = (lam[i] - lam[i - 1]) / h
-    if p == 2:
-        return [[one, zero], [1 / r0, -1 / r0]]
-    r1 = (lam[i - 1] - lam[i - 2]) / h
-    d10 = [1 / r0, -1 / r0, zero]
-    d11 = [zero, 1 / r1, -1 / r1]
-    w = r0 / (r0 + r1)
-    d1 = [a + w * (a - b) for a, b in zip(d10, d11)]
-    d2 = [(a - b) / (r0 + r1) for a, b in zip(d10, d11)]
-    return [[one, zero, zero], d1, d2]
+    lam_i, lam_b = lam[i], lam[i - 1]
+    h = lam[i + 1] - lam_i
+    r0 = (lam_i - lam_b) / h
+    if len(cs) == 2:
+        c0, c1 = cs
+        return [c0 + c1 * (1 / r0), c1 * (-1 / r0)]
+    c0, c1, c2 = cs
+    r1 = (lam_b - lam[i - 2]) / h
+    a0, a1, b1, b2 = 1 / r0, -1 / r0, 1 / r1, -1 / r1  # D1_0 = (a0, a1, 0), D1_1 = (0, b1, b2)
+    s = r0 + r1
+    w = r0 / s
+    diff1, minus_b2 = a1 - b1, -b2  # D1_0 - D1_1 = (a0, diff1, minus_b2)
+    d1 = (a0 + w * a0, a1 + w * diff1, w * minus_b2)
+    d2 = (a0 / s, diff1 / s, minus_b2 / s)
+    return [c0 + c1 * d1[0] + c2 * d2[0], c1 * d1[1] + c2 * d2[1], c1 * d1[2] + c2 * d2[2]]
 
 
 def step_row(kind: str, g: Grid, i, p: int, solver_type: str = "midpoint") -> list:
@@ -131,11 +142,7 @@ def step_row(kind: str, g: Grid, i, p: int, solver_type: str = "midpoint") -> li
         c_x, c_d, _, s = ddim_coefficients(g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta=1.0)
         return [c_x, c_d, s]
     c_x, cs, c_z = _step_coefficients(kind, g, i, p, solver_type)
-    if p == 1:
-        cm = cs
-    else:
-        basis = _divided_differences(g, i, p)
-        cm = [sum(c * d[j] for c, d in zip(cs, basis)) for j in range(p)]
+    cm = cs if p == 1 else _history_weights(g, i, cs)
     return [c_x, *cm] + ([] if c_z is None else [c_z])
 
 
@@ -160,25 +167,31 @@ def build_multistep(kind: str, g: Grid, cond_times, order: int, lower_order_fina
                          allowed)
     if euler_at_final and not explicit:
         plan.first_order_at(g.n_steps - 1)
-    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     rows = mixed_rows(plan.top, lambda p, idx: step_row(kind, g, idx, p, solver_type), plan.weight, plan.blend,
                       tail=int(stochastic))
-    orders = plan.top
-    name = "E" if target == "eps" else "D"
+    n = g.n_steps
+    noisy = tuple(stochastic and not (g.final_zero and i == n - 1) for i in range(n))
+    if stochastic and not noisy[-1]:
+        rows[-1] = rows[-1][:-1]  # no noise is added at sigma = 0 (its coefficient is 0)
+    return Program.of(_structure("E" if target == "eps" else "D", target, tuple(plan.top), noisy), rows,
+                      eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
+
+
+@functools.lru_cache(maxsize=256)
+def _structure(name: str, target: str, orders: tuple, noisy: tuple) -> Structure:
+    """The instructions of a multistep run with these per-step orders (and noise): pure structure, cached (see
+    program.Structure). Step i evaluates into name{i} and updates x with row i over its last orders[i] outputs."""
     names = [f"{name}{i}" for i in range(len(orders))]
+    steps = []
     for i, p in enumerate(orders):
         hist = tuple(names[i - k] for k in range(p))
         step = [Eval(names[i], "x", i, target)]
-        row = rows[i]
-        if stochastic:
-            if g.final_zero and i == g.n_steps - 1:
-                row = row[:-1]  # no noise is added at sigma = 0 (its coefficient is 0)
-            else:
-                step.append(Noise("z"))
-                hist = hist + ("z",)
-        step.append(Update("x", "x", hist, prog.row(row)))
-        prog.add_step(step)
-    return prog
+        if noisy[i]:
+            step.append(Noise("z"))
+            hist = hist + ("z",)
+        step.append(Update("x", "x", hist, i))
+        steps.append(step)
+    return structure(steps)
 
 
 def build_dpmpp(g: Grid, cond_times, order: int = 2, lower_order_final: bool = True, order_rule: str = "diffusers",

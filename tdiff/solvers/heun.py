@@ -22,6 +22,7 @@ Correction in x-space (Delta = sigma~_{i+1} - sigma^, x^ = sample at sigma^, x' 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -31,7 +32,7 @@ from ..schedules import NoiseSchedule
 from . import arrays
 from .ddim import first_order_coefficients
 from .grid import Grid
-from .program import ORDER_RULES, Alias, Eval, Noise, Program, Update, check_choice, ramp
+from .program import ORDER_RULES, Alias, Eval, Noise, Program, Update, check_choice, ramp, structure
 
 
 def _gammas(g: Grid, s_churn: float, s_min: float, s_max: float) -> list:
@@ -106,30 +107,52 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
             w = arrays.where(np.array(blended), ramp(g.lam[nx] - g.lam[at], *HEUN_H), 1.0)
             cols = [w * c for c in cols[:3]] + [w * cols[3] + (1 - w)]
         correction_rows = dict(zip(corrected, arrays.rows(cols)))
-    prog = Program()
-    points, where = [], []  # per evaluation: the grid point it is at, and whether it is a churned predictor
+    noisy = tuple(gamma > 0 for gamma in gammas)
+    fixed = tuple(i in correction_rows for i in range(n))
+    rows = []  # in the order the structure's updates number them
     for i in range(n):
-        step = []
-        if gammas[i] > 0:
-            step += [Noise("z"), Update("x", "x", ("z",), prog.row(noise_rows[churned.index(i)]))]
-        points.append(i)
-        where.append(gammas[i] > 0)
-        step += [Eval("D", "x", len(points) - 1), Update("xp", "x", ("D",), prog.row(euler_rows[i]))]
-        if i in correction_rows:
-            points.append(i + 1)
-            where.append(False)
-            step += [Eval("Dp", "xp", len(points) - 1),
-                     Update("x", "x", ("Dp", "D", "xp"), prog.row(correction_rows[i]))]
-        else:
-            step.append(Alias("x", "xp"))  # the Euler step alone
-        prog.add_step(step)
+        if noisy[i]:
+            rows.append(noise_rows[churned.index(i)])
+        rows.append(euler_rows[i])
+        if fixed[i]:
+            rows.append(correction_rows[i])
+    struct, points, where = _structure(noisy, fixed)
+    prog = Program.of(struct, rows)
     idx = torch.tensor(points)
     prog.eval_times, prog.eval_points = cond_times[idx], g.t[idx]
     known = g.points()
     if known is not None and not churned and max(points) < len(known[0]):
-        prog.eval_alpha_sigma = (known[0][points], known[1][points])
+        at = list(points)
+        prog.eval_alpha_sigma = (known[0][at], known[1][at])
     if churned:  # a churned predictor is evaluated (and converted) at its raised noise level
         pred, raised = torch.tensor([k for k, c in enumerate(where) if c]), t_eval[torch.tensor(churned)]
         prog.eval_times = prog.eval_times.index_put((pred,), raised)
         prog.eval_points = prog.eval_points.index_put((pred,), raised)
     return prog
+
+
+@functools.lru_cache(maxsize=256)
+def _structure(noisy: tuple, corrected: tuple) -> tuple:
+    """(Structure, evaluation points, churned flags) of a Heun run (pure structure, cached: see program.Structure):
+    per step, churn noise where noisy[i], the predictor's evaluation and Euler step, and the corrector's evaluation
+    and update where corrected[i] (else the Euler result is the step's). Per evaluation: the grid point it is at,
+    and whether it is a churned predictor."""
+    steps, points, where, r = [], [], [], 0
+    for i in range(len(noisy)):
+        step = []
+        if noisy[i]:
+            step += [Noise("z"), Update("x", "x", ("z",), r)]
+            r += 1
+        points.append(i)
+        where.append(noisy[i])
+        step += [Eval("D", "x", len(points) - 1), Update("xp", "x", ("D",), r)]
+        r += 1
+        if corrected[i]:
+            points.append(i + 1)
+            where.append(False)
+            step += [Eval("Dp", "xp", len(points) - 1), Update("x", "x", ("Dp", "D", "xp"), r)]
+            r += 1
+        else:
+            step.append(Alias("x", "xp"))  # the Euler step alone
+        steps.append(step)
+    return structure(steps), tuple(points), tuple(where)

@@ -13,10 +13,12 @@ forms d_i from D_i in an update of its own (two updates per evaluation): for a d
 """
 from __future__ import annotations
 
+import functools
+
 from . import arrays
 from .grid import Grid
-from .program import Eval, Program, Update, check_choice, check_flag, check_order, choose_orders, mixed_rows, \
-    multistep_orders
+from .program import Eval, Program, Structure, Update, check_choice, check_flag, check_order, choose_orders, \
+    mixed_rows, multistep_orders, structure
 
 ADAMS_BASHFORTH = {
     1: (1.0,),
@@ -60,18 +62,21 @@ def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = T
     plan = choose_orders("ipndm", g.lam, order, lower_order_final, order_rule, g.final_zero, _count_rule, orders,
                          (1, 2, 3, 4))
     rows = mixed_rows(plan.top, lambda q, idx: step_row(g, idx, q), plan.weight, plan.blend)
-    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
-    slope = [f"d{i}" for i in range(len(rows))]
+    kw = dict(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     if slopes == "eps":
-        for i, (p, row) in enumerate(zip(plan.top, rows)):
-            prog.add_step([Eval(slope[i], "x", i, "eps"),
-                           Update("x", "x", tuple(slope[i - k] for k in range(p)), prog.row(row))])
-        return prog
+        return Program.of(_structure(tuple(plan.top), slopes), rows, **kw)
     slope_rows = arrays.rows(slope_row(g, slice(0, g.n_steps)))
-    for i, (p, row) in enumerate(zip(plan.top, rows)):
-        prog.add_step([
-            Eval(f"D{i}", "x", i),
-            Update(slope[i], "x", (f"D{i}",), prog.row(slope_rows[i])),
-            Update("x", "x", tuple(slope[i - k] for k in range(p)), prog.row(row)),
-        ])
-    return prog
+    # row 2i: step i's slope from D_i; row 2i + 1: step i's update
+    return Program.of(_structure(tuple(plan.top), slopes), [r for pair in zip(slope_rows, rows) for r in pair], **kw)
+
+
+@functools.lru_cache(maxsize=256)
+def _structure(orders: tuple, slopes: str) -> Structure:
+    """iPNDM's instructions for these per-step orders (pure structure, cached: see program.Structure)."""
+    slope = [f"d{i}" for i in range(len(orders))]
+    if slopes == "eps":
+        return structure([[Eval(slope[i], "x", i, "eps"), Update("x", "x", tuple(slope[i - k] for k in range(p)), i)]
+                          for i, p in enumerate(orders)])
+    return structure([[Eval(f"D{i}", "x", i), Update(slope[i], "x", (f"D{i}",), 2 * i),
+                       Update("x", "x", tuple(slope[i - k] for k in range(p)), 2 * i + 1)]
+                      for i, p in enumerate(orders)])

@@ -9,6 +9,9 @@ no solver arithmetic, no host sync and no allocation in the loop beyond the mode
 Buffer names: "x" is the running sample; "D{i}" the data (x0) prediction of evaluation i; solvers may add their own
 (e.g. iPNDM's "d{i}", Heun's "xp", the noise-prediction solvers' "E{i}").
 
+Structure: the instructions depend only on the run's structure (per-step orders, noise, ...), never on the time
+steps' values; the builders cache them by that structure (`Structure`) and compute the rows in every call.
+
 Evaluation points: `eval_points[k]` is the schedule time of the sample that evaluation k sees (the grid point, or
 Heun's churned point). The network is fed `eval_times[k]` (LD3's decoupled time, or diffusers' rounded integer
 timestep), but its output is converted at the sample's own noise level, eval_points[k] (issue 12.1).
@@ -72,15 +75,83 @@ class Alias(NamedTuple):
 Instruction = Union[Eval, Update, Noise, Alias]
 
 
+@dataclass(frozen=True, eq=False)
+class Structure:
+    """A program's instructions and what follows from them alone, built once per structure and shared by every
+    Program of that structure (never mutated).
+
+    Why: `tdiff.sample` builds its program inside every call, and writing out ~40 instructions and their buffer
+    lifetimes is a large share of that build at 1x4x32x32. The instructions depend only on the structure of the
+    run (the solver, the order of each step, which steps add noise, ...), never on the values of the time steps,
+    so the builders cache them by that structure (functools.lru_cache on a function of it, `structure`); the rows,
+    which do depend on the values, are computed in every call. A cached structure is correct for every input of
+    that structure: nothing keyed on input values is cached.
+
+    derived: further structure the sampling loop computes from the instructions alone (its conversion plan), by
+    what else it depends on."""
+
+    steps: tuple  # per step, a tuple of instructions
+    nfe: int
+    frees: tuple  # per instruction (flat index), the buffers nobody reads after it (Program.frees)
+    evals: tuple  # the evaluations in program order
+    derived: dict = field(default_factory=dict)
+
+    def row_widths(self) -> dict:
+        """width -> the indices of the rows of that width (row r is read by the Update with row = r, and its width
+        is 1 + the length of that Update's history)."""
+        if "row_widths" not in self.derived:
+            by_width: dict = {}
+            for ins in sorted((i for step in self.steps for i in step if type(i) is Update), key=lambda u: u.row):
+                by_width.setdefault(1 + len(ins.hist), []).append(ins.row)
+            self.derived["row_widths"] = by_width
+        return self.derived["row_widths"]
+
+
+def structure(steps) -> Structure:
+    """The Structure of a list of steps (each a list of instructions)."""
+    steps = tuple(tuple(step) for step in steps)
+    flat = [i for step in steps for i in step]
+    evals = tuple(sorted((i for i in flat if type(i) is Eval), key=lambda e: e.k))
+    return Structure(steps, len(evals), _frees(flat), evals)
+
+
 @dataclass
 class Program:
     steps: List[List[Instruction]] = field(default_factory=list)
-    rows: List[Tensor] = field(default_factory=list)  # each (1+K,), differentiable in the timesteps
+    # the coefficient rows (the `rows` property): each (1+K,), differentiable in the timesteps
+    _rows: List[Tensor] = field(default_factory=list, repr=False)
     eval_times: Optional[Tensor] = None  # (E,) times handed to the denoiser
     eval_points: Optional[Tensor] = None  # (E,) schedule times of the samples evaluated (where outputs convert)
     # (alpha, sigma) host arrays at eval_points[:len(alpha)] when the grid knows them (Grid.points), else None
     eval_alpha_sigma: Optional[tuple] = None
     nfe: int = 0
+    #: the shared instructions when the program was built from a cached Structure (then steps is its tuple)
+    structure: Optional[Structure] = None
+
+    @classmethod
+    def of(cls, struct: Structure, rows: list, **kw) -> "Program":
+        """A program with a cached structure's instructions and these rows (row r is what Update.row = r reads)."""
+        return cls(steps=struct.steps, _rows=list(rows), nfe=struct.nfe, structure=struct, **kw)
+
+    @property
+    def rows(self) -> List[Tensor]:
+        """The coefficient rows as float64 tensors. Rows sealed on the host (`seal_rows`) become tensors here, at
+        the first read: the sampling loop reads the host matrices (`row_groups`) and never needs them."""
+        host = getattr(self, "_host_groups", None)
+        if host is not None and host[1] is None:
+            for idx, mat in host[0]:
+                for r, row in zip(idx, torch.from_numpy(mat).unbind(0)):  # one conversion per width
+                    self._rows[r] = row
+            self._host_groups = (host[0], list(self._rows))
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: List[Tensor]) -> None:
+        self._rows, self._host_groups = rows, None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._rows)
 
     def row(self, values: Union[Tensor, Sequence[Tensor]]) -> int:
         """Register a coefficient row [c_x, c_0, ...] (a 1-D tensor or a list of 0-dim ones; or the same as numpy
@@ -94,28 +165,31 @@ class Program:
         return len(self.rows) - 1
 
     def seal_rows(self) -> "Program":
-        """Turn the rows built on the host (numpy) into float64 tensors: one conversion per row width, each row a
-        view of its width's matrix. Rows that are tensors already are kept. When every row was built on the host,
-        the matrices are kept for `row_groups`."""
-        by_width: dict = {}
-        for r, row in enumerate(self.rows):
-            if isinstance(row, np.ndarray):
-                by_width.setdefault(len(row), []).append(r)
-        groups = []
-        for idx in by_width.values():
-            host = np.stack([self.rows[r] for r in idx])
-            for r, row in zip(idx, torch.from_numpy(host).unbind(0)):
-                self.rows[r] = row
-            groups.append((idx, host))
-        self._host_groups = (groups, list(self.rows)) if sum(map(len, by_width.values())) == len(self.rows) else None
+        """Group the rows built on the host (numpy) by width into (rows, width) float64 matrices, each row to be a
+        view of its width's matrix. When every row was built on the host, the matrices are kept for `row_groups`
+        and the rows become tensors only when `rows` is read; otherwise they are converted now (rows that are
+        tensors already are kept)."""
+        rows = self._rows
+        if self.structure is not None and all(type(row) is np.ndarray for row in rows):
+            by_width = self.structure.row_widths()  # every row is host-built, and its width is structural
+        else:
+            by_width = {}
+            for r, row in enumerate(rows):
+                if type(row) is np.ndarray:
+                    by_width.setdefault(len(row), []).append(r)
+        groups = [(idx, np.array([rows[r] for r in idx], dtype=np.float64)) for idx in by_width.values()]
+        self._host_groups = (groups, None)  # None: not converted yet
+        if sum(map(len, by_width.values())) != len(rows):
+            self.rows  # noqa: B018 (convert now: a mixed program's row_groups stacks its tensors)
+            self._host_groups = None
         return self
 
     def row_groups(self) -> list:
         """The rows grouped by width: [(row indices, (rows, width) float64 matrix)], the matrix a numpy array when
         the program was built on the host (and its rows not replaced since), else a tensor (differentiable)."""
         sealed = getattr(self, "_host_groups", None)
-        if sealed is not None and len(sealed[1]) == len(self.rows) and all(
-                a is b for a, b in zip(sealed[1], self.rows)):
+        if sealed is not None and (sealed[1] is None or (len(sealed[1]) == len(self._rows) and all(
+                a is b for a, b in zip(sealed[1], self._rows)))):
             return sealed[0]
         by_width: dict = {}
         for r, row in enumerate(self.rows):
@@ -130,40 +204,49 @@ class Program:
 
     def evals(self) -> List[Eval]:
         """The evaluations in program order (evaluation k is the k-th)."""
+        if self.structure is not None:
+            return list(self.structure.evals)
         return sorted((i for step in self.steps for i in step if type(i) is Eval), key=lambda e: e.k)
 
     def frees(self) -> List[Tuple[str, ...]]:
         """Per instruction (flat index n), the buffers nobody reads after it: those it reads or writes whose last
-        read is at or before n ("x", the result, excepted). A buffer is always freed at its last read, or at its
-        write when nothing reads it later, so only those two need checking. Two linear passes over the flat
-        program (reads, then the frees); cached: the program is fixed once built."""
+        read is at or before n ("x", the result, excepted). Cached: the program is fixed once built (and shared
+        by every program of a cached Structure)."""
+        if self.structure is not None:
+            return self.structure.frees
         if getattr(self, "_frees", None) is None:
-            touched = []  # per instruction: the names it writes and reads, in that order
-            last = {}
-            for n, ins in enumerate(i for step in self.steps for i in step):
-                kind = type(ins)
-                if kind is Update:
-                    read = (ins.x, *ins.hist)
-                elif kind is Eval:
-                    read = (ins.src,)
-                elif kind is Alias:
-                    read = (ins.src,)
-                else:
-                    read = ()
-                for name in read:
-                    last[name] = n
-                names = (ins.out, *read, *(name for name, _ in ins.extra)) if kind is Eval else (ins.out, *read)
-                touched.append(names)
-            out = []
-            for n, names in enumerate(touched):
-                free = [k for k in names if k != "x" and last.get(k, -1) <= n]
-                out.append(tuple(dict.fromkeys(free)) if len(free) > 1 else tuple(free))
-            self._frees = out
+            self._frees = _frees([i for step in self.steps for i in step])
         return self._frees
 
     def last_uses(self) -> dict:
         """buffer name -> index (in the flat instruction list) of the last instruction that reads it."""
         return _last_reads([_reads(i) for step in self.steps for i in step])
+
+
+def _frees(flat: list) -> tuple:
+    """Program.frees of the flat instruction list. A buffer is always freed at its last read, or at its write when
+    nothing reads it later, so only those two need checking: two linear passes (reads, then the frees)."""
+    touched = []  # per instruction: the names it writes and reads, in that order
+    last = {}
+    for n, ins in enumerate(flat):
+        kind = type(ins)
+        if kind is Update:
+            read = (ins.x, *ins.hist)
+        elif kind is Eval:
+            read = (ins.src,)
+        elif kind is Alias:
+            read = (ins.src,)
+        else:
+            read = ()
+        for name in read:
+            last[name] = n
+        names = (ins.out, *read, *(name for name, _ in ins.extra)) if kind is Eval else (ins.out, *read)
+        touched.append(names)
+    out = []
+    for n, names in enumerate(touched):
+        free = [k for k in names if k != "x" and last.get(k, -1) <= n]
+        out.append(tuple(dict.fromkeys(free)) if len(free) > 1 else tuple(free))
+    return tuple(out)
 
 
 def _reads(ins) -> tuple:
@@ -286,11 +369,12 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
     Blending p with p-1 (a cascade) was tried earlier and let more curves rise.
 
     The decisions (which order, whether to blend) are made on the host from the step sizes; the blend weights of
-    the blending steps are one vectorised tensor expression of the time steps."""
+    the blending steps are one vectorised tensor expression of the time steps (on a host grid, without gradients,
+    the same `ramp` expression in floats, in the loop that decides)."""
     h = lam[1:] - lam[:-1]
     hd = arrays.tolist(h)
     n = len(hd)
-    top, blend, reach = [], [], []
+    top, blend, reach, host_weights = [], [], [], []
     window = {p: stable_window(solver, p) for p in range(2, order + 1)}
     for i in range(n):
         p = min(order, i + 1)
@@ -308,9 +392,15 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
         blend.append(mixed)
         if mixed:
             reach.append(i)
+            if arrays.on_host(h):  # no gradient: the weight in floats here, the same formula as below
+                host_weights.append(ramp(hd[i], lo, hi) * ramp(ratio, *STABLE_RATIO))
     if not reach:
         return OrderPlan(top)
     steps = arrays.indices(reach)
+    if arrays.on_host(h):
+        weight = np.ones(n)
+        weight[steps] = host_weights
+        return OrderPlan(top, weight, blend)
     k_max = max(top[i] for i in reach) - 1
     # the earlier steps each blending step's order reaches back to (k < p); unused slots are masked out
     back = arrays.indices([[max(i - k, 0) for k in range(1, k_max + 1)] for i in reach])
@@ -333,24 +423,36 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
     one row over the same buffers.
 
     row_fn(p, idx) gets an index array of positions (numpy int64) and returns a list of (len(idx),) tensors (one per row entry):
-    the rows are computed once per order for all positions that use it, so a table costs a few dozen tensor ops
-    whatever the number of steps, and each row is a view of its order's (positions, width) matrix."""
+    the rows are computed once per order for all positions that use it (the first-order rows of the order-1 and
+    the blending positions in one call), so a table costs a few dozen tensor ops whatever the number of steps, and
+    each row is a view of its order's (positions, width) matrix."""
     out: list = [None] * len(top)
     groups: dict = {}
     for i, p in enumerate(top):
         if p is not None:
             groups.setdefault(p, []).append(i)
+    blending = {p: [j for j, i in enumerate(idx) if blend[i]] for p, idx in groups.items() if p > 1} \
+        if blend is not None else {}
+    need = set(groups.get(1, ()))
+    for p, sel in blending.items():
+        need.update(groups[p][j] for j in sel)
+    need = sorted(need)
+    if need:
+        first_all = arrays.stack(row_fn(1, arrays.indices(need)), dim=1)  # (positions, 2+tail)
+        where = {i: k for k, i in enumerate(need)}
     for p, idx in groups.items():
-        mat = arrays.stack(row_fn(p, arrays.indices(idx)), dim=1)  # (positions, 1+p+tail)
-        sel = [j for j, i in enumerate(idx) if blend is not None and blend[i]] if p > 1 else []
-        if sel:
-            at = arrays.indices([idx[j] for j in sel])
-            first = arrays.stack(row_fn(1, at), dim=1)  # (blending positions, 2+tail)
-            cut = first.shape[1] - tail
-            first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]], dim=1)
-            w = weight[at][:, None]
-            rows = arrays.indices(sel)
-            mat = arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
+        if p == 1:
+            mat = first_all if idx == need else first_all[arrays.indices([where[i] for i in idx])]
+        else:
+            mat = arrays.stack(row_fn(p, arrays.indices(idx)), dim=1)  # (positions, 1+p+tail)
+            sel = blending.get(p)
+            if sel:
+                first = first_all[arrays.indices([where[idx[j]] for j in sel])]  # (blending positions, 2+tail)
+                cut = first.shape[1] - tail
+                first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]], dim=1)
+                w = weight[arrays.indices([idx[j] for j in sel])][:, None]
+                rows = arrays.indices(sel)
+                mat = arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
         for i, row in zip(idx, arrays.unbind(mat, 0)):
             out[i] = row
     return out

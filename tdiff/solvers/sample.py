@@ -34,10 +34,11 @@ from ..denoisers import Denoiser, convert, eps_coefficients, times_validated
 from ..ops import dispatch
 from ..schedules import NoiseSchedule
 from ..ops.multistep_update import multistep_update
+from . import arrays
 from .buffers import BufferPool
 from .ddim import build_ddim, build_ddpm
 from .dpmpp import build_multistep
-from .grid import FINAL_SIGMAS_TYPES, check_timesteps, condition_times, make_grid
+from .grid import FINAL_SIGMAS_TYPES, check_timesteps, condition_times, host_grid
 from .heun import build_heun
 from .ipndm import build_ipndm
 from .program import Alias, Eval, Noise, Program, Update, check_flag
@@ -132,7 +133,7 @@ def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[in
     check_flag("fused_targets", fused_targets)
     if solver == "ipndm":
         opts["slopes"] = "eps" if fused_targets else "x0"
-    grid = make_grid(schedule, ts, final_sigmas_type, targets).on_host()  # numpy tables unless differentiated
+    grid = host_grid(schedule, ts, final_sigmas_type, targets)  # numpy tables unless differentiated
     with np.errstate(all="ignore"):  # as torch: a non-finite coefficient is reported by the rows' check
         return spec.build(grid, cond, order, schedule, **opts).seal_rows()
 
@@ -163,36 +164,52 @@ def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tenso
     """Per (evaluation, target): the (p, q) row as one (R, 2) float64 tensor, differentiable in the timesteps, and
     for every Eval a list of (buffer, target, row index or None when the conversion is the identity). The rows of
     a target are computed for all its evaluations at once (a handful of tensor ops, whatever the NFE)."""
-    evals = prog.evals()
     raw = _is_raw(denoiser)
     identity_x0 = not raw or (getattr(denoiser, "prediction", None) == "x0"
                               and getattr(denoiser, "precond", None) is None)
+    plan, groups = _conversion_layout(prog, identity_x0)
+    tables = []
+    for target, ks in groups:
+        # evaluations 0..E-1 in order (every built-in solver): a view, no index tensor
+        t = prog.eval_points[:len(ks)] if ks == tuple(range(len(ks))) else prog.eval_points[torch.tensor(ks)]
+        known = prog.eval_alpha_sigma
+        if isinstance(denoiser, Denoiser) and known is not None and max(ks) < len(known[0]):
+            # alpha, sigma at those points from the grid (host arrays): tdiff's Denoiser accepts them
+            table = denoiser.conversion(t, target, alpha=known[0][list(ks)], sigma=known[1][list(ks)])
+        elif raw:
+            table = denoiser.conversion(t, target)
+        else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma
+            p, q = eps_coefficients(torch.zeros_like(t), torch.ones_like(t), schedule.alpha(t), schedule.sigma(t))
+            table = torch.stack([p, q], dim=-1)
+        tables.append(table.to(torch.float64))
+    return (torch.cat(tables) if len(tables) > 1 else tables[0] if tables else None), plan
+
+
+def _conversion_layout(prog: Program, identity_x0: bool) -> tuple:
+    """(plan, groups): per Eval the (buffer, target, conversion row index or None) entries, and per target that
+    needs a conversion (target, evaluation indices), its rows numbered in that order. A function of the
+    instructions alone, so kept with a cached program.Structure."""
+    key = ("conversion", identity_x0)
+    if prog.structure is not None and key in prog.structure.derived:
+        return prog.structure.derived[key]
+    evals = prog.evals()
     plan = [[(name, target, None) for name, target in ((e.out, e.target), *e.extra)] for e in evals]
     by_target: dict = {}  # target -> [(eval index, entry index)]
     for k, entries in enumerate(plan):
         for j, (_, target, _) in enumerate(entries):
             if not (target == "x0" and identity_x0):  # else p = 0, q = 1
                 by_target.setdefault(target, []).append((k, j))
-    tables = []
+    groups, base = [], 0
     for target, at in by_target.items():
-        ks = [evals[k].k for k, _ in at]
-        # evaluations 0..E-1 in order (every built-in solver): a view, no index tensor
-        t = prog.eval_points[:len(ks)] if ks == list(range(len(ks))) else prog.eval_points[torch.tensor(ks)]
-        known = prog.eval_alpha_sigma
-        if isinstance(denoiser, Denoiser) and known is not None and max(ks) < len(known[0]):
-            # alpha, sigma at those points from the grid (host arrays): tdiff's Denoiser accepts them
-            table = denoiser.conversion(t, target, alpha=known[0][ks], sigma=known[1][ks])
-        elif raw:
-            table = denoiser.conversion(t, target)
-        else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma
-            p, q = eps_coefficients(torch.zeros_like(t), torch.ones_like(t), schedule.alpha(t), schedule.sigma(t))
-            table = torch.stack([p, q], dim=-1)
-        base = sum(len(tab) for tab in tables)
         for r, (k, j) in enumerate(at):
             name, target, _ = plan[k][j]
             plan[k][j] = (name, target, base + r)
-        tables.append(table.to(torch.float64))
-    return (torch.cat(tables) if tables else None), plan
+        base += len(at)
+        groups.append((target, tuple(evals[k].k for k, _ in at)))
+    layout = tuple(tuple(entries) for entries in plan), tuple(groups)
+    if prog.structure is not None:
+        prog.structure.derived[key] = layout
+    return layout
 
 
 def _is_raw(denoiser) -> bool:
@@ -341,38 +358,44 @@ def sample(denoiser, x_T: Tensor, timesteps, solver: Optional[str] = None, order
 
 def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None) -> tuple:
     """Coefficient rows as contiguous (B, 1+K) tensors of the op's dtype, the conversion rows as (B, 2), and the
-    network times on x's device, all checked for NaN/inf once (one sync). Rows of equal width are cast and
-    expanded together; each row is then a contiguous slice of its group."""
+    network times on x's device, all checked for NaN/inf once. Rows of equal width are cast and expanded together;
+    each row is then a contiguous slice of its group. The tables built on the host (no gradient) are checked there
+    and become one tensor, in one transfer and cast, that every group and the conversion rows are views of."""
     dtype, b = dispatch.coef_dtype(x), x.shape[0]
-    out: list = [None] * len(prog.rows)
-    finite, host_finite = [], True
-    for idx, mat in prog.row_groups():  # (rows, 1+K)
-        if isinstance(mat, np.ndarray):  # built on the host: checked and expanded there, one transfer
-            host_finite = host_finite and bool(np.isfinite(mat).all())
-            group = torch.from_numpy(np.repeat(mat[:, None], b, axis=1)).to(device=x.device, dtype=dtype)
-        else:
+    groups = prog.row_groups()
+    out: list = [None] * prog.num_rows
+    host_conv = conversion is not None and arrays.readable_on_host(conversion)
+    host = [(idx, mat) for idx, mat in groups if isinstance(mat, np.ndarray)]
+    if host_conv:
+        host.append((None, conversion.numpy()))
+    finite, host_finite, conv = [], True, None
+    if host:
+        # (rows, B, width) per matrix, flattened one after the other
+        flat = np.concatenate([(mat if b == 1 else np.repeat(mat[:, None], b, axis=1)).ravel() for _, mat in host])
+        host_finite = bool(np.isfinite(flat).all())
+        table, offset = torch.from_numpy(flat).to(device=x.device, dtype=dtype), 0
+        for idx, mat in host:
+            size = mat.size * b
+            views = table[offset:offset + size].view(len(mat), b, mat.shape[1]).unbind(0)
+            offset += size
+            if idx is None:
+                conv = views
+            else:
+                for r, row in zip(idx, views):
+                    out[r] = row
+    for idx, mat in groups:
+        if not isinstance(mat, np.ndarray):  # differentiable: cast and expanded in torch
             finite.append(torch.isfinite(mat).all())
             group = mat.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous()  # (rows, B, 1+K)
-        for r, row in zip(idx, group.unbind(0)):  # one op for all the views
-            out[r] = row
-    conv = None
-    if conversion is not None and _readable_on_host(conversion):  # computed on the host (no gradient)
-        host = conversion.numpy()
-        host_finite = host_finite and bool(np.isfinite(host).all())
-        conv = torch.from_numpy(np.repeat(host[:, None], b, axis=1)).to(device=x.device, dtype=dtype).unbind(0)
-    elif conversion is not None:
+            for r, row in zip(idx, group.unbind(0)):  # one op for all the views
+                out[r] = row
+    if conversion is not None and not host_conv:
         finite.append(torch.isfinite(conversion).all())
         conv = conversion.to(device=x.device, dtype=dtype).unsqueeze(1).expand(-1, b, -1).contiguous().unbind(0)
     if not host_finite or (finite and not bool(torch.stack(finite).all())):
         raise ValueError("the solver coefficients are not finite for these timesteps (are two steps too close, is a "
                          "step at a point where sigma = 0, or does the prediction type need alpha > 0 there?)")
     return out, conv, prog.eval_times.to(x.device)
-
-
-def _readable_on_host(t: Tensor) -> bool:
-    """A plain CPU float64 tensor outside autograd and torch.func, whose values numpy can read without a copy."""
-    return (t.device.type == "cpu" and t.dtype == torch.float64 and not t.requires_grad
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _prepare_scale(guidance, x: Tensor) -> Optional[Tensor]:

@@ -18,8 +18,8 @@ from typing import Sequence
 from . import arrays
 from .ddim import first_order_row
 from .grid import Grid
-from .program import Alias, Eval, Program, Update, check_choice, check_flag, check_order, choose_orders, \
-    mixed_rows, multistep_orders
+from .program import Alias, Eval, Program, Structure, Update, check_choice, check_flag, check_order, \
+    choose_orders, mixed_rows, multistep_orders, structure
 
 VARIANTS = ("bh1", "bh2")
 
@@ -124,11 +124,17 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     if not fold:
         return _unfolded(prog, n, orders, corrects, predictors, correctors)
     rows = _folded_rows(n, corrects, predictors, correctors)
-    names = [f"D{i}" for i in range(len(rows))]
-    for i, row in enumerate(rows):
-        prog.add_step([Eval(names[i], "x", i), Update("x", "x", tuple(names[i - k] for k in range(len(row) - 1)),
-                                                      prog.row(row))])
-    return prog
+    return Program.of(_folded_structure(tuple(len(row) - 1 for row in rows)), rows, eval_times=prog.eval_times,
+                      eval_points=prog.eval_points, eval_alpha_sigma=prog.eval_alpha_sigma)
+
+
+@functools.lru_cache(maxsize=256)
+def _folded_structure(widths: tuple) -> Structure:
+    """The folded program's instructions: evaluation i, then one update with row i over the widths[i] newest
+    outputs (pure structure, cached: see program.Structure)."""
+    names = [f"D{i}" for i in range(len(widths))]
+    return structure([[Eval(names[i], "x", i), Update("x", "x", tuple(names[i - k] for k in range(w)), i)]
+                      for i, w in enumerate(widths)])
 
 
 def _folded_rows(n: int, corrects, predictors, correctors) -> list:
