@@ -300,3 +300,70 @@ def test_sparse_jacobian_matches_the_dense_one(order, warmup_steps):
         assert dc.shape == want_c.shape and d_smooth.shape == want_smooth.shape
         np.testing.assert_allclose(d_smooth, want_smooth, rtol=1e-13, atol=1e-14 * np.abs(want_smooth).max())
         np.testing.assert_allclose(dc, want_c, rtol=1e-13, atol=1e-14 * np.abs(want_c).max(initial=1.0))
+
+
+# ----- the solver rows' objective on column batches (complex-step Jacobian) and Newton's kink release -----
+@pytest.mark.parametrize("solver", ["dpmpp", "unipc", "ipndm"])
+def test_step_output_weight_columns_match_the_interpreter(solver):
+    """The batched reverse sweep (a cumulative product for chain programs, the general sweep for UniPC's corrector
+    and iPNDM's slope buffers) against the forward interpreter behind step_output_weights: two grids' rows as the
+    two columns of one program."""
+    from tdiff.timesteps.sensitivity import step_output_weight_columns
+
+    ts = logsnr_uniform(VPLinear(), 7)
+    progs = [build_program(VPLinear(), t, solver, 3) for t in (ts, ts * torch.linspace(1, 0.97, 8).double())]
+    assert progs[0].steps == progs[1].steps  # the same program, other rows
+    want = [step_output_weights(prog).numpy() for prog in progs]
+    rows = [[r.detach().numpy() for r in prog.rows] for prog in progs]
+    prog = progs[0]
+    prog.rows = [np.stack(pair, axis=1) for pair in zip(*rows)]
+    got = step_output_weight_columns(prog)
+    assert got.shape == (2, *want[0].shape) and not np.allclose(want[0], want[1], rtol=1e-6, atol=0)
+    for column in range(2):
+        np.testing.assert_allclose(got[column], want[column], rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="columns"):
+        prog.rows = rows[0]
+        step_output_weight_columns(prog)
+
+
+@pytest.mark.parametrize("schedule", [DDPM, EDM(), RectifiedFlow(), VPCosine()])
+@pytest.mark.parametrize("nfe,order,opts", [(5, 3, {}), (9, 2, {"solver_type": "heun"}),
+                                            (7, 3, {"lower_order_final": False})])
+def test_solver_rows_by_columns_match_the_torch_path(schedule, nfe, order, opts):
+    """DPM-Solver++'s rows built on complex-step columns: P, dP/dlambda and the objective's parts at a batch of
+    points equal the torch path's (reverse-mode Jacobian of the rows, point by point) to rounding."""
+    obj = SurrogateObjective(schedule, nfe, "dpmpp", order, objective="solver", **opts)
+    assert obj._columns and obj.cheap_jacobian
+    zs = np.stack([obj.initial(start) for start in ("logsnr_uniform", "edm_rho", "uniform_t")])
+    lam = np.stack([obj.full(z) for z in zs])
+    fast = obj.step_weights(lam), obj.step_weights(lam[1]), obj.step_weights(lam, jacobian=False)[0]
+    parts = obj.parts_batch(zs)
+    obj._columns = False
+    (w, jac), (w1, jac1) = obj.step_weights(lam), obj.step_weights(lam[1])
+    for got, want in [(fast[0][0], w), (fast[0][1], jac), (fast[1][0], w1), (fast[1][1], jac1), (fast[2], w)]:
+        assert got.shape == want.shape and got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14 * np.abs(want).max())
+    for got, want in zip(parts, obj.parts_batch(zs)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
+
+
+def test_newton_releases_a_kink_whose_multiplier_exceeds_one(monkeypatch):
+    """Flow schedule, NFE 10, order 2: the first Newton try takes one kink too many and converges with |mu| > 1 there;
+    released on its multiplier's side, the retry certifies a minimum at 20 SLSQP iterations instead of 47, at the same
+    J as without the release."""
+    module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    newton, released = module._active_set_newton, []
+
+    def watched(*args, **kwargs):
+        out = newton(*args, **kwargs)
+        if kwargs.get("release"):
+            released.append(out is not None)
+        return out
+
+    monkeypatch.setattr(module, "_active_set_newton", watched)
+    _, with_release = dm_nonuniform(RectifiedFlow(), 10, order=2, objective="solver", return_result=True)
+    assert released == [True]
+    monkeypatch.setitem(module._RELEASE_ROUNDS, "solver", 0)
+    _, without = dm_nonuniform(RectifiedFlow(), 10, order=2, objective="solver", return_result=True)
+    assert with_release.nit < without.nit
+    assert with_release.fun <= without.fun * (1 + 1e-12)

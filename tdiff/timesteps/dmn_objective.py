@@ -25,7 +25,9 @@ Two sources of P (the `objective` argument):
              (`paper_orders`). It depends on the solver only through the order: the paper models every solver
              built on local polynomials in lambda by the exact integral of its interpolant.
   "solver":  P read off the solver's own coefficient rows (`sensitivity.step_output_weights`), with the solver's own
-             order rule; covers UniPC's corrector, at the price of torch overhead (about 10x slower per evaluation).
+             order rule; covers UniPC's corrector. DPM-Solver++'s builder runs on host arrays of B columns at once
+             (`_COLUMN_BUILDERS`): an evaluation is one builder call and one reverse sweep (~0.3 ms at NFE 20); UniPC
+             and the stable order rule build their rows in torch, point by point (about 10x that).
              Its rows act on x rather than x/sigma, so its values carry the factor sigma_N: compare J within one
              objective only.
 
@@ -42,8 +44,10 @@ d_i = lambda_{s-i} - lambda_s and h = lambda_{s+1} - lambda_s:
     dw_j / dlambda_{s+1} = e^{lambda_{s+1}} l_j(h)            (upper limit)
     dw_j / dlambda_{s-i} = -l_j'(d_i) w_i  [- e^{lambda_s} if i = j = 0: the lower limit]
 
-since moving node i changes every basis polynomial by dl_j/dd_i = -l_j'(d_i) l_i(u). For the solver rows: torch's
-Jacobian of the rows, pushed forward through the solver program in numpy (`sensitivity.step_output_weight_tangents`).
+since moving node i changes every basis polynomial by dl_j/dd_i = -l_j'(d_i) l_i(u). For the solver rows: by complex
+step where the builder takes columns (one column lambda + i h e_m per lambda_m, h = 1e-30: Im P / h is dP/dlambda_m
+to rounding, no difference taken, and Re P is P), else torch's Jacobian of the rows, pushed forward through the
+solver program in numpy (`sensitivity.step_output_weight_tangents`).
 """
 from __future__ import annotations
 
@@ -58,10 +62,10 @@ from scipy.special import expit
 
 from ..schedules import NoiseSchedule
 from ..solvers.dpmpp import build_dpmpp
-from ..solvers.grid import grid_from_lambda
+from ..solvers.grid import Grid, grid_from_lambda
 from ..solvers.unipc import build_unipc
 from .heuristics import HEURISTICS, check_nfe, karras_sigmas, sampling_interval, with_exact_ends
-from .sensitivity import step_output_weight_tangents
+from .sensitivity import step_output_weight_columns, step_output_weight_tangents
 
 OBJECTIVES = ("lagrange", "solver")
 # Only the exponential integrators: the surrogate is derived for solvers built on local polynomials in lambda
@@ -69,6 +73,13 @@ OBJECTIVES = ("lagrange", "solver")
 # outputs; its "optimised" steps measured 5-30x worse than the heuristics on the exact mixture.
 _BUILDERS = {"dpmpp": build_dpmpp, "unipc": build_unipc}
 SOLVERS = tuple(_BUILDERS)
+#: the builders whose formulas run on a Grid of (N+1, B) host arrays, all B columns in one call (`_column_grid`);
+#: UniPC's per-step linear solves and the stable order rule (which reads the step sizes on the host) take one point
+#: per call, so they keep the torch path (a reverse-mode Jacobian of the rows, ~10x the cost)
+_COLUMN_BUILDERS = ("dpmpp",)
+#: the complex step: d f / d lambda_m = Im f(lambda + i h e_m) / h, exact to rounding for any h this small (no
+#: difference is taken; the real part is f(lambda) to O(h^2)), so one builder call gives the rows and their Jacobian
+_COMPLEX_STEP = 1e-30
 #: the reference's initialisations ("unif", "unif_t", "edm", "quad"), by tdiff heuristic name
 STARTS = ("logsnr_uniform", "uniform_t", "edm_rho", "quadratic_t")
 
@@ -245,9 +256,16 @@ class SurrogateObjective:
             raise ValueError(f"lambda = log(alpha/sigma) must be finite at t_max and t_min (got {lam_ends.tolist()} "
                              f"for {schedule!r}); move them inside the schedule's domain")
         self.lam_start, self.lam_end = float(lam_ends[0]), float(lam_ends[1])
+        stable_rule = solver_opts.get("order_rule", "diffusers") == "stable" and solver_opts.get("lower_order_final",
+                                                                                                   True)
+        self._columns = objective == "solver" and solver in _COLUMN_BUILDERS and not stable_rule
+        #: whether a value and its Jacobian cost little more than the value alone (one pass gives both)
+        self.cheap_jacobian = objective == "lagrange" or self._columns
         if objective == "solver":
-            check = _BUILDERS[solver](grid_from_lambda(schedule, torch.from_numpy(self.full(self.initial()))), None,
-                                      order=order, **solver_opts)  # refuses a bad order or option up front
+            lam0 = self.full(self.initial())
+            # refuses a bad order or option up front
+            check = self._build(self._column_grid(lam0[None], False)) if self._columns else \
+                _BUILDERS[solver](grid_from_lambda(schedule, torch.from_numpy(lam0)), None, order=order, **solver_opts)
             n_steps = len(check.steps)
         else:
             n_steps = self.nfe
@@ -297,6 +315,8 @@ class SurrogateObjective:
         """P (S, N) and, if asked, dP/dlambda (S, N, N+1); with a batch lam (B, N+1), (B, S, N) and (B, S, N, N+1)."""
         if self.objective == "lagrange":
             return lagrange_step_weights(lam, self._orders, jacobian)
+        if self._columns:
+            return self._column_weights(lam, jacobian)
         if lam.ndim == 2:  # the solver's program is built point by point
             pairs = [self.step_weights(row, jacobian) for row in lam]
             return np.stack([w for w, _ in pairs]), np.stack([j for _, j in pairs]) if jacobian else None
@@ -306,6 +326,42 @@ class SurrogateObjective:
             return build(grid_from_lambda(self.schedule, lam_t), None, order=self.order, **self.solver_opts)
 
         return step_output_weight_tangents(rows_of, torch.from_numpy(lam), jacobian)
+
+    def _build(self, grid: Grid):
+        return _BUILDERS[self.solver](grid, None, order=self.order, **self.solver_opts)
+
+    def _column_grid(self, lam: np.ndarray, jacobian: bool) -> Grid:
+        """The Grid of B host columns for a batch lam (M, N+1): the M points (B = M), or with `jacobian` each
+        point's N+1 complex steps (B = M (N+1); column (i, m) is lambda_i + i h e_m). alpha and sigma as
+        `grid_from_lambda` makes them, log alpha's complex step from its derivative (the schedule's closed form of
+        lambda is element-wise; torch has no complex logaddexp)."""
+        lam_t = torch.from_numpy(np.ascontiguousarray(lam.T))  # (N+1, M)
+        if not jacobian:
+            with torch.no_grad():
+                log_alpha = self.schedule.log_alpha_from_lambda(lam_t).numpy()
+            return Grid(None, np.exp(log_alpha), np.exp(log_alpha - lam.T), lam.T, False)
+        lam_t.requires_grad_(True)
+        log_alpha_t = self.schedule.log_alpha_from_lambda(lam_t)
+        (slope,) = torch.autograd.grad(log_alpha_t.sum(), lam_t)
+        step = 1j * _COMPLEX_STEP * np.eye(lam.shape[1])[:, None, :]  # (N+1, 1, N+1): lambda_m's tangent
+        lam_c = (lam.T[:, :, None] + step).reshape(lam.shape[1], -1)
+        log_alpha = (log_alpha_t.detach().numpy()[:, :, None] + slope.numpy()[:, :, None] * step).reshape(
+            lam.shape[1], -1)
+        return Grid(None, np.exp(log_alpha), np.exp(log_alpha - lam_c), lam_c, False)
+
+    def _column_weights(self, lam: np.ndarray, jacobian: bool):
+        """`step_weights` of the solver rows by one builder call over all columns (`_column_grid`) and one reverse
+        sweep (`sensitivity.step_output_weight_columns`)."""
+        points = np.atleast_2d(lam)
+        weights = step_output_weight_columns(self._build(self._column_grid(points, jacobian)))  # (B, S, N)
+        jac = None
+        if jacobian:
+            weights = weights.reshape(points.shape[0], points.shape[1], *weights.shape[1:])  # (M, N+1, S, N)
+            jac = np.moveaxis(weights.imag, 1, -1) / _COMPLEX_STEP
+            weights = weights[:, 0].real
+        if lam.ndim == 1:
+            return weights[0], None if jac is None else jac[0]
+        return weights, jac
 
     def parts(self, z: np.ndarray, jacobian: bool = True):
         """(smooth, d smooth/dz, c over coupled nodes, dc/dz): J = smooth + sum |c|. Memoised on z, since scipy asks

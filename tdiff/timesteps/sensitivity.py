@@ -17,6 +17,8 @@ per-autograd-node cost would be nearly all of DM-NonUniform's run time.
 """
 from __future__ import annotations
 
+import functools
+import types
 from typing import Callable, Optional
 
 import numpy as np
@@ -55,6 +57,82 @@ def step_output_weight_tangents(build: Callable[[Tensor], Program], inputs: Tens
     drows = np.split(flat_jac.detach().double().numpy(), split)
     weights, _, tangent = _interpret(prog, rows, drows)
     return weights[:, 1:], np.moveaxis(tangent[:, :, 1:], 0, -1)
+
+
+def step_output_weight_columns(prog: Program) -> np.ndarray:
+    """(B, S, N) weights P of a program whose rows are numpy (K, B) arrays: B columns of coefficients that the
+    builder evaluated at once (a batch of time-step vectors, or complex-step tangents of one; any dtype).
+
+    One reverse sweep: the adjoint of each value is a (B,) vector, since the result depends linearly on every
+    buffer; a raw model output D_n read by step s then receives P[s, n] = adjoint(update) * its row entry. For a
+    chain (each update reads the one before, as every multistep solver's program does) the adjoints are one
+    cumulative product, and the whole sweep a handful of array operations whatever N and B."""
+    width = prog.rows[0].shape[-1] if prog.rows else 1
+    if any(type(r) is not np.ndarray or r.ndim != 2 or r.shape[1] != width for r in prog.rows):
+        raise ValueError("step_output_weight_columns needs every row as a numpy (K, B) array of B columns (a "
+                         "builder run on a Grid of (N+1, B) host arrays)")
+    plan = _sweep_plan(tuple(map(tuple, prog.steps)), tuple(len(r) for r in prog.rows))
+    weights = np.zeros((len(prog.steps), prog.nfe, width), dtype=prog.rows[0].dtype if prog.rows else np.float64)
+    if plan.chain:
+        flat = np.concatenate(prog.rows)  # (sum K, B)
+        factor = flat[plan.x_entry]  # each update's coefficient on the value before it
+        adjoint = np.empty_like(factor)
+        adjoint[-1] = 1.0
+        adjoint[:-1] = np.cumprod(factor[:0:-1], axis=0)[::-1]  # the product of the later updates' factors
+        weights[plan.raw_step, plan.raw_output] = flat[plan.raw_entry] * adjoint[plan.raw_update]
+        return np.moveaxis(weights, -1, 0)
+    adjoint = {plan.final: None}  # None: 1 (the result itself)
+    for row_index, out, reads in reversed(plan.tape):
+        if out not in adjoint:
+            continue  # this value never reaches the final sample
+        a = adjoint.pop(out)
+        coefficients = prog.rows[row_index] if a is None else prog.rows[row_index] * a  # (K, B)
+        for j, read in enumerate(reads):
+            if read[0] == "raw":
+                weights[read[1], read[2]] += coefficients[j]
+            elif read[1] is not None:  # None: the initial noise x_T, not a model output
+                adjoint[read[1]] = coefficients[j] if adjoint.get(read[1]) is None else \
+                    adjoint[read[1]] + coefficients[j]
+    return np.moveaxis(weights, -1, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _sweep_plan(steps: tuple, widths: tuple):
+    """The program's data flow without arithmetic (it depends on the instructions only, the same at every point):
+    per Update, (row index, the value it makes, its reads), each read ("raw", step s, output n) for a model output
+    read by step s, or ("value", id) for an earlier Update's value (id None: the initial x_T); the id of the final
+    value; and, for a chain, the flat entries (in the rows concatenated) of each update's factor on the value before
+    it and of every raw read, with that read's update, step and output."""
+    buf, tape = {"x": ("value", None)}, []
+    for s, step in enumerate(steps):
+        for ins in step:
+            if type(ins) is Eval:
+                buf[ins.out] = ("raw", ins.k)
+            elif type(ins) is Alias:
+                buf[ins.out] = buf[ins.src]
+            elif type(ins) is Update:
+                reads = [buf[name] for name in (ins.x, *ins.hist)]
+                tape.append((ins.row, len(tape), [("raw", s, r[1]) if r[0] == "raw" else r for r in reads]))
+                buf[ins.out] = ("value", len(tape) - 1)
+            elif type(ins) is Noise:
+                raise ValueError("output weights are defined for ODE solvers only (this program adds noise)")
+    if buf["x"][0] != "value" or buf["x"][1] is None:
+        raise ValueError("the program's result is not an update of the model outputs")
+    final = buf["x"][1]
+    offsets = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.intp)
+    x_entry, raw = [], []  # raw: (flat entry, update, step, output)
+    chain = final == len(tape) - 1
+    for u, (row_index, _, reads) in enumerate(tape):
+        values = [j for j, read in enumerate(reads) if read[0] == "value"]
+        chain = chain and len(values) == 1 and reads[values[0]][1] == (u - 1 if u else None)
+        x_entry += [offsets[row_index] + j for j in values[:1]]
+        raw += [(offsets[row_index] + j, u, read[1], read[2]) for j, read in enumerate(reads) if read[0] == "raw"]
+    pairs = [(r[2], r[3]) for r in raw]
+    chain = chain and len(set(pairs)) == len(pairs)  # one write per (step, output)
+    columns = [np.asarray(c, dtype=np.intp) for c in zip(*raw)] if raw else [np.zeros(0, np.intp)] * 4
+    return types.SimpleNamespace(tape=tape, final=final, chain=chain, x_entry=np.asarray(x_entry, dtype=np.intp),
+                                 raw_entry=columns[0], raw_update=columns[1], raw_step=columns[2],
+                                 raw_output=columns[3])
 
 
 def output_weights(prog: Program) -> Tensor:
