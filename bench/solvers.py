@@ -13,7 +13,7 @@ against the copy ceiling, and solver error against the exact ODE solution on the
    dpmpp2 loop unfused (`Sampler.fuse = False`: convert, then update), to show what the fusion saves, and for
    every solver the previous loop ("prev": UniPC's corrected sample and iPNDM's slopes as buffers of their own,
    two updates per evaluation, and fresh outputs for every update) beside the current one (one fused update per
-   evaluation, outputs written into recycled buffers from 1 MiB up). Interleaved in one run (bench/interleaved.py),
+   evaluation, outputs written into recycled buffers from 256 KiB up). Interleaved in one run (bench/interleaved.py),
    one thread, 20 steps, medians with 95% intervals; the ratios are per-round (both sides saw the same machine
    state).
    The floor is per model evaluation: each evaluation needs one update, and one update reads at least x and the
@@ -24,6 +24,8 @@ against the copy ceiling, and solver error against the exact ODE solution on the
    folded: 4 outputs, iPNDM-4: 4 slopes), so they move more than 5 passes by construction; first-order updates
    read no history (x and m in, x_next and D out: 4 passes), so out of cache they can sit near 0.8 of the floor.
    Below 3/5 (read x and m, write x_next) is impossible and flagged as a disturbed measurement.
+   `kernel_loop_us` (dpmpp2's row): the converting C++ kernel called from a bare Python loop (no tables, no model
+   call), the Python floor of the loop; `loop_over_kernel_loop` is the sampling loop's time over it.
    `interp_loop_over_floor`: the same Sampler with compiled_loop = False (every instruction interpreted, the
    loop before Execution.compile), to show what compiling the eager loop into closures saves.
    `python -m bench solvers_per_step` runs this part alone (into solvers.json's per_step).
@@ -136,6 +138,7 @@ def per_step(quick: bool) -> list:
                 unfused = Sampler(den, ts, solver=solver, order=order)
                 unfused.fuse = False
                 variants["unfused:dpmpp2"] = (lambda sm=unfused: sm(x))
+                variants["kernel:dpmpp2"] = _kernel_loop(x, eps)
         n = max(int(round(2e-2 / max(1e-9, _once(variants["diffusers"])))), 1)  # rounds of >= ~20 ms per variant
         rounds = (8 if quick else 25) if shape[0] * shape[-1] <= 512 else (5 if quick else 15)
         with torch.no_grad():
@@ -166,6 +169,8 @@ def per_step(quick: bool) -> list:
             if f"unfused:{name}" in times:
                 records[-1]["loop_unfused_us"] = _us(median_ci(times[f"unfused:{name}"]))
                 records[-1]["unfused_over_fused"] = _ratio(speedup(times, loop, f"unfused:{name}", None))
+                records[-1]["kernel_loop_us"] = _us(median_ci(times[f"kernel:{name}"]))
+                records[-1]["loop_over_kernel_loop"] = _ratio(speedup(times, f"kernel:{name}", loop, None))
     print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread, interleaved: "
                 f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per model evaluation (a copy moving "
                 f"those bytes); x/floor = x / (NFE per step * floor); prev = the loop before folding and buffer reuse; "
@@ -185,8 +190,29 @@ def per_step(quick: bool) -> list:
     for r in records:
         if "loop_unfused_us" in r:
             print(f"  {tuple(r['shape'])} {r['solver']}{r['order']}: the loop unfused (convert, then update) "
-                  f"{_fmt(r['loop_unfused_us'])} us/step, {_fmt(r['unfused_over_fused'])}x the fused loop")
+                  f"{_fmt(r['loop_unfused_us'])} us/step, {_fmt(r['unfused_over_fused'])}x the fused loop; the bare "
+                  f"kernel loop {_fmt(r['kernel_loop_us'])} us/step (the loop is {_fmt(r['loop_over_kernel_loop'])}x "
+                  f"that)")
     return records
+
+
+def _kernel_loop(x, eps):
+    """The Python floor of a 2M loop: the converting C++ kernel (tdiff._C) called from a bare loop with the same
+    tensors' sizes and history as dpmpp2's (made-up rows; no tables, no model call, fresh outputs). The sampling
+    loop's time above this is its own Python (the model call through the denoiser included)."""
+    from tdiff.ops import dispatch as d
+
+    fused = d.eager_kernel(x, "multistep_update_convert_cpu")
+    row = torch.tensor([[0.9, 0.3, -0.2]]).expand(x.shape[0], 3).contiguous()
+    pq = torch.tensor([[1.1, -0.4]]).expand(x.shape[0], 2).contiguous()
+
+    def loop():
+        y, d0 = x, x
+        for _ in range(STEPS):
+            y, d0 = fused(y, [eps, d0], row, None, None, y, pq)
+        return y
+
+    return loop
 
 
 def _once(fn) -> float:
