@@ -50,6 +50,7 @@ import dataclasses
 import importlib
 import math
 import os
+import time
 
 import torch
 
@@ -72,6 +73,10 @@ SOLVERS = [("euler", 1), ("heun", 2), ("dpmpp", 2), ("dpmpp", 3), ("dpmpp_ab", 3
 TIMED = [("dpmpp", 1), ("dpmpp", 2), ("dpmpp", 3), ("unipc", 1), ("unipc", 2), ("unipc", 3), ("ipndm", 4),
          ("ddim", 1), ("euler", 1), ("heun", 2)]
 RULES = ("stable", "diffusers")
+# the per-step rounds are timed in this thread's CPU time: every variant runs on this one thread, and on a shared
+# machine (load 6-7 on 2 cores, 2026-12-01) wall time counted up to 3x of other processes' slices into 20 us steps
+# (a quick run: 7.7 s of CPU in 24.6 s). Idle, the two clocks agree. TDIFF_BENCH_CLOCK=wall restores wall time.
+TIMER = time.perf_counter if os.environ.get("TDIFF_BENCH_CLOCK") == "wall" else time.thread_time
 STABILITY_SAMPLES = 1024
 STABILITY_SEED = 2  # the stable rule's thresholds were chosen on seed 0, the stability test uses seed 1
 
@@ -142,7 +147,8 @@ def per_step(quick: bool) -> list:
         n = max(int(round(2e-2 / max(1e-9, _once(variants["diffusers"])))), 1)  # rounds of >= ~20 ms per variant
         rounds = (8 if quick else 25) if shape[0] * shape[-1] <= 512 else (5 if quick else 15)
         with torch.no_grad():
-            times = interleaved_seconds({k: _repeat(f, n) for k, f in variants.items()}, rounds=rounds, warmup=1)
+            times = interleaved_seconds({k: _repeat(f, n) for k, f in variants.items()}, rounds=rounds, warmup=1,
+                                        timer=TIMER)
         times = {k: [t / (n * STEPS) for t in v] for k, v in times.items()}  # seconds per step
         floor_t = median_ci(times["floor"])
         for solver, order in timed:
@@ -171,8 +177,8 @@ def per_step(quick: bool) -> list:
                 records[-1]["unfused_over_fused"] = _ratio(speedup(times, loop, f"unfused:{name}", None))
                 records[-1]["kernel_loop_us"] = _us(median_ci(times[f"kernel:{name}"]))
                 records[-1]["loop_over_kernel_loop"] = _ratio(speedup(times, f"kernel:{name}", loop, None))
-    print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread, interleaved: "
-                f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per model evaluation (a copy moving "
+    print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread "
+                f"({TIMER.__name__}), interleaved: medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per model evaluation (a copy moving "
                 f"those bytes); x/floor = x / (NFE per step * floor); prev = the loop before folding and buffer reuse; "
                 f"interp = today's loop interpreted instruction by instruction (not compiled into closures)",
                 ["shape", "solver", "NFE/step", "sample us/step", "loop us/step", "prev loop us/step",
@@ -513,7 +519,8 @@ def run_per_step(quick: bool = False) -> dict:
     write_result_part("solvers", "per_step_run", {
         "command": "python -m bench " + ("--quick " if quick else "") + "solvers_per_step", "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": load, "loadavg": list(os.getloadavg()), "threads": threads}, quick)
+        "loadavg_start": load, "loadavg": list(os.getloadavg()), "threads": threads,
+        "clock": TIMER.__name__}, quick)
     print(f"wrote {path}")
     return {"per_step": records}
 
@@ -525,7 +532,8 @@ def run(quick: bool = False) -> dict:
     threads = int(os.environ.get("TDIFF_BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
     try:
-        payload = {"threads": threads, "loadavg_start": list(os.getloadavg()), "per_step": per_step(quick),
+        payload = {"threads": threads, "loadavg_start": list(os.getloadavg()), "clock": TIMER.__name__,
+                   "per_step": per_step(quick),
                    "bandwidth": bandwidth(quick),
                    "error": error_table(quick), "conformance": conformance(quick),
                    "convergence": convergence(quick), "loadavg": list(os.getloadavg())}

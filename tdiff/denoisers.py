@@ -276,12 +276,13 @@ class Denoiser(nn.Module):
         The model and its call convention are bound now, as the network times are."""
         model, call, call_at, output = self.model, self.call, self._call_at, self._output
         direct = call is _tdiff_call  # model(x, t_net, y): skip the convention's frame
+        tensor = torch.Tensor
 
         def network(x: torch.Tensor, **cond) -> torch.Tensor:
             if cond:
                 return call_at(t_net, None, None, x, **cond)
             out = model(x, t_net, None) if direct else call(model, x, t_net, y=None)
-            if type(out) is torch.Tensor and out.shape == x.shape and out.dtype == x.dtype:
+            if type(out) is tensor and out.shape == x.shape and out.dtype == x.dtype:
                 return out
             out = output(out, x)  # the same output, not a second call
             return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -536,8 +536,8 @@ class Execution:
         calls the C++ kernel directly, with the same arguments as the interpreter, so results are bit-identical.
         An evaluation whose raw output the next update reads first (every step of the built-in solvers; Heun's two)
         is one closure with that update (`_compiled_pair`): model call, converting kernel, buffer writes, with no
-        record of the pending output in between. Instructions the closures do not specialise (clamped or two-target evaluations, noise) run through
-        `execute`. Must be called before the first instruction runs. `cache` (a Sampler's dict) keeps the closures
+        record of the pending output in between. Instructions the closures do not specialise (clamped or
+        two-target evaluations, noise) run through `execute`. Must be called before the first instruction runs. `cache` (a Sampler's dict) keeps the closures
         for the next run with the same rows, network calls and state shape: they read the run's buffers from
         their argument."""
         if (self.n != 0 or self.check_finite or not self.fuse or torch.is_grad_enabled()
