@@ -13,7 +13,7 @@ against the copy ceiling, and solver error against the exact ODE solution on the
    dpmpp2 loop unfused (`Sampler.fuse = False`: convert, then update), to show what the fusion saves, and for
    every solver the previous loop ("prev": UniPC's corrected sample and iPNDM's slopes as buffers of their own,
    two updates per evaluation, and fresh outputs for every update) beside the current one (one fused update per
-   evaluation, outputs written into recycled buffers from 256 KiB up). Interleaved in one run (bench/interleaved.py),
+   evaluation, outputs written into recycled buffers from 1 MiB up). Interleaved in one run (bench/interleaved.py),
    one thread, 20 steps, medians with 95% intervals; the ratios are per-round (both sides saw the same machine
    state).
    The floor is per model evaluation: each evaluation needs one update, and one update reads at least x and the

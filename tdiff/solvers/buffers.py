@@ -25,10 +25,10 @@ from torch import Tensor
 from ..ops import dispatch
 
 #: below this many bytes a fresh allocation comes from the allocator's free lists (no page faults), and the
-#: bookkeeping would cost more than it saves. 256 KiB (16x4x32x32 float32): with the compiled loop's two-check
-#: `recycle`, reuse saved ~2-4 us of a ~25 us step there (a recycled buffer is also still in cache), cost ~2 us
-#: at 64 KiB and was even at 128 KiB (2026-12-01, loaded machine, interleaved; it was 1 MiB before)
-MIN_BYTES = 1 << 18
+#: bookkeeping would cost more than it saves. Measured again with the compiled loop's two-check `recycle`
+#: (2026-12-01, in one process, interleaved, CPU time, dpmpp1/2 and unipc3): reuse was 3-20% slower than fresh
+#: outputs from 128 to 512 KiB, even at 1 MiB (0.86-1.01x), and 1.0-1.28x faster from 2 MiB (unipc3 at 4 MiB: 1.39x)
+MIN_BYTES = 1 << 20
 
 
 def _storage_users(t: Tensor) -> int:

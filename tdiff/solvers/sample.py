@@ -11,7 +11,7 @@ use_clipped_model_output=False and a clamp; without one the Sampler builds the e
 a pass of its own (`to_prediction`), then updates. Every update uses a
 coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once). So the loop makes no host
 syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs; eager and without
-autograd, states from 256 KiB have their update outputs written into buffers the loop no longer needs (buffers.py), and
+autograd, states from 1 MiB have their update outputs written into buffers the loop no longer needs (buffers.py), and
 the loop runs as closures compiled once per Sampler that call the C++ kernels directly (Execution.compile). Nothing is
 detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
 coefficient and conversion row) and the denoiser's parameters.
@@ -558,10 +558,12 @@ class Execution:
             while i < len(step):
                 ins, nxt = step[i], step[i + 1] if i + 1 < len(step) else None
                 kept = self._raw_kept(ins)
-                if (kept is not None and type(nxt) is Update and nxt.hist[0] == ins.out
+                pairs = kept if kept is not None else self._identity(ins)
+                if (pairs is not None and type(nxt) is Update and nxt.hist[0] == ins.out
                         and ins.out not in nxt.hist[1:] and pending.isdisjoint(nxt.hist[1:])):
                     # every built-in solver's step: an evaluation and the update that reads its output first
-                    fns.append(self._compiled_pair(ins, nxt, n, kept, call, fused, own))
+                    fns.append(self._compiled_pair(ins, nxt, n, pairs, call, plain if kept is None else fused, own,
+                                                   identity=kept is None))
                     i, n = i + 2, n + 2
                     continue
                 if kept is not None:
@@ -587,13 +589,22 @@ class Execution:
             return None
         return name, None if r is None else self.conv[r]
 
+    def _identity(self, ins) -> Optional[tuple]:
+        """(name, None) for an Eval whose one output is the data prediction as is (an x0 callable or x0-predicting
+        network, no clamp, no guidance), which `_store_eval` stores cast to the state's dtype, else None."""
+        if type(ins) is not Eval or ins.extra or len(self.plan[ins.k]) != 1 or self.scale is not None:
+            return None
+        name, target, r = self.plan[ins.k][0]
+        return (name, None) if r is None and not (self.clip is not None and target == "x0") else None
+
     def _network(self, ins: Eval, call) -> Callable:
         """The network call of evaluation ins.k: the run's prepared call, or call(x, network time)."""
         if self.calls is not None:
             return self.calls[ins.k]
         return lambda v, f=call, t=self.eval_times[ins.k]: f(v, t)
 
-    def _compiled_pair(self, ev: Eval, up: Update, n: int, kept: tuple, call, fused, own: set) -> Callable:
+    def _compiled_pair(self, ev: Eval, up: Update, n: int, kept: tuple, call, fused, own: set,
+                       identity: bool = False) -> Callable:
         """Instructions n (an evaluation whose raw output stays pending) and n + 1 (the update that reads it
         first) as one closure: the model call, then the converting C++ kernel on the raw output, with no `Raw`
         record and no `pending` entry in between (see `compile`). The same kernel arguments as the two closures
@@ -602,13 +613,19 @@ class Execution:
 
         With the pool on, a buffer that an earlier paired closure wrote (`own`, tracked here in program order and
         updated for what this pair writes and frees) is handed back with `BufferPool.recycle`'s two checks; any
-        other value (x_T, an interpreted instruction's output) with `release`'s full ones."""
+        other value (x_T, an interpreted instruction's output) with `release`'s full ones.
+
+        identity: the evaluation's output is D itself (`_identity`); it is stored, cast to the state's dtype, and
+        the update is the plain kernel (`fused` is then the plain one), as `execute` runs the two."""
         name, pq = kept
         # the evaluation's frees move after the update: but not a name the update writes (its new value stays)
         frees = tuple(dict.fromkeys((*(f for f in self.frees[n] if f not in (name, up.out)), *self.frees[n + 1])))
         # which releases may take the fast path: in the order they run (name, out_name, then the frees)
         name_own = name in own
-        own.add(name)
+        if identity:  # the model's output, not a pooled buffer
+            own.discard(name)
+        else:
+            own.add(name)
         out_own = up.out in own
         own.add(up.out)
         frees_own = tuple(f for f in frees if f in own)
@@ -627,7 +644,7 @@ class Execution:
         r0 = rest[0] if len(rest) == 1 else None
         rest_of = operator.itemgetter(*rest) if len(rest) > 1 else None  # a tuple of buf[h] for h in rest
 
-        if not guided and not pooled:  # the common case, kept lean: every statement here is per step
+        if not (guided or pooled or identity):  # the common case, kept lean: every statement here is per step
             def evaluate_update(run):
                 buf = run.buf
                 src = buf[src_name]
@@ -665,6 +682,8 @@ class Execution:
                 if retype and cond.dtype != state:
                     cond = cond.to(state)
                 uncond = scale = None
+            if identity:  # as `_store_eval`: D (the output as is) replaces the name's value
+                buf[name] = cond
             hist = [cond] if r0 is None and rest_of is None else [cond, buf[r0]] if r0 is not None else \
                 [cond, *rest_of(buf)]
             x, csrc = buf[x_name], src if converts else None
@@ -672,8 +691,10 @@ class Execution:
             try:
                 if pooled:
                     pool = run.pool
-                    new, h0 = pool.take(), pool.take()
+                    new, h0 = pool.take(), None if identity else pool.take()
                     pool.kernel(x, hist, row, uncond, scale, csrc, pq, new, h0)
+                elif identity:  # the plain kernel
+                    new, h0 = fused(x, hist, row), None
                 else:
                     new, h0 = fused(x, hist, row, uncond, scale, csrc, pq)
             except (RuntimeError, TypeError, ValueError):  # the public function names the bad argument
@@ -682,8 +703,9 @@ class Execution:
             del x, hist, uncond, csrc  # before the releases: the pool keeps only what nothing else holds
             if pooled:
                 pool = run.pool
-                (pool.recycle if name_own else pool.release)(buf, name)
-                buf[name] = h0
+                if h0 is not None:
+                    (pool.recycle if name_own else pool.release)(buf, name)
+                    buf[name] = h0
                 (pool.recycle if out_own else pool.release)(buf, out_name)
                 buf[out_name] = new
                 del new, h0
@@ -692,7 +714,8 @@ class Execution:
                 for f in frees_other:
                     pool.release(buf, f)
             else:
-                buf[name] = h0
+                if h0 is not None:
+                    buf[name] = h0
                 buf[out_name] = new
                 for f in frees:
                     buf.pop(f, None)
