@@ -12,9 +12,11 @@ import torch
 
 
 def interleaved_seconds(variants: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                        seed: int = 0) -> Dict[str, List[float]]:
+                        seed: int = 0, timer: Callable[[], float] = time.perf_counter) -> Dict[str, List[float]]:
     """{name: [seconds per round]}: each round runs every variant once, in a fresh random order (so no variant
-    always follows another), on one thread, after `warmup` untimed rounds."""
+    always follows another), on one thread, after `warmup` untimed rounds. timer: wall time by default;
+    time.thread_time counts only this thread's CPU time (no time descheduled behind other processes), for one-thread
+    variants on a shared machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     order = list(variants)
@@ -24,10 +26,10 @@ def interleaved_seconds(variants: Dict[str, Callable[[], object]], rounds: int, 
         for r in range(warmup + rounds):
             rng.shuffle(order)
             for name in order:
-                t0 = time.perf_counter()
+                t0 = timer()
                 variants[name]()
                 if r >= warmup:
-                    out[name].append(time.perf_counter() - t0)
+                    out[name].append(timer() - t0)
     finally:
         torch.set_num_threads(threads)
     return out

@@ -24,6 +24,8 @@ against the copy ceiling, and solver error against the exact ODE solution on the
    folded: 4 outputs, iPNDM-4: 4 slopes), so they move more than 5 passes by construction; first-order updates
    read no history (x and m in, x_next and D out: 4 passes), so out of cache they can sit near 0.8 of the floor.
    Below 3/5 (read x and m, write x_next) is impossible and flagged as a disturbed measurement.
+   `kernel_loop_us` (dpmpp2's row): the converting C++ kernel called from a bare Python loop (no tables, no model
+   call), the Python floor of the loop; `loop_over_kernel_loop` is the sampling loop's time over it.
    `interp_loop_over_floor`: the same Sampler with compiled_loop = False (every instruction interpreted, the
    loop before Execution.compile), to show what compiling the eager loop into closures saves.
    `python -m bench solvers_per_step` runs this part alone (into solvers.json's per_step).
@@ -48,6 +50,7 @@ import dataclasses
 import importlib
 import math
 import os
+import time
 
 import torch
 
@@ -70,6 +73,10 @@ SOLVERS = [("euler", 1), ("heun", 2), ("dpmpp", 2), ("dpmpp", 3), ("dpmpp_ab", 3
 TIMED = [("dpmpp", 1), ("dpmpp", 2), ("dpmpp", 3), ("unipc", 1), ("unipc", 2), ("unipc", 3), ("ipndm", 4),
          ("ddim", 1), ("euler", 1), ("heun", 2)]
 RULES = ("stable", "diffusers")
+# the per-step rounds are timed in this thread's CPU time: every variant runs on this one thread, and on a shared
+# machine (load 6-7 on 2 cores, 2026-12-01) wall time counted up to 3x of other processes' slices into 20 us steps
+# (a quick run: 7.7 s of CPU in 24.6 s). Idle, the two clocks agree. TDIFF_BENCH_CLOCK=wall restores wall time.
+TIMER = time.perf_counter if os.environ.get("TDIFF_BENCH_CLOCK") == "wall" else time.thread_time
 STABILITY_SAMPLES = 1024
 STABILITY_SEED = 2  # the stable rule's thresholds were chosen on seed 0, the stability test uses seed 1
 
@@ -136,10 +143,12 @@ def per_step(quick: bool) -> list:
                 unfused = Sampler(den, ts, solver=solver, order=order)
                 unfused.fuse = False
                 variants["unfused:dpmpp2"] = (lambda sm=unfused: sm(x))
+                variants["kernel:dpmpp2"] = _kernel_loop(x, eps)
         n = max(int(round(2e-2 / max(1e-9, _once(variants["diffusers"])))), 1)  # rounds of >= ~20 ms per variant
         rounds = (8 if quick else 25) if shape[0] * shape[-1] <= 512 else (5 if quick else 15)
         with torch.no_grad():
-            times = interleaved_seconds({k: _repeat(f, n) for k, f in variants.items()}, rounds=rounds, warmup=1)
+            times = interleaved_seconds({k: _repeat(f, n) for k, f in variants.items()}, rounds=rounds, warmup=1,
+                                        timer=TIMER)
         times = {k: [t / (n * STEPS) for t in v] for k, v in times.items()}  # seconds per step
         floor_t = median_ci(times["floor"])
         for solver, order in timed:
@@ -166,8 +175,10 @@ def per_step(quick: bool) -> list:
             if f"unfused:{name}" in times:
                 records[-1]["loop_unfused_us"] = _us(median_ci(times[f"unfused:{name}"]))
                 records[-1]["unfused_over_fused"] = _ratio(speedup(times, loop, f"unfused:{name}", None))
-    print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread, interleaved: "
-                f"medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per model evaluation (a copy moving "
+                records[-1]["kernel_loop_us"] = _us(median_ci(times[f"kernel:{name}"]))
+                records[-1]["loop_over_kernel_loop"] = _ratio(speedup(times, f"kernel:{name}", loop, None))
+    print_table(f"Per-step cost, eps model (conversion included), {STEPS} steps, float32, one thread "
+                f"({TIMER.__name__}), interleaved: medians [95% CI]; floor = {FLOOR_PASSES} tensor passes of x per model evaluation (a copy moving "
                 f"those bytes); x/floor = x / (NFE per step * floor); prev = the loop before folding and buffer reuse; "
                 f"interp = today's loop interpreted instruction by instruction (not compiled into closures)",
                 ["shape", "solver", "NFE/step", "sample us/step", "loop us/step", "prev loop us/step",
@@ -185,8 +196,29 @@ def per_step(quick: bool) -> list:
     for r in records:
         if "loop_unfused_us" in r:
             print(f"  {tuple(r['shape'])} {r['solver']}{r['order']}: the loop unfused (convert, then update) "
-                  f"{_fmt(r['loop_unfused_us'])} us/step, {_fmt(r['unfused_over_fused'])}x the fused loop")
+                  f"{_fmt(r['loop_unfused_us'])} us/step, {_fmt(r['unfused_over_fused'])}x the fused loop; the bare "
+                  f"kernel loop {_fmt(r['kernel_loop_us'])} us/step (the loop is {_fmt(r['loop_over_kernel_loop'])}x "
+                  f"that)")
     return records
+
+
+def _kernel_loop(x, eps):
+    """The Python floor of a 2M loop: the converting C++ kernel (tdiff._C) called from a bare loop with the same
+    tensors' sizes and history as dpmpp2's (made-up rows; no tables, no model call, fresh outputs). The sampling
+    loop's time above this is its own Python (the model call through the denoiser included)."""
+    from tdiff.ops import dispatch as d
+
+    fused = d.eager_kernel(x, "multistep_update_convert_cpu")
+    row = torch.tensor([[0.9, 0.3, -0.2]]).expand(x.shape[0], 3).contiguous()
+    pq = torch.tensor([[1.1, -0.4]]).expand(x.shape[0], 2).contiguous()
+
+    def loop():
+        y, d0 = x, x
+        for _ in range(STEPS):
+            y, d0 = fused(y, [eps, d0], row, None, None, y, pq)
+        return y
+
+    return loop
 
 
 def _once(fn) -> float:
@@ -487,7 +519,8 @@ def run_per_step(quick: bool = False) -> dict:
     write_result_part("solvers", "per_step_run", {
         "command": "python -m bench " + ("--quick " if quick else "") + "solvers_per_step", "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": load, "loadavg": list(os.getloadavg()), "threads": threads}, quick)
+        "loadavg_start": load, "loadavg": list(os.getloadavg()), "threads": threads,
+        "clock": TIMER.__name__}, quick)
     print(f"wrote {path}")
     return {"per_step": records}
 
@@ -499,7 +532,8 @@ def run(quick: bool = False) -> dict:
     threads = int(os.environ.get("TDIFF_BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
     try:
-        payload = {"threads": threads, "loadavg_start": list(os.getloadavg()), "per_step": per_step(quick),
+        payload = {"threads": threads, "loadavg_start": list(os.getloadavg()), "clock": TIMER.__name__,
+                   "per_step": per_step(quick),
                    "bandwidth": bandwidth(quick),
                    "error": error_table(quick), "conformance": conformance(quick),
                    "convergence": convergence(quick), "loadavg": list(os.getloadavg())}

@@ -200,6 +200,11 @@ class Denoiser(nn.Module):
                                 for k, v in cond.items()})
             out_c, out_u = both[:b], both[b:]
             out = out_u + self.guidance * (out_c - out_u)
+        return self._output(out, x)
+
+    @staticmethod
+    def _output(out, x: torch.Tensor) -> torch.Tensor:
+        """The network's output checked to be shaped like x (learned-sigma channels dropped)."""
         if not torch.is_tensor(out):
             raise ValueError(f"the network must return a tensor shaped like x {tuple(x.shape)}, got "
                              f"{type(out).__name__}")
@@ -258,7 +263,32 @@ class Denoiser(nn.Module):
             scale.to(like.dtype).reshape(-1, 1, *ones).expand(-1, b, *ones).unbind(0)  # (B, 1, ..) per time
         model_dtype = self._model_dtype(like.dtype)
         cast = None if model_dtype == like.dtype else model_dtype
-        return [functools.partial(self._call_at, t_net[k], scales[k], cast) for k in range(t.numel())]
+        plain = scale is None and cast is None and type(self).raw is Denoiser.raw and \
+            type(self)._call_at is Denoiser._call_at
+        return [self._plain_call(t_net[k]) if plain else functools.partial(self._call_at, t_net[k], scales[k], cast)
+                for k in range(t.numel())]
+
+    def _plain_call(self, t_net: torch.Tensor) -> Callable:
+        """`_call_at(t_net, None, None, x)` (no input scaling, the model in x's dtype) as the sampling loop's
+        per-step call: the network called directly, its output returned as is when it is already a tensor shaped
+        and typed like x; anything else (conditioning, learned-sigma channels, another dtype, a bad output) takes
+        `_call_at`, which converts or names the problem. Its `checks_output` tells the loop not to check again.
+        The model and its call convention are bound now, as the network times are."""
+        model, call, call_at, output = self.model, self.call, self._call_at, self._output
+        direct = call is _tdiff_call  # model(x, t_net, y): skip the convention's frame
+        tensor = torch.Tensor
+
+        def network(x: torch.Tensor, **cond) -> torch.Tensor:
+            if cond:
+                return call_at(t_net, None, None, x, **cond)
+            out = model(x, t_net, None) if direct else call(model, x, t_net, y=None)
+            if type(out) is tensor and out.shape == x.shape and out.dtype == x.dtype:
+                return out
+            out = output(out, x)  # the same output, not a second call
+            return out if out.dtype == x.dtype else out.to(x.dtype)
+
+        network.checks_output = True
+        return network
 
     def _call_at(self, t_net: torch.Tensor, scale: Optional[torch.Tensor], cast: Optional[torch.dtype],
                  x: torch.Tensor, **cond) -> torch.Tensor:

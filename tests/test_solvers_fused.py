@@ -5,6 +5,7 @@ prediction type and EDM preconditioning, with and without classifier-free guidan
 gradients in the timesteps (LD3's path, rematerialised or not), x_T and the network's weights; and that the fused
 path makes no conversion pass of its own."""
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -361,3 +362,61 @@ def test_compiled_loop_with_recycled_buffers_is_bit_identical(guided):
                                 ("heun", 2, {})]:
         fast, slow, used = _both_loops(den, solver, order, opts, 1.5 if guided else None, x)
         assert used and torch.equal(fast, slow), (solver, order)
+
+
+def test_prepared_call_checks_each_output_once_and_calls_the_model_once():
+    """A tdiff Denoiser's prepared call (Denoiser.network_calls) returns a tensor shaped and typed like x as is and
+    fixes anything else from the same output (learned-sigma channels dropped, the dtype cast): one model call per
+    evaluation, bit-identical to the interpreter; a wrong shape is an error naming it, in the compiled loop too."""
+    calls = []
+
+    def model(x, t_net, y=None):
+        calls.append(1)
+        out = torch.tanh(x + 1e-3 * t_net.view(-1, 1))
+        if mode == "learned-sigma":
+            return torch.cat([out, 7 * out], dim=1)
+        if mode == "float32":
+            return out.float()
+        return out[:, :2] if mode == "bad" else out
+
+    for mode in ("plain", "learned-sigma", "float32"):
+        den = tdiff.denoiser(model, SCHED, prediction="eps")
+        outs, used = [], []
+        for compiled in (True, False):
+            s = Sampler(den, TS, solver="unipc", order=3)
+            s.compiled_loop = compiled
+            calls.clear()
+            with torch.no_grad():
+                outs.append(s(X))
+            assert len(calls) == s.nfe, (mode, compiled, len(calls))
+            used.append(bool(s._compiled))
+        assert used == [True, False] and torch.equal(outs[0], outs[1]), mode
+    mode = "bad"
+    with torch.no_grad(), pytest.raises(ValueError, match=r"returned shape \(4, 2\)"):
+        Sampler(tdiff.denoiser(model, SCHED, prediction="eps"), TS, solver="dpmpp", order=2)(X)
+
+
+def test_recycled_buffers_never_overwrite_what_the_model_keeps(monkeypatch):
+    """The compiled loop's evaluation + update closures hand the buffers they wrote back to the pool with two
+    checks only (BufferPool.recycle): a model (behind a tdiff Denoiser, so the fused conversion runs) that keeps its
+    inputs, or only views of them, must still see them unchanged, and the result equals the loop without
+    recycling."""
+    x = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kept = []
+
+    def keeping(x, t_net, y=None):
+        kept.append((x, x.clone()) if views is False else (x[1:], x[1:].clone()))
+        return torch.tanh(x + 1e-3 * t_net.view(-1, 1))
+
+    den = tdiff.denoiser(keeping, SCHED, prediction="eps")
+    for (solver, order, opts), views in itertools.product(
+            [("dpmpp", 3, {}), ("unipc", 3, {}), ("ipndm", 4, {}), ("heun", 2, {})], (False, True)):
+        monkeypatch.setattr(buffers_mod, "MIN_BYTES", 1 << 40)
+        with torch.no_grad():
+            want = Sampler(den, TS, solver=solver, order=order, **opts)(x)
+        monkeypatch.setattr(buffers_mod, "MIN_BYTES", 0)
+        kept.clear()
+        with torch.no_grad():
+            got = Sampler(den, TS, solver=solver, order=order, **opts)(x)
+        assert torch.equal(got, want), solver
+        assert all(torch.equal(seen, copy) for seen, copy in kept), f"{solver} (views {views}): a kept sample changed"

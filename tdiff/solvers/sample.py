@@ -23,6 +23,7 @@ RematDenoiser, which calls D(x, t_net), therefore converts at the network's time
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -287,7 +288,7 @@ class Sampler:
             raise ValueError(f"generator must be None, a torch.Generator or a list of one per sample, got "
                              f"{type(generator).__name__} {generator!r}")
         state = _state_dtype(x_T, self.state_dtype)
-        x = x_T.to(state)
+        x = x_T if x_T.dtype == state else x_T.to(state)  # a no-op .to costs a dispatch
         key = (x.shape[0], state, x_T.dtype, x.device, torch.is_grad_enabled())
         if key not in self._rows:
             rows, conv, eval_times = _prepare_rows(self.program, x, self._conversion)
@@ -309,7 +310,7 @@ class Sampler:
         else:
             with times_validated():  # the program's times were checked once, when it was built
                 out = _run(run, self._call, self.progress, cache)
-        return out.to(x_T.dtype)
+        return out if out.dtype == x_T.dtype else out.to(x_T.dtype)
 
 
 def _check_x(x_T) -> None:
@@ -556,8 +557,10 @@ class Execution:
         BufferPool's checks on small states) cost more than the fused update at 16x4x32x32 (256 KiB a tensor,
         ~20 us an update). Each closure has its instruction's names, row, network call and kernel bound once; it
         calls the C++ kernel directly, with the same arguments as the interpreter, so results are bit-identical.
-        Instructions the closures do not specialise (clamped or two-target evaluations, noise) run through
-        `execute`. Must be called before the first instruction runs. `cache` (a Sampler's dict) keeps the closures
+        An evaluation whose raw output the next update reads first (every step of the built-in solvers; Heun's two)
+        is one closure with that update (`_compiled_pair`): model call, converting kernel, buffer writes, with no
+        record of the pending output in between. Instructions the closures do not specialise (clamped or
+        two-target evaluations, noise) run through `execute`. Must be called before the first instruction runs. `cache` (a Sampler's dict) keeps the closures
         for the next run with the same rows, network calls and state shape: they read the run's buffers from
         their argument."""
         if (self.n != 0 or self.check_finite or not self.fuse or torch.is_grad_enabled()
@@ -571,29 +574,188 @@ class Execution:
         hit = None if cache is None else cache.get(key)
         if hit is not None and hit[0] is self.rows and hit[1] is self.calls and hit[2] is self.conv:
             return hit[3]
-        flat = iter(range(sum(len(step) for step in self.prog.steps)))
-        compiled = [[self._compiled(ins, next(flat), s, call, plain, fused) for ins in step]
-                    for s, step in enumerate(self.prog.steps)]
+        compiled, n, pending = [], 0, set()  # pending: the raw outputs an unpaired evaluation leaves
+        own: set = set()  # names whose value here is a pooled output of a paired closure (BufferPool.recycle)
+        for s, step in enumerate(self.prog.steps):
+            fns, i = [], 0
+            while i < len(step):
+                ins, nxt = step[i], step[i + 1] if i + 1 < len(step) else None
+                kept = self._raw_kept(ins)
+                pairs = kept if kept is not None else self._identity(ins)
+                if (pairs is not None and type(nxt) is Update and nxt.hist[0] == ins.out
+                        and ins.out not in nxt.hist[1:] and pending.isdisjoint(nxt.hist[1:])):
+                    # every built-in solver's step: an evaluation and the update that reads its output first
+                    fns.append(self._compiled_pair(ins, nxt, n, pairs, call, plain if kept is None else fused, own,
+                                                   identity=kept is None))
+                    i, n = i + 2, n + 2
+                    continue
+                if kept is not None:
+                    pending.add(ins.out)
+                elif type(ins) is Update:
+                    pending.difference_update(ins.hist)
+                own.difference_update(_writes(ins), self.frees[n])  # another writer: released with every check
+                fns.append(self._compiled(ins, n, s, call, plain, fused))
+                i, n = i + 1, n + 1
+            compiled.append(fns)
         if cache is not None:
             cache[key] = (self.rows, self.calls, self.conv, compiled)
         return compiled
+
+    def _raw_kept(self, ins) -> Optional[tuple]:
+        """(name, conversion row or None) for an Eval whose one raw output stays pending for the next update to
+        convert (and guide), else None (an instruction of another kind, a clamped or several-target evaluation,
+        or an identity conversion without guidance: those run through `execute`)."""
+        if type(ins) is not Eval or ins.extra or len(self.plan[ins.k]) != 1:
+            return None
+        name, target, r = self.plan[ins.k][0]
+        if (self.clip is not None and target == "x0") or (self.scale is None and r is None):
+            return None
+        return name, None if r is None else self.conv[r]
+
+    def _identity(self, ins) -> Optional[tuple]:
+        """(name, None) for an Eval whose one output is the data prediction as is (an x0 callable or x0-predicting
+        network, no clamp, no guidance), which `_store_eval` stores cast to the state's dtype, else None."""
+        if type(ins) is not Eval or ins.extra or len(self.plan[ins.k]) != 1 or self.scale is not None:
+            return None
+        name, target, r = self.plan[ins.k][0]
+        return (name, None) if r is None and not (self.clip is not None and target == "x0") else None
+
+    def _network(self, ins: Eval, call) -> Callable:
+        """The network call of evaluation ins.k: the run's prepared call, or call(x, network time)."""
+        if self.calls is not None:
+            return self.calls[ins.k]
+        return lambda v, f=call, t=self.eval_times[ins.k]: f(v, t)
+
+    def _compiled_pair(self, ev: Eval, up: Update, n: int, kept: tuple, call, fused, own: set,
+                       identity: bool = False) -> Callable:
+        """Instructions n (an evaluation whose raw output stays pending) and n + 1 (the update that reads it
+        first) as one closure: the model call, then the converting C++ kernel on the raw output, with no `Raw`
+        record and no `pending` entry in between (see `compile`). The same kernel arguments as the two closures
+        of `_compiled`, so bit-identical. A tdiff Denoiser's prepared calls check their output's shape themselves
+        (Denoiser.network_calls), so the loop checks it only for other denoisers.
+
+        With the pool on, a buffer that an earlier paired closure wrote (`own`, tracked here in program order and
+        updated for what this pair writes and frees) is handed back with `BufferPool.recycle`'s two checks; any
+        other value (x_T, an interpreted instruction's output) with `release`'s full ones.
+
+        identity: the evaluation's output is D itself (`_identity`); it is stored, cast to the state's dtype, and
+        the update is the plain kernel (`fused` is then the plain one), as `execute` runs the two."""
+        name, pq = kept
+        # the evaluation's frees move after the update: but not a name the update writes (its new value stays)
+        frees = tuple(dict.fromkeys((*(f for f in self.frees[n] if f not in (name, up.out)), *self.frees[n + 1])))
+        # which releases may take the fast path: in the order they run (name, out_name, then the frees)
+        name_own = name in own
+        if identity:  # the model's output, not a pooled buffer
+            own.discard(name)
+        else:
+            own.add(name)
+        out_own = up.out in own
+        own.add(up.out)
+        frees_own = tuple(f for f in frees if f in own)
+        frees_other = tuple(f for f in frees if f not in own)
+        own.difference_update(frees)
+        pooled, guided = self.pool.enabled, self.scale is not None
+        state, io = self.buf["x"].dtype, self.io_dtype
+        cast = io is not None and io != state
+        net = self._network(ev, call)
+        checked = not guided and getattr(net, "checks_output", False)
+        src_name, x_name, rest, out_name = ev.src, up.x, up.hist[1:], up.out
+        row, converts = self.rows[up.row], pq is not None
+
+        # the output's dtype is known where the prepared call returns x's dtype and x is the state's
+        retype = cast or not checked
+        r0 = rest[0] if len(rest) == 1 else None
+        rest_of = operator.itemgetter(*rest) if len(rest) > 1 else None  # a tuple of buf[h] for h in rest
+
+        if not (guided or pooled or identity):  # the common case, kept lean: every statement here is per step
+            def evaluate_update(run):
+                buf = run.buf
+                src = buf[src_name]
+                cond = net(src.to(io) if cast else src)
+                if not checked:
+                    cond = _output_parts(src, cond, False)[0]
+                if retype and cond.dtype != state:
+                    cond = cond.to(state)
+                hist = [cond] if r0 is None and rest_of is None else [cond, buf[r0]] if r0 is not None else \
+                    [cond, *rest_of(buf)]
+                x, csrc = buf[x_name], src if converts else None
+                try:
+                    new, h0 = fused(x, hist, row, None, None, csrc, pq)
+                except (RuntimeError, TypeError, ValueError):  # the public function names the bad argument
+                    multistep_update(x, hist, row, check=False, src=csrc, convert=pq)
+                    raise
+                buf[name] = h0
+                buf[out_name] = new
+                for f in frees:
+                    buf.pop(f, None)
+
+            return evaluate_update
+
+        def evaluate_update(run):
+            buf = run.buf
+            src = buf[src_name]
+            out = net(src.to(io) if cast else src)
+            if guided:
+                cond, uncond = _output_parts(src, out, True)
+                cond = cond if cond.dtype == state else cond.to(state)
+                uncond = uncond if uncond.dtype == state else uncond.to(state)
+                scale = run.scale
+            else:
+                cond = out if checked else _output_parts(src, out, False)[0]
+                if retype and cond.dtype != state:
+                    cond = cond.to(state)
+                uncond = scale = None
+            if identity:  # as `_store_eval`: D (the output as is) replaces the name's value
+                buf[name] = cond
+            hist = [cond] if r0 is None and rest_of is None else [cond, buf[r0]] if r0 is not None else \
+                [cond, *rest_of(buf)]
+            x, csrc = buf[x_name], src if converts else None
+            del out, cond, src
+            try:
+                if pooled:
+                    pool = run.pool
+                    new, h0 = pool.take(), None if identity else pool.take()
+                    pool.kernel(x, hist, row, uncond, scale, csrc, pq, new, h0)
+                elif identity:  # the plain kernel
+                    new, h0 = fused(x, hist, row), None
+                else:
+                    new, h0 = fused(x, hist, row, uncond, scale, csrc, pq)
+            except (RuntimeError, TypeError, ValueError):  # the public function names the bad argument
+                multistep_update(x, hist, row, check=False, uncond=uncond, scale=scale, src=csrc, convert=pq)
+                raise
+            del x, hist, uncond, csrc  # before the releases: the pool keeps only what nothing else holds
+            if pooled:
+                pool = run.pool
+                if h0 is not None:
+                    (pool.recycle if name_own else pool.release)(buf, name)
+                    buf[name] = h0
+                (pool.recycle if out_own else pool.release)(buf, out_name)
+                buf[out_name] = new
+                del new, h0
+                for f in frees_own:
+                    pool.recycle(buf, f)
+                for f in frees_other:
+                    pool.release(buf, f)
+            else:
+                if h0 is not None:
+                    buf[name] = h0
+                buf[out_name] = new
+                for f in frees:
+                    buf.pop(f, None)
+
+        return evaluate_update
 
     def _compiled(self, ins, n: int, step: int, call, plain, fused) -> Callable[["Execution"], None]:
         """Instruction number n as a closure (see `compile`)."""
         frees = tuple(self.frees[n])
         pooled, guided = self.pool.enabled, self.scale is not None
         state = self.buf["x"].dtype
-        if type(ins) is Eval and not ins.extra and len(self.plan[ins.k]) == 1:
-            name, target, r = self.plan[ins.k][0]
-            raw_kept = not (self.clip is not None and target == "x0") and (guided or r is not None)
-        else:
-            raw_kept = False
-        if raw_kept:  # one target, conversion (and guidance) fused into the next update: keep the raw output
-            pq = None if r is None else self.conv[r]
+        kept = self._raw_kept(ins)
+        if kept is not None:  # one target, conversion (and guidance) fused into the next update: keep the raw output
+            name, pq = kept
             src_name, io = ins.src, self.io_dtype
             cast = io is not None and io != state
-            net = self.calls[ins.k] if self.calls is not None else (
-                lambda v, f=call, t=self.eval_times[ins.k]: f(v, t))
+            net = self._network(ins, call)
 
             def evaluate(run):
                 buf = run.buf
@@ -672,6 +834,16 @@ def _kernels(x: Tensor) -> tuple:
     """The C++ update kernels the compiled loop calls for states like x: (plain, converting), None where the C++
     backend does not serve x."""
     return dispatch.eager_kernel(x, "multistep_update_cpu"), dispatch.eager_kernel(x, "multistep_update_convert_cpu")
+
+
+def _writes(ins) -> tuple:
+    """The buffers an instruction may write (an update also its first history entry: the converted output)."""
+    kind = type(ins)
+    if kind is Eval:
+        return (ins.out, *(name for name, _ in ins.extra))
+    if kind is Update:
+        return (ins.out, *ins.hist)
+    return (ins.out,)
 
 
 def _drop(buf: dict, name: str) -> None:
