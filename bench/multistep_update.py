@@ -11,7 +11,8 @@ values are checked against the reference by opcheck and the fuzz tests). The upd
 and writes x_next: (K + 2) tensors. The convert form (src = x) also writes h_0: (K + 3). "In cache" is a working
 set that fits the L2 cache (16x4x32x32, 256 KiB a tensor); "out of cache" one well beyond it (64x4x64x64, 4 MiB a
 tensor). One thread, interleaved rounds, medians with 95% intervals (bench.common.median_ci); ratios are taken round
-by round.
+by round. "tdiff" is the public function (fresh outputs every call); "tdiff out=" the convert form's out= binding
+writing into the same two buffers every call, as the sampling loop does for large states (tdiff/solvers/buffers.py).
 
 Overhead: the public wrapper (eager, no grad, check=False, as the sampling loop calls it) against the C++ function
 it calls, bound directly (tdiff._C, csrc/direct.h; overhead_us) and through the dispatcher (vs_dispatcher_us), at a
@@ -67,10 +68,12 @@ def _stats(times, copy_times, nbytes):
 
 
 def bandwidth(quick: bool) -> list:
-    rounds = 7 if quick else 61
     records = []
     for where, shape in (("in cache", QUICK_IN if quick else IN_CACHE),
                          ("out of cache", QUICK_OUT if quick else OUT_OF_CACHE)):
+        # in cache a call lasts 10-40 us: many short blocks (0.3 ms), so that few blocks straddle a switch to
+        # another process (which evicts the L2 working set); 2 ms blocks gave 95% intervals 5-10x wider under load
+        rounds, block = (7, 2e-3) if quick else ((201, 3e-4) if where == "in cache" else (61, 2e-3))
         for k in (1, 2, 3, 4):
             for form in ("update", "convert"):
                 x = torch.randn(shape)
@@ -88,10 +91,16 @@ def bandwidth(quick: bool) -> list:
                         x, hist, coeffs, convert=pq, check=False)
                 compiled = torch.compile(eager, dynamic=False)
                 fns = {"copy": copy_fn(nbytes), "eager": eager, "torch.compile": compiled, "tdiff": ours}
+                if form == "convert" and _C is not None and hasattr(_C, "multistep_update_out_cpu"):
+                    # the out= binding into the same two buffers every call (the sampling loop's buffer reuse for
+                    # large states): the kernel without the two fresh outputs and the wrapper
+                    out, h0 = torch.empty_like(x), torch.empty_like(x)
+                    fns["tdiff out="] = lambda x=x, hist=hist, coeffs=coeffs, pq=pq, out=out, h0=h0: (
+                        _C.multistep_update_out_cpu(x, hist, coeffs, None, None, None, pq, out, h0))
                 with torch.no_grad():
                     interleaved(fns, rounds=2)  # warm-up: caches, allocator, compiled graphs
-                    times = interleaved(fns, rounds=rounds)
-                for name in ("eager", "torch.compile", "tdiff"):
+                    times = interleaved(fns, rounds=rounds, block_seconds=block)
+                for name in [n for n in fns if n != "copy"]:
                     records.append({"where": where, "shape": list(shape), "K": k, "form": form, "impl": name,
                                     "bytes": nbytes, **_stats(times[name], times["copy"], nbytes)})
                 records.append({"where": where, "shape": list(shape), "K": k, "form": form, "impl": "copy",
@@ -186,9 +195,11 @@ def _plot(records, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, where in zip(axes, ("in cache", "out of cache")):
-        for impl, marker in (("tdiff", "o"), ("torch.compile", "s"), ("eager", "^")):
+        for impl, marker in (("tdiff", "o"), ("tdiff out=", "D"), ("torch.compile", "s"), ("eager", "^")):
             for form, ls in (("update", "-"), ("convert", "--")):
                 rs = [r for r in records if r["where"] == where and r["impl"] == impl and r["form"] == form]
+                if not rs:
+                    continue
                 ax.plot([r["K"] for r in rs], [r["frac_of_copy"] for r in rs], marker=marker, ls=ls,
                         label=f"{impl} ({form})")
         ax.axhline(TARGET_FRAC_OF_COPY, color="k", lw=1, ls=":", label="target 0.8 of copy")

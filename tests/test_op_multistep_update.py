@@ -95,6 +95,22 @@ def test_convert_matches_reference(monkeypatch, backend, dtype, form, k):
     assert out.dtype == h0.dtype == dtype and out.is_contiguous() and h0.is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_convert_at_x_is_the_general_conversion_bit_for_bit(dtype):
+    # the C++ span loop reuses x's vector when src is x (no second load): it must give exactly what the general
+    # loop gives with a separate src holding the same values, at every history length, with and without
+    # guidance, over a span whose length crosses every unrolled and tail step of each vector width
+    x, hist, coeffs = _inputs((3, 1, 1, 203), 4, dtype)
+    for k in (1, 2, 3, 4):
+        for cfg in (False, True):
+            kw = _convert_kwargs(x, coeffs[:, :k + 1], cfg=cfg, convert=True, src_is_x=True)
+            at_x = torch.ops.tdiff.multistep_update_convert_cpu(x, hist[:k], coeffs[:, :k + 1], kw.get("uncond"),
+                                                                 kw.get("scale"), None, kw["convert"])
+            apart = torch.ops.tdiff.multistep_update_convert_cpu(x, hist[:k], coeffs[:, :k + 1], kw.get("uncond"),
+                                                                  kw.get("scale"), x.clone(), kw["convert"])
+            assert torch.equal(at_x[0], apart[0]) and torch.equal(at_x[1], apart[1]), (k, cfg)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_convert_rows_of_every_prediction_type(monkeypatch, backend):
     # x0 prediction (p = 0, q = 1) is the plain update with h_0 = m; eps rows give D = (x - sigma eps) / alpha
