@@ -47,7 +47,6 @@ from threadpoolctl import ThreadpoolController
 
 METHODS = ("sqp", "trust-constr")
 _BURST = 3  # SLSQP iterations every start gets before only the leader continues (`_optimise`)
-_EARLY_NEWTON = 5  # the SLSQP iteration of an early Newton try with the paper's objective (`_slack_sqp`)
 _CHORD_CONTRACTION = 0.03  # `_active_set_newton` keeps its Hessian while a step shrinks the KKT residual this much
 _HESSIAN_STEP = 1e-7  # of the forward differences of the exact gradient that give `_active_set_newton` its Hessian
 _RANK_STARTS_UP_TO = 10  # up to this NFE the starts are ranked by their own J, without a burst (`_optimise`)
@@ -253,8 +252,8 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
                polish_every: int = 20, newton: bool = True):
     """SLSQP on the slack reformulation; (its result, a certified local minimum from `_active_set_newton` or None).
     After `polish_every` iterations, then at doubling intervals (20, 60, 140, ...), and at the end (with the paper's
-    objective also after `_EARLY_NEWTON`), Newton tries to finish from the current point; SLSQP stops as soon as
-    that certifies a local minimum at or below its own J."""
+    objective also at the start, before any iteration), Newton tries to finish from the current point; SLSQP stops
+    as soon as that certifies a local minimum at or below its own J."""
     n, m = z0.size, int(obj.coupled.sum())
     a, lb = _monotone_rows(n, obj.lam_start, obj.lam_end, margin)
     # the Jacobians' constant blocks, built once (np.block at every iteration cost as much as an evaluation)
@@ -284,12 +283,12 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
         return out
 
     found, iterations, next_try = [], [0], [polish_every, polish_every]  # (iteration of the next try, interval)
-    # with the paper's objective a try costs a few batched passes (~1.5 evaluations each), so it is tried early too:
-    # at the start (iteration 0: where the optimum has no kink, as at NFE 5 and 6, Newton needs no active set from
-    # SLSQP, and a failed try usually stops after one pass, leaving the feasible set or a sign) and after
-    # `_EARLY_NEWTON` iterations (at NFE 7-10, SLSQP's 11-20 iterations become 5); with the solver rows' the
-    # Hessian costs n Jacobians
-    tries = {0, _EARLY_NEWTON} if obj.objective == "lagrange" and _EARLY_NEWTON < polish_every else set()
+    # with the paper's objective a try costs a few batched passes (~1.5 evaluations each), so it is also tried at the
+    # start (full Newton): where the optimum has no kink (NFE 5 and 6) it needs no active set from SLSQP, and a failed
+    # try stops after 1-2 passes (leaving the feasible set). The former early try after 5 SLSQP iterations succeeded
+    # in exactly the settings where the start try now does (256 checked), so it is gone. With the solver rows' the
+    # Hessian costs n Jacobians: no early try
+    start_try = obj.objective == "lagrange"
 
     def try_newton(z, full_newton=False):
         if _increasing(obj, z, margin * (1 - 1e-6)):
@@ -302,8 +301,6 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
 
     def callback(v):
         iterations[0] += 1
-        if newton and iterations[0] in tries and try_newton(v[:n].copy()):
-            raise StopIteration
         if newton and iterations[0] == next_try[0]:
             if try_newton(v[:n].copy()):
                 raise StopIteration
@@ -314,7 +311,7 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
     if m:
         constraints.append({"type": "ineq", "fun": slack, "jac": slack_jac})
     v0 = np.concatenate([z0, np.abs(obj.parts(z0)[2])])
-    if newton and 0 in tries and try_newton(z0.copy(), full_newton=True):
+    if newton and start_try and try_newton(z0.copy(), full_newton=True):
         return OptimizeResult(x=v0, fun=f(v0), nit=0, nfev=0, success=True), found[0]
     # SLSQP's ftol is absolute; ours is relative to J at the start
     res = minimize(f, v0, jac=f_grad, method="SLSQP", constraints=constraints, callback=callback,
@@ -337,9 +334,9 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
     objective that is most of the polish). With full_newton (the try from a start, far from the optimum, where chord
     steps contract slowly: 4 Hessians and 11 gradients at NFE 6) every step takes a fresh Hessian from the same
     batched pass as its gradient (n + 1 points: ~1.5 evaluations with the paper's objective; 7 passes at NFE 6).
-    The point is kept only if it is feasible and certified a local minimum: the multipliers (|mu| <= 1, else leaving that kink would
-    lower J; nu <= 0, else opening that gap would), unchanged signs off the kinks, and a Lagrangian Hessian positive
-    semi-definite along the active set."""
+    The point is kept only if it is feasible and certified a local minimum: the multipliers (|mu| <= 1, else leaving
+    that kink would lower J; nu <= 0, else opening that gap would), unchanged signs off the kinks, and a Lagrangian
+    Hessian positive semi-definite along the active set."""
     n = z.size
     _, _, c, _ = obj.parts(z)
     kinks = np.abs(c) <= 1e-4 * np.abs(c).max() if c.size else np.zeros(0, bool)
@@ -374,8 +371,8 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
         size = np.abs(residual).max()
         if size <= 1e-13 * (1 + np.abs(g).max()):
             break
-        if not full_newton and (hess is None or size > _CHORD_CONTRACTION * previous):  # chord steps while they
-            # contract fast, else a fresh Hessian
+        # chord steps while they contract fast, else a fresh Hessian
+        if not full_newton and (hess is None or size > _CHORD_CONTRACTION * previous):
             hess = _hessian_by_differences(gradients(z + probes[1:], mult)[0], g)
         previous = size
         jac = np.vstack([a, rows])
