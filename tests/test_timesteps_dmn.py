@@ -243,11 +243,12 @@ def test_batched_evaluation_matches_point_by_point(objective):
 
 
 @pytest.mark.parametrize("schedule,order,p,nfe", [(VPCosine(), 2, 1.0, 16), (RectifiedFlow(), 3, 2.0, 12),
-                                                   (VPCosine(), 3, 1.0, 6), (EDM(), 2, 2.0, 9)],
-                         ids=["cosine-o2-16", "flow-o3-12", "cosine-o3-6", "edm-o2-9"])
+                                                   (VPCosine(), 3, 1.0, 7), (EDM(), 2, 2.0, 9)],
+                         ids=["cosine-o2-16", "flow-o3-12", "cosine-o3-7", "edm-o2-9"])
 def test_screened_starts_reach_the_unscreened_optimum(monkeypatch, schedule, order, p, nfe):
     """Screening (a short burst per start above NFE 10, the starts' own J up to it; then only the leader continues)
-    against every start run to the end, on settings other than the bench's (DDPM, order 3, p = 2)."""
+    against every start run to the end, on settings other than the bench's (DDPM, order 3, p = 2), where the optimum
+    has kinks (at NFE 5-6 Newton certifies it from the first start: no SLSQP iteration either way)."""
     module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
     _, screened = dm_nonuniform(schedule, nfe, order=order, p=p, return_result=True)
     monkeypatch.setattr(module, "_BURST", 10**6)
@@ -255,6 +256,27 @@ def test_screened_starts_reach_the_unscreened_optimum(monkeypatch, schedule, ord
     _, full = dm_nonuniform(schedule, nfe, order=order, p=p, return_result=True)
     assert screened.nit < full.nit
     assert screened.fun <= full.fun * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("nfe", [5, 6])
+def test_newton_from_the_leading_start_reaches_the_sqp_optimum(monkeypatch, nfe):
+    """Where the optimum has no kink (DDPM, order 3, NFE 5 and 6), full Newton from the best start certifies it
+    before any SLSQP iteration; the same point as SLSQP followed by the chord Newton, with the start try refused."""
+    module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    _, direct = dm_nonuniform(DDPM, nfe, return_result=True)
+    newton = module._active_set_newton
+    tried = []
+
+    def no_start_try(*args, full_newton=False, **kwargs):
+        tried.append(full_newton)
+        return None if full_newton else newton(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_active_set_newton", no_start_try)
+    _, sqp = dm_nonuniform(DDPM, nfe, return_result=True)
+    assert direct.nit == 0 and direct.nfev == 0 and sqp.nit > 0
+    assert tried[0] and not any(tried[1:])  # the start try first, then the tries from SLSQP's points
+    assert direct.fun == pytest.approx(sqp.fun, rel=1e-12)
+    np.testing.assert_allclose(direct.x, sqp.x, rtol=1e-9)
 
 
 @pytest.mark.parametrize("nfe", [6, 12])

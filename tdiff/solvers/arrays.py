@@ -85,7 +85,9 @@ def stack(vs: Sequence, dim: int = 0):
         return torch.stack(list(vs), dim=dim)
     nd = vs[0].ndim
     if nd <= 2 and -nd - 1 <= dim <= nd:  # without np.stack's Python overhead: one array, then a transposed view
-        out = np.array(vs, dtype=np.float64)  # (len(vs), *shape)
+        out = np.array(vs)  # (len(vs), *shape); complex stays complex (DM-NonUniform's complex-step columns)
+        if out.dtype.kind not in "fc":
+            out = out.astype(np.float64)
         dim = dim % (nd + 1)
         if dim == 0:
             return out
