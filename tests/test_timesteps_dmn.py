@@ -389,3 +389,35 @@ def test_newton_releases_a_kink_whose_multiplier_exceeds_one(monkeypatch):
     _, without = dm_nonuniform(RectifiedFlow(), 10, order=2, objective="solver", return_result=True)
     assert with_release.nit < without.nit
     assert with_release.fun <= without.fun * (1 + 1e-12)
+
+
+def test_solver_objective_newton_from_a_heuristic_start_skips_the_lagrange_start(monkeypatch):
+    """DDPM, order 3, NFE 5: full Newton from uniform logSNR certifies the solver rows' optimum, so the "lagrange"
+    start (the paper's objective optimised first) is never computed; the same point as with that try refused."""
+    module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    lagrange_optimum, computed = module._lagrange_optimum, []
+
+    def watched(*args, **kwargs):
+        computed.append(1)
+        return lagrange_optimum(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_lagrange_optimum", watched)
+    _, direct = dm_nonuniform(DDPM, 5, objective="solver", return_result=True)
+    assert not computed and direct.nit == 0 and direct.start == "logsnr_uniform"
+    monkeypatch.setattr(module, "_heuristic_start_try", lambda *args, **kwargs: None)
+    _, full = dm_nonuniform(DDPM, 5, objective="solver", return_result=True)
+    assert computed and full.start == "lagrange"
+    assert direct.fun == pytest.approx(full.fun, rel=1e-12)
+    np.testing.assert_allclose(direct.x, full.x, rtol=1e-9)
+
+
+@pytest.mark.parametrize("schedule", [DDPM, VE(), RectifiedFlow()])
+def test_log_alpha_slope_matches_autograd(schedule):
+    """The host d log alpha / d lambda behind the complex-step columns equals torch's derivative of the schedule's
+    log_alpha_from_lambda, for every family."""
+    from tdiff.timesteps.dmn_objective import _log_alpha_slope
+
+    lam = torch.linspace(-12.0, 12.0, 97, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(schedule.log_alpha_from_lambda(lam).sum(), lam)
+    np.testing.assert_allclose(_log_alpha_slope(schedule.family, lam.detach().numpy()), want.numpy(), rtol=1e-15,
+                               atol=1e-300)
