@@ -230,17 +230,14 @@ def _heuristic_start_try(obj: SurrogateObjective, heuristics, margin: float):
     if not heuristics:
         return None
     points = obj.initials(heuristics)
-    values = _values(obj, points, margin)
+    values = _values(obj, points, margin) if len(points) > 1 else np.zeros(1)  # one start: no ranking
     i = int(np.argmin(values))
-    if not np.isfinite(values[i]):
+    done = _newton_try(obj, points[i], margin, full_newton=True) if np.isfinite(values[i]) else None
+    if done is None:
         return None
-    z = _newton_try(obj, points[i], margin, full_newton=True)
-    if z is None:
-        return None
-    j = float(_values(obj, [z], margin)[0])
-    per_start = dict(zip(heuristics, values))
-    per_start[heuristics[i]] = min(j, values[i])
-    return (j, z, heuristics[i]) if j <= values[i] else (values[i], points[i], heuristics[i]), per_start, 0, 0
+    per_start = {**dict(zip(heuristics, values)), heuristics[i]: done[0]} if len(points) > 1 else \
+        {heuristics[i]: done[0]}
+    return (done[0], done[1], heuristics[i]), per_start, 0, 0
 
 
 def _start_points(obj: SurrogateObjective, starts, margin: float, maxiter: int, tol: float) -> list:
@@ -327,7 +324,7 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
     def try_newton(z, full_newton=False):
         done = _newton_try(obj, z, margin, full_newton)
         if done is not None:
-            found.append(done)
+            found.append(done[1])
         return done is not None
 
     def callback(v):
@@ -353,16 +350,18 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
 
 
 def _newton_try(obj: SurrogateObjective, z: np.ndarray, margin: float, full_newton: bool = False):
-    """`_active_set_newton` from z, retried with the kinks it releases (`_RELEASE_ROUNDS`); the certified point if
-    it is at or below J at z, else None."""
+    """`_active_set_newton` from z, retried with the kinks it releases (`_RELEASE_ROUNDS`); (J, z) of the certified
+    point if it is at or below J at z, else None."""
     if not _increasing(obj, z, margin * (1 - 1e-6)):
         return None
-    j_here, release, start = obj.fun(z), None, z  # J before Newton: memoised from SLSQP's evaluation at z
+    # J before Newton, from the evaluation with the Jacobian that Newton starts with (memoised: one pass for both)
+    obj.parts(z)
+    j_here, release, start = obj.fun(z), None, z
     for _ in range(1 + _RELEASE_ROUNDS[obj.objective]):
         report = {}
         done = _active_set_newton(obj, start, margin, full_newton=full_newton, release=release, report=report)
         if done is not None and done[0] <= j_here * (1 + 1e-12):
-            return done[1]
+            return done
         if "release" not in report:
             return None
         release, start = report["release"], report["z"]  # retry from the converged point, those kinks off

@@ -286,7 +286,9 @@ class SurrogateObjective:
         steps = np.arange(n_steps)
         self.alone = (steps < warmup_steps) | (steps == n_steps - 1)
         self._cache_key, self._cache = None, None
-        weights, _ = self.step_weights(self.full(self.initial()), jacobian=False)
+        # the solver rows' weights from the check's columns (`_column_weights` without a second build)
+        weights = step_output_weight_columns(check)[0] if self._columns else \
+            self.step_weights(self.full(self.initial()), jacobian=False)[0]
         # nodes that only alone steps use have c_n = 0 identically: no kink, no slack variable
         self.coupled = np.abs(weights[~self.alone]).sum(0) > 0
         # the same as index arrays: each evaluation indexes with them (masks cost a conversion every time)
