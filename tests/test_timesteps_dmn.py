@@ -415,9 +415,7 @@ def test_solver_objective_newton_from_a_heuristic_start_skips_the_lagrange_start
 def test_log_alpha_slope_matches_autograd(schedule):
     """The host d log alpha / d lambda behind the complex-step columns equals torch's derivative of the schedule's
     log_alpha_from_lambda, for every family."""
-    from tdiff.timesteps.dmn_objective import _log_alpha_slope
-
     lam = torch.linspace(-12.0, 12.0, 97, dtype=torch.float64, requires_grad=True)
     (want,) = torch.autograd.grad(schedule.log_alpha_from_lambda(lam).sum(), lam)
-    np.testing.assert_allclose(_log_alpha_slope(schedule.family, lam.detach().numpy()), want.numpy(), rtol=1e-15,
+    np.testing.assert_allclose(schedule.log_alpha_slope_from_lambda(lam.detach().numpy()), want.numpy(), rtol=1e-15,
                                atol=1e-300)

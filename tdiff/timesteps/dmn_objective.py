@@ -227,19 +227,6 @@ def _lagrange_monomials(d: np.ndarray, st: "_Stencil") -> np.ndarray:
     return coef
 
 
-def _log_alpha_slope(family: str, lam: np.ndarray) -> np.ndarray:
-    """d log alpha / d lambda of `NoiseSchedule.log_alpha_from_lambda`'s closed forms, on the host (a torch autograd
-    call cost ~15% of an evaluation): VP log alpha = -log(1 + e^(-2 lambda)) / 2 gives sigmoid(-2 lambda) = sigma^2,
-    flow logsigmoid(lambda) gives sigmoid(-lambda) = sigma, VE log alpha = 0 gives 0. Written as torch's backward
-    computes them, so the Jacobians are bit-identical to autograd's."""
-    if family == "vp":
-        return 1.0 / (1.0 + np.exp(2.0 * lam))
-    if family == "ve":
-        return np.zeros_like(lam)
-    z = np.exp(-np.abs(lam))  # flow (log_alpha_from_lambda's remaining case), as torch's log_sigmoid_backward
-    return np.where(lam < 0, 1.0 - z / (1.0 + z), z / (1.0 + z))
-
-
 class SurrogateObjective:
     """J(lambda interior) for one (schedule, nfe, objective, solver, order, p), as numpy callables for scipy, with
     its split into the smooth part (the alone steps' norms) and the per-node sums c (whose |.| makes the kinks)."""
@@ -357,7 +344,7 @@ class SurrogateObjective:
             return Grid(None, np.exp(log_alpha), np.exp(log_alpha - lam.T), lam.T, False)
         with torch.no_grad():
             log_alpha_real = self.schedule.log_alpha_from_lambda(lam_t).numpy()
-        slope = _log_alpha_slope(self.schedule.family, lam.T)
+        slope = self.schedule.log_alpha_slope_from_lambda(lam.T)
         step = 1j * _COMPLEX_STEP * np.eye(lam.shape[1])[:, None, :]  # (N+1, 1, N+1): lambda_m's tangent
         lam_c = (lam.T[:, :, None] + step).reshape(lam.shape[1], -1)
         log_alpha = (log_alpha_real[:, :, None] + slope[:, :, None] * step).reshape(lam.shape[1], -1)
