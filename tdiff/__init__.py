@@ -28,7 +28,10 @@ def __getattr__(name):
         return importlib.import_module(f"tdiff.{name}")
     if name in _EXPORTS:
         module, attr = _EXPORTS[name]
-        return getattr(importlib.import_module(module), attr)
+        value = getattr(importlib.import_module(module), attr)
+        # bound once: a module __getattr__ runs on every access, and tdiff.sample is called per batch (~20 us)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'tdiff' has no attribute {name!r}")
 
 

@@ -449,10 +449,18 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
             if sel:
                 first = first_all[arrays.indices([where[idx[j]] for j in sel])]  # (blending positions, 2+tail)
                 cut = first.shape[1] - tail
-                first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]], dim=1)
                 w = weight[arrays.indices([idx[j] for j in sel])][:, None]
                 rows = arrays.indices(sel)
-                mat = arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
+                if arrays.on_host(mat):  # in place (mat is this call's own array); the padding's zeros add nothing
+                    blended, share = mat[rows] * w, (1 - w) * first
+                    blended[:, :cut] += share[:, :cut]
+                    if tail:
+                        blended[:, cut + p - 1:] += share[:, cut:]
+                    mat[rows] = blended
+                else:
+                    first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]],
+                                       dim=1)
+                    mat = arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
         for i, row in zip(idx, arrays.unbind(mat, 0)):
             out[i] = row
     return out

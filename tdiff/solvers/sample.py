@@ -171,12 +171,13 @@ def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tenso
     plan, groups = _conversion_layout(prog, identity_x0)
     tables = []
     for target, ks in groups:
-        # evaluations 0..E-1 in order (every built-in solver): a view, no index tensor
-        t = prog.eval_points[:len(ks)] if ks == tuple(range(len(ks))) else prog.eval_points[torch.tensor(ks)]
+        # evaluations 0..E-1 in order (every built-in solver): views, no index arrays
+        at = slice(len(ks)) if ks == tuple(range(len(ks))) else list(ks)
+        t = prog.eval_points[at] if type(at) is slice else prog.eval_points[torch.tensor(ks)]
         known = prog.eval_alpha_sigma
         if isinstance(denoiser, Denoiser) and known is not None and max(ks) < len(known[0]):
             # alpha, sigma at those points from the grid (host arrays): tdiff's Denoiser accepts them
-            table = denoiser.conversion(t, target, alpha=known[0][list(ks)], sigma=known[1][list(ks)])
+            table = denoiser.conversion(t, target, alpha=known[0][at], sigma=known[1][at])
         elif raw:
             table = denoiser.conversion(t, target)
         else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma

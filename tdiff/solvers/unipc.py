@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import numpy as np
+
 from . import arrays
 from .ddim import first_order_row
 from .grid import Grid
@@ -55,11 +57,35 @@ def _step_terms(g: Grid, i, p: int, variant: str):
     return g.sigma[i + 1] / g.sigma[i], g.alpha[i + 1], h, phi1, big_b, b, rks
 
 
-def predictor_row(g: Grid, i, p: int, variant: str) -> list:
-    """[c_x, c_m_i, c_m_{i-1}, ...] of UniP-p from point i to i+1 (i: a step index or a LongTensor of them)."""
+class _SharedTerms:
+    """`_step_terms` per order, kept from the predictor's rows for the corrector's: UniP-p of step i and the UniC-p
+    that re-does step i share every term, and the corrector's steps of an order are the predictor's but the last
+    (in the common case: no disabled corrector), so its terms are slices of the predictor's (bit-identical). Host
+    grids only: on a differentiable one the shared terms' gradients would sum in another order (not bit-identical
+    to computing them twice, and the graph is not where the time goes)."""
+
+    def __init__(self, g: Grid, variant: str):
+        self.g, self.variant, self.kept = g, variant, {}
+        self.share = arrays.on_host(g.lam)
+
+    def __call__(self, i, p: int):
+        hit = self.kept.get(p)
+        if hit is not None and len(i) <= len(hit[0]) and np.array_equal(hit[0][:len(i)], i):
+            m = len(i)
+            c_x, a_t, h, phi1, big_b, b, rks = hit[1]
+            return c_x[:m], a_t[:m], h[:m], phi1[:m], big_b[:m], b[:, :m], [r[:m] for r in rks]
+        terms = _step_terms(self.g, i, p, self.variant)
+        if self.share and arrays.on_host(i):
+            self.kept[p] = (i, terms)
+        return terms
+
+
+def predictor_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
+    """[c_x, c_m_i, c_m_{i-1}, ...] of UniP-p from point i to i+1 (i: a step index or a LongTensor of them).
+    terms: a `_SharedTerms` to take the step terms from (None: computed here)."""
     if p == 1:
         return first_order_row(g, i, i + 1)
-    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant)
+    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms(i, p)
     if p == 2:
         rhos = [arrays.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
     else:
@@ -68,10 +94,10 @@ def predictor_row(g: Grid, i, p: int, variant: str) -> list:
     return [c_x, -a_t * phi1 + sum(weights), *[-w for w in weights]]
 
 
-def corrector_row(g: Grid, i, p: int, variant: str) -> list:
+def corrector_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     """[c_x, c_m_{i+1}, c_m_i, c_m_{i-1}, ...] of UniC-p: re-do step i -> i+1 from the corrected x_i using the
-    new output m_{i+1}. p is the order of the predictor that produced x_{i+1}."""
-    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant)
+    new output m_{i+1}. p is the order of the predictor that produced x_{i+1}; terms as in `predictor_row`."""
+    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms(i, p)
     if p == 1:
         rhos = [arrays.full_like(h, 0.5)]
     else:
@@ -112,14 +138,15 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
                          functools.partial(multistep_orders, warmup=True), orders)
     orders = plan.top
     prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
-    predictors = mixed_rows(orders, lambda p, idx: predictor_row(g, idx, p, variant), plan.weight, plan.blend)
+    terms = _SharedTerms(g, variant)
+    predictors = mixed_rows(orders, lambda p, idx: predictor_row(g, idx, p, variant, terms), plan.weight, plan.blend)
     # the corrector at point i (1 <= i <= n) re-does step i-1 -> i with the order mix its predictor used; its row
     # reads (x, m_new, m_{i-1}, ...), one output more than the predictor's, and pads the same way
     corrects = [i > 0 and use_corrector and (i - 1) not in disable_corrector for i in range(n + 1)]
     corrects[n] = corrects[n] and final_corrector
     shifted = None if plan.weight is None else arrays.cat([plan.weight[:1], plan.weight])  # position i: step i-1
     correctors = mixed_rows([orders[i - 1] if c else None for i, c in enumerate(corrects)],
-                            lambda p, idx: corrector_row(g, idx - 1, p, variant), shifted,
+                            lambda p, idx: corrector_row(g, idx - 1, p, variant, terms), shifted,
                             None if plan.blend is None else [c and plan.blend[i - 1] for i, c in enumerate(corrects)])
     if not fold:
         return _unfolded(prog, n, orders, corrects, predictors, correctors)
