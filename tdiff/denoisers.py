@@ -134,6 +134,13 @@ def _check_finite_number(name: str, value, positive: bool = False, allow_none: b
     return float(value)
 
 
+class PreparedCalls(list):
+    """Denoiser.network_calls' list of per-evaluation calls; checks_output: every call checks its own output (the
+    sampling loop then reads one flag per run instead of one per call)."""
+
+    checks_output = False
+
+
 class Denoiser(nn.Module):
     """D(x, t, **cond) -> x0 prediction. t: scalar or (B,) schedule times; cond: e.g. y (class labels).
 
@@ -265,8 +272,10 @@ class Denoiser(nn.Module):
         cast = None if model_dtype == like.dtype else model_dtype
         plain = scale is None and cast is None and type(self).raw is Denoiser.raw and \
             type(self)._call_at is Denoiser._call_at
-        return [self._plain_call(t_net[k]) if plain else functools.partial(self._call_at, t_net[k], scales[k], cast)
-                for k in range(t.numel())]
+        calls = PreparedCalls(self._plain_call(t_net[k]) if plain else
+                              functools.partial(self._call_at, t_net[k], scales[k], cast) for k in range(t.numel()))
+        calls.checks_output = plain
+        return calls
 
     def _plain_call(self, t_net: torch.Tensor) -> Callable:
         """`_call_at(t_net, None, None, x)` (no input scaling, the model in x's dtype) as the sampling loop's

@@ -359,7 +359,7 @@ def test_compiled_loop_with_recycled_buffers_is_bit_identical(guided):
     assert x.numel() * x.element_size() >= buffers_mod.MIN_BYTES
     den = _denoiser("eps", None, guided)
     for solver, order, opts in [("dpmpp", 2, {}), ("dpmpp_sde", 2, {}), ("unipc", 3, {}), ("ipndm", 4, {}),
-                                ("heun", 2, {})]:
+                                ("heun", 2, {"order_rule": "diffusers"})]:
         fast, slow, used = _both_loops(den, solver, order, opts, 1.5 if guided else None, x)
         assert used and torch.equal(fast, slow), (solver, order)
 
@@ -420,3 +420,46 @@ def test_recycled_buffers_never_overwrite_what_the_model_keeps(monkeypatch):
             got = Sampler(den, TS, solver=solver, order=order, **opts)(x)
         assert torch.equal(got, want), solver
         assert all(torch.equal(seen, copy) for seen, copy in kept), f"{solver} (views {views}): a kept sample changed"
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+def test_compiled_closures_are_shared_by_a_structure_and_keep_nothing_of_a_run(guided):
+    """Execution.compile caches its closures on the program's Structure: two Samplers of the same structure with
+    other time steps, schedules and models (one state large enough for the BufferPool) use the same list, each
+    bit-identical to the interpreter; the cache keeps no model, row or tensor of a run alive."""
+    import gc
+    import weakref
+
+    from tdiff.schedules import VPCosine
+
+    big = torch.randn(45000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    runs = [(VPLinear(), torch.linspace(0.95, 0.02, 7, dtype=torch.float64), X, 0.4),
+            (VPCosine(), torch.linspace(0.9, 0.05, 7, dtype=torch.float64), X, 0.7),
+            (SCHED, torch.linspace(0.97, 0.03, 7, dtype=torch.float64), big, 0.2),  # pooled buffers
+            (VPCosine(), torch.linspace(0.93, 0.04, 7, dtype=torch.float64), big, 0.5)]
+    for solver, order, opts in [("dpmpp", 2, {"order_rule": "diffusers"}), ("unipc", 3, {"order_rule": "diffusers"}),
+                                ("heun", 2, {"order_rule": "diffusers"})]:
+        lists, refs, structs = [], [], set()
+        for schedule, ts, x, std in runs:
+            net = Net()
+            torch.nn.init.normal_(net.lin.weight, std=std, generator=torch.Generator().manual_seed(1))
+            den = tdiff.denoiser(net, schedule, prediction="eps")
+            den = Guided(den) if guided else den
+            out = []
+            for compiled in (True, False):
+                s = Sampler(den, ts, solver=solver, order=order, guidance=1.5 if guided else None, **opts)
+                s.compiled_loop = compiled
+                with torch.no_grad():
+                    out.append(s(x))
+                if compiled:
+                    assert len(s._compiled) == 1, (solver, s._compiled)
+                    lists.append(next(iter(s._compiled.values()))[-1])
+                    structs.add(id(s.program.structure))
+                    rows = next(iter(s._rows.values()))
+                    refs += [weakref.ref(net), weakref.ref(rows[0][0]), weakref.ref(out[0])]
+            assert torch.equal(out[0], out[1]), (solver, schedule, (out[0] - out[1]).abs().max())
+            del s, den, net, rows, out
+        # one structure; one list per key (the pool's buffers or not), built once and shared
+        assert len(structs) == 1 and lists[1] is lists[0] and lists[3] is lists[2] and lists[2] is not lists[0], solver
+        gc.collect()
+        assert all(r() is None for r in refs), solver  # the cached closures hold nothing of the runs

@@ -12,7 +12,8 @@ a pass of its own (`to_prediction`), then updates. Every update uses a
 coefficient row prepared before the loop (expanded to (B, 1+K) and made contiguous once). So the loop makes no host
 syncs and allocates nothing beyond the denoiser's outputs, the conversions and the update outputs; eager and without
 autograd, states from 1 MiB have their update outputs written into buffers the loop no longer needs (buffers.py), and
-the loop runs as closures compiled once per Sampler that call the C++ kernels directly (Execution.compile). Nothing is
+the loop runs as closures compiled once per program structure (shared by every call of that structure) that call
+the C++ kernels directly (Execution.compile). Nothing is
 detached and nothing is updated in place, so the result is differentiable in x_T, the timesteps (through every
 coefficient and conversion row) and the denoiser's parameters.
 
@@ -302,7 +303,7 @@ class Sampler:
 
     def __call__(self, x_T: Tensor, generator: Optional[torch.Generator] = None,
                  check_finite: bool = False) -> Tensor:
-        if not hasattr(self, "_compiled"):  # the eager loop's closures (Execution.compile), per rows and shape
+        if not hasattr(self, "_compiled"):  # the eager loop's closures for a program without a Structure
             self._compiled = {}
         run = self.start(x_T, generator, check_finite)
         cache = self._compiled if self.compiled_loop else None
@@ -468,6 +469,10 @@ def _run(run: "Execution", denoiser, progress: bool, cache: Optional[dict] = Non
         steps = tqdm(steps, desc="sampling", leave=False)
     compiled = run.compile(denoiser, cache) if cache is not None else None
     if compiled is not None:  # eager, no autograd: the precompiled steps
+        if not progress:
+            for fn in run.flat:
+                fn(run)
+            return run.result()
         for s, _ in enumerate(steps):
             for fn in compiled[s]:
                 fn(run)
@@ -556,14 +561,18 @@ class Execution:
 
         The sampling loop's per-step Python (the isinstance dispatch, the option checks, the op wrapper, the
         BufferPool's checks on small states) cost more than the fused update at 16x4x32x32 (256 KiB a tensor,
-        ~20 us an update). Each closure has its instruction's names, row, network call and kernel bound once; it
+        ~20 us an update). Each closure has its instruction's names, row index and kernel bound once; it
         calls the C++ kernel directly, with the same arguments as the interpreter, so results are bit-identical.
         An evaluation whose raw output the next update reads first (every step of the built-in solvers; Heun's two)
         is one closure with that update (`_compiled_pair`): model call, converting kernel, buffer writes, with no
         record of the pending output in between. Instructions the closures do not specialise (clamped or
-        two-target evaluations, noise) run through `execute`. Must be called before the first instruction runs. `cache` (a Sampler's dict) keeps the closures
-        for the next run with the same rows, network calls and state shape: they read the run's buffers from
-        their argument."""
+        two-target evaluations, noise) run through `execute`. Must be called before the first instruction runs.
+
+        The closures read everything of this run (buffers, coefficient and conversion rows, network calls or call
+        and times, guidance scale, pool) from their argument and bind only what the instructions and the key below
+        decide, so they are cached on the program's Structure (shared by every program of that structure: a
+        one-shot `tdiff.sample` call of a structure seen before compiles nothing) and hold no tensor, model or row
+        of a run. `cache` (a Sampler's dict) keeps them for a program without a Structure."""
         if (self.n != 0 or self.check_finite or not self.fuse or torch.is_grad_enabled()
                 or torch.compiler.is_compiling()):
             return None
@@ -571,10 +580,27 @@ class Execution:
         plain, fused = _kernels(x)
         if plain is None or fused is None:
             return None
-        key = (x.shape, self.pool.enabled, self.scale is None, self.io_dtype, call)
-        hit = None if cache is None else cache.get(key)
-        if hit is not None and hit[0] is self.rows and hit[1] is self.calls and hit[2] is self.conv:
-            return hit[3]
+        self.call = call  # the closures read the run's per-run data (call, calls, rows, conversion rows)
+        calls, plan = self.calls, self.plan
+        if calls is None and self.eval_times is not None:  # one view per network time, for call(x, time)
+            self.times = self.eval_times.unbind(0)
+        # prepared calls that check their own output (Denoiser.network_calls flags the list when all do)
+        checked = calls is not None and (getattr(calls, "checks_output", False) or
+                                          all(getattr(c, "checks_output", False) for c in calls))
+        # everything the closures' choices depend on besides the instructions, never a value of this run: the
+        # kernels and the conversion plan by id, both kept alive by the entry (a builtin in a key would break
+        # torch.compile's tracing of a Sampler; the plan is the Structure's own, `_conversion_table`)
+        key = ("compiled", id(plain), id(fused), x.dtype, x.device, self.pool.enabled, self.scale is None,
+               self.io_dtype, calls is None, checked, self.clip is None, id(plan))
+        struct = self.prog.structure
+        shared = struct.derived if struct is not None and struct.steps is self.prog.steps else None
+        for store in (cache, shared):  # the Sampler's own first: a reused Sampler hashes the key once
+            hit = None if store is None else store.get(key)
+            if hit is not None and hit[0] is plan and hit[1] is plain and hit[2] is fused:
+                if store is shared and cache is not None:  # the Sampler's record of what its runs used
+                    cache[key] = hit
+                self.flat = hit[4]
+                return hit[3]
         compiled, n, pending = [], 0, set()  # pending: the raw outputs an unpaired evaluation leaves
         own: set = set()  # names whose value here is a pooled output of a paired closure (BufferPool.recycle)
         for s, step in enumerate(self.prog.steps):
@@ -586,8 +612,8 @@ class Execution:
                 if (pairs is not None and type(nxt) is Update and nxt.hist[0] == ins.out
                         and ins.out not in nxt.hist[1:] and pending.isdisjoint(nxt.hist[1:])):
                     # every built-in solver's step: an evaluation and the update that reads its output first
-                    fns.append(self._compiled_pair(ins, nxt, n, pairs, call, plain if kept is None else fused, own,
-                                                   identity=kept is None))
+                    fns.append(self._compiled_pair(ins, nxt, n, pairs, checked, plain if kept is None else fused,
+                                                   own, identity=kept is None))
                     i, n = i + 2, n + 2
                     continue
                 if kept is not None:
@@ -595,15 +621,17 @@ class Execution:
                 elif type(ins) is Update:
                     pending.difference_update(ins.hist)
                 own.difference_update(_writes(ins), self.frees[n])  # another writer: released with every check
-                fns.append(self._compiled(ins, n, s, call, plain, fused))
+                fns.append(self._compiled(ins, n, s, plain, fused))
                 i, n = i + 1, n + 1
             compiled.append(fns)
-        if cache is not None:
-            cache[key] = (self.rows, self.calls, self.conv, compiled)
+        self.flat = tuple(fn for fns in compiled for fn in fns)  # the loop without a progress bar: no per-step index
+        for store in (cache, shared):
+            if store is not None:
+                store[key] = (plan, plain, fused, compiled, self.flat)
         return compiled
 
     def _raw_kept(self, ins) -> Optional[tuple]:
-        """(name, conversion row or None) for an Eval whose one raw output stays pending for the next update to
+        """(name, conversion row index or None) for an Eval whose one raw output stays pending for the next update to
         convert (and guide), else None (an instruction of another kind, a clamped or several-target evaluation,
         or an identity conversion without guidance: those run through `execute`)."""
         if type(ins) is not Eval or ins.extra or len(self.plan[ins.k]) != 1:
@@ -611,7 +639,7 @@ class Execution:
         name, target, r = self.plan[ins.k][0]
         if (self.clip is not None and target == "x0") or (self.scale is None and r is None):
             return None
-        return name, None if r is None else self.conv[r]
+        return name, r
 
     def _identity(self, ins) -> Optional[tuple]:
         """(name, None) for an Eval whose one output is the data prediction as is (an x0 callable or x0-predicting
@@ -621,13 +649,7 @@ class Execution:
         name, target, r = self.plan[ins.k][0]
         return (name, None) if r is None and not (self.clip is not None and target == "x0") else None
 
-    def _network(self, ins: Eval, call) -> Callable:
-        """The network call of evaluation ins.k: the run's prepared call, or call(x, network time)."""
-        if self.calls is not None:
-            return self.calls[ins.k]
-        return lambda v, f=call, t=self.eval_times[ins.k]: f(v, t)
-
-    def _compiled_pair(self, ev: Eval, up: Update, n: int, kept: tuple, call, fused, own: set,
+    def _compiled_pair(self, ev: Eval, up: Update, n: int, kept: tuple, checked: bool, fused, own: set,
                        identity: bool = False) -> Callable:
         """Instructions n (an evaluation whose raw output stays pending) and n + 1 (the update that reads it
         first) as one closure: the model call, then the converting C++ kernel on the raw output, with no `Raw`
@@ -641,7 +663,7 @@ class Execution:
 
         identity: the evaluation's output is D itself (`_identity`); it is stored, cast to the state's dtype, and
         the update is the plain kernel (`fused` is then the plain one), as `execute` runs the two."""
-        name, pq = kept
+        name, r = kept
         # the evaluation's frees move after the update: but not a name the update writes (its new value stays)
         frees = tuple(dict.fromkeys((*(f for f in self.frees[n] if f not in (name, up.out)), *self.frees[n + 1])))
         # which releases may take the fast path: in the order they run (name, out_name, then the frees)
@@ -658,32 +680,35 @@ class Execution:
         pooled, guided = self.pool.enabled, self.scale is not None
         state, io = self.buf["x"].dtype, self.io_dtype
         cast = io is not None and io != state
-        net = self._network(ev, call)
-        checked = not guided and getattr(net, "checks_output", False)
+        # the run's prepared calls (then they all check their output: `checked`), or its call(x, time)
+        k, prepared, checked = ev.k, self.calls is not None, checked and not guided
         src_name, x_name, rest, out_name = ev.src, up.x, up.hist[1:], up.out
-        row, converts = self.rows[up.row], pq is not None
+        row_i, converts = up.row, r is not None
 
         # the output's dtype is known where the prepared call returns x's dtype and x is the state's
         retype = cast or not checked
         r0 = rest[0] if len(rest) == 1 else None
         rest_of = operator.itemgetter(*rest) if len(rest) > 1 else None  # a tuple of buf[h] for h in rest
+        alone = not rest  # the update reads only this output
 
         if not (guided or pooled or identity):  # the common case, kept lean: every statement here is per step
             def evaluate_update(run):
                 buf = run.buf
                 src = buf[src_name]
-                cond = net(src.to(io) if cast else src)
+                v = src.to(io) if cast else src
+                cond = run.calls[k](v) if prepared else run.call(v, run.times[k])
                 if not checked:
                     cond = _output_parts(src, cond, False)[0]
                 if retype and cond.dtype != state:
                     cond = cond.to(state)
-                hist = [cond] if r0 is None and rest_of is None else [cond, buf[r0]] if r0 is not None else \
+                hist = [cond] if alone else [cond, buf[r0]] if r0 is not None else \
                     [cond, *rest_of(buf)]
-                x, csrc = buf[x_name], src if converts else None
+                # unguided and not the identity: the output converts (`_raw_kept`), so pq is a row
+                x, pq, row = buf[x_name], run.conv[r], run.rows[row_i]
                 try:
-                    new, h0 = fused(x, hist, row, None, None, csrc, pq)
+                    new, h0 = fused(x, hist, row, None, None, src, pq)
                 except (RuntimeError, TypeError, ValueError):  # the public function names the bad argument
-                    multistep_update(x, hist, row, check=False, src=csrc, convert=pq)
+                    multistep_update(x, hist, row, check=False, src=src, convert=pq)
                     raise
                 buf[name] = h0
                 buf[out_name] = new
@@ -695,7 +720,9 @@ class Execution:
         def evaluate_update(run):
             buf = run.buf
             src = buf[src_name]
-            out = net(src.to(io) if cast else src)
+            v = src.to(io) if cast else src
+            out = run.calls[k](v) if prepared else run.call(v, run.times[k])
+            del v
             if guided:
                 cond, uncond = _output_parts(src, out, True)
                 cond = cond if cond.dtype == state else cond.to(state)
@@ -708,9 +735,10 @@ class Execution:
                 uncond = scale = None
             if identity:  # as `_store_eval`: D (the output as is) replaces the name's value
                 buf[name] = cond
-            hist = [cond] if r0 is None and rest_of is None else [cond, buf[r0]] if r0 is not None else \
+            hist = [cond] if alone else [cond, buf[r0]] if r0 is not None else \
                 [cond, *rest_of(buf)]
-            x, csrc = buf[x_name], src if converts else None
+            x, csrc, pq, row = buf[x_name], src if converts else None, run.conv[r] if converts else None, \
+                run.rows[row_i]
             del out, cond, src
             try:
                 if pooled:
@@ -746,31 +774,31 @@ class Execution:
 
         return evaluate_update
 
-    def _compiled(self, ins, n: int, step: int, call, plain, fused) -> Callable[["Execution"], None]:
+    def _compiled(self, ins, n: int, step: int, plain, fused) -> Callable[["Execution"], None]:
         """Instruction number n as a closure (see `compile`)."""
         frees = tuple(self.frees[n])
         pooled, guided = self.pool.enabled, self.scale is not None
         state = self.buf["x"].dtype
         kept = self._raw_kept(ins)
         if kept is not None:  # one target, conversion (and guidance) fused into the next update: keep the raw output
-            name, pq = kept
-            src_name, io = ins.src, self.io_dtype
+            name, r = kept
+            src_name, io, k, prepared = ins.src, self.io_dtype, ins.k, self.calls is not None
             cast = io is not None and io != state
-            net = self._network(ins, call)
 
             def evaluate(run):
                 buf = run.buf
                 src = buf[src_name]
-                parts = _output_parts(src, net(src.to(io) if cast else src), guided)
+                v = src.to(io) if cast else src
+                parts = _output_parts(src, run.calls[k](v) if prepared else run.call(v, run.times[k]), guided)
                 m = tuple(part if part.dtype == state else part.to(state) for part in parts)
-                run.pending[name] = Raw(m[0], m[1] if guided else None, src, pq)
+                run.pending[name] = Raw(m[0], m[1] if guided else None, src, None if r is None else run.conv[r])
                 release = run.pool.release if pooled else _drop
                 for f in frees:
                     release(buf, f)
 
             return evaluate
         if type(ins) is Update:
-            row, x_name, names, rest, out_name = self.rows[ins.row], ins.x, ins.hist, ins.hist[1:], ins.out
+            row_i, x_name, names, rest, out_name = ins.row, ins.x, ins.hist, ins.hist[1:], ins.out
 
             def kernel(pool, args, converted: bool):
                 """(x_next, h_0 or None) from the C++ kernel, into recycled buffers when the pool is on."""
@@ -790,7 +818,7 @@ class Execution:
                 for h in rest:
                     if h in pending:  # not reached by the built-in solvers
                         buf[h] = _materialise(pending.pop(h), run.scale)
-                raw = pending.pop(names[0], None)
+                raw, row = pending.pop(names[0], None), run.rows[row_i]
                 if raw is None:
                     args = (buf[x_name], [buf[h] for h in names], row)
                 else:
@@ -817,7 +845,7 @@ class Execution:
 
         def interpreted(run):
             run.n = n
-            run.execute(ins, step, call=call)
+            run.execute(ins, step, call=run.call)
 
         return interpreted
 
