@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -272,19 +272,25 @@ class Denoiser(nn.Module):
         cast = None if model_dtype == like.dtype else model_dtype
         plain = scale is None and cast is None and type(self).raw is Denoiser.raw and \
             type(self)._call_at is Denoiser._call_at
-        calls = PreparedCalls(self._plain_call(t_net[k]) if plain else
-                              functools.partial(self._call_at, t_net[k], scales[k], cast) for k in range(t.numel()))
+        calls = PreparedCalls(self._plain_calls(t_net) if plain else
+                              (functools.partial(self._call_at, t_net[k], scales[k], cast) for k in range(t.numel())))
         calls.checks_output = plain
         return calls
 
-    def _plain_call(self, t_net: torch.Tensor) -> Callable:
-        """`_call_at(t_net, None, None, x)` (no input scaling, the model in x's dtype) as the sampling loop's
-        per-step call: the network called directly, its output returned as is when it is already a tensor shaped
-        and typed like x; anything else (conditioning, learned-sigma channels, another dtype, a bad output) takes
-        `_call_at`, which converts or names the problem. Its `checks_output` tells the loop not to check again.
-        The model and its call convention are bound now, as the network times are."""
+    def _plain_calls(self, t_nets: Sequence[torch.Tensor]) -> list:
+        """Per network time t_net, `_call_at(t_net, None, None, x)` (no input scaling, the model in x's dtype) as
+        the sampling loop's per-step call: the network called directly, its output returned as is when it is
+        already a tensor shaped and typed like x; anything else (conditioning, learned-sigma channels, another
+        dtype, a bad output) takes `_call_at`, which converts or names the problem. Each call's `checks_output`
+        tells the loop not to check again. The model and its call convention are bound now, once for all the
+        calls (nn.Module's attribute look-ups cost as much as the closure), as the network times are."""
         model, call, call_at, output = self.model, self.call, self._call_at, self._output
         direct = call is _tdiff_call  # model(x, t_net, y): skip the convention's frame
+        return [self._bind_plain_call(t_net, model, call, call_at, output, direct) for t_net in t_nets]
+
+    @staticmethod
+    def _bind_plain_call(t_net: torch.Tensor, model, call, call_at, output, direct: bool) -> Callable:
+        """One of `_plain_calls`' calls, at network time t_net."""
         tensor = torch.Tensor
 
         def network(x: torch.Tensor, **cond) -> torch.Tensor:

@@ -308,7 +308,9 @@ def ramp(v, lo, hi):
     pure order-p error as the steps shrink to lo (iPNDM-4 on logSNR-uniform grids: 1.12x over NFE 27-32; Heun's
     last step on quadratic-t grids: 1.12x). The smoothstep's zero slope at both ends lets the order-p error's own
     decrease dominate there."""
-    s = arrays.clamp((hi - v) / (hi - lo), 0.0, 1.0)
+    s = (hi - v) / (hi - lo)
+    # a float (the stable rule's host loop calls this ~20 times per grid): clamped here, without arrays' dispatch
+    s = min(max(s, 0.0), 1.0) if type(s) is float else arrays.clamp(s, 0.0, 1.0)
     return s * s * (3 - 2 * s)
 
 
@@ -376,6 +378,8 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
     n = len(hd)
     top, blend, reach, host_weights = [], [], [], []
     window = {p: stable_window(solver, p) for p in range(2, order + 1)}
+    host = arrays.on_host(h)
+    ratio_lo, ratio_hi = STABLE_RATIO
     for i in range(n):
         p = min(order, i + 1)
         if final_zero and i == n - 1:
@@ -383,17 +387,22 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
         mixed = False
         if p > 1:
             lo, hi = window[p]
-            ratio = hd[i] / hd[i - 1] if p == 2 else max(hd[i] / hd[i - k] for k in range(1, p))
-            if hd[i] < hi and ratio < STABLE_RATIO[1]:
-                mixed = not (hd[i] <= lo and ratio <= STABLE_RATIO[0])
+            step = hd[i]
+            ratio = step / hd[i - 1]  # max over k < p of h_i / h_{i-k} (as max() keeps the first of equals)
+            for k in range(2, p):
+                r = step / hd[i - k]
+                if r > ratio:
+                    ratio = r
+            if step < hi and ratio < ratio_hi:
+                mixed = not (step <= lo and ratio <= ratio_lo)
             else:
                 p = 1
         top.append(p)
         blend.append(mixed)
         if mixed:
             reach.append(i)
-            if arrays.on_host(h):  # no gradient: the weight in floats here, the same formula as below
-                host_weights.append(ramp(hd[i], lo, hi) * ramp(ratio, *STABLE_RATIO))
+            if host:  # no gradient: the weight in floats here, the same formula as below
+                host_weights.append(ramp(step, lo, hi) * ramp(ratio, ratio_lo, ratio_hi))
     if not reach:
         return OrderPlan(top)
     steps = arrays.indices(reach)
