@@ -439,26 +439,30 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
     groups: dict = {}
     for i, p in enumerate(top):
         if p is not None:
-            groups.setdefault(p, []).append(i)
-    blending = {p: [j for j, i in enumerate(idx) if blend[i]] for p, idx in groups.items() if p > 1} \
-        if blend is not None else {}
-    need = set(groups.get(1, ()))
-    for p, sel in blending.items():
-        need.update(groups[p][j] for j in sel)
-    need = sorted(need)
+            if p in groups:
+                groups[p].append(i)
+            else:
+                groups[p] = [i]
+    # positions whose first-order row is needed, in order: the order-1 ones and the blending ones
+    if blend is None:
+        need = groups.get(1, [])
+    else:
+        need = [i for i, p in enumerate(top) if p == 1 or (p is not None and p > 1 and blend[i])]
     if need:
-        first_all = arrays.stack(row_fn(1, arrays.indices(need)), dim=1)  # (positions, 2+tail)
+        need_idx = arrays.indices(need)
+        first_all = arrays.stack(row_fn(1, need_idx), dim=1)  # (positions, 2+tail)
         where = {i: k for k, i in enumerate(need)}
     for p, idx in groups.items():
         if p == 1:
             mat = first_all if idx == need else first_all[arrays.indices([where[i] for i in idx])]
         else:
             mat = arrays.stack(row_fn(p, arrays.indices(idx)), dim=1)  # (positions, 1+p+tail)
-            sel = blending.get(p)
+            sel = [j for j, i in enumerate(idx) if blend[i]] if blend is not None else None
             if sel:
-                first = first_all[arrays.indices([where[idx[j]] for j in sel])]  # (blending positions, 2+tail)
+                at = [idx[j] for j in sel]  # the blending positions
+                first = first_all[arrays.indices([where[i] for i in at])]  # (blending positions, 2+tail)
                 cut = first.shape[1] - tail
-                w = weight[arrays.indices([idx[j] for j in sel])][:, None]
+                w = weight[arrays.indices(at)][:, None]
                 rows = arrays.indices(sel)
                 if arrays.on_host(mat):  # in place (mat is this call's own array); the padding's zeros add nothing
                     blended, share = mat[rows] * w, (1 - w) * first

@@ -374,9 +374,13 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
     finite, host_finite, conv = [], True, None
     if host:
         # (rows, B, width) per matrix, flattened one after the other
-        flat = np.concatenate([(mat if b == 1 else np.repeat(mat[:, None], b, axis=1)).ravel() for _, mat in host])
+        flat = np.concatenate([mat if b == 1 else np.repeat(mat[:, None], b, axis=1) for _, mat in host], axis=None)
         host_finite = bool(np.isfinite(flat).all())
-        table, offset = torch.from_numpy(flat).to(device=x.device, dtype=dtype), 0
+        if x.device.type == "cpu":  # numpy's cast rounds as torch's does (to nearest), with less dispatch
+            table = torch.from_numpy(flat.astype(_NUMPY_COEF[dtype], copy=False))
+        else:
+            table = torch.from_numpy(flat).to(device=x.device, dtype=dtype)
+        offset = 0
         for idx, mat in host:
             size = mat.size * b
             views = table[offset:offset + size].view(len(mat), b, mat.shape[1]).unbind(0)
@@ -398,7 +402,12 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
     if not host_finite or (finite and not bool(torch.stack(finite).all())):
         raise ValueError("the solver coefficients are not finite for these timesteps (are two steps too close, is a "
                          "step at a point where sigma = 0, or does the prediction type need alpha > 0 there?)")
-    return out, conv, prog.eval_times.to(x.device)
+    times = prog.eval_times
+    return out, conv, times if times.device == x.device else times.to(x.device)
+
+
+#: coef_dtype's torch dtypes as numpy's
+_NUMPY_COEF = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _prepare_scale(guidance, x: Tensor) -> Optional[Tensor]:
