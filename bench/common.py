@@ -134,9 +134,13 @@ def interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 30, block_se
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
+        # the block length from several calls, not one: a single slow call (a page fault, a descheduling) made
+        # one candidate's blocks a few calls long for the whole run, where the first calls after a switch (cold
+        # caches) dominate, and biased that candidate by up to 2x
         t0 = time.perf_counter()
-        fn()
-        once = max(time.perf_counter() - t0, 1e-7)
+        for _ in range(5):
+            fn()
+        once = max((time.perf_counter() - t0) / 5, 1e-7)
         inner[name] = max(1, int(block_seconds / once))
     out: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(rounds):
