@@ -438,10 +438,7 @@ class DiscreteVP(NoiseSchedule):
     def _log_alpha_host(self, t):
         if self.zero_terminal_snr:
             return None  # its last segment is the torch path's alone
-        tables = getattr(self, "_host_tables", None)
-        if tables is None:
-            tables = self._host_tables = (self.t_table.numpy(), self.log_alpha_table.numpy())
-        return self._interp(t, *tables)
+        return self._interp(t, self.t_table.numpy(), self.log_alpha_table.numpy())  # views, no copies
 
     log_sigma = _log_sigma_vp
 

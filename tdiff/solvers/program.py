@@ -308,9 +308,7 @@ def ramp(v, lo, hi):
     pure order-p error as the steps shrink to lo (iPNDM-4 on logSNR-uniform grids: 1.12x over NFE 27-32; Heun's
     last step on quadratic-t grids: 1.12x). The smoothstep's zero slope at both ends lets the order-p error's own
     decrease dominate there."""
-    s = (hi - v) / (hi - lo)
-    # a float (the stable rule's host loop calls this ~20 times per grid): clamped here, without arrays' dispatch
-    s = min(max(s, 0.0), 1.0) if type(s) is float else arrays.clamp(s, 0.0, 1.0)
+    s = arrays.clamp((hi - v) / (hi - lo), 0.0, 1.0)
     return s * s * (3 - 2 * s)
 
 
