@@ -218,10 +218,6 @@ class Program:
             self._frees = _frees([i for step in self.steps for i in step])
         return self._frees
 
-    def last_uses(self) -> dict:
-        """buffer name -> index (in the flat instruction list) of the last instruction that reads it."""
-        return _last_reads([_reads(i) for step in self.steps for i in step])
-
 
 def _frees(flat: list) -> tuple:
     """Program.frees of the flat instruction list. A buffer is always freed at its last read, or at its write when
@@ -229,18 +225,10 @@ def _frees(flat: list) -> tuple:
     touched = []  # per instruction: the names it writes and reads, in that order
     last = {}
     for n, ins in enumerate(flat):
-        kind = type(ins)
-        if kind is Update:
-            read = (ins.x, *ins.hist)
-        elif kind is Eval:
-            read = (ins.src,)
-        elif kind is Alias:
-            read = (ins.src,)
-        else:
-            read = ()
+        read = _reads(ins)
         for name in read:
             last[name] = n
-        names = (ins.out, *read, *(name for name, _ in ins.extra)) if kind is Eval else (ins.out, *read)
+        names = (ins.out, *read, *(name for name, _ in ins.extra)) if type(ins) is Eval else (ins.out, *read)
         touched.append(names)
     out = []
     for n, names in enumerate(touched):
@@ -255,14 +243,6 @@ def _reads(ins) -> tuple:
     if kind is Update:
         return (ins.x, *ins.hist)
     return (ins.src,) if kind is Eval or kind is Alias else ()
-
-
-def _last_reads(reads: list) -> dict:
-    last = {}
-    for n, names in enumerate(reads):
-        for name in names:
-            last[name] = n
-    return last
 
 
 # ---------------------------------------------------------------------------------------------------------------
