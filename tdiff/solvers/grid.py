@@ -177,8 +177,13 @@ def check_targets(schedule: NoiseSchedule, timesteps: Tensor, targets) -> Tensor
 def grid_from_lambda(schedule: NoiseSchedule, lam: Tensor) -> Grid:
     """The grid at the given lambdas, without the times (which the exponential integrators' rows never use):
     cheaper than `make_grid` and exact for any schedule, since alpha and sigma are closed forms of lambda."""
-    log_alpha = schedule.log_alpha_from_lambda(lam)
-    return Grid(t=None, alpha=log_alpha.exp(), sigma=(log_alpha - lam).exp(), lam=lam, final_zero=False)
+    return grid_from_log_alpha(schedule.log_alpha_from_lambda(lam), lam)
+
+
+def grid_from_log_alpha(log_alpha, lam) -> Grid:
+    """The grid of log alpha and lambda at its points (tensors, or numpy arrays, complex ones included):
+    alpha = e^(log alpha), sigma = e^(log alpha - lambda)."""
+    return Grid(t=None, alpha=arrays.exp(log_alpha), sigma=arrays.exp(log_alpha - lam), lam=lam, final_zero=False)
 
 
 def condition_times(schedule: NoiseSchedule, timesteps: Tensor, timesteps_cond: Optional[Tensor]) -> Tensor:

@@ -409,10 +409,10 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
     just before its `tail` entries ([c_x, c_0, 0.., *tail]; a corrector's [c_x, c_new, c_0, 0..]) so the blend is
     one row over the same buffers.
 
-    row_fn(p, idx) gets an index array of positions (numpy int64) and returns a list of (len(idx),) tensors (one per row entry):
-    the rows are computed once per order for all positions that use it (the first-order rows of the order-1 and
-    the blending positions in one call), so a table costs a few dozen tensor ops whatever the number of steps, and
-    each row is a view of its order's (positions, width) matrix."""
+    row_fn(p, idx) gets an index array of positions (numpy int64) and returns a list of (len(idx),) tensors (one
+    per row entry): the rows are computed once per order for all positions that use it (the first-order rows of
+    the order-1 and the blending positions in one call), so a table costs a few dozen tensor ops whatever the
+    number of steps, and each row is a view of its order's (positions, width) matrix."""
     out: list = [None] * len(top)
     groups: dict = {}
     for i, p in enumerate(top):

@@ -15,9 +15,9 @@ solved by SLSQP with the exact Jacobians of smooth and c, from several starts (t
 uniform logSNR, uniform t, EDM rho = 7, quadratic t), screened: each start gets a short burst of SLSQP iterations
 and only the leader afterwards runs to the end (`_optimise`; 2-3x fewer iterations than running every start to the
 end, at the same optimum in every setting checked). At a solution s_n = |c_n|, so both problems have the same
-minimisers; the kinks become active constraints. SLSQP's quasi-Newton model converges only linearly along the kinks' manifold (~250
-iterations per start at NFE 20), so Newton on the active set's KKT system finishes (`_active_set_newton`, tried
-along the way and at the end, kept only where it certifies a local minimum): across VP/VE/EDM/flow schedules, p 1
+minimisers; the kinks become active constraints. SLSQP's quasi-Newton model converges only linearly along the
+kinks' manifold (~250 iterations per start at NFE 20), so Newton on the active set's KKT system finishes
+(`_active_set_newton`, tried along the way and at the end, kept only where it certifies a local minimum): across VP/VE/EDM/flow schedules, p 1
 and 2, orders 2 and 3, NFE 5-20, the result matches a 1e-14-tolerance SLSQP run to 1e-13 relative. With the paper's
 objective Newton is first tried from the leading start itself: where the optimum has no kink (no c_n = 0, no gap at
 the margin: NFE 5 and 6 for the DDPM, cosine, EDM and flow schedules at order 3) it certifies the optimum there
@@ -161,8 +161,8 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
     """Run from every start; (J, z, start) of the best point seen, J per start, total iterations and evaluations.
 
     With "sqp" and several starts, the starts are screened: each runs `burst` SLSQP iterations (default `_BURST`
-    above NFE 10, none up to it; no Newton try); then the leader runs to the end from its point, and the next ones in the order of their J only
-    while none has ended at a point Newton certified a local minimum (an uncertified end may be a stall). A start
+    above NFE 10, none up to it; no Newton try); then the leader runs to the end from its point, and the next ones
+    in the order of their J only while none has ended at a point Newton certified a local minimum (an uncertified end may be a stall). A start
     left after the burst reports its J there in per_start. Checked against running every start to the end (the best
     one winning where they do not all reach the same minimum): on the paper's objective for the DDPM, cosine, EDM and
     flow schedules, orders 2 and 3, p 1 and 2, NFE 5, 6, 7, 8, 10, 12, 14, 15, 16, 18, 20 (176 settings), the

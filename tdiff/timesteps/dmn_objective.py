@@ -62,7 +62,7 @@ from scipy.special import expit
 
 from ..schedules import NoiseSchedule
 from ..solvers.dpmpp import build_dpmpp
-from ..solvers.grid import Grid, grid_from_lambda
+from ..solvers.grid import Grid, grid_from_lambda, grid_from_log_alpha
 from ..solvers.unipc import build_unipc
 from .heuristics import HEURISTICS, check_nfe, karras_sigmas, sampling_interval, with_exact_ends
 from .sensitivity import step_output_weight_columns, step_output_weight_tangents
@@ -191,8 +191,9 @@ class _Stencil:
         # `_lagrange_monomials`' flat positions in (step, basis j, power q): order 2's (j, q) = (0, 1), (1, 1), then
         # order 3's (0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2), each over its steps
         flat = lambda steps, j, q: steps * self.k * self.k + j * self.k + q
-        self.monomial_flat = np.concatenate([flat(self.two, 0, 1), flat(self.two, 1, 1)]
-                                            + [flat(self.three, j, q) for j in range(3) for q in (1, 2)]).astype(np.intp)
+        self.monomial_flat = np.concatenate(
+            [flat(self.two, 0, 1), flat(self.two, 1, 1)]
+            + [flat(self.three, j, q) for j in range(3) for q in (1, 2)]).astype(np.intp)
 
 
 _stencil = functools.lru_cache(maxsize=64)(_Stencil)
@@ -334,21 +335,21 @@ class SurrogateObjective:
 
     def _column_grid(self, lam: np.ndarray, jacobian: bool) -> Grid:
         """The Grid of B host columns for a batch lam (M, N+1): the M points (B = M), or with `jacobian` each
-        point's N+1 complex steps (B = M (N+1); column (i, m) is lambda_i + i h e_m). alpha and sigma as
-        `grid_from_lambda` makes them, log alpha's complex step from its derivative (the schedule's closed form of
-        lambda is element-wise; torch has no complex logaddexp)."""
+        point's N+1 complex steps (B = M (N+1); column (i, m) is lambda_i + i h e_m). alpha and sigma by
+        `grid_from_log_alpha`, as `grid_from_lambda` makes them; log alpha's complex step from its derivative (the
+        schedule's closed form of lambda is element-wise; torch has no complex logaddexp)."""
         lam_t = torch.from_numpy(np.ascontiguousarray(lam.T))  # (N+1, M)
         if not jacobian:
             with torch.no_grad():
                 log_alpha = self.schedule.log_alpha_from_lambda(lam_t).numpy()
-            return Grid(None, np.exp(log_alpha), np.exp(log_alpha - lam.T), lam.T, False)
+            return grid_from_log_alpha(log_alpha, lam.T)
         with torch.no_grad():
             log_alpha_real = self.schedule.log_alpha_from_lambda(lam_t).numpy()
         slope = self.schedule.log_alpha_slope_from_lambda(lam.T)
         step = 1j * _COMPLEX_STEP * np.eye(lam.shape[1])[:, None, :]  # (N+1, 1, N+1): lambda_m's tangent
         lam_c = (lam.T[:, :, None] + step).reshape(lam.shape[1], -1)
         log_alpha = (log_alpha_real[:, :, None] + slope[:, :, None] * step).reshape(lam.shape[1], -1)
-        return Grid(None, np.exp(log_alpha), np.exp(log_alpha - lam_c), lam_c, False)
+        return grid_from_log_alpha(log_alpha, lam_c)
 
     def _column_weights(self, lam: np.ndarray, jacobian: bool):
         """`step_weights` of the solver rows by one builder call over all columns (`_column_grid`) and one reverse
