@@ -17,13 +17,13 @@ and only the leader afterwards runs to the end (`_optimise`; 2-3x fewer iteratio
 end, at the same optimum in every setting checked). At a solution s_n = |c_n|, so both problems have the same
 minimisers; the kinks become active constraints. SLSQP's quasi-Newton model converges only linearly along the
 kinks' manifold (~250 iterations per start at NFE 20), so Newton on the active set's KKT system finishes
-(`_active_set_newton`, tried along the way and at the end, kept only where it certifies a local minimum): across VP/VE/EDM/flow schedules, p 1
-and 2, orders 2 and 3, NFE 5-20, the result matches a 1e-14-tolerance SLSQP run to 1e-13 relative. With the paper's
-objective Newton is first tried from the leading start itself: where the optimum has no kink (no c_n = 0, no gap at
-the margin: NFE 5 and 6 for the DDPM, cosine, EDM and flow schedules at order 3) it certifies the optimum there
-without any SLSQP iteration (7 batched passes, 1.6x faster end to end at NFE 5 and 6); elsewhere the try fails
-after 1-2 passes and SLSQP runs as before (over those 256 settings, J never above the SLSQP-first result by more
-than 5e-14 relative). With the solver rows' objective (complex-step Jacobians: a Hessian is one batched pass as
+(`_active_set_newton`, tried along the way and at the end, kept only where it certifies a local minimum): across
+VP/VE/EDM/flow schedules, p 1 and 2, orders 2 and 3, NFE 5-20, the result matches a 1e-14-tolerance SLSQP run to 1e-13
+relative. With the paper's objective Newton is first tried from the leading start itself: where the optimum has no kink
+(no c_n = 0, no gap at the margin: NFE 5 and 6 for the DDPM, cosine, EDM and flow schedules at order 3) it certifies
+the optimum there without any SLSQP iteration (7 batched passes, 1.6x faster end to end at NFE 5 and 6); elsewhere the
+try fails after 1-2 passes and SLSQP runs as before (over those 256 settings, J never above the SLSQP-first result by
+more than 5e-14 relative). With the solver rows' objective (complex-step Jacobians: a Hessian is one batched pass as
 well) the same try runs, first from the best heuristic start alone (`_heuristic_start_try`): where it certifies
 (NFE 5 here) the "lagrange" start, which optimises the paper's objective first, is never computed.
 
@@ -162,14 +162,14 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
 
     With "sqp" and several starts, the starts are screened: each runs `burst` SLSQP iterations (default `_BURST`
     above NFE 10, none up to it; no Newton try); then the leader runs to the end from its point, and the next ones
-    in the order of their J only while none has ended at a point Newton certified a local minimum (an uncertified end may be a stall). A start
-    left after the burst reports its J there in per_start. Checked against running every start to the end (the best
-    one winning where they do not all reach the same minimum): on the paper's objective for the DDPM, cosine, EDM and
-    flow schedules, orders 2 and 3, p 1 and 2, NFE 5, 6, 7, 8, 10, 12, 14, 15, 16, 18, 20 (176 settings), the
-    screened J was never above by more than 1e-13 relative; on the solver-row objective, DDPM and cosine, orders 2
-    and 3, p 1 and 2, NFE 5, 8, 12, 16 (32 settings), within 1e-9 but for one (cosine, order 3, p 1, NFE 16: 4.7e-5
-    above with the leader alone, 4e-15 with the fallback). A burst of 5 lost 46% in one setting (cosine, order 2,
-    p 2, NFE 20, where two starts fail), with the fallback too, so the burst is kept short.
+    in the order of their J only while none has ended at a point Newton certified a local minimum (an uncertified end
+    may be a stall). A start left after the burst reports its J there in per_start. Checked against running every start
+    to the end (the best one winning where they do not all reach the same minimum): on the paper's objective for the
+    DDPM, cosine, EDM and flow schedules, orders 2 and 3, p 1 and 2, NFE 5, 6, 7, 8, 10, 12, 14, 15, 16, 18, 20 (176
+    settings), the screened J was never above by more than 1e-13 relative; on the solver-row objective, DDPM and
+    cosine, orders 2 and 3, p 1 and 2, NFE 5, 8, 12, 16 (32 settings), within 1e-9 but for one (cosine, order 3, p 1,
+    NFE 16: 4.7e-5 above with the leader alone, 4e-15 with the fallback). A burst of 5 lost 46% in one setting (cosine,
+    order 2, p 2, NFE 20, where two starts fail), with the fallback too, so the burst is kept short.
 
     Up to NFE `_RANK_STARTS_UP_TO` (10) there is no burst: the starts are ranked by their own J (one batched
     evaluation), half the evaluations at NFE 5. Checked against the burst of 3 on the paper's objective (DDPM,
