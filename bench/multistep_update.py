@@ -13,6 +13,12 @@ set that fits the L2 cache (16x4x32x32, 256 KiB a tensor); "out of cache" one we
 tensor). One thread, interleaved rounds, medians with 95% intervals (bench.common.median_ci); ratios are taken round
 by round. "tdiff" is the public function (fresh outputs every call); "tdiff out=" the convert form's out= binding
 writing into the same two buffers every call, as the sampling loop does for large states (tdiff/solvers/buffers.py).
+The convert form returns two fresh tensors, so it is also held against two clones that return fresh tensors and
+move the same bytes (bench.common.fresh_copy_fn): its in-cache gap to "tdiff out=" is that per-call cost, not the
+kernel (measured 2026-12-01: no page faults; in a C++ loop the functional form is only 0.7 us above out=, the two
+at::empty with their frees 0.85 us; from Python each returned tensor costs about 1 us idle, the wrapper about 1.2 us,
+and glibc hands h_0 one of two addresses in turn; a profile of the public call has 74% of its cycles in the span loop
+against 83% for out=).
 
 Overhead: the public wrapper (eager, no grad, check=False, as the sampling loop calls it) against the C++ function
 it calls, bound directly (tdiff._C, csrc/direct.h; overhead_us) and through the dispatcher (vs_dispatcher_us), at a
@@ -26,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import (copy_fn, interleaved, load_average, median_ci, paired_ratio, plot_path, print_table,
-                          pyplot, write_result)
+from bench.common import (copy_fn, fresh_copy_fn, interleaved, load_average, median_ci, paired_ratio, plot_path,
+                          print_table, pyplot, write_result)
 from tdiff.ops import dispatch
 from tdiff.ops.multistep_update import multistep_update
 
@@ -91,6 +97,8 @@ def bandwidth(quick: bool) -> list:
                         x, hist, coeffs, convert=pq, check=False)
                 compiled = torch.compile(eager, dynamic=False)
                 fns = {"copy": copy_fn(nbytes), "eager": eager, "torch.compile": compiled, "tdiff": ours}
+                if form == "convert":  # x_next and h_0: two fresh outputs (eager's and compile's too)
+                    fns["copy, 2 fresh outputs"] = fresh_copy_fn(nbytes, 2)
                 if form == "convert" and _C is not None and hasattr(_C, "multistep_update_out_cpu"):
                     # the out= binding into the same two buffers every call (the sampling loop's buffer reuse for
                     # large states): the kernel without the two fresh outputs and the wrapper
@@ -100,15 +108,22 @@ def bandwidth(quick: bool) -> list:
                 with torch.no_grad():
                     interleaved(fns, rounds=2)  # warm-up: caches, allocator, compiled graphs
                     times = interleaved(fns, rounds=rounds, block_seconds=block)
-                for name in [n for n in fns if n != "copy"]:
+                for name in [n for n in fns if not n.startswith("copy")]:
                     records.append({"where": where, "shape": list(shape), "K": k, "form": form, "impl": name,
                                     "bytes": nbytes, **_stats(times[name], times["copy"], nbytes)})
+                    if form == "convert" and name != "tdiff out=":
+                        f = paired_ratio(times["copy, 2 fresh outputs"], times[name])
+                        records[-1].update({"frac_of_fresh_copy": f["median"], "fresh_frac_lo": f["lo"],
+                                            "fresh_frac_hi": f["hi"]})
                 records.append({"where": where, "shape": list(shape), "K": k, "form": form, "impl": "copy",
                                 "bytes": nbytes, **_stats(times["copy"], times["copy"], nbytes)})
     print_table("Fused update, float32, one thread: effective bandwidth / copy bandwidth (median [95% interval]; "
-                "best rounds)", ["where", "shape", "K", "form", "impl", "us", "GB/s", "of copy", "best of copy"],
+                "best rounds; convert form: also against two clones returning fresh outputs)",
+                ["where", "shape", "K", "form", "impl", "us", "GB/s", "of copy", "best of copy", "of fresh copy"],
                 [[r["where"], "x".join(map(str, r["shape"])), r["K"], r["form"], r["impl"], r["us"], r["GBps"],
-                  f"{r['frac_of_copy']:.2f} [{r['frac_lo']:.2f}, {r['frac_hi']:.2f}]", r["frac_of_copy_best"]]
+                  f"{r['frac_of_copy']:.2f} [{r['frac_lo']:.2f}, {r['frac_hi']:.2f}]", r["frac_of_copy_best"],
+                  f"{r['frac_of_fresh_copy']:.2f} [{r['fresh_frac_lo']:.2f}, {r['fresh_frac_hi']:.2f}]"
+                  if "frac_of_fresh_copy" in r else ""]
                  for r in records])
     return records
 

@@ -11,6 +11,14 @@ intervals; ratios round by round. In cache a call lasts about 10 us, so a round 
 the same buffers, after untimed warm-up blocks, and there are many rounds: the in-cache ratio is otherwise at the
 mercy of the other processes' cache traffic.
 
+Two outputs (x_t and the input) are also held against two clones that return fresh tensors and move the same bytes
+(bench.common.fresh_copy_fn). The in-cache gap of that row to copy is a fixed per-call cost, not the data pass
+(issue 16 item 6, measured 2026-12-01): no page faults (minor faults 0.001 a call); two at::empty with their frees
+cost 0.85 us in a C++ loop, and the op called there (tdiff::noisy_sample_cpu, fresh outputs) reaches 0.82-0.88 of
+copy (bench/half_ceiling); from Python each returned tensor costs its wrap, free and deallocation (about 1 us,
+idle), the wrapper about 1.5 us; glibc hands the second output one of two addresses in turn (heap-state dependent,
++1 us when it does). dst.copy_(src) pays none of that: it writes into a tensor it already has and returns it.
+
 Overhead: the public function (eager, no grad, check=False) against the C++ function it calls (the prepared
 sampler, tdiff._C.NoisySampler), the op's full-argument direct binding (tdiff._C, csrc/direct.h) and the op through
 the dispatcher, at a size where the data pass is negligible (1x4x8x8).
@@ -19,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import (copy_fn, interleaved, load_average, median_ci, paired_ratio, plot_path, print_table, pyplot,
-                          write_result)
+from bench.common import (copy_fn, fresh_copy_fn, interleaved, load_average, median_ci, paired_ratio, plot_path,
+                          print_table, pyplot, write_result)
 from tdiff import schedules as S
 from tdiff.ops import dispatch
 from tdiff.ops.noisy_sample import noisy_sample
@@ -51,13 +59,17 @@ def eager_wmse(pred, target, weight):
     return weight * ((pred - target) ** 2).flatten(1).mean(1)
 
 
-def _record(where, shape, dtype, impl, times, copy_times, nbytes):
+def _record(where, shape, dtype, impl, times, copy_times, nbytes, fresh_copy_times=None):
     t = median_ci(times)
     frac = paired_ratio(copy_times, times)
-    return {"where": where, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": impl,
-            "us": t["median"] * 1e6, "us_lo": t["lo"] * 1e6, "us_hi": t["hi"] * 1e6, "GBps": nbytes / t["median"] / 1e9,
-            "frac_of_copy": frac["median"], "frac_lo": frac["lo"], "frac_hi": frac["hi"],
-            "us_best": min(times) * 1e6, "frac_of_copy_best": min(copy_times) / min(times)}
+    rec = {"where": where, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": impl,
+           "us": t["median"] * 1e6, "us_lo": t["lo"] * 1e6, "us_hi": t["hi"] * 1e6, "GBps": nbytes / t["median"] / 1e9,
+           "frac_of_copy": frac["median"], "frac_lo": frac["lo"], "frac_hi": frac["hi"],
+           "us_best": min(times) * 1e6, "frac_of_copy_best": min(copy_times) / min(times)}
+    if fresh_copy_times is not None:  # against copies returning as many fresh outputs (bench.common.fresh_copy_fn)
+        f = paired_ratio(fresh_copy_times, times)
+        rec.update({"frac_of_fresh_copy": f["median"], "fresh_frac_lo": f["lo"], "fresh_frac_hi": f["hi"]})
+    return rec
 
 
 def measure(quick: bool) -> list:
@@ -74,6 +86,7 @@ def measure(quick: bool) -> list:
             fns = {
                 "copy (x_t)": copy_fn(3 * es, dtype),
                 "copy (x_t, input)": copy_fn(4 * es, dtype),
+                "copy, 2 fresh outputs (x_t, input)": fresh_copy_fn(4 * es, 2, dtype),
                 "copy (mse)": copy_fn(2 * es, dtype),
                 "noisy_sample eager (x_t, input)": lambda: eager(x0, eps, t),
                 "noisy_sample tdiff (x_t)": lambda: noisy_sample(x0, eps, t, sched, check=False),
@@ -95,7 +108,9 @@ def measure(quick: bool) -> list:
                     continue
                 nbytes, copy = (3 * es, "copy (x_t)") if impl.endswith("(x_t)") else (
                     (4 * es, "copy (x_t, input)") if impl.startswith("noisy") else (2 * es, "copy (mse)"))
-                records.append(_record(where, shape, dtype, impl, ts, times[copy], nbytes))
+                two_outputs = impl.endswith("(x_t, input)")  # eager's and compile's return two fresh tensors too
+                records.append(_record(where, shape, dtype, impl, ts, times[copy], nbytes,
+                                       times["copy, 2 fresh outputs (x_t, input)"] if two_outputs else None))
             for op, eager_name, ours in (("noisy_sample", "noisy_sample eager (x_t, input)",
                                           "noisy_sample tdiff (x_t, input)"),
                                          ("weighted_mse", "weighted_mse eager", "weighted_mse tdiff")):
@@ -187,10 +202,13 @@ def run(quick: bool = False) -> dict:
         calls = overhead(quick)
     finally:
         torch.set_num_threads(threads_before)
-    print_table("noisy_sample / weighted_mse (CPU, one thread): time and bandwidth against copy",
-                ["where", "dtype", "impl", "us", "GB/s", "of copy [95%]", "best rounds"],
+    print_table("noisy_sample / weighted_mse (CPU, one thread): time and bandwidth against copy (and, for two "
+                "outputs, against two clones returning fresh outputs)",
+                ["where", "dtype", "impl", "us", "GB/s", "of copy [95%]", "best rounds", "of fresh copy [95%]"],
                 [[r["where"], r["dtype"], r["impl"], r["us"], r["GBps"],
-                  f"{r['frac_of_copy']:.2f} [{r['frac_lo']:.2f}, {r['frac_hi']:.2f}]", r["frac_of_copy_best"]]
+                  f"{r['frac_of_copy']:.2f} [{r['frac_lo']:.2f}, {r['frac_hi']:.2f}]", r["frac_of_copy_best"],
+                  f"{r['frac_of_fresh_copy']:.2f} [{r['fresh_frac_lo']:.2f}, {r['fresh_frac_hi']:.2f}]"
+                  if "frac_of_fresh_copy" in r else ""]
                  for r in records if "impl" in r])
     print_table("speed-up of the fused op", ["where", "dtype", "op", "vs eager [95%]", "best rounds",
                                              "vs torch.compile"],
