@@ -145,11 +145,7 @@ class Program:
             prog = cls(steps=struct.steps, _rows=[None] * n, nfe=struct.nfe, structure=struct, **kw)
             prog._built_groups = groups
             return prog
-        rows: list = [None] * n
-        for idx, mat in groups:
-            for r, row in zip(idx, arrays.unbind(mat, 0)):
-                rows[r] = row
-        return cls.of(struct, rows, **kw)
+        return cls.of(struct, rows_of_groups(groups, n), **kw)
 
     @property
     def rows(self) -> List[Tensor]:
@@ -159,9 +155,7 @@ class Program:
         built = getattr(self, "_built_groups", None)
         if built is not None:  # of_groups' host matrices, not sealed: a numpy row view each
             self._built_groups = None
-            for idx, mat in built:
-                for r, row in zip(idx, arrays.unbind(mat, 0)):
-                    self._rows[r] = row
+            self._rows[:] = rows_of_groups(built, len(self._rows))
         host = getattr(self, "_host_groups", None)
         if host is not None and host[1] is None:
             for idx, mat in host[0]:  # one conversion per width (a matrix may be a transposed view)
@@ -441,10 +435,15 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
     with the first-order row: weight[i] row_p + (1 - weight[i]) row_1, the first-order row padded with p - 1 zeros
     just before its `tail` entries ([c_x, c_0, 0.., *tail]; a corrector's [c_x, c_new, c_0, 0..]) so the blend is
     one row over the same buffers. Each row is a view of its order's matrix (`mixed_groups`)."""
-    out: list = [None] * len(top)
-    for positions, mat in mixed_groups(top, row_fn, weight, blend, tail):
-        for i, row in zip(positions, arrays.unbind(mat, 0)):
-            out[i] = row
+    return rows_of_groups(mixed_groups(top, row_fn, weight, blend, tail), len(top))
+
+
+def rows_of_groups(groups: list, n: int) -> list:
+    """The n rows of [(row indices, matrix)] groups, each row a view of its matrix (None where no group has it)."""
+    out: list = [None] * n
+    for idx, mat in groups:
+        for r, row in zip(idx, arrays.unbind(mat, 0)):
+            out[r] = row
     return out
 
 
