@@ -40,7 +40,7 @@ from . import arrays
 from .ddim import ddim_coefficients, first_order_row
 from .grid import Grid
 from .program import Eval, Noise, Program, Structure, Update, check_choice, check_flag, check_order, \
-    choose_orders, mixed_rows, structure
+    choose_orders, mixed_groups, mixed_rows, structure
 
 #: solver name -> (what the history holds, stochastic, allowed orders)
 KINDS = {
@@ -73,43 +73,50 @@ def dpmpp_orders(n_steps: int, order: int, lower_order_final: bool, final_zero: 
     return orders
 
 
-def _phis(h):
-    """phi1 = expm1(-h), phi2 = phi1/h + 1, phi3 = phi2/h - 1/2."""
+def _phis(h, p: int = 3):
+    """phi1 = expm1(-h), phi2 = phi1/h + 1, phi3 = phi2/h - 1/2: the first p of them."""
     phi1 = arrays.expm1(-h)
+    if p == 1:
+        return (phi1,)
     phi2 = phi1 / h + 1
-    return phi1, phi2, phi2 / h - 0.5
+    return (phi1, phi2) if p == 2 else (phi1, phi2, phi2 / h - 0.5)
 
 
-def _step_coefficients(kind: str, g: Grid, i, p: int, solver_type: str) -> tuple:
-    """(c_x, [c0, c1, c2][:p], c_z or None) of step i -> i+1 at order p >= 2."""
-    lam, a_s, s_s, a_t, s_t = g.lam, g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
-    h = lam[i + 1] - lam[i]
+def _step_coefficients(kind: str, g: Grid, i, j, p: int, solver_type: str) -> tuple:
+    """(c_x, [c0, c1, c2][:max(p, 2)], c_z or None) of step i -> j = i+1 at order p. Only the terms order p uses
+    are formed (a no-grad table is a few dozen small array operations, each costing about the same whatever its
+    size), in the order they always were: the autograd graph, and so the gradients, stay the same."""
+    lam, a_s, s_s, a_t, s_t = g.lam, g.alpha[i], g.sigma[i], g.alpha[j], g.sigma[j]
+    h = lam[j] - lam[i]
     heun = solver_type == "heun"
+    three = p == 3
     if kind in ("dpmpp", "dpmpp_ab"):
-        phi1, phi2, phi3 = _phis(h)
-        c1 = (a_t * phi2) if (p == 3 or heun or kind == "dpmpp_ab") else -0.5 * a_t * phi1
-        c2 = -(2.0 if kind == "dpmpp_ab" else 1.0) * a_t * phi3
-        return s_t / s_s, [-a_t * phi1, c1, c2][:p], None
+        second = three or heun or kind == "dpmpp_ab"  # c1 from phi2, else the midpoint's -phi1/2
+        phis = _phis(h, p if second else 1)
+        phi1 = phis[0]
+        c1 = (a_t * phis[1]) if second else -0.5 * a_t * phi1
+        c2 = -(2.0 if kind == "dpmpp_ab" else 1.0) * a_t * phis[2] if three else None
+        return s_t / s_s, [-a_t * phi1, c1, c2][:max(p, 2)], None
     if kind == "dpmpp_sde":
-        psi1, psi2, _ = _phis(2 * h)
-        c1 = (a_t * psi2) if (p == 3 or heun) else -0.5 * a_t * psi1
-        c2 = a_t * (-psi2 / (2 * h) - 0.5)
+        psi1, psi2 = _phis(2 * h, 2)
+        c1 = (a_t * psi2) if (three or heun) else -0.5 * a_t * psi1
+        c2 = a_t * (-psi2 / (2 * h) - 0.5) if three else None
         c_x = s_t / s_s * arrays.exp(-h)
-        return c_x, [-a_t * psi1, c1, c2][:p], s_t * arrays.sqrt_pos(-psi1)
+        return c_x, [-a_t * psi1, c1, c2][:max(p, 2)], s_t * arrays.sqrt_pos(-psi1)
     # noise prediction: e^h - 1 = expm1(h), (e^h - 1)/h - 1, ((e^h - 1)/h - 1)/h - 1/2
     e1 = arrays.expm1(h)
     e2 = e1 / h - 1
-    e3 = e2 / h - 0.5
+    e3 = e2 / h - 0.5 if three else None
     if kind == "dpmsolver":
-        c1 = -s_t * e2 if (p == 3 or heun) else -0.5 * s_t * e1
-        return a_t / a_s, [-s_t * e1, c1, -s_t * e3][:p], None
+        c1 = -s_t * e2 if (three or heun) else -0.5 * s_t * e1
+        return a_t / a_s, [-s_t * e1, c1] + ([-s_t * e3] if three else []), None
     c1 = -2 * s_t * e2 if heun else -s_t * e1  # dpmsolver_sde
-    return a_t / a_s, [-2 * s_t * e1, c1][:p], s_t * arrays.sqrt_pos(arrays.expm1(2 * h))
+    return a_t / a_s, [-2 * s_t * e1, c1], s_t * arrays.sqrt_pos(arrays.expm1(2 * h))
 
 
-def _history_weights(g: Grid, i, cs: list) -> list:
-    """The weights on (m0, m1, (m2)) of c0 D0 + c1 D1 (+ c2 D2) for step i (p = len(cs) >= 2), D0, D1, D2 the
-    divided differences of the module doc as rows over the outputs:
+def _history_weights(g: Grid, i, j, cs: list) -> list:
+    """The weights on (m0, m1, (m2)) of c0 D0 + c1 D1 (+ c2 D2) for step i -> j = i+1 (p = len(cs) >= 2), D0, D1,
+    D2 the divided differences of the module doc as rows over the outputs:
       2 outputs: D0 = (1, 0), D1 = (1/r0, -1/r0)
       3 outputs: D1_0 = (1/r0, -1/r0, 0), D1_1 = (0, 1/r1, -1/r1), D0 = (1, 0, 0),
                  D1 = D1_0 + w (D1_0 - D1_1) with w = r0/(r0+r1), D2 = (D1_0 - D1_1)/(r0 + r1).
@@ -118,7 +125,7 @@ def _history_weights(g: Grid, i, cs: list) -> list:
     ones the full product gives (up to the sign of a zero)."""
     lam = g.lam
     lam_i, lam_b = lam[i], lam[i - 1]
-    h = lam[i + 1] - lam_i
+    h = lam[j] - lam_i  # as _step_coefficients' h (formed again: the same autograd graph, so the same gradients)
     r0 = (lam_i - lam_b) / h
     if len(cs) == 2:
         c0, c1 = cs
@@ -141,8 +148,9 @@ def step_row(kind: str, g: Grid, i, p: int, solver_type: str = "midpoint") -> li
     if p == 1 and kind == "dpmpp_sde":
         c_x, c_d, _, s = ddim_coefficients(g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta=1.0)
         return [c_x, c_d, s]
-    c_x, cs, c_z = _step_coefficients(kind, g, i, p, solver_type)
-    cm = cs if p == 1 else _history_weights(g, i, cs)
+    j = i + 1
+    c_x, cs, c_z = _step_coefficients(kind, g, i, j, p, solver_type)
+    cm = cs[:1] if p == 1 else _history_weights(g, i, j, cs)  # p = 1: the noise-prediction solvers
     return [c_x, *cm] + ([] if c_z is None else [c_z])
 
 
@@ -167,14 +175,17 @@ def build_multistep(kind: str, g: Grid, cond_times, order: int, lower_order_fina
                          allowed)
     if euler_at_final and not explicit:
         plan.first_order_at(g.n_steps - 1)
-    rows = mixed_rows(plan.top, lambda p, idx: step_row(kind, g, idx, p, solver_type), plan.weight, plan.blend,
-                      tail=int(stochastic))
     n = g.n_steps
     noisy = tuple(stochastic and not (g.final_zero and i == n - 1) for i in range(n))
-    if stochastic and not noisy[-1]:
-        rows[-1] = rows[-1][:-1]  # no noise is added at sigma = 0 (its coefficient is 0)
-    return Program.of(_structure("E" if target == "eps" else "D", target, tuple(plan.top), noisy), rows,
-                      eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
+    struct = _structure("E" if target == "eps" else "D", target, tuple(plan.top), noisy)
+    kw = dict(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
+    mixed = (plan.top, lambda p, idx: step_row(kind, g, idx, p, solver_type), plan.weight, plan.blend,
+             int(stochastic))
+    if noisy[-1] or not stochastic:
+        return Program.of_groups(struct, mixed_groups(*mixed), **kw)
+    rows = mixed_rows(*mixed)
+    rows[-1] = rows[-1][:-1]  # no noise is added at sigma = 0 (its coefficient is 0)
+    return Program.of(struct, rows, **kw)
 
 
 @functools.lru_cache(maxsize=256)

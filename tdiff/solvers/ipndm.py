@@ -18,7 +18,7 @@ import functools
 from . import arrays
 from .grid import Grid
 from .program import Eval, Program, Structure, Update, check_choice, check_flag, check_order, choose_orders, \
-    mixed_rows, multistep_orders, structure
+    mixed_groups, mixed_rows, multistep_orders, structure
 
 ADAMS_BASHFORTH = {
     1: (1.0,),
@@ -61,10 +61,11 @@ def build_ipndm(g: Grid, cond_times, order: int = 4, lower_order_final: bool = T
     check_choice("slopes", slopes, SLOPES)
     plan = choose_orders("ipndm", g.lam, order, lower_order_final, order_rule, g.final_zero, _count_rule, orders,
                          (1, 2, 3, 4))
-    rows = mixed_rows(plan.top, lambda q, idx: step_row(g, idx, q), plan.weight, plan.blend)
+    mixed = (plan.top, lambda q, idx: step_row(g, idx, q), plan.weight, plan.blend)
     kw = dict(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     if slopes == "eps":
-        return Program.of(_structure(tuple(plan.top), slopes), rows, **kw)
+        return Program.of_groups(_structure(tuple(plan.top), slopes), mixed_groups(*mixed), **kw)
+    rows = mixed_rows(*mixed)
     slope_rows = arrays.rows(slope_row(g, slice(0, g.n_steps)))
     # row 2i: step i's slope from D_i; row 2i + 1: step i's update
     return Program.of(_structure(tuple(plan.top), slopes), [r for pair in zip(slope_rows, rows) for r in pair], **kw)

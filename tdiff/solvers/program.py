@@ -18,6 +18,7 @@ timestep), but its output is converted at the sample's own noise level, eval_poi
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -133,21 +134,39 @@ class Program:
         """A program with a cached structure's instructions and these rows (row r is what Update.row = r reads)."""
         return cls(steps=struct.steps, _rows=list(rows), nfe=struct.nfe, structure=struct, **kw)
 
+    @classmethod
+    def of_groups(cls, struct: Structure, groups: list, **kw) -> "Program":
+        """`of` with the rows given as [(row indices, matrix)] (`mixed_groups`), row k of a matrix being the row of
+        index idx[k]. Host (numpy) matrices are kept as they are until the rows are read (`rows`: one row view
+        each) or sealed (`seal_rows` takes float64 (rows, width) matrices as its groups, without a row view each);
+        tensors (the differentiable path) become one row view each now."""
+        n = sum(len(idx) for idx, _ in groups)
+        if all(type(mat) is np.ndarray for _, mat in groups):
+            prog = cls(steps=struct.steps, _rows=[None] * n, nfe=struct.nfe, structure=struct, **kw)
+            prog._built_groups = groups
+            return prog
+        return cls.of(struct, rows_of_groups(groups, n), **kw)
+
     @property
     def rows(self) -> List[Tensor]:
-        """The coefficient rows as float64 tensors. Rows sealed on the host (`seal_rows`) become tensors here, at
-        the first read: the sampling loop reads the host matrices (`row_groups`) and never needs them."""
+        """The coefficient rows as float64 tensors (numpy arrays where built on the host and not sealed). Rows
+        sealed on the host (`seal_rows`) become tensors here, at the first read: the sampling loop reads the host
+        matrices (`row_groups`) and never needs them."""
+        built = getattr(self, "_built_groups", None)
+        if built is not None:  # of_groups' host matrices, not sealed: a numpy row view each
+            self._built_groups = None
+            self._rows[:] = rows_of_groups(built, len(self._rows))
         host = getattr(self, "_host_groups", None)
         if host is not None and host[1] is None:
-            for idx, mat in host[0]:
-                for r, row in zip(idx, torch.from_numpy(mat).unbind(0)):  # one conversion per width
+            for idx, mat in host[0]:  # one conversion per width (a matrix may be a transposed view)
+                for r, row in zip(idx, torch.from_numpy(np.ascontiguousarray(mat)).unbind(0)):
                     self._rows[r] = row
             self._host_groups = (host[0], list(self._rows))
         return self._rows
 
     @rows.setter
     def rows(self, rows: List[Tensor]) -> None:
-        self._rows, self._host_groups = rows, None
+        self._rows, self._host_groups, self._built_groups = rows, None, None
 
     @property
     def num_rows(self) -> int:
@@ -169,7 +188,11 @@ class Program:
         view of its width's matrix. When every row was built on the host, the matrices are kept for `row_groups`
         and the rows become tensors only when `rows` is read; otherwise they are converted now (rows that are
         tensors already are kept)."""
-        rows = self._rows
+        built = getattr(self, "_built_groups", None)
+        if built is not None and all(mat.ndim == 2 and mat.dtype == np.float64 for _, mat in built):
+            self._built_groups, self._host_groups = None, (built, None)  # of_groups' matrices are the groups
+            return self
+        rows = self.rows
         if self.structure is not None and all(type(row) is np.ndarray for row in rows):
             by_width = self.structure.row_widths()  # every row is host-built, and its width is structural
         else:
@@ -187,6 +210,8 @@ class Program:
     def row_groups(self) -> list:
         """The rows grouped by width: [(row indices, (rows, width) float64 matrix)], the matrix a numpy array when
         the program was built on the host (and its rows not replaced since), else a tensor (differentiable)."""
+        if getattr(self, "_built_groups", None) is not None:
+            self.rows  # noqa: B018 (not sealed: the rows one by one)
         sealed = getattr(self, "_host_groups", None)
         if sealed is not None and (sealed[1] is None or (len(sealed[1]) == len(self._rows) and all(
                 a is b for a, b in zip(sealed[1], self._rows)))):
@@ -355,26 +380,28 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
     hd = arrays.tolist(h)
     n = len(hd)
     top, blend, reach, host_weights = [], [], [], []
-    window = {p: stable_window(solver, p) for p in range(2, order + 1)}
+    window = [None, None] + [stable_window(solver, p) for p in range(2, order + 1)]  # by order
     host = arrays.on_host(h)
     ratio_lo, ratio_hi = STABLE_RATIO
+    last = n - 1 if final_zero else n  # a final step to sigma = 0 is first order
     for i in range(n):
-        p = min(order, i + 1)
-        if final_zero and i == n - 1:
-            p = 1
+        p = order if i >= order else i + 1
+        if p == 1 or i == last:
+            top.append(1)
+            blend.append(False)
+            continue
+        lo, hi = window[p]
+        step = hd[i]
+        ratio = step / hd[i - 1]  # max over k < p of h_i / h_{i-k} (as max() keeps the first of equals)
+        for k in range(2, p):
+            r = step / hd[i - k]
+            if r > ratio:
+                ratio = r
         mixed = False
-        if p > 1:
-            lo, hi = window[p]
-            step = hd[i]
-            ratio = step / hd[i - 1]  # max over k < p of h_i / h_{i-k} (as max() keeps the first of equals)
-            for k in range(2, p):
-                r = step / hd[i - k]
-                if r > ratio:
-                    ratio = r
-            if step < hi and ratio < ratio_hi:
-                mixed = not (step <= lo and ratio <= ratio_lo)
-            else:
-                p = 1
+        if step < hi and ratio < ratio_hi:
+            mixed = not (step <= lo and ratio <= ratio_lo)
+        else:
+            p = 1
         top.append(p)
         blend.append(mixed)
         if mixed:
@@ -384,7 +411,7 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
     if not reach:
         return OrderPlan(top)
     steps = arrays.indices(reach)
-    if arrays.on_host(h):
+    if host:
         weight = np.ones(n)
         weight[steps] = host_weights
         return OrderPlan(top, weight, blend)
@@ -407,54 +434,85 @@ def mixed_rows(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = 
     """Per position i, the coefficient row of order top[i] (None: no row) as a 1-D tensor, blended where blend[i]
     with the first-order row: weight[i] row_p + (1 - weight[i]) row_1, the first-order row padded with p - 1 zeros
     just before its `tail` entries ([c_x, c_0, 0.., *tail]; a corrector's [c_x, c_new, c_0, 0..]) so the blend is
-    one row over the same buffers.
+    one row over the same buffers. Each row is a view of its order's matrix (`mixed_groups`)."""
+    return rows_of_groups(mixed_groups(top, row_fn, weight, blend, tail), len(top))
+
+
+def rows_of_groups(groups: list, n: int) -> list:
+    """The n rows of [(row indices, matrix)] groups, each row a view of its matrix (None where no group has it)."""
+    out: list = [None] * n
+    for idx, mat in groups:
+        for r, row in zip(idx, arrays.unbind(mat, 0)):
+            out[r] = row
+    return out
+
+
+def mixed_groups(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] = None,
+                 blend: Optional[Sequence[bool]] = None, tail: int = 0) -> list:
+    """`mixed_rows` as [(positions, (len(positions), width) matrix)], one per order, row k of a matrix being the
+    row of position positions[k] (Program.of_groups takes them as they are).
 
     row_fn(p, idx) gets an index array of positions (numpy int64) and returns a list of (len(idx),) tensors (one
     per row entry): the rows are computed once per order for all positions that use it (the first-order rows of
     the order-1 and the blending positions in one call), so a table costs a few dozen tensor ops whatever the
-    number of steps, and each row is a view of its order's (positions, width) matrix."""
-    out: list = [None] * len(top)
-    groups: dict = {}
-    for i, p in enumerate(top):
-        if p is not None:
-            if p in groups:
-                groups[p].append(i)
-            else:
-                groups[p] = [i]
-    # positions whose first-order row is needed, in order: the order-1 ones and the blending ones
-    if blend is None:
-        need = groups.get(1, [])
-    else:
-        need = [i for i, p in enumerate(top) if p == 1 or (p is not None and p > 1 and blend[i])]
-    if need:
-        need_idx = arrays.indices(need)
-        first_all = arrays.stack(row_fn(1, need_idx), dim=1)  # (positions, 2+tail)
-        where = {i: k for k, i in enumerate(need)}
-    for p, idx in groups.items():
+    number of steps. Which positions go where (`_mixed_layout`) depends only on top and blend, so it is worked out
+    once per such plan."""
+    need, groups = _mixed_layout(tuple(top), None if blend is None else tuple(blend))
+    out = []
+    first_all = None if need is None else arrays.stack(row_fn(1, need), dim=1)  # (positions, 2+tail)
+    for p, idx, positions, pick, sel, at in groups:
         if p == 1:
-            mat = first_all if idx == need else first_all[arrays.indices([where[i] for i in idx])]
+            mat = first_all if pick is None else first_all[pick]
         else:
-            mat = arrays.stack(row_fn(p, arrays.indices(idx)), dim=1)  # (positions, 1+p+tail)
-            sel = [j for j, i in enumerate(idx) if blend[i]] if blend is not None else None
-            if sel:
-                at = [idx[j] for j in sel]  # the blending positions
-                first = first_all[arrays.indices([where[i] for i in at])]  # (blending positions, 2+tail)
+            mat = arrays.stack(row_fn(p, idx), dim=1)  # (positions, 1+p+tail)
+            if sel is not None:  # the blending positions: rows sel of mat, first-order rows pick of first_all
+                first = first_all[pick]  # (blending positions, 2+tail)
                 cut = first.shape[1] - tail
-                w = weight[arrays.indices(at)][:, None]
-                rows = arrays.indices(sel)
+                w = weight[at][:, None]
                 if arrays.on_host(mat):  # in place (mat is this call's own array); the padding's zeros add nothing
-                    blended, share = mat[rows] * w, (1 - w) * first
+                    blended, share = mat[sel] * w, (1 - w) * first
                     blended[:, :cut] += share[:, :cut]
                     if tail:
                         blended[:, cut + p - 1:] += share[:, cut:]
-                    mat[rows] = blended
+                    mat[sel] = blended
                 else:
                     first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]],
                                        dim=1)
-                    mat = arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
-        for i, row in zip(idx, arrays.unbind(mat, 0)):
-            out[i] = row
+                    mat = arrays.put(mat, sel, w * mat[sel] + (1 - w) * first)
+        out.append((positions, mat))
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _mixed_layout(top: tuple, blend: Optional[tuple]) -> tuple:
+    """mixed_groups' bookkeeping for a plan (pure structure, cached: see Structure): (need, groups). need: the
+    positions whose first-order row is computed (the order-1 and the blending ones, in order; None if none);
+    groups: per order p, (p, positions as an index array, positions as a list, pick, sel, at) with, for p = 1,
+    pick the rows of the first-order matrix that are its rows (None: all of them, in order), and for p > 1 sel
+    the rows of its matrix that blend (None if none), pick their first-order rows and at their positions."""
+    orders: dict = {}
+    for i, p in enumerate(top):
+        if p is not None:
+            orders.setdefault(p, []).append(i)
+    if blend is None:
+        need = orders.get(1, [])
+    else:
+        need = [i for i, p in enumerate(top) if p == 1 or (p is not None and p > 1 and blend[i])]
+    where = {i: k for k, i in enumerate(need)}
+    groups = []
+    for p, positions in orders.items():
+        pick = sel = at = None
+        if p == 1:
+            if positions != need:
+                pick = arrays.indices([where[i] for i in positions])
+        elif blend is not None:
+            rows = [j for j, i in enumerate(positions) if blend[i]]
+            if rows:
+                sel = arrays.indices(rows)
+                at = arrays.indices([positions[j] for j in rows])
+                pick = arrays.indices([where[positions[j]] for j in rows])
+        groups.append((p, arrays.indices(positions), tuple(positions), pick, sel, at))
+    return (arrays.indices(need) if need else None), tuple(groups)  # shared by every call: never written to
 
 
 def check_orders(solver: str, orders, n_steps: int, allowed: Sequence[int], final_zero: bool) -> List[int]:

@@ -125,7 +125,7 @@ def build_program(schedule, timesteps, solver: str = "dpmpp", order: Optional[in
     ts = check_timesteps(schedule, timesteps)
     # coefficients are formed in float64 whatever the timesteps' dtype: expm1(-h)/h style terms cancel badly
     # in float32 at small steps. The cast is differentiable.
-    ts = ts.to(torch.float64)
+    ts = ts if ts.dtype == torch.float64 else ts.to(torch.float64)
     cond = condition_times(schedule, ts, timesteps_cond)
     targets = opts.pop("targets", None)
     if "order_rule" in spec.options:
@@ -171,12 +171,10 @@ def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tenso
                               and getattr(denoiser, "precond", None) is None)
     plan, groups = _conversion_layout(prog, identity_x0)
     tables = []
-    for target, ks in groups:
-        # evaluations 0..E-1 in order (every built-in solver): views, no index arrays
-        at = slice(len(ks)) if ks == tuple(range(len(ks))) else list(ks)
+    for target, ks, at, k_max in groups:
         t = prog.eval_points[at] if type(at) is slice else prog.eval_points[torch.tensor(ks)]
         known = prog.eval_alpha_sigma
-        if isinstance(denoiser, Denoiser) and known is not None and max(ks) < len(known[0]):
+        if isinstance(denoiser, Denoiser) and known is not None and k_max < len(known[0]):
             # alpha, sigma at those points from the grid (host arrays): tdiff's Denoiser accepts them
             table = denoiser.conversion(t, target, alpha=known[0][at], sigma=known[1][at])
         elif raw:
@@ -184,15 +182,16 @@ def _conversion_table(denoiser, schedule, prog: Program) -> Tuple[Optional[Tenso
         else:  # an x0 callable asked for eps: eps = (x - alpha D)/sigma
             p, q = eps_coefficients(torch.zeros_like(t), torch.ones_like(t), schedule.alpha(t), schedule.sigma(t))
             table = torch.stack([p, q], dim=-1)
-        tables.append(table.to(torch.float64))
+        tables.append(table if table.dtype == torch.float64 else table.to(torch.float64))
     return (torch.cat(tables) if len(tables) > 1 else tables[0] if tables else None), plan
 
 
 def _conversion_layout(prog: Program, identity_x0: bool) -> tuple:
     """(plan, groups): per Eval the (buffer, target, conversion row index or None) entries, and per target that
-    needs a conversion (target, evaluation indices), its rows numbered in that order. A function of the
-    instructions alone, so kept with a cached program.Structure."""
-    key = ("conversion", identity_x0)
+    needs a conversion (target, evaluation indices, where they are in the evaluation points (a slice when they are
+    0..E-1 in order, as in every built-in solver: views, no index arrays), the last one), its rows numbered in that
+    order. A function of the instructions alone, so kept with a cached program.Structure."""
+    key = ("conversion_layout", identity_x0)
     if prog.structure is not None and key in prog.structure.derived:
         return prog.structure.derived[key]
     evals = prog.evals()
@@ -208,7 +207,8 @@ def _conversion_layout(prog: Program, identity_x0: bool) -> tuple:
             name, target, _ = plan[k][j]
             plan[k][j] = (name, target, base + r)
         base += len(at)
-        groups.append((target, tuple(evals[k].k for k, _ in at)))
+        ks = tuple(evals[k].k for k, _ in at)
+        groups.append((target, ks, slice(len(ks)) if ks == tuple(range(len(ks))) else list(ks), max(ks)))
     layout = tuple(tuple(entries) for entries in plan), tuple(groups)
     if prog.structure is not None:
         prog.structure.derived[key] = layout
@@ -376,14 +376,19 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
         # (rows, B, width) per matrix, flattened one after the other
         flat = np.concatenate([mat if b == 1 else np.repeat(mat[:, None], b, axis=1) for _, mat in host], axis=None)
         host_finite = bool(np.isfinite(flat).all())
-        if x.device.type == "cpu":  # numpy's cast rounds as torch's does (to nearest), with less dispatch
-            table = torch.from_numpy(flat.astype(_NUMPY_COEF[dtype], copy=False))
+        cpu = x.device.type == "cpu"
+        if cpu:  # numpy's cast rounds as torch's does (to nearest), with less dispatch
+            flat = flat.astype(_NUMPY_COEF[dtype], copy=False)
         else:
             table = torch.from_numpy(flat).to(device=x.device, dtype=dtype)
         offset = 0
         for idx, mat in host:
             size = mat.size * b
-            views = table[offset:offset + size].view(len(mat), b, mat.shape[1]).unbind(0)
+            shape = (len(mat), b, mat.shape[1])
+            # on the CPU each matrix is a numpy view of the cast table, then a tensor (cheaper than torch slicing)
+            group = torch.from_numpy(flat[offset:offset + size].reshape(shape)) if cpu else \
+                table[offset:offset + size].view(shape)
+            views = group.unbind(0)
             offset += size
             if idx is None:
                 conv = views
