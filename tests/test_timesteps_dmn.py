@@ -392,8 +392,9 @@ def test_newton_releases_a_kink_whose_multiplier_exceeds_one(monkeypatch):
 
 
 def test_solver_objective_newton_from_a_heuristic_start_skips_the_lagrange_start(monkeypatch):
-    """DDPM, order 3, NFE 5: full Newton from uniform logSNR certifies the solver rows' optimum, so the "lagrange"
-    start (the paper's objective optimised first) is never computed; the same point as with that try refused."""
+    """DDPM, order 3, NFE 5: full Newton from the heuristic start of lowest J (of the four, ranked in one batched
+    evaluation: quadratic t here) certifies the solver rows' optimum, so the "lagrange" start (the paper's objective
+    optimised first) is never computed; the same point as with that try refused."""
     module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
     lagrange_optimum, computed = module._lagrange_optimum, []
 
@@ -403,7 +404,11 @@ def test_solver_objective_newton_from_a_heuristic_start_skips_the_lagrange_start
 
     monkeypatch.setattr(module, "_lagrange_optimum", watched)
     _, direct = dm_nonuniform(DDPM, 5, objective="solver", return_result=True)
-    assert not computed and direct.nit == 0 and direct.start == "logsnr_uniform"
+    assert not computed and direct.nit == 0 and direct.start == "quadratic_t"
+    assert sorted(direct.per_start) == sorted(STARTS)
+    ranked = {start: j for start, j in direct.per_start.items() if start != direct.start}
+    obj = SurrogateObjective(DDPM, 5, objective="solver")
+    assert min(ranked.values()) > obj.fun(obj.initial("quadratic_t"))  # the start of lowest J was taken
     monkeypatch.setattr(module, "_heuristic_start_try", lambda *args, **kwargs: None)
     _, full = dm_nonuniform(DDPM, 5, objective="solver", return_result=True)
     assert computed and full.start == "lagrange"

@@ -281,6 +281,8 @@ class SurrogateObjective:
         self.coupled = np.abs(weights[~self.alone]).sum(0) > 0
         # the same as index arrays: each evaluation indexes with them (masks cost a conversion every time)
         self._alone_steps, self._summed_steps = np.flatnonzero(self.alone), np.flatnonzero(~self.alone)
+        # the summed steps are those after the warm-up but the last: a slice (a view, where indices copy)
+        self._summed_range = slice(min(warmup_steps, n_steps - 1), n_steps - 1)
         self._coupled_nodes = np.flatnonzero(self.coupled)
 
     # ----- lambda <-> interior vector -----
@@ -380,6 +382,8 @@ class SurrogateObjective:
         """`parts` at a batch of points z (B, N-1): smooth (B,), d smooth/dz (B, N-1), c (B, m), dc/dz (B, m, N-1)."""
         lam = np.empty((z.shape[0], z.shape[1] + 2))
         lam[:, 0], lam[:, 1:-1], lam[:, -1] = self.lam_start, z, self.lam_end
+        if jacobian and self._columns:
+            return self._column_parts(lam)
         sparse = jacobian and self.objective == "lagrange"
         if sparse:  # the Jacobian's nonzero entries only, contracted below by two products with constant matrices
             weights, w_valid, end_terms, node_terms = _lagrange_terms(lam, _stencil(self._orders), True)
@@ -410,6 +414,36 @@ class SurrogateObjective:
                                  dweighted[:, self._alone_steps])[:, 1:-1]
             dc = dweighted[:, self._summed_steps].sum(1)[:, self._coupled_nodes, 1:-1]
         return smooth, d_smooth, c, dc
+
+    def _column_parts(self, lam: np.ndarray):
+        """`parts_batch` with the Jacobian for the solver rows on complex-step columns, contracted from the columns'
+        weights without forming the dense dP (M, S, N, N+1): only the alone steps' rows (a few) and the summed steps'
+        per-node sums are read off the imaginary parts (at NFE 20 the dense path cost 8 of a Hessian pass's 9 ms).
+        With W[b, m] the weights of point b's column m (m = 0: no step; Im W[b, m] / h = dP/dlambda_m):
+
+            d smooth/dlambda_m = sum_{s alone, n} u[s, n] (eps_n dP[s, n, m] + P[s, n] eps'_n [m = n])
+            dc_n/dlambda_m     = eps_n sum_{s summed} dP[s, n, m] + eps'_n sum_{s summed} P[s, n] [m = n]
+
+        with u the unit vectors of the alone rows eps P[s, :]."""
+        n_points, n_lam = lam.shape
+        columns = step_output_weight_columns(self._build(self._column_grid(lam, True)))  # (M (N+1), S, N)
+        columns = columns.reshape(n_points, n_lam, *columns.shape[1:])  # a view: point, complex step, step, node
+        weights = columns[:, 0].real  # (M, S, N)
+        eps, deps = error_proxy(lam[:, :-1], self.p)
+        alone = columns[:, :, self._alone_steps]  # (M, N+1, A, N): a few steps, copied
+        alone_rows = alone[:, 0].real * eps[:, None, :]
+        norms = np.sqrt(np.einsum("bsn,bsn->bs", alone_rows, alone_rows))
+        unit = alone_rows / np.maximum(norms, 1e-300)[..., None]
+        summed = columns[:, :, self._summed_range].sum(2)  # (M, N+1, N): one strided reduction, no copy first
+        summed_p = summed[:, 0].real
+        c = (summed_p * eps)[:, self._coupled_nodes]
+        # the diagonal terms P eps' land on lambda m = n, n < N
+        d_smooth = np.einsum("bsn,bmsn->bm", unit * eps[:, None, :], alone.imag) / _COMPLEX_STEP
+        d_smooth[:, :-1] += np.einsum("bsn,bsn->bn", unit, alone[:, 0].real) * deps
+        dc = np.swapaxes(summed.imag[:, 1:-1], 1, 2) * (eps / _COMPLEX_STEP)[:, :, None]  # (M, N, N-1) interior m
+        idx = np.arange(1, n_lam - 2)  # node n = m for interior m < N
+        dc[:, idx, idx - 1] += (summed_p * deps)[:, idx]
+        return norms.sum(-1), d_smooth[:, 1:-1], c, dc[:, self._coupled_nodes]
 
     @functools.cached_property
     def _contraction(self):
