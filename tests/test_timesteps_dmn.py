@@ -424,3 +424,24 @@ def test_log_alpha_slope_matches_autograd(schedule):
     (want,) = torch.autograd.grad(schedule.log_alpha_from_lambda(lam).sum(), lam)
     np.testing.assert_allclose(schedule.log_alpha_slope_from_lambda(lam.detach().numpy()), want.numpy(), rtol=1e-15,
                                atol=1e-300)
+
+
+def test_column_structure_is_checked_once_per_option_set(monkeypatch):
+    """The solver rows' program structure (steps, coupled nodes) is found by one check build per (solver, order, nfe,
+    warm-up, options) and reused: a second construction builds nothing and has the same structure; a bad option is
+    refused every time (nothing was stored for it)."""
+    module = __import__("sys").modules["tdiff.timesteps.dmn_objective"]
+    monkeypatch.setattr(module, "_COLUMN_STRUCTURE", {})
+    built = []
+    build = SurrogateObjective._build
+    monkeypatch.setattr(SurrogateObjective, "_build", lambda self, grid: built.append(1) or build(self, grid))
+    first = SurrogateObjective(EDM(), 7, objective="solver", lower_order_final=False)
+    assert built == [1]
+    again = SurrogateObjective(DDPM, 7, objective="solver", lower_order_final=False)  # another schedule: same program
+    assert built == [1] and np.array_equal(again.coupled, first.coupled) and np.array_equal(again.alone, first.alone)
+    SurrogateObjective(DDPM, 7, objective="solver")  # other options (lower_order_final on): checked afresh
+    SurrogateObjective(DDPM, 8, objective="solver", lower_order_final=False)  # another nfe: checked afresh
+    assert built == [1, 1, 1]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="solver_type"):
+            SurrogateObjective(DDPM, 7, objective="solver", solver_type="nope")

@@ -77,6 +77,10 @@ SOLVERS = tuple(_BUILDERS)
 #: UniPC's per-step linear solves and the stable order rule (which reads the step sizes on the host) take one point
 #: per call, so they keep the torch path (a reverse-mode Jacobian of the rows, ~10x the cost)
 _COLUMN_BUILDERS = ("dpmpp",)
+#: (solver, order, nfe, warmup_steps, options) -> (steps, coupled nodes) of a column builder's program, found by one
+#: check build at the first construction (a third of a construction at NFE 5): both depend on the program's
+#: instructions alone (the order rule and the options), not on the schedule or the time steps
+_COLUMN_STRUCTURE: dict = {}
 #: the complex step: d f / d lambda_m = Im f(lambda + i h e_m) / h, exact to rounding for any h this small (no
 #: difference is taken; the real part is f(lambda) to O(h^2)), so one builder call gives the rows and their Jacobian
 _COMPLEX_STEP = 1e-30
@@ -262,23 +266,35 @@ class SurrogateObjective:
         self._columns = objective == "solver" and solver in _COLUMN_BUILDERS and not stable_rule
         #: whether a value and its Jacobian cost little more than the value alone (one pass gives both)
         self.cheap_jacobian = objective == "lagrange" or self._columns
-        if objective == "solver":
-            lam0 = self.full(self.initial())
-            # refuses a bad order or option up front
-            check = self._build(self._column_grid(lam0[None], False)) if self._columns else \
-                _BUILDERS[solver](grid_from_lambda(schedule, torch.from_numpy(lam0)), None, order=order, **solver_opts)
-            n_steps = len(check.steps)
-        else:
-            n_steps = self.nfe
         self._orders = tuple(paper_orders(self.nfe, order))
+        self._cache_key, self._cache = None, None
+        structure_key = (solver, order, self.nfe, warmup_steps, tuple(sorted(solver_opts.items())))
+        try:
+            known = _COLUMN_STRUCTURE.get(structure_key) if self._columns else None
+        except TypeError:  # an unhashable option value: checked afresh
+            known, structure_key = None, None
+        if known is not None:  # these options were checked before: the same program structure
+            n_steps, self.coupled = known[0], known[1].copy()
+        else:
+            if objective == "solver":
+                lam0 = self.full(self.initial())
+                # refuses a bad order or option up front
+                check = self._build(self._column_grid(lam0[None], False)) if self._columns else \
+                    _BUILDERS[solver](grid_from_lambda(schedule, torch.from_numpy(lam0)), None, order=order,
+                                      **solver_opts)
+                n_steps = len(check.steps)
+            else:
+                n_steps = self.nfe
+            alone = (np.arange(n_steps) < warmup_steps) | (np.arange(n_steps) == n_steps - 1)
+            # the solver rows' weights from the check's columns (`_column_weights` without a second build)
+            weights = step_output_weight_columns(check)[0] if self._columns else \
+                self.step_weights(self.full(self.initial()), jacobian=False)[0]
+            # nodes that only alone steps use have c_n = 0 identically: no kink, no slack variable
+            self.coupled = np.abs(weights[~alone]).sum(0) > 0
+            if self._columns and structure_key is not None:
+                _COLUMN_STRUCTURE[structure_key] = (n_steps, self.coupled.copy())
         steps = np.arange(n_steps)
         self.alone = (steps < warmup_steps) | (steps == n_steps - 1)
-        self._cache_key, self._cache = None, None
-        # the solver rows' weights from the check's columns (`_column_weights` without a second build)
-        weights = step_output_weight_columns(check)[0] if self._columns else \
-            self.step_weights(self.full(self.initial()), jacobian=False)[0]
-        # nodes that only alone steps use have c_n = 0 identically: no kink, no slack variable
-        self.coupled = np.abs(weights[~self.alone]).sum(0) > 0
         # the same as index arrays: each evaluation indexes with them (masks cost a conversion every time)
         self._alone_steps, self._summed_steps = np.flatnonzero(self.alone), np.flatnonzero(~self.alone)
         # the summed steps are those after the warm-up but the last: a slice (a view, where indices copy)
