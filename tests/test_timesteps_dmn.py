@@ -392,8 +392,9 @@ def test_newton_releases_a_kink_whose_multiplier_exceeds_one(monkeypatch):
 
 
 def test_solver_objective_newton_from_a_heuristic_start_skips_the_lagrange_start(monkeypatch):
-    """DDPM, order 3, NFE 5: full Newton from uniform logSNR certifies the solver rows' optimum, so the "lagrange"
-    start (the paper's objective optimised first) is never computed; the same point as with that try refused."""
+    """DDPM, order 3, NFE 5: full Newton from the heuristic start of lowest J (of the four, ranked in one batched
+    evaluation: quadratic t here) certifies the solver rows' optimum, so the "lagrange" start (the paper's objective
+    optimised first) is never computed; the same point as with that try refused."""
     module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
     lagrange_optimum, computed = module._lagrange_optimum, []
 
@@ -403,7 +404,11 @@ def test_solver_objective_newton_from_a_heuristic_start_skips_the_lagrange_start
 
     monkeypatch.setattr(module, "_lagrange_optimum", watched)
     _, direct = dm_nonuniform(DDPM, 5, objective="solver", return_result=True)
-    assert not computed and direct.nit == 0 and direct.start == "logsnr_uniform"
+    assert not computed and direct.nit == 0 and direct.start == "quadratic_t"
+    assert sorted(direct.per_start) == sorted(STARTS)
+    ranked = {start: j for start, j in direct.per_start.items() if start != direct.start}
+    obj = SurrogateObjective(DDPM, 5, objective="solver")
+    assert min(ranked.values()) > obj.fun(obj.initial("quadratic_t"))  # the start of lowest J was taken
     monkeypatch.setattr(module, "_heuristic_start_try", lambda *args, **kwargs: None)
     _, full = dm_nonuniform(DDPM, 5, objective="solver", return_result=True)
     assert computed and full.start == "lagrange"
@@ -419,3 +424,24 @@ def test_log_alpha_slope_matches_autograd(schedule):
     (want,) = torch.autograd.grad(schedule.log_alpha_from_lambda(lam).sum(), lam)
     np.testing.assert_allclose(schedule.log_alpha_slope_from_lambda(lam.detach().numpy()), want.numpy(), rtol=1e-15,
                                atol=1e-300)
+
+
+def test_column_structure_is_checked_once_per_option_set(monkeypatch):
+    """The solver rows' program structure (steps, coupled nodes) is found by one check build per (solver, order, nfe,
+    warm-up, options) and reused: a second construction builds nothing and has the same structure; a bad option is
+    refused every time (nothing was stored for it)."""
+    module = __import__("sys").modules["tdiff.timesteps.dmn_objective"]
+    monkeypatch.setattr(module, "_COLUMN_STRUCTURE", {})
+    built = []
+    build = SurrogateObjective._build
+    monkeypatch.setattr(SurrogateObjective, "_build", lambda self, grid: built.append(1) or build(self, grid))
+    first = SurrogateObjective(EDM(), 7, objective="solver", lower_order_final=False)
+    assert built == [1]
+    again = SurrogateObjective(DDPM, 7, objective="solver", lower_order_final=False)  # another schedule: same program
+    assert built == [1] and np.array_equal(again.coupled, first.coupled) and np.array_equal(again.alone, first.alone)
+    SurrogateObjective(DDPM, 7, objective="solver")  # other options (lower_order_final on): checked afresh
+    SurrogateObjective(DDPM, 8, objective="solver", lower_order_final=False)  # another nfe: checked afresh
+    assert built == [1, 1, 1]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="solver_type"):
+            SurrogateObjective(DDPM, 7, objective="solver", solver_type="nope")

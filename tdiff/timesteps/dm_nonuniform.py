@@ -24,8 +24,9 @@ relative. With the paper's objective Newton is first tried from the leading star
 the optimum there without any SLSQP iteration (7 batched passes, 1.6x faster end to end at NFE 5 and 6); elsewhere the
 try fails after 1-2 passes and SLSQP runs as before (over those 256 settings, J never above the SLSQP-first result by
 more than 5e-14 relative). With the solver rows' objective (complex-step Jacobians: a Hessian is one batched pass as
-well) the same try runs, first from the best heuristic start alone (`_heuristic_start_try`): where it certifies
-(NFE 5 here) the "lagrange" start, which optimises the paper's objective first, is never computed.
+well) the same try runs, first from the heuristic start of lowest J (`_heuristic_start_try`): where it certifies
+(NFE 5 here) the "lagrange" start, which optimises the paper's objective first, is never computed. A full-Newton
+try reads the active set and J at its start from its own first batched pass (no separate evaluation).
 
 method="trust-constr" is the reference's optimiser (scipy trust-constr, BFGS Hessian, from uniform logSNR, its
 default iteration limit of 1000), with finite-difference gradients as the reference or the exact ones.
@@ -95,9 +96,11 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
         heuristics with the paper's objective, ("lagrange", "logsnr_uniform") with the solver's (each of its
         evaluations costs ~10x more); for trust-constr ("logsnr_uniform",), the reference's "unif". Every start's own
         J counts as a candidate, so the result is never worse than the best start. With "lagrange" among them (and a
-        complex-step Jacobian), full Newton from the best other start is tried first; a certified local minimum
-        there is the result, and the "lagrange" start is not computed (checked on the cosine, EDM and flow schedules,
-        orders 2 and 3, p 1 and 2, NFE 5, 6, 8, 12, 16: J never changed by more than 1e-13 relative).
+        complex-step Jacobian), full Newton from the best other start (by default: the best of all four heuristics by
+        J, one batched evaluation; 1-3 fewer Newton passes than from uniform logSNR on the cosine, EDM and flow
+        schedules at NFE 5) is tried first; a certified local minimum there is the result, and the "lagrange"
+        start is not computed (checked on the cosine, EDM and flow schedules, orders 2 and 3, p 1 and 2, NFE 5, 6,
+        8, 12, 16: J never changed by more than 1e-13 relative).
     margin: the smallest lambda gap (default 1e-3 of the lambda range / N; the reference uses 0, which lets the
         Lagrange weights divide by zero).
     maxiter, tol: per start; defaults 300 and 1e-7 (SLSQP's ftol, relative to J at the start; Newton then
@@ -118,6 +121,8 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
                          "the constraint Jacobian)")
     obj = SurrogateObjective(schedule, nfe, solver, order, p, objective, t_max, t_min, warmup_steps, **solver_opts)
     valid_starts = STARTS + (("lagrange",) if objective == "solver" else ())
+    # the heuristics ranked for the solver rows' first Newton try: all four by default (`_heuristic_start_try`)
+    try_starts = STARTS if starts is None else None
     if starts is None:
         starts = ("logsnr_uniform",) if method == "trust-constr" else \
             STARTS if objective == "lagrange" else ("lagrange", "logsnr_uniform")
@@ -138,7 +143,8 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
     # SQP and Newton steps may probe far outside the interval (exp overflows there): J is then inf or NaN and the
     # point is rejected, so the floating-point warnings say nothing
     with _controller().limit(limits=1), np.errstate(all="ignore"):
-        best, per_start, nit, nfev = _optimise(obj, starts, method, gradient, margin, maxiter, tol)
+        best, per_start, nit, nfev = _optimise(obj, starts, method, gradient, margin, maxiter, tol,
+                                               try_starts=try_starts)
     if best is None or not np.isfinite(best[0]):
         raise RuntimeError(f"DM-NonUniform found no increasing lambdas (per start: {per_start}); check t_max/t_min")
     t = obj.timesteps(best[1])
@@ -157,7 +163,7 @@ def _controller() -> ThreadpoolController:
 
 
 def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margin: float, maxiter: int,
-              tol: float, burst: Optional[int] = None):
+              tol: float, burst: Optional[int] = None, try_starts: Optional[Sequence[str]] = None):
     """Run from every start; (J, z, start) of the best point seen, J per start, total iterations and evaluations.
 
     With "sqp" and several starts, the starts are screened: each runs `burst` SLSQP iterations (default `_BURST`
@@ -190,7 +196,7 @@ def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margi
         return values[i]
 
     if method == "sqp" and "lagrange" in starts and obj.cheap_jacobian:
-        early = _heuristic_start_try(obj, [start for start in starts if start != "lagrange"], margin)
+        early = _heuristic_start_try(obj, try_starts or [start for start in starts if start != "lagrange"], margin)
         if early is not None:
             return early
     z0s = _start_points(obj, starts, margin, maxiter, tol)
@@ -354,12 +360,17 @@ def _newton_try(obj: SurrogateObjective, z: np.ndarray, margin: float, full_newt
     point if it is at or below J at z, else None."""
     if not _increasing(obj, z, margin * (1 - 1e-6)):
         return None
-    # J before Newton, from the evaluation with the Jacobian that Newton starts with (memoised: one pass for both)
-    obj.parts(z)
-    j_here, release, start = obj.fun(z), None, z
+    # J before Newton: full Newton's first batched pass gives it (in its report); else from the evaluation with the
+    # Jacobian that Newton starts with (memoised: one pass for both)
+    j_here, release, start = None, None, z
+    if not full_newton:
+        obj.parts(z)
+        j_here = obj.fun(z)
     for _ in range(1 + _RELEASE_ROUNDS[obj.objective]):
         report = {}
         done = _active_set_newton(obj, start, margin, full_newton=full_newton, release=release, report=report)
+        if j_here is None:
+            j_here = report["j_start"] if "j_start" in report else obj.fun(z)
         if done is not None and done[0] <= j_here * (1 + 1e-12):
             return done
         if "release" not in report:
@@ -390,7 +401,12 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
     its multiplier's sign, where leaving the kink lowers J) and "z" when that was the only fault of a converged
     point, for a retry from there."""
     n = z.size
-    _, _, c, _ = obj.parts(z)
+    probes = np.vstack([np.zeros(n), _HESSIAN_STEP * np.eye(n)])
+    # full Newton's first pass (z and its probes) also gives what the active set is read from, and J at z
+    first = obj.parts_batch(z + probes) if full_newton else None
+    c = first[2][0] if full_newton else obj.parts(z)[2]
+    if report is not None and full_newton:
+        report["j_start"] = first[0][0] + float(np.abs(c).sum())
     kinks = np.abs(c) <= 1e-4 * np.abs(c).max() if c.size else np.zeros(0, bool)
     signs = np.sign(c) * ~kinks
     if release:
@@ -405,19 +421,23 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
         _, d_smooth, cc, dc = obj.parts(zz)
         return d_smooth + signs @ dc + mu[:k_kinks] @ dc[kinks], dc[kinks], cc[kinks]
 
-    def gradients(zs, mu):  # at a batch of points in one pass (the Hessian's columns), with the kinks' rows and values
-        weight = signs.copy()
+    def gradients(zs, mu, parts=None):  # at a batch of points in one pass (the Hessian's columns), with the kinks'
+        weight = signs.copy()           # rows and values; or from that pass's parts, already computed
         weight[kinks] = mu[:k_kinks]
-        smooth, d_smooth, cc, dc = obj.parts_batch(zs)
+        smooth, d_smooth, cc, dc = obj.parts_batch(zs) if parts is None else parts
         return d_smooth + np.einsum("m,bmn->bn", weight, dc), dc[:, kinks], cc, smooth
 
-    probes = np.vstack([np.zeros(n), _HESSIAN_STEP * np.eye(n)])
-    g, a, _ = gradient(z, np.zeros(k))
+    if full_newton:
+        grads, a, _, _ = gradients(None, np.zeros(k), first)
+        g, a = grads[0], a[0]
+    else:
+        g, a, _ = gradient(z, np.zeros(k))
     mult = np.linalg.lstsq(np.vstack([a, rows]).T, -g, rcond=None)[0] if k else np.zeros(0)
     hess, previous, at_z = None, np.inf, None  # at_z: (smooth, c) at z where the last batched pass gave them
     for _ in range(max_steps):
         if full_newton:
-            grads, a, c_all, smooth = gradients(z + probes, mult)
+            grads, a, c_all, smooth = gradients(z + probes, mult, first)
+            first = None  # used once: the next steps' points are new
             g, a, c_kinks, hess = grads[0], a[0], c_all[0][kinks], _hessian_by_differences(grads[1:], grads[0])
             at_z = (smooth[0], c_all[0])
         else:

@@ -77,6 +77,10 @@ SOLVERS = tuple(_BUILDERS)
 #: UniPC's per-step linear solves and the stable order rule (which reads the step sizes on the host) take one point
 #: per call, so they keep the torch path (a reverse-mode Jacobian of the rows, ~10x the cost)
 _COLUMN_BUILDERS = ("dpmpp",)
+#: (solver, order, nfe, warmup_steps, options) -> (steps, coupled nodes) of a column builder's program, found by one
+#: check build at the first construction (a third of a construction at NFE 5): both depend on the program's
+#: instructions alone (the order rule and the options), not on the schedule or the time steps
+_COLUMN_STRUCTURE: dict = {}
 #: the complex step: d f / d lambda_m = Im f(lambda + i h e_m) / h, exact to rounding for any h this small (no
 #: difference is taken; the real part is f(lambda) to O(h^2)), so one builder call gives the rows and their Jacobian
 _COMPLEX_STEP = 1e-30
@@ -262,25 +266,39 @@ class SurrogateObjective:
         self._columns = objective == "solver" and solver in _COLUMN_BUILDERS and not stable_rule
         #: whether a value and its Jacobian cost little more than the value alone (one pass gives both)
         self.cheap_jacobian = objective == "lagrange" or self._columns
-        if objective == "solver":
-            lam0 = self.full(self.initial())
-            # refuses a bad order or option up front
-            check = self._build(self._column_grid(lam0[None], False)) if self._columns else \
-                _BUILDERS[solver](grid_from_lambda(schedule, torch.from_numpy(lam0)), None, order=order, **solver_opts)
-            n_steps = len(check.steps)
-        else:
-            n_steps = self.nfe
         self._orders = tuple(paper_orders(self.nfe, order))
+        self._cache_key, self._cache = None, None
+        structure_key = (solver, order, self.nfe, warmup_steps, tuple(sorted(solver_opts.items())))
+        try:
+            known = _COLUMN_STRUCTURE.get(structure_key) if self._columns else None
+        except TypeError:  # an unhashable option value: checked afresh
+            known, structure_key = None, None
+        if known is not None:  # these options were checked before: the same program structure
+            n_steps, self.coupled = known[0], known[1].copy()
+        else:
+            if objective == "solver":
+                lam0 = self.full(self.initial())
+                # refuses a bad order or option up front
+                check = self._build(self._column_grid(lam0[None], False)) if self._columns else \
+                    _BUILDERS[solver](grid_from_lambda(schedule, torch.from_numpy(lam0)), None, order=order,
+                                      **solver_opts)
+                n_steps = len(check.steps)
+            else:
+                n_steps = self.nfe
+            alone = (np.arange(n_steps) < warmup_steps) | (np.arange(n_steps) == n_steps - 1)
+            # the solver rows' weights from the check's columns (`_column_weights` without a second build)
+            weights = step_output_weight_columns(check)[0] if self._columns else \
+                self.step_weights(self.full(self.initial()), jacobian=False)[0]
+            # nodes that only alone steps use have c_n = 0 identically: no kink, no slack variable
+            self.coupled = np.abs(weights[~alone]).sum(0) > 0
+            if self._columns and structure_key is not None:
+                _COLUMN_STRUCTURE[structure_key] = (n_steps, self.coupled.copy())
         steps = np.arange(n_steps)
         self.alone = (steps < warmup_steps) | (steps == n_steps - 1)
-        self._cache_key, self._cache = None, None
-        # the solver rows' weights from the check's columns (`_column_weights` without a second build)
-        weights = step_output_weight_columns(check)[0] if self._columns else \
-            self.step_weights(self.full(self.initial()), jacobian=False)[0]
-        # nodes that only alone steps use have c_n = 0 identically: no kink, no slack variable
-        self.coupled = np.abs(weights[~self.alone]).sum(0) > 0
         # the same as index arrays: each evaluation indexes with them (masks cost a conversion every time)
         self._alone_steps, self._summed_steps = np.flatnonzero(self.alone), np.flatnonzero(~self.alone)
+        # the summed steps are those after the warm-up but the last: a slice (a view, where indices copy)
+        self._summed_range = slice(min(warmup_steps, n_steps - 1), n_steps - 1)
         self._coupled_nodes = np.flatnonzero(self.coupled)
 
     # ----- lambda <-> interior vector -----
@@ -380,6 +398,8 @@ class SurrogateObjective:
         """`parts` at a batch of points z (B, N-1): smooth (B,), d smooth/dz (B, N-1), c (B, m), dc/dz (B, m, N-1)."""
         lam = np.empty((z.shape[0], z.shape[1] + 2))
         lam[:, 0], lam[:, 1:-1], lam[:, -1] = self.lam_start, z, self.lam_end
+        if jacobian and self._columns:
+            return self._column_parts(lam)
         sparse = jacobian and self.objective == "lagrange"
         if sparse:  # the Jacobian's nonzero entries only, contracted below by two products with constant matrices
             weights, w_valid, end_terms, node_terms = _lagrange_terms(lam, _stencil(self._orders), True)
@@ -410,6 +430,36 @@ class SurrogateObjective:
                                  dweighted[:, self._alone_steps])[:, 1:-1]
             dc = dweighted[:, self._summed_steps].sum(1)[:, self._coupled_nodes, 1:-1]
         return smooth, d_smooth, c, dc
+
+    def _column_parts(self, lam: np.ndarray):
+        """`parts_batch` with the Jacobian for the solver rows on complex-step columns, contracted from the columns'
+        weights without forming the dense dP (M, S, N, N+1): only the alone steps' rows (a few) and the summed steps'
+        per-node sums are read off the imaginary parts (at NFE 20 the dense path cost 8 of a Hessian pass's 9 ms).
+        With W[b, m] the weights of point b's column m (m = 0: no step; Im W[b, m] / h = dP/dlambda_m):
+
+            d smooth/dlambda_m = sum_{s alone, n} u[s, n] (eps_n dP[s, n, m] + P[s, n] eps'_n [m = n])
+            dc_n/dlambda_m     = eps_n sum_{s summed} dP[s, n, m] + eps'_n sum_{s summed} P[s, n] [m = n]
+
+        with u the unit vectors of the alone rows eps P[s, :]."""
+        n_points, n_lam = lam.shape
+        columns = step_output_weight_columns(self._build(self._column_grid(lam, True)))  # (M (N+1), S, N)
+        columns = columns.reshape(n_points, n_lam, *columns.shape[1:])  # a view: point, complex step, step, node
+        weights = columns[:, 0].real  # (M, S, N)
+        eps, deps = error_proxy(lam[:, :-1], self.p)
+        alone = columns[:, :, self._alone_steps]  # (M, N+1, A, N): a few steps, copied
+        alone_rows = alone[:, 0].real * eps[:, None, :]
+        norms = np.sqrt(np.einsum("bsn,bsn->bs", alone_rows, alone_rows))
+        unit = alone_rows / np.maximum(norms, 1e-300)[..., None]
+        summed = columns[:, :, self._summed_range].sum(2)  # (M, N+1, N): one strided reduction, no copy first
+        summed_p = summed[:, 0].real
+        c = (summed_p * eps)[:, self._coupled_nodes]
+        # the diagonal terms P eps' land on lambda m = n, n < N
+        d_smooth = np.einsum("bsn,bmsn->bm", unit * eps[:, None, :], alone.imag) / _COMPLEX_STEP
+        d_smooth[:, :-1] += np.einsum("bsn,bsn->bn", unit, alone[:, 0].real) * deps
+        dc = np.swapaxes(summed.imag[:, 1:-1], 1, 2) * (eps / _COMPLEX_STEP)[:, :, None]  # (M, N, N-1) interior m
+        idx = np.arange(1, n_lam - 2)  # node n = m for interior m < N
+        dc[:, idx, idx - 1] += (summed_p * deps)[:, idx]
+        return norms.sum(-1), d_smooth[:, 1:-1], c, dc[:, self._coupled_nodes]
 
     @functools.cached_property
     def _contraction(self):
