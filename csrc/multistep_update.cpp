@@ -154,18 +154,25 @@ std::tuple<at::Tensor, at::Tensor> multistep_update_convert_cpu(
   return {out, h0};
 }
 
-// An output buffer of the out= form: shaped like x, contiguous, and sharing no memory with an input (the sampling
-// loop hands in buffers it recycled; an overlap would be a bug there, never something to compute through).
-void check_out(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-               at::TensorList inputs) {
+// An output buffer of the out= form: shaped like x, contiguous, and either sharing no memory with an input or being
+// one of them exactly (the same memory in the same layout: the sampling loop's update in place, which the span loops
+// compute exactly, reading every input's element j before writing element j). A partial overlap would be a bug in
+// the caller, never something to compute through; `disjoint` (h0's out) must share no memory at all.
+void check_out(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, at::TensorList inputs,
+               const at::Tensor* disjoint = nullptr) {
   check_like(op, name, t, "x", x);
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
   for (const auto& in : inputs) {
-    if (in.defined()) {
-      TORCH_CHECK_VALUE(at::get_overlap_status(t, in) == at::MemOverlapStatus::No, op, ": ", name,
-                        " must not share memory with an input");
+    // another storage cannot overlap (get_overlap_status would say TooHard for a strided input, such as the
+    // first channels of a learned-sigma model's output, without looking at its storage)
+    if (in.defined() && in.has_storage() && t.storage().is_alias_of(in.storage())) {
+      const auto overlap = at::get_overlap_status(t, in);
+      TORCH_CHECK_VALUE(overlap == at::MemOverlapStatus::No || overlap == at::MemOverlapStatus::Full, op, ": ", name,
+                        " must not share memory with an input unless it is that input exactly (an update in place)");
     }
   }
+  TORCH_CHECK_VALUE(!disjoint || at::get_overlap_status(t, *disjoint) == at::MemOverlapStatus::No, op, ": ", name,
+                    " must not share memory with out");
 }
 
 // The update written into caller-owned buffers: out (x_next) and, with guidance or a conversion, h0 (h_0). The
@@ -188,8 +195,7 @@ void multistep_update_out_cpu(const at::Tensor& x, at::TensorList history, const
   at::Tensor h0_out;
   if (has_h0) {
     h0_out = *h0;
-    inputs.push_back(out);
-    check_out(op, "h0", h0_out, x, inputs);
+    check_out(op, "h0", h0_out, x, inputs, &out);
   }
   convert_into(op, x, history, coeffs, uncond, scale, src, convert, out, has_h0 ? &h0_out : nullptr);
 }

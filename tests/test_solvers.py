@@ -264,7 +264,8 @@ LOOP_SOLVERS = [("unipc", 3), ("dpmpp", 3), ("ipndm", 4), ("heun", 2), ("ddim", 
 
 def test_loop_allocates_only_the_update_outputs(monkeypatch):
     """With the C++ kernel and a free model, the loop's only allocations are the fused updates' outputs (x_next,
-    and D where the update converts the raw output), and UniPC and iPNDM make one update per evaluation."""
+    and D where the update converts the raw output), and UniPC and iPNDM make one update per evaluation; with
+    buffer reuse (the default) fewer: from the second step x_next is written over x in place."""
     from tdiff.solvers import Sampler
 
     monkeypatch.setenv("TDIFF_BACKEND", "cpp")
@@ -277,8 +278,12 @@ def test_loop_allocates_only_the_update_outputs(monkeypatch):
         if solver != "heun":  # Heun: two evaluations per step, each with its own update
             assert n_updates == sampler.nfe, f"{solver}: {n_updates} updates for {sampler.nfe} evaluations"
         converted = sum(r is not None for entries in sampler._plan for _, _, r in entries)
+        in_place = _allocations(sampler, x)
+        sampler.reuse_buffers = False
         allocs = _allocations(sampler, x)
         assert allocs == n_updates + converted, f"{solver}: {allocs} allocations for {n_updates} updates"
+        saved = len(sampler.program.steps) - 1  # at least x_next over x from the second step on
+        assert in_place <= allocs - saved, f"{solver}: {in_place} allocations in place, {allocs} fresh"
 
 
 def test_loop_reuses_its_buffers(monkeypatch):

@@ -103,6 +103,21 @@ class Counts:
             return plain, None if fused is None else counted_fused
 
         monkeypatch.setattr(sample_mod, "_kernels", counted_kernels)
+        counts, pool_class = self, sample_mod.BufferPool
+
+        class CountedPool(pool_class):  # the compiled loop's out= updates (in place, or into pooled buffers)
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                for attr in ("kernel", "out_kernel"):
+                    kernel = getattr(self, attr)
+                    if kernel is not None:
+                        setattr(self, attr, lambda *a, _kernel=kernel: counts.count_out(_kernel, a))
+
+        monkeypatch.setattr(sample_mod, "BufferPool", CountedPool)
+
+    def count_out(self, kernel, a):
+        self.fused += a[3] is not None or a[6] is not None  # uncond, convert
+        return kernel(*a)
 
 
 def _run(den, solver, order, opts, fuse, guidance):
