@@ -196,8 +196,13 @@ def _matrix(columns: list):
 
 def _blend(mat, at: list, w, first):
     """mat with its rows `at` blended: w row + (1 - w) first, first zero-padded to mat's width (the padding's
-    zeros add nothing)."""
+    zeros add nothing, so on the host only first's columns are added, in place: mat is the caller's own)."""
     rows = arrays.indices(at)
+    if arrays.on_host(mat):
+        blended = mat[rows] * w
+        blended[:, :first.shape[1]] += (1 - w) * first
+        mat[rows] = blended
+        return mat
     first = arrays.cat([first, arrays.zeros(first, (len(at), mat.shape[1] - first.shape[1]))], dim=1)
     return arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
 
