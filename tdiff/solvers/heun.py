@@ -108,7 +108,9 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
             cols = [w * c for c in cols[:3]] + [w * cols[3] + (1 - w)]
         correction_rows = dict(zip(corrected, arrays.rows(cols)))
     noisy = tuple(gamma > 0 for gamma in gammas)
-    fixed = tuple(i in correction_rows for i in range(n))
+    fixed = [False] * n
+    for i in corrected:
+        fixed[i] = True
     rows = []  # in the order the structure's updates number them
     for i in range(n):
         if noisy[i]:
@@ -116,13 +118,12 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         rows.append(euler_rows[i])
         if fixed[i]:
             rows.append(correction_rows[i])
-    struct, points, where = _structure(noisy, fixed)
+    struct, points, where, idx = _structure(noisy, tuple(fixed))
     prog = Program.of(struct, rows)
-    idx = torch.tensor(points)
     prog.eval_times, prog.eval_points = cond_times[idx], g.t[idx]
     known = g.points()
-    if known is not None and not churned and max(points) < len(known[0]):
-        at = list(points)
+    if known is not None and not churned and points[-1] < len(known[0]):  # points ascend
+        at = idx.numpy()
         prog.eval_alpha_sigma = (known[0][at], known[1][at])
     if churned:  # a churned predictor is evaluated (and converted) at its raised noise level
         pred, raised = torch.tensor([k for k, c in enumerate(where) if c]), t_eval[torch.tensor(churned)]
@@ -133,10 +134,12 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
 
 @functools.lru_cache(maxsize=256)
 def _structure(noisy: tuple, corrected: tuple) -> tuple:
-    """(Structure, evaluation points, churned flags) of a Heun run (pure structure, cached: see program.Structure):
-    per step, churn noise where noisy[i], the predictor's evaluation and Euler step, and the corrector's evaluation
-    and update where corrected[i] (else the Euler result is the step's). Per evaluation: the grid point it is at,
-    and whether it is a churned predictor."""
+    """(Structure, evaluation points, churned flags, points as an index tensor) of a Heun run (pure structure,
+    cached: see program.Structure): per step, churn noise where noisy[i], the predictor's evaluation and Euler step,
+    and the corrector's evaluation and update where corrected[i] (else the Euler result is the step's). Per
+    evaluation: the grid point it is at, and whether it is a churned predictor. The structure depends on the time
+    steps' values only through these two flags per step (which steps churn, which get a correction), so every run
+    of a grid of the same shape shares it and the sampling loop's closures compiled for it."""
     steps, points, where, r = [], [], [], 0
     for i in range(len(noisy)):
         step = []
@@ -155,4 +158,4 @@ def _structure(noisy: tuple, corrected: tuple) -> tuple:
         else:
             step.append(Alias("x", "xp"))  # the Euler step alone
         steps.append(step)
-    return structure(steps), tuple(points), tuple(where)
+    return structure(steps), tuple(points), tuple(where), torch.tensor(points)

@@ -21,7 +21,7 @@ from . import arrays
 from .ddim import first_order_row
 from .grid import Grid
 from .program import Alias, Eval, Program, Structure, Update, check_choice, check_flag, check_order, \
-    choose_orders, mixed_rows, multistep_orders, structure
+    choose_orders, multistep_orders, structure
 
 VARIANTS = ("bh1", "bh2")
 
@@ -57,35 +57,12 @@ def _step_terms(g: Grid, i, p: int, variant: str):
     return g.sigma[i + 1] / g.sigma[i], g.alpha[i + 1], h, phi1, big_b, b, rks
 
 
-class _SharedTerms:
-    """`_step_terms` per order, kept from the predictor's rows for the corrector's: UniP-p of step i and the UniC-p
-    that re-does step i share every term, and the corrector's steps of an order are the predictor's but the last
-    (in the common case: no disabled corrector), so its terms are slices of the predictor's (bit-identical). Host
-    grids only: on a differentiable one the shared terms' gradients would sum in another order (not bit-identical
-    to computing them twice, and the graph is not where the time goes)."""
-
-    def __init__(self, g: Grid, variant: str):
-        self.g, self.variant, self.kept = g, variant, {}
-        self.share = arrays.on_host(g.lam)
-
-    def __call__(self, i, p: int):
-        hit = self.kept.get(p)
-        if hit is not None and len(i) <= len(hit[0]) and np.array_equal(hit[0][:len(i)], i):
-            m = len(i)
-            c_x, a_t, h, phi1, big_b, b, rks = hit[1]
-            return c_x[:m], a_t[:m], h[:m], phi1[:m], big_b[:m], b[:, :m], [r[:m] for r in rks]
-        terms = _step_terms(self.g, i, p, self.variant)
-        if self.share and arrays.on_host(i):
-            self.kept[p] = (i, terms)
-        return terms
-
-
 def predictor_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
-    """[c_x, c_m_i, c_m_{i-1}, ...] of UniP-p from point i to i+1 (i: a step index or a LongTensor of them).
-    terms: a `_SharedTerms` to take the step terms from (None: computed here)."""
+    """[c_x, c_m_i, c_m_{i-1}, ...] of UniP-p from point i to i+1 (i: a step index or an index array of them).
+    terms: `_step_terms(g, i, p, variant)` when the caller has them already (the corrector's are the same)."""
     if p == 1:
         return first_order_row(g, i, i + 1)
-    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms(i, p)
+    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms
     if p == 2:
         rhos = [arrays.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
     else:
@@ -97,7 +74,7 @@ def predictor_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
 def corrector_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     """[c_x, c_m_{i+1}, c_m_i, c_m_{i-1}, ...] of UniC-p: re-do step i -> i+1 from the corrected x_i using the
     new output m_{i+1}. p is the order of the predictor that produced x_{i+1}; terms as in `predictor_row`."""
-    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms(i, p)
+    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms
     if p == 1:
         rhos = [arrays.full_like(h, 0.5)]
     else:
@@ -137,22 +114,107 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     plan = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero,
                          functools.partial(multistep_orders, warmup=True), orders)
     orders = plan.top
-    prog = Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
-    terms = _SharedTerms(g, variant)
-    predictors = mixed_rows(orders, lambda p, idx: predictor_row(g, idx, p, variant, terms), plan.weight, plan.blend)
     # the corrector at point i (1 <= i <= n) re-does step i-1 -> i with the order mix its predictor used; its row
-    # reads (x, m_new, m_{i-1}, ...), one output more than the predictor's, and pads the same way
+    # reads (x, m_new, m_{i-1}, ...), one output more than the predictor's
     corrects = [i > 0 and use_corrector and (i - 1) not in disable_corrector for i in range(n + 1)]
     corrects[n] = corrects[n] and final_corrector
-    shifted = None if plan.weight is None else arrays.cat([plan.weight[:1], plan.weight])  # position i: step i-1
-    correctors = mixed_rows([orders[i - 1] if c else None for i, c in enumerate(corrects)],
-                            lambda p, idx: corrector_row(g, idx - 1, p, variant, terms), shifted,
-                            None if plan.blend is None else [c and plan.blend[i - 1] for i, c in enumerate(corrects)])
+    pred, corr = _step_rows(g, plan, [i - 1 for i in range(1, n + 1) if corrects[i]], variant)
     if not fold:
-        return _unfolded(prog, n, orders, corrects, predictors, correctors)
-    rows = _folded_rows(n, corrects, predictors, correctors)
-    return Program.of(_folded_structure(tuple(len(row) - 1 for row in rows)), rows, eval_times=prog.eval_times,
-                      eval_points=prog.eval_points, eval_alpha_sigma=prog.eval_alpha_sigma)
+        predictors = [pred[j, :1 + p] for j, p in enumerate(orders)]
+        correctors = [None] * (n + 1)
+        for k, i in enumerate(i for i in range(n + 1) if corrects[i]):
+            correctors[i] = corr[k, :2 + orders[i - 1]]
+        return _unfolded(Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points()), n, orders,
+                         corrects, predictors, correctors)
+    rows = _folded_rows(n, orders, corrects, pred, corr)
+    return Program.of(_folded_structure(tuple(len(row) - 1 for row in rows)), rows, eval_times=cond_times,
+                      eval_points=g.t, eval_alpha_sigma=g.points())
+
+
+def _step_rows(g: Grid, plan, corrected: list, variant: str) -> tuple:
+    """Every step's predictor row and the corrected steps' corrector rows (`corrected`: their step indices,
+    ascending), as two matrices zero-padded to the widest order: (n, 1 + p_max) and (len(corrected), 2 + p_max).
+
+    Per order p, its steps' rows are computed at once (`_step_terms` shared by both rows); where the stable rule
+    blends (plan.blend), a step's rows are weight row_p + (1 - weight) row_1 (program.mixed_rows' blend), row_1
+    zero-padded on the histories it does not read (the predictor's after (c_x, c_0), the corrector's after
+    (c_x, c_new, c_0)). So a table costs a few array ops per order, whatever the number of steps."""
+    top, blend = plan.top, plan.blend
+    n, width = len(top), max(top)
+    has_corr = [False] * n
+    for j in corrected:
+        has_corr[j] = True
+    # on a host grid, the step terms of every step that needs them, once at the widest order (each order's are
+    # the first entries of b and of the r_k); on a differentiable one each row computes its own, as before the
+    # builder was vectorised (shared terms' gradients would sum in another order)
+    need = [j for j in range(n) if top[j] > 1 or has_corr[j]]
+    shared = _step_terms(g, arrays.indices(need), width, variant) if need and arrays.on_host(g.lam) else None
+    at = {j: k for k, j in enumerate(need)}
+
+    def terms(steps: list, p: int):
+        if shared is None:
+            return None
+        k = arrays.indices([at[j] for j in steps])
+        c_x, a_t, h, phi1, big_b, b, rks = shared
+        return c_x[k], a_t[k], h[k], phi1[k], big_b[k], b[:p, k], [r[k] for r in rks[:p - 1]]
+
+    by_order: dict = {}
+    for j, p in enumerate(top):
+        by_order.setdefault(p, []).append(j)
+    preds, corrs = [], []  # (step indices, rows) per order
+    for p, steps in by_order.items():
+        idx = arrays.indices(steps)
+        with_corr = [k for k, j in enumerate(steps) if has_corr[j]]
+        fixed = [steps[k] for k in with_corr]  # the steps whose corrector is needed
+        if p == 1:
+            preds.append((idx, _matrix(first_order_row(g, idx, idx + 1))))
+            if fixed:
+                corrs.append((idx[with_corr], _matrix(corrector_row(g, idx[with_corr], 1, variant, terms(fixed, 1)))))
+            continue
+        t = terms(steps, p)
+        pred = _matrix(predictor_row(g, idx, p, variant, t))
+        corr = _matrix(corrector_row(g, idx, p, variant, t))[with_corr] if fixed else None
+        mixed = [k for k, j in enumerate(steps) if blend is not None and blend[j]]
+        if mixed:
+            w = plan.weight[idx[mixed]][:, None]
+            pred = _blend(pred, mixed, w, _matrix(first_order_row(g, idx[mixed], idx[mixed] + 1)))
+            mixed_corr = [c for c, k in enumerate(with_corr) if blend[steps[k]]]  # the blending corrected steps
+            if mixed_corr:
+                at_steps = [fixed[c] for c in mixed_corr]
+                corr = _blend(corr, mixed_corr, plan.weight[arrays.indices(at_steps)][:, None], _matrix(
+                    corrector_row(g, arrays.indices(at_steps), 1, variant, terms(at_steps, 1))))
+        preds.append((idx, pred))
+        if fixed:
+            corrs.append((idx[with_corr], corr))
+    return _stack_rows(preds, 1 + width), _stack_rows(corrs, 2 + width) if corrs else None
+
+
+def _matrix(columns: list):
+    """The (steps, width) matrix of a row function's columns."""
+    return arrays.stack(columns, dim=1)
+
+
+def _blend(mat, at: list, w, first):
+    """mat with its rows `at` blended: w row + (1 - w) first, first zero-padded to mat's width (the padding's
+    zeros add nothing, so on the host only first's columns are added, in place: mat is the caller's own)."""
+    rows = arrays.indices(at)
+    if arrays.on_host(mat):
+        blended = mat[rows] * w
+        blended[:, :first.shape[1]] += (1 - w) * first
+        mat[rows] = blended
+        return mat
+    first = arrays.cat([first, arrays.zeros(first, (len(at), mat.shape[1] - first.shape[1]))], dim=1)
+    return arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
+
+
+def _stack_rows(parts: list, width: int):
+    """The rows of [(step indices, matrix)] zero-padded to `width`, in ascending step order."""
+    mats = [m if m.shape[1] == width else arrays.cat([m, arrays.zeros(m, (m.shape[0], width - m.shape[1]))], dim=1)
+            for _, m in parts]
+    if len(parts) == 1:
+        return mats[0]
+    order = np.concatenate([idx for idx, _ in parts])
+    return arrays.cat(mats)[np.argsort(order, kind="stable")]
 
 
 @functools.lru_cache(maxsize=256)
@@ -164,37 +226,34 @@ def _folded_structure(widths: tuple) -> Structure:
                       for i, w in enumerate(widths)])
 
 
-def _folded_rows(n: int, corrects, predictors, correctors) -> list:
+def _folded_rows(n: int, orders, corrects, pred, corr) -> list:
     """Per evaluation i, the folded row: the predictor's where no correction precedes it, else the predictor's
     row applied to the corrected sample, and after the last step (a final correction) [1, delta].
 
     The correction: UniC re-does the predictor's step from the same sample with the same c_x, so the corrected
     sample is x_c = x_p + delta . (m_new, m_i, m_{i-1}, ...) with delta = corrector[1:] - [0, predictor[1:]].
     The predictor [c_x, c_m] applied to x_c is one row over (x_p, m_new, ...): [c_x, c_x delta + c_m] (both
-    zero-padded to the longer). Computed for all the evaluations of one (delta width, predictor width) at once,
-    so a table costs a few array ops per width, whatever the number of steps."""
+    zero-padded to the longer). pred and corr are `_step_rows`' zero-padded matrices, so this is a handful of
+    array ops for all the corrected evaluations at once; each row is then cut to its width."""
     count = n + 1 if corrects[n] else n
-    rows: list = [None] * count
-    groups: dict = {}
-    for i in range(count):
-        if not corrects[i]:
-            rows[i] = predictors[i]
-        else:
-            groups.setdefault((len(correctors[i]) - 1, len(predictors[i]) if i < n else 0), []).append(i)
-    for (dw, pw), idx in groups.items():
-        corr = arrays.stack([correctors[i] for i in idx])  # (m, 1 + dw)
-        prev = arrays.stack([predictors[i - 1] for i in idx])  # (m, dw): [c_x, c_m]
-        delta = corr[:, 1:] - arrays.cat([arrays.zeros(corr, (len(idx), 1)), prev[:, 1:]], dim=1)
-        if pw == 0:  # the final correction is the result
-            mat = arrays.cat([arrays.ones_like(delta[:, :1]), delta], dim=1)
-        else:
-            pred = arrays.stack([predictors[i] for i in idx])
-            c_x, c_m = pred[:, :1], pred[:, 1:]
-            width = max(dw, pw - 1)
-            pad = lambda v: arrays.cat([v, arrays.zeros(v, (len(idx), width - v.shape[1]))], dim=1)  # noqa: E731
-            mat = arrays.cat([c_x, c_x * pad(delta) + pad(c_m)], dim=1)
-        for i, row in zip(idx, arrays.unbind(mat, 0)):
-            rows[i] = row
+    rows = [pred[i, :1 + orders[i]] for i in range(n)]
+    at = [i for i in range(1, count) if corrects[i]]  # the corrected evaluations, ascending
+    if not at:
+        return rows
+    prev = arrays.indices(at) - 1
+    before = pred[prev]  # the predictor whose step each correction re-does
+    delta = corr[:, 1:] - arrays.cat([arrays.zeros(corr, (len(at), 1)), before[:, 1:]], dim=1)
+    inner = len(at) - 1 if at[-1] == n else len(at)  # the corrections followed by a predictor
+    if inner:
+        nxt = pred[arrays.indices(at[:inner])]
+        c_x = nxt[:, :1]
+        c_m = arrays.cat([nxt[:, 1:], arrays.zeros(nxt, (inner, 1))], dim=1)
+        folded = arrays.cat([c_x, c_x * delta[:inner] + c_m], dim=1)
+        for k, i in enumerate(at[:inner]):
+            rows[i] = folded[k, :1 + max(1 + orders[i - 1], orders[i])]
+    if inner < len(at):  # the final correction is the result
+        last = delta[inner, :1 + orders[n - 1]]
+        rows.append(arrays.cat([arrays.ones_like(last[:1]), last]))
     return rows
 
 
