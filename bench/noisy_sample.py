@@ -19,6 +19,14 @@ copy (bench/half_ceiling); from Python each returned tensor costs its wrap, free
 idle), the wrapper about 1.5 us; glibc hands the second output one of two addresses in turn (heap-state dependent,
 +1 us when it does). dst.copy_(src) pays none of that: it writes into a tensor it already has and returns it.
 
+The C++ call's own fixed cost (measured 2026-12-01, best of blocks, load 5.4): the prepared sampler takes 1.5 us at
+1x4x8x8 and 2.4 us at 16x1x1x1: 15 more samples cost ~0.9 us (coefficients and span set-up); the coefficients are
+four libm calls a sample for a VP schedule
+(expm1, log, exp, exp), kept because vectorised transcendentals would change the coefficients' last bits. Times
+are read in place in their own dtype (a float32 t cost a float64 copy, +1.5 us) and a run of equal times is
+computed once. The public wrapper adds ~1.5 us above the sampler (argument tests, the compile/grad/backend tests,
+the per-schedule lookups).
+
 Overhead: the public function (eager, no grad, check=False) against the C++ function it calls (the prepared
 sampler, tdiff._C.NoisySampler), the op's full-argument direct binding (tdiff._C, csrc/direct.h) and the op through
 the dispatcher, at a size where the data pass is negligible (1x4x8x8).

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 namespace tdiff {
 
@@ -15,8 +16,11 @@ inline bool is_float_type(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf;
 }
 
+// Names are string views: a literal passes without building a std::string on every call. The messages are
+// assembled inside TORCH_CHECK_VALUE, which evaluates them only when the check fails.
+
 // A data tensor: defined, on the CPU, of a floating type this library computes in.
-inline void check_data(const char* op, const std::string& name, const at::Tensor& t) {
+inline void check_data(const char* op, std::string_view name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " must be a tensor");
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
   TORCH_CHECK_VALUE(is_float_type(t.scalar_type()), op, ": ", name,
@@ -24,13 +28,13 @@ inline void check_data(const char* op, const std::string& name, const at::Tensor
 }
 
 // A batch of samples: at least one dimension, at least one sample.
-inline void check_batch(const char* op, const std::string& name, const at::Tensor& t) {
+inline void check_batch(const char* op, std::string_view name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(0) > 0, op, ": ", name,
                     " must have a non-empty batch dimension, got shape ", t.sizes());
 }
 
 // Same shape, dtype and device as `ref`.
-inline void check_like(const char* op, const std::string& name, const at::Tensor& t, const char* ref_name,
+inline void check_like(const char* op, std::string_view name, const at::Tensor& t, const char* ref_name,
                        const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " must be a tensor");
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name, " ", ref.sizes(),

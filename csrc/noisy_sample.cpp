@@ -81,21 +81,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_sample_run(const char* op, 
   check_like(op, "eps", eps_in, "x0", x0_in);
   const int64_t batch = x0_in.size(0);
   check_rows(op, "t", t, batch, 0, /*shared=*/false, std::nullopt);
-  const at::Tensor x0 = x0_in.contiguous();
-  const at::Tensor eps = eps_in.contiguous();
+  // borrowed when already contiguous (the usual case): no reference-count traffic
+  const c10::MaybeOwned<at::Tensor> x0 = x0_in.expect_contiguous();
+  const c10::MaybeOwned<at::Tensor> eps = eps_in.expect_contiguous();
 
   // Per-sample coefficients in double: B values, negligible next to the data pass. No tensor ops and no heap
-  // allocation for them: at in-cache sizes the fixed cost of each one is a sizeable part of the pass.
-  const at::Tensor t64 = t.scalar_type() == at::kDouble ? t.contiguous() : t.to(at::kDouble).contiguous();
-  const double* tp = t64.data_ptr<double>();
+  // allocation for them (the times are read in place, in their own type): at in-cache sizes the fixed cost of each
+  // one is a sizeable part of the pass.
   c10::SmallVector<double, 3 * 64> cp(static_cast<size_t>(3 * batch));
-  for (int64_t b = 0; b < batch; ++b) sample_coefficients(spec, tp[b], cp.data() + 3 * b);
+  switch (t.scalar_type()) {
+    case at::kDouble: times_coefficients(spec, t.const_data_ptr<double>(), t.stride(0), batch, cp.data()); break;
+    case at::kFloat: times_coefficients(spec, t.const_data_ptr<float>(), t.stride(0), batch, cp.data()); break;
+    case at::kHalf: times_coefficients(spec, t.const_data_ptr<at::Half>(), t.stride(0), batch, cp.data()); break;
+    case at::kBFloat16:
+      times_coefficients(spec, t.const_data_ptr<at::BFloat16>(), t.stride(0), batch, cp.data());
+      break;
+    default: {  // any other floating type check_rows accepts (float8): through a float64 copy
+      const at::Tensor t64 = t.to(at::kDouble).contiguous();
+      times_coefficients(spec, t64.const_data_ptr<double>(), 1, batch, cp.data());
+    }
+  }
 
-  at::Tensor xt = new_cpu_like(x0);
-  at::Tensor net_in = write_input ? new_cpu_like(x0) : at::Tensor();
-  at::Tensor coefs = want_coefs ? new_cpu({batch, 3}, at::toOpMathType(x0.scalar_type())) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "noisy_sample", [&] {
-    noisy_sample_rows<scalar_t>(x0, eps, xt, write_input ? &net_in : nullptr, cp.data());
+  at::Tensor xt = new_cpu_like(*x0);
+  at::Tensor net_in = write_input ? new_cpu_like(*x0) : at::Tensor();
+  at::Tensor coefs = want_coefs ? new_cpu({batch, 3}, at::toOpMathType(x0->scalar_type())) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0->scalar_type(), "noisy_sample", [&] {
+    noisy_sample_rows<scalar_t>(*x0, *eps, xt, write_input ? &net_in : nullptr, cp.data());
     if (want_coefs) {
       using acc_t = at::opmath_type<scalar_t>;
       acc_t* out = coefs.data_ptr<acc_t>();

@@ -108,4 +108,23 @@ inline void sample_coefficients(const ScheduleSpec& sp, double t, double* out) {
   out[2] = c;
 }
 
+// out[3 b .. 3 b + 2] = a, s, c for the times t[b * stride], b < batch, read in their own type (a float, half or
+// bfloat16 time widens to double exactly, as a float64 copy of the times would: the same coefficients, without
+// that copy's dispatch and allocation). A time equal to the one before reuses its coefficients: a batch sharing
+// one time (the public API's float t, a sampler's step) computes them once. NaN never equals itself, so a NaN
+// time is computed, like every other, from its own value.
+template <typename T>
+inline void times_coefficients(const ScheduleSpec& sp, const T* t, int64_t stride, int64_t batch, double* out) {
+  double prev = 0.0;
+  for (int64_t b = 0; b < batch; ++b, out += 3) {
+    const double tb = static_cast<double>(t[b * stride]);
+    if (b > 0 && tb == prev) {
+      std::copy(out - 3, out, out);
+    } else {
+      sample_coefficients(sp, tb, out);
+    }
+    prev = tb;
+  }
+}
+
 }  // namespace tdiff

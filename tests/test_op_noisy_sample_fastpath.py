@@ -106,6 +106,25 @@ def test_sampler_is_the_registered_op():
         ext.NoisySampler(9, [0.0] * 4, None, -1.0, [], 0)
 
 
+def test_times_are_read_in_place_in_their_own_dtype():
+    # The C++ op reads t where it lies, in its own dtype (no float64 copy), and reuses the coefficients of a time
+    # equal to the one before: every sample's outputs are those of that sample alone with its time in float64, bit
+    # for bit, for strided, broadcast, repeated and NaN times
+    sched = S.VPLinear()
+    spec = sched.kernel_spec()
+    args = (spec.kind, list(spec.params), None, 0.5, [], 0, True)
+    x0, eps = torch.randn(6, 3, 5), torch.randn(6, 3, 5)
+    base = torch.tensor([0.3, 0.3, 0.7, math.nan, math.nan, 0.3])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        t = base.to(dtype)
+        for times in (t, torch.stack([t, torch.zeros_like(t)], 1)[:, 0], t[2:3].expand(6)):
+            got = torch.ops.tdiff.noisy_sample_cpu(x0, eps, times, *args)
+            for b in range(6):
+                alone = torch.ops.tdiff.noisy_sample_cpu(x0[b:b + 1], eps[b:b + 1], times[b:b + 1].double(), *args)
+                for g, w in zip(got, alone):
+                    torch.testing.assert_close(g[b:b + 1], w, rtol=0, atol=0, equal_nan=True)
+
+
 def _bits_match(got, want):
     # the same bits, NaN aside (NaN payloads differ between conversions); NaN exactly where expected
     nan = torch.isnan(want.float())

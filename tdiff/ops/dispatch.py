@@ -49,6 +49,7 @@ def triton_interpreting() -> bool:
 # os.environ._data, with encodekey/decodevalue); elsewhere, the plain lookup.
 _ENV_DATA = getattr(os.environ, "_data", None)
 _BACKEND_KEY = os.environ.encodekey("TDIFF_BACKEND") if hasattr(os.environ, "encodekey") else None
+_FAST_ENV = _ENV_DATA is not None and _BACKEND_KEY is not None
 
 
 def _backend_env() -> str:
@@ -131,9 +132,10 @@ def eager_kernel(x: torch.Tensor, cpp_op: str):
     the general path."""
     if not (isinstance(x, torch.Tensor) and x.is_cpu):
         return None
-    want = _backend_env()
-    if want != "auto" and want.strip().lower() not in ("auto", "cpp", ""):
-        return None
+    # TDIFF_BACKEND unset (the usual case) is one dict lookup; set, the full test
+    if not _FAST_ENV or _ENV_DATA.get(_BACKEND_KEY) is not None:
+        if _backend_env().strip().lower() not in ("auto", "cpp", ""):
+            return None
     return _cpp_kernel(cpp_op)
 
 

@@ -267,9 +267,10 @@ def _schedule_args(schedule: S.NoiseSchedule, x0: Tensor) -> tuple:
 def _cpu_sampler(entry: tuple, precond_sigma_data: float, fdm_params: list, fdm_on: int):
     """The schedule entry's tdiff._C.NoisySampler for these arguments (made on first use; it checks them)."""
     samplers = entry[4]
-    key = precond_sigma_data if fdm_on == FDM_OFF else (precond_sigma_data, tuple(fdm_params), fdm_on)
-    sampler = samplers.get(key)
+    sampler = samplers.get(precond_sigma_data if fdm_on == FDM_OFF else
+                           (precond_sigma_data, tuple(fdm_params), fdm_on))
     if sampler is None:
+        key = precond_sigma_data if fdm_on == FDM_OFF else (precond_sigma_data, tuple(fdm_params), fdm_on)
         if len(samplers) >= _MAX_SAMPLERS:
             samplers.clear()
         _, kind, params, spec, _ = entry
@@ -290,21 +291,26 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
     check: raise if a time lies outside the schedule's domain or a coefficient is NaN/inf (one host sync; under
         torch.compile an asynchronous assert instead). check=False trusts the caller.
     """
+    # The eager no-grad CPU call is the hot path (a training step's noise, in-cache sizes where a microsecond is a
+    # tenth of the call): its tests come first and cost one attribute or lookup each.
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
-    if precond_sigma_data is not None and (isinstance(precond_sigma_data, bool) or not isinstance(
-            precond_sigma_data, (int, float)) or not 0 < precond_sigma_data < math.inf):
+    if precond_sigma_data is None:
+        sigma_data = -1.0
+    elif (isinstance(precond_sigma_data, bool) or not isinstance(precond_sigma_data, (int, float))
+          or not 0 < precond_sigma_data < math.inf):
         raise ValueError(f"precond_sigma_data must be None or a finite number > 0, got {precond_sigma_data!r}")
+    else:
+        sigma_data = float(precond_sigma_data)
     if isinstance(t, (int, float)):
         t = torch.full((x0.shape[0],), float(t), device=x0.device, dtype=torch.float64)
-    sigma_data = -1.0 if precond_sigma_data is None else float(precond_sigma_data)
-    fdm_params, fdm_on = ([], FDM_OFF) if fdm is None else (fdm.kernel_params(), fdm_code(fdm))
+    if fdm is None:
+        fdm_params, fdm_on = [], FDM_OFF
+    else:
+        fdm_params, fdm_on = fdm.kernel_params(), fdm_code(fdm)
+    compiling = torch.compiler.is_compiling()
     grad = torch.is_grad_enabled() and (x0.requires_grad or getattr(eps, "requires_grad", False))
-    if torch.compiler.is_compiling():  # traced: no module state (the cache above) may be read or written
-        kind, params, spec = _spec_args(schedule)
-        args = (x0, eps, t, kind, params, kernel_table(spec, x0.device), sigma_data, fdm_params, fdm_on, write_input)
-        xt, net_in, coefs = torch.ops.tdiff.noisy_sample(*args)  # traced through its fake and autograd registrations
-    elif not grad and dispatch.eager_kernel(x0, "noisy_sample_cpu") is not None:
+    if not (compiling or grad) and dispatch.eager_kernel(x0, "noisy_sample_cpu") is not None:
         # eager, no autograd, the C++ kernel the backend: the schedule's prepared sampler (it validates its inputs;
         # a refusal is re-explained by the Python validation, which names arguments as the public API does). It
         # makes the coefficients only for the check, and net_in only when asked.
@@ -314,6 +320,12 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
         except (RuntimeError, TypeError, ValueError):
             _validate(x0, eps, t, entry[1], entry[2], kernel_table(entry[3], x0.device), fdm_params, fdm_on)
             raise
+        if not check:
+            return xt, net_in
+    elif compiling:  # traced: no module state (the cache above) may be read or written
+        kind, params, spec = _spec_args(schedule)
+        args = (x0, eps, t, kind, params, kernel_table(spec, x0.device), sigma_data, fdm_params, fdm_on, write_input)
+        xt, net_in, coefs = torch.ops.tdiff.noisy_sample(*args)  # traced through its fake and autograd registrations
     else:
         kind, params, table = _schedule_args(schedule, x0)
         args = (x0, eps, t, kind, params, table, sigma_data, fdm_params, fdm_on, write_input)
