@@ -365,7 +365,8 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
     """Coefficient rows as contiguous (B, 1+K) tensors of the op's dtype, the conversion rows as (B, 2), and the
     network times on x's device, all checked for NaN/inf once. Rows of equal width are cast and expanded together;
     each row is then a contiguous slice of its group. The tables built on the host (no gradient) are checked there
-    and become one tensor, in one transfer and cast, that every group and the conversion rows are views of."""
+    and become one tensor, in one transfer and cast, that every group and the conversion rows are views of (on the
+    CPU without autograd, the views of an earlier run of the same layout where nothing holds them: `_host_views`)."""
     dtype, b = dispatch.coef_dtype(x), x.shape[0]
     groups = prog.row_groups()
     out: list = [None] * prog.num_rows
