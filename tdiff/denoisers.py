@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .preconditioning import Preconditioning
+from .recycled_views import RecycledViews
 from .schedules import EDM, DiscreteVP, NoiseSchedule, RectifiedFlow, VPCosine, VPLinear, as_time
 
 # Set by a caller that has validated its times once up front (the solvers' sampling loop), so the per-call
@@ -132,6 +133,29 @@ def _check_finite_number(name: str, value, positive: bool = False, allow_none: b
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return float(value)
+
+
+#: network_calls' per-time views, per (times, batch, dtype, device): see tdiff.recycled_views
+_TIME_VIEWS = RecycledViews()
+
+
+def _time_views(t_net: torch.Tensor, b: int) -> tuple:
+    """The (E,) network times as one (B,) view per time (expanded: stride 0 over the batch): those of the last run
+    of that layout, refilled, where `RecycledViews.take` allows, else fresh ones."""
+    if t_net.ndim != 1 or torch.is_grad_enabled():  # differentiable: views of t_net itself
+        return t_net.unsqueeze(1).expand(-1, b).unbind(0)
+    # inference mode makes inference tensors, which cannot be written outside it
+    key = (t_net.shape[0], b, t_net.dtype, t_net.device, torch.is_inference_mode_enabled())
+    entry = _TIME_VIEWS.take(key)
+    if entry is not None:
+        table, (views,), users = entry
+        table.copy_(t_net)
+    else:
+        table, users = t_net.clone(), None
+        views = table.unsqueeze(1).expand(-1, b).unbind(0)
+    del entry
+    _TIME_VIEWS.keep(key, table, (views,), users)
+    return views
 
 
 class PreparedCalls(list):
@@ -264,7 +288,7 @@ class Denoiser(nn.Module):
         in t (the network times are functions of it)."""
         t = as_time(t).to(like.device)
         b, ones = like.shape[0], (1,) * (like.dim() - 1)
-        t_net = self.model_time(t).unsqueeze(1).expand(-1, b).unbind(0)  # (B,) per time, views
+        t_net = _time_views(self.model_time(t), b)
         scale = self._input_scale(t)
         scales = [None] * t.numel() if scale is None else \
             scale.to(like.dtype).reshape(-1, 1, *ones).expand(-1, b, *ones).unbind(0)  # (B, 1, ..) per time
@@ -281,8 +305,9 @@ class Denoiser(nn.Module):
         """Per network time t_net, `_call_at(t_net, None, None, x)` (no input scaling, the model in x's dtype) as
         the sampling loop's per-step call: the network called directly, its output returned as is when it is
         already a tensor shaped and typed like x; anything else (conditioning, learned-sigma channels, another
-        dtype, a bad output) takes `_call_at`, which converts or names the problem. Each call's `checks_output`
-        tells the loop not to check again. The model and its call convention are bound now, once for all the
+        dtype, a bad output) takes `_call_at`, which converts or names the problem, so the loop need not check
+        again (network_calls flags its list: no attribute per call, whose dict would cost a third of the call's
+        making). The model and its call convention are bound now, once for all the
         calls (nn.Module's attribute look-ups cost as much as the closure), as the network times are."""
         model, call, call_at, output = self.model, self.call, self._call_at, self._output
         direct = call is _tdiff_call  # model(x, t_net, y): skip the convention's frame
@@ -302,7 +327,6 @@ class Denoiser(nn.Module):
             out = output(out, x)  # the same output, not a second call
             return out if out.dtype == x.dtype else out.to(x.dtype)
 
-        network.checks_output = True
         return network
 
     def _call_at(self, t_net: torch.Tensor, scale: Optional[torch.Tensor], cast: Optional[torch.dtype],

@@ -91,12 +91,18 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         t_c = schedule.t_from_edm_sigma(arrays.as_torch(st_c))  # the schedule's maths is torch's
         a_c = arrays.as_like(schedule.alpha(t_c), st_c)
         # x^ = alpha^ (x/alpha_i + sqrt(sigma^2 - sigma~_i^2) S_noise z)
-        noise_rows = arrays.rows([a_c / g.alpha[at], a_c * arrays.sqrt(st_c**2 - g.sigma_tilde[at] ** 2) * s_noise])
+        noise_mat = arrays.stack([a_c / g.alpha[at], a_c * arrays.sqrt(st_c**2 - g.sigma_tilde[at] ** 2) * s_noise],
+                                 dim=1)
         st_hat, t_eval = arrays.put(st_hat, at, st_c), arrays.put(t_eval, at, t_c)
         a_hat = arrays.put(a_hat, at, a_c)
         s_hat = arrays.put(s_hat, at, a_c * st_c)
-    euler_rows = arrays.rows(first_order_coefficients(a_hat, s_hat, g.alpha[1:], g.sigma[1:]))
-    correction_rows = {}
+    # the rows as one (positions, width) matrix per kind (Program.of_groups): no row views to split and restack
+    fixed = [False] * n
+    for i in corrected:
+        fixed[i] = True
+    struct, points, where, idx, (noise_at, euler_at, correction_at) = _structure(
+        tuple(gamma > 0 for gamma in gammas), tuple(fixed))
+    groups = [(euler_at, arrays.stack(first_order_coefficients(a_hat, s_hat, g.alpha[1:], g.sigma[1:]), dim=1))]
     if corrected:
         at, nx = arrays.indices(corrected), arrays.indices(corrected) + 1
         a_h, s_h = a_hat[at], s_hat[at]
@@ -106,20 +112,10 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         if any(blended):  # w (Heun) + (1 - w) (Euler, which is xp itself); w = 1 where the step does not blend
             w = arrays.where(np.array(blended), ramp(g.lam[nx] - g.lam[at], *HEUN_H), 1.0)
             cols = [w * c for c in cols[:3]] + [w * cols[3] + (1 - w)]
-        correction_rows = dict(zip(corrected, arrays.rows(cols)))
-    noisy = tuple(gamma > 0 for gamma in gammas)
-    fixed = [False] * n
-    for i in corrected:
-        fixed[i] = True
-    rows = []  # in the order the structure's updates number them
-    for i in range(n):
-        if noisy[i]:
-            rows.append(noise_rows[churned.index(i)])
-        rows.append(euler_rows[i])
-        if fixed[i]:
-            rows.append(correction_rows[i])
-    struct, points, where, idx = _structure(noisy, tuple(fixed))
-    prog = Program.of(struct, rows)
+        groups.append((correction_at, arrays.stack(cols, dim=1)))
+    if churned:
+        groups.append((noise_at, noise_mat))
+    prog = Program.of_groups(struct, groups)
     prog.eval_times, prog.eval_points = cond_times[idx], g.t[idx]
     known = g.points()
     if known is not None and not churned and points[-1] < len(known[0]):  # points ascend
@@ -134,28 +130,33 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
 
 @functools.lru_cache(maxsize=256)
 def _structure(noisy: tuple, corrected: tuple) -> tuple:
-    """(Structure, evaluation points, churned flags, points as an index tensor) of a Heun run (pure structure,
+    """(Structure, evaluation points, churned flags, points as an index tensor, (noise, Euler, correction) row
+    numbers as index arrays, in step order) of a Heun run (pure structure,
     cached: see program.Structure): per step, churn noise where noisy[i], the predictor's evaluation and Euler step,
     and the corrector's evaluation and update where corrected[i] (else the Euler result is the step's). Per
     evaluation: the grid point it is at, and whether it is a churned predictor. The structure depends on the time
     steps' values only through these two flags per step (which steps churn, which get a correction), so every run
     of a grid of the same shape shares it and the sampling loop's closures compiled for it."""
     steps, points, where, r = [], [], [], 0
+    kinds = ([], [], [])  # row numbers of the noise, Euler and correction updates
     for i in range(len(noisy)):
         step = []
         if noisy[i]:
             step += [Noise("z"), Update("x", "x", ("z",), r)]
+            kinds[0].append(r)
             r += 1
         points.append(i)
         where.append(noisy[i])
         step += [Eval("D", "x", len(points) - 1), Update("xp", "x", ("D",), r)]
+        kinds[1].append(r)
         r += 1
         if corrected[i]:
             points.append(i + 1)
             where.append(False)
             step += [Eval("Dp", "xp", len(points) - 1), Update("x", "x", ("Dp", "D", "xp"), r)]
+            kinds[2].append(r)
             r += 1
         else:
             step.append(Alias("x", "xp"))  # the Euler step alone
         steps.append(step)
-    return structure(steps), tuple(points), tuple(where), torch.tensor(points)
+    return structure(steps), tuple(points), tuple(where), torch.tensor(points), tuple(map(arrays.indices, kinds))

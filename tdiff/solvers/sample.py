@@ -37,6 +37,7 @@ from ..denoisers import Denoiser, convert, eps_coefficients, times_validated
 from ..ops import dispatch
 from ..schedules import NoiseSchedule
 from ..ops.multistep_update import multistep_update
+from ..recycled_views import RecycledViews
 from . import arrays
 from .buffers import BufferPool, writable
 from .ddim import build_ddim, build_ddpm
@@ -364,7 +365,8 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
     """Coefficient rows as contiguous (B, 1+K) tensors of the op's dtype, the conversion rows as (B, 2), and the
     network times on x's device, all checked for NaN/inf once. Rows of equal width are cast and expanded together;
     each row is then a contiguous slice of its group. The tables built on the host (no gradient) are checked there
-    and become one tensor, in one transfer and cast, that every group and the conversion rows are views of."""
+    and become one tensor, in one transfer and cast, that every group and the conversion rows are views of (on the
+    CPU without autograd, the views of an earlier run of the same layout where nothing holds them: `_host_views`)."""
     dtype, b = dispatch.coef_dtype(x), x.shape[0]
     groups = prog.row_groups()
     out: list = [None] * prog.num_rows
@@ -378,21 +380,18 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
         flat = np.concatenate([mat if b == 1 else np.repeat(mat[:, None], b, axis=1) for _, mat in host], axis=None)
         host_finite = bool(np.isfinite(flat).all())
         cpu = x.device.type == "cpu"
-        if cpu:  # numpy's cast rounds as torch's does (to nearest), with less dispatch
-            flat = flat.astype(_NUMPY_COEF[dtype], copy=False)
+        if cpu:
+            all_views = _host_views(flat, [mat.shape for _, mat in host], b, dtype)
         else:
             table = torch.from_numpy(flat).to(device=x.device, dtype=dtype)
-        offset = 0
-        for idx, mat in host:
-            size = mat.size * b
-            shape = (len(mat), b, mat.shape[1])
-            # on the CPU each matrix is a numpy view of the cast table, then a tensor (cheaper than torch slicing)
-            group = torch.from_numpy(flat[offset:offset + size].reshape(shape)) if cpu else \
-                table[offset:offset + size].view(shape)
-            views = group.unbind(0)
-            offset += size
+            all_views, offset = [], 0
+            for _, mat in host:
+                size = mat.size * b
+                all_views.append(table[offset:offset + size].view(len(mat), b, mat.shape[1]).unbind(0))
+                offset += size
+        for (idx, _), views in zip(host, all_views):
             if idx is None:
-                conv = views
+                conv = list(views)
             else:
                 for r, row in zip(idx, views):
                     out[r] = row
@@ -414,6 +413,33 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
 
 #: coef_dtype's torch dtypes as numpy's
 _NUMPY_COEF = {torch.float32: np.float32, torch.float64: np.float64}
+
+#: the host tables' row views, per layout (matrix shapes, batch, dtype): see tdiff.recycled_views
+_RECYCLED = RecycledViews()
+
+
+def _host_views(flat: np.ndarray, shapes: list, b: int, dtype: torch.dtype) -> tuple:
+    """Per (rows, width) matrix shape, its rows as (B, width) CPU tensors of dtype holding the values of `flat`
+    (the float64 matrices flattened one after the other, each repeated over the batch): the views of the layout's
+    last run, their table overwritten, where `RecycledViews.take` allows, else fresh ones."""
+    key = (tuple(shapes), b, dtype, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
+    entry = _RECYCLED.take(key)
+    if entry is not None:
+        table, views, users = entry
+        np.copyto(table, flat, casting="same_kind")  # numpy's cast rounds as torch's does (to nearest)
+    else:
+        users = None
+        table = flat.astype(_NUMPY_COEF[dtype], copy=False)
+        views, offset = [], 0
+        for n, width in shapes:
+            size = n * b * width
+            # each matrix a numpy view of the cast table, then a tensor (cheaper than torch slicing)
+            views.append(torch.from_numpy(table[offset:offset + size].reshape(n, b, width)).unbind(0))
+            offset += size
+        views = tuple(views)
+    del entry
+    _RECYCLED.keep(key, table, views, users)
+    return views
 
 
 def _prepare_scale(guidance, x: Tensor) -> Optional[Tensor]:
