@@ -6,7 +6,8 @@ the model evaluation made there (no extra NFE) and re-does the step from the cor
   x_t = (sigma_t/sigma_s) x_s - alpha_t phi1 m_s - alpha_t B(h) sum_k rho_k (m_{s-k} - m_s)/r_k   (+ the m_t term)
 
 with r_k = (lambda_{s-k} - lambda_s)/h and rho solving the order conditions R rho = b (R_ij = r_j^(i-1)). The
-solve is torch.linalg.solve on tensors of the timesteps, so the gradient reaches the timesteps through rho too.
+solve is a closed form (Lagrange) in plain arithmetic on the timesteps' arrays, so the gradient reaches the
+timesteps through rho too.
 The corrector is skipped after the last step (there is no evaluation to reuse). The corrector and the next
 predictor are folded into one fused update per evaluation (build_unipc's fold).
 """
@@ -40,11 +41,29 @@ def _phi_terms(h, p: int, variant: str):
 
 
 def _solve_rhos(rks: Sequence, b, n: int) -> list:
-    """rho solving R[:n,:n] rho = b[:n], R_ij = rks_j^(i-1), batched over steps: rks holds (m,) tensors, b is
-    (p, m); returns n tensors of shape (m,)."""
-    rks = arrays.stack(list(rks), dim=-1)  # (m, p)
-    powers = arrays.stack([rks**i for i in range(n)], dim=-2)  # (m, n, p)
-    return arrays.unbind(arrays.solve_vectors(powers[..., :n, :n], b[:n].T), -1)
+    """rho solving R[:n,:n] rho = b[:n], R_ij = rks_j^(i-1), batched over steps: rks holds (m,) arrays, b is
+    (p, m); returns n arrays of shape (m,).
+
+    R is a transposed Vandermonde matrix, so the solve has a closed form: rho_j = sum_i b_i [x^i] L_j(x), with
+    L_j(x) = prod_{k != j} (x - r_k) / (r_j - r_k) the Lagrange basis polynomial of the nodes r_0..r_{n-1}. In
+    floating point it is at least as close to the exact solve as LU (tests/test_solvers_tables.py checks it
+    against exact rational arithmetic), and it is plain arithmetic, so one expression serves the host tables
+    and the differentiable ones."""
+    nodes = list(rks[:n])
+    rhos = []
+    for j, r_j in enumerate(nodes):
+        # the monic prod_{k != j} (x - r_k): its coefficients below the leading 1, lowest first
+        coeffs, denom = [], None
+        for k, r_k in enumerate(nodes):
+            if k != j:
+                full = coeffs + [1.0]  # times (x - r_k)
+                coeffs = [-r_k * full[0]] + [full[i - 1] - r_k * full[i] for i in range(1, len(full))]
+                denom = r_j - r_k if denom is None else denom * (r_j - r_k)
+        numer = b[len(coeffs)]
+        for i, c in enumerate(coeffs):
+            numer = numer + c * b[i]
+        rhos.append(numer if denom is None else numer / denom)
+    return rhos
 
 
 def _step_terms(g: Grid, i, p: int, variant: str):
