@@ -55,9 +55,9 @@ def _solve_rhos(rks: Sequence, b, n: int) -> list:
         # the monic prod_{k != j} (x - r_k): its coefficients below the leading 1, lowest first
         coeffs, denom = [], None
         for k, r_k in enumerate(nodes):
-            if k != j:
-                full = coeffs + [1.0]  # times (x - r_k)
-                coeffs = [-r_k * full[0]] + [full[i - 1] - r_k * full[i] for i in range(1, len(full))]
+            if k != j:  # times (x - r_k); the leading coefficient is 1 (no product with it: x * 1 is x)
+                coeffs = [-r_k * coeffs[0]] + [coeffs[i - 1] - r_k * coeffs[i] for i in range(1, len(coeffs))] + \
+                    [coeffs[-1] - r_k] if coeffs else [-r_k]
                 denom = r_j - r_k if denom is None else denom * (r_j - r_k)
         numer = b[len(coeffs)]
         for i, c in enumerate(coeffs):
@@ -85,7 +85,7 @@ def predictor_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     if p == 2:
         rhos = [arrays.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
     else:
-        rhos = _solve_rhos(rks + [arrays.ones_like(h)], b, p - 1)
+        rhos = _solve_rhos(rks, b, p - 1)  # the last node (1) is not among the first p - 1
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos, rks)]  # on (m_{i-k} - m_i)
     return [c_x, -a_t * phi1 + sum(weights), *[-w for w in weights]]
 
@@ -97,7 +97,7 @@ def corrector_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     if p == 1:
         rhos = [arrays.full_like(h, 0.5)]
     else:
-        rhos = _solve_rhos(rks + [arrays.ones_like(h)], b, p)
+        rhos = _solve_rhos(rks + [1.0], b, p)  # the new output's node r = 1 (a number: exact)
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos[:-1], rks)]  # on (m_{i-k} - m_i)
     w_new = a_t * big_b * rhos[-1]  # on (m_{i+1} - m_i)
     return [c_x, -w_new, -a_t * phi1 + sum(weights, arrays.zeros_like(h)) + w_new,
@@ -274,6 +274,13 @@ def _blend(mat, at: list, w, first):
 def _stack_rows(mats: list, order, width: int):
     """The matrices' rows zero-padded to `width`, stacked and put in step order by the permutation `order` (None:
     one matrix, in step order already)."""
+    if arrays.on_host(mats[0]) and order is not None:  # written into place: no padded copies
+        out = np.zeros((len(order), width))
+        start = 0
+        for m in mats:
+            out[start:start + len(m), :m.shape[1]] = m
+            start += len(m)
+        return out[order]
     mats = [m if m.shape[1] == width else arrays.cat([m, arrays.zeros(m, (m.shape[0], width - m.shape[1]))], dim=1)
             for m in mats]
     if order is None:
