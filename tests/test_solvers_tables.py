@@ -206,3 +206,16 @@ def test_unipc_closed_form_rhos_are_at_least_as_close_to_the_exact_solve_as_lu(n
     median = {k: float(np.median(v)) for k, v in err.items()}
     assert worst["closed"] <= worst["lu"] and median["closed"] <= median["lu"], (worst, median)
     assert worst["closed"] < 8 * np.finfo(np.float64).eps, worst
+
+
+def test_unipc_rhos_give_an_infinitely_far_history_point_weight_zero():
+    """A history output at lambda = -inf (alpha = 0: a flow-matching grid starting at t = 1) is a node at
+    r = -inf: the two-node solve's limit gives it weight 0 and the other node all of b_0 (what LU gave there)."""
+    import numpy as np
+
+    from tdiff.solvers.unipc import _solve_rhos
+    b = np.array([[0.4, 0.3], [0.2, 0.15]])
+    with np.errstate(all="ignore"):
+        rho = _solve_rhos([np.array([-np.inf, -2.0]), 1.0], b, 2)
+    assert rho[0][0] == 0 and rho[1][0] == 0.4
+    assert np.allclose([rho[0][1], rho[1][1]], np.linalg.solve([[1.0, 1.0], [-2.0, 1.0]], b[:, 1]), rtol=1e-15)

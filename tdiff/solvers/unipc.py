@@ -48,10 +48,12 @@ def _solve_rhos(rks: Sequence, b, n: int) -> list:
     L_j(x) = prod_{k != j} (x - r_k) / (r_j - r_k) the Lagrange basis polynomial of the nodes r_0..r_{n-1}. In
     floating point it is at least as close to the exact solve as LU (tests/test_solvers_tables.py checks it
     against exact rational arithmetic), and it is plain arithmetic, so one expression serves the host tables
-    and the differentiable ones."""
+    and the differentiable ones. The last rho comes from the first condition (sum rho = b_0): where a history
+    node is infinite (an output at alpha = 0, lambda = -inf), it gets weight 0 and the rest is the lower-order
+    solve, as LU gave there."""
     nodes = list(rks[:n])
     rhos = []
-    for j, r_j in enumerate(nodes):
+    for j, r_j in enumerate(nodes[:-1] if n > 1 else nodes):
         # the monic prod_{k != j} (x - r_k): its coefficients below the leading 1, lowest first
         coeffs, denom = [], None
         for k, r_k in enumerate(nodes):
@@ -63,6 +65,8 @@ def _solve_rhos(rks: Sequence, b, n: int) -> list:
         for i, c in enumerate(coeffs):
             numer = numer + c * b[i]
         rhos.append(numer if denom is None else numer / denom)
+    if n > 1:  # the last from the first condition, sum rho = b_0: the limit where another node is infinite
+        rhos.append(b[0] - sum(rhos[1:], rhos[0]))
     return rhos
 
 
