@@ -6,7 +6,8 @@ the model evaluation made there (no extra NFE) and re-does the step from the cor
   x_t = (sigma_t/sigma_s) x_s - alpha_t phi1 m_s - alpha_t B(h) sum_k rho_k (m_{s-k} - m_s)/r_k   (+ the m_t term)
 
 with r_k = (lambda_{s-k} - lambda_s)/h and rho solving the order conditions R rho = b (R_ij = r_j^(i-1)). The
-solve is torch.linalg.solve on tensors of the timesteps, so the gradient reaches the timesteps through rho too.
+solve is a closed form (Lagrange) in plain arithmetic on the timesteps' arrays, so the gradient reaches the
+timesteps through rho too.
 The corrector is skipped after the last step (there is no evaluation to reuse). The corrector and the next
 predictor are folded into one fused update per evaluation (build_unipc's fold).
 """
@@ -40,11 +41,33 @@ def _phi_terms(h, p: int, variant: str):
 
 
 def _solve_rhos(rks: Sequence, b, n: int) -> list:
-    """rho solving R[:n,:n] rho = b[:n], R_ij = rks_j^(i-1), batched over steps: rks holds (m,) tensors, b is
-    (p, m); returns n tensors of shape (m,)."""
-    rks = arrays.stack(list(rks), dim=-1)  # (m, p)
-    powers = arrays.stack([rks**i for i in range(n)], dim=-2)  # (m, n, p)
-    return arrays.unbind(arrays.solve_vectors(powers[..., :n, :n], b[:n].T), -1)
+    """rho solving R[:n,:n] rho = b[:n], R_ij = rks_j^(i-1), batched over steps: rks holds (m,) arrays, b is
+    (p, m); returns n arrays of shape (m,).
+
+    R is a transposed Vandermonde matrix, so the solve has a closed form: rho_j = sum_i b_i [x^i] L_j(x), with
+    L_j(x) = prod_{k != j} (x - r_k) / (r_j - r_k) the Lagrange basis polynomial of the nodes r_0..r_{n-1}. In
+    floating point it is at least as close to the exact solve as LU (tests/test_solvers_tables.py checks it
+    against exact rational arithmetic), and it is plain arithmetic, so one expression serves the host tables
+    and the differentiable ones. The last rho comes from the first condition (sum rho = b_0): where a history
+    node is infinite (an output at alpha = 0, lambda = -inf), it gets weight 0 and the rest is the lower-order
+    solve, as LU gave there."""
+    nodes = list(rks[:n])
+    rhos = []
+    for j, r_j in enumerate(nodes[:-1] if n > 1 else nodes):
+        # the monic prod_{k != j} (x - r_k): its coefficients below the leading 1, lowest first
+        coeffs, denom = [], None
+        for k, r_k in enumerate(nodes):
+            if k != j:  # times (x - r_k); the leading coefficient is 1 (no product with it: x * 1 is x)
+                coeffs = [-r_k * coeffs[0]] + [coeffs[i - 1] - r_k * coeffs[i] for i in range(1, len(coeffs))] + \
+                    [coeffs[-1] - r_k] if coeffs else [-r_k]
+                denom = r_j - r_k if denom is None else denom * (r_j - r_k)
+        numer = b[len(coeffs)]
+        for i, c in enumerate(coeffs):
+            numer = numer + c * b[i]
+        rhos.append(numer if denom is None else numer / denom)
+    if n > 1:  # the last from the first condition, sum rho = b_0: the limit where another node is infinite
+        rhos.append(b[0] - sum(rhos[1:], rhos[0]))
+    return rhos
 
 
 def _step_terms(g: Grid, i, p: int, variant: str):
@@ -66,7 +89,7 @@ def predictor_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     if p == 2:
         rhos = [arrays.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
     else:
-        rhos = _solve_rhos(rks + [arrays.ones_like(h)], b, p - 1)
+        rhos = _solve_rhos(rks, b, p - 1)  # the last node (1) is not among the first p - 1
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos, rks)]  # on (m_{i-k} - m_i)
     return [c_x, -a_t * phi1 + sum(weights), *[-w for w in weights]]
 
@@ -78,7 +101,7 @@ def corrector_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     if p == 1:
         rhos = [arrays.full_like(h, 0.5)]
     else:
-        rhos = _solve_rhos(rks + [arrays.ones_like(h)], b, p)
+        rhos = _solve_rhos(rks + [1.0], b, p)  # the new output's node r = 1 (a number: exact)
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos[:-1], rks)]  # on (m_{i-k} - m_i)
     w_new = a_t * big_b * rhos[-1]  # on (m_{i+1} - m_i)
     return [c_x, -w_new, -a_t * phi1 + sum(weights, arrays.zeros_like(h)) + w_new,
@@ -126,9 +149,20 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
             correctors[i] = corr[k, :2 + orders[i - 1]]
         return _unfolded(Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points()), n, orders,
                          corrects, predictors, correctors)
-    rows = _folded_rows(n, orders, corrects, pred, corr)
-    return Program.of(_folded_structure(tuple(len(row) - 1 for row in rows)), rows, eval_times=cond_times,
-                      eval_points=g.t, eval_alpha_sigma=g.points())
+    widths, parts = _folded_rows(n, orders, corrects, pred, corr)
+    struct = _folded_structure(tuple(widths))
+    kw = dict(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
+    if arrays.on_host(pred):  # one matrix per row width, without a row view each (Program.of_groups)
+        full = np.zeros((len(widths), max(mat.shape[1] for _, mat in parts)))
+        for evals, mat in parts:  # later parts replace earlier ones' rows
+            full[evals, :mat.shape[1]] = mat
+        return Program.of_groups(struct, [(idx, full[idx, :width]) for width, idx in struct.row_widths().items()],
+                                 **kw)
+    rows = [None] * len(widths)
+    for evals, mat in parts:
+        for k, i in enumerate(evals):
+            rows[i] = mat[k, :1 + widths[i]]
+    return Program.of(struct, rows, **kw)
 
 
 def _step_rows(g: Grid, plan, corrected: list, variant: str) -> tuple:
@@ -139,54 +173,88 @@ def _step_rows(g: Grid, plan, corrected: list, variant: str) -> tuple:
     blends (plan.blend), a step's rows are weight row_p + (1 - weight) row_1 (program.mixed_rows' blend), row_1
     zero-padded on the histories it does not read (the predictor's after (c_x, c_0), the corrector's after
     (c_x, c_new, c_0)). So a table costs a few array ops per order, whatever the number of steps."""
-    top, blend = plan.top, plan.blend
-    n, width = len(top), max(top)
-    has_corr = [False] * n
-    for j in corrected:
-        has_corr[j] = True
+    need, groups, pred_order, corr_order = _rows_layout(tuple(plan.top), None if plan.blend is None else
+                                                        tuple(plan.blend), tuple(corrected))
+    width = max(plan.top)
     # on a host grid, the step terms of every step that needs them, once at the widest order (each order's are
     # the first entries of b and of the r_k); on a differentiable one each row computes its own, as before the
     # builder was vectorised (shared terms' gradients would sum in another order)
-    need = [j for j in range(n) if top[j] > 1 or has_corr[j]]
-    shared = _step_terms(g, arrays.indices(need), width, variant) if need and arrays.on_host(g.lam) else None
-    at = {j: k for k, j in enumerate(need)}
+    shared = _step_terms(g, need, width, variant) if need is not None and arrays.on_host(g.lam) else None
 
-    def terms(steps: list, p: int):
+    def terms(k, p: int):
+        """The shared terms of the steps at positions k of `need` (None: all of them, in order)."""
         if shared is None:
             return None
-        k = arrays.indices([at[j] for j in steps])
         c_x, a_t, h, phi1, big_b, b, rks = shared
+        if k is None:
+            return c_x, a_t, h, phi1, big_b, b[:p], list(rks[:p - 1])
         return c_x[k], a_t[k], h[k], phi1[k], big_b[k], b[:p, k], [r[k] for r in rks[:p - 1]]
+
+    preds, corrs = [], []
+    for p, idx, k_all, with_corr, k_fixed, mixed, mixed_corr, at_steps, k_at in groups:
+        if p == 1:
+            preds.append(_matrix(first_order_row(g, idx, idx + 1)))
+            if with_corr is not None:
+                corrs.append(_matrix(corrector_row(g, idx[with_corr], 1, variant, terms(k_fixed, 1))))
+            continue
+        t = terms(k_all, p)
+        pred = _matrix(predictor_row(g, idx, p, variant, t))
+        corr = _matrix(corrector_row(g, idx, p, variant, t))[with_corr] if with_corr is not None else None
+        if mixed is not None:
+            w = plan.weight[idx[mixed]][:, None]
+            pred = _blend(pred, mixed, w, _matrix(first_order_row(g, idx[mixed], idx[mixed] + 1)))
+            if mixed_corr is not None:
+                corr = _blend(corr, mixed_corr, plan.weight[at_steps][:, None], _matrix(
+                    corrector_row(g, at_steps, 1, variant, terms(k_at, 1))))
+        preds.append(pred)
+        if with_corr is not None:
+            corrs.append(corr)
+    return _stack_rows(preds, pred_order, 1 + width), _stack_rows(corrs, corr_order, 2 + width) if corrs else None
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_layout(top: tuple, blend, corrected: tuple) -> tuple:
+    """The indexing `_step_rows` does, a function of the plan's orders and blends and of the corrected steps
+    alone, worked out once per such plan: (need, groups, pred_order, corr_order). need: the steps whose step
+    terms are shared (an index array, None if none). groups: per order p, in order of first appearance, (p, its
+    steps idx, k_all, with_corr, k_fixed, mixed, mixed_corr, at_steps, k_at): with_corr the positions in idx of
+    its corrected steps, mixed those of its blending steps, mixed_corr the positions in with_corr of its blending
+    corrected steps and at_steps those steps; k_* where steps are in `need` (None: all of need, in order); each
+    None where empty. pred_order / corr_order: the permutation that puts the groups' stacked rows in step order
+    (None for one group). Shared by every call: never written to."""
+    n = len(top)
+    has_corr = [False] * n
+    for j in corrected:
+        has_corr[j] = True
+    need = [j for j in range(n) if top[j] > 1 or has_corr[j]]
+    at = {j: k for k, j in enumerate(need)}
+
+    def where(steps: list):
+        return None if steps == need else arrays.indices([at[j] for j in steps])
 
     by_order: dict = {}
     for j, p in enumerate(top):
         by_order.setdefault(p, []).append(j)
-    preds, corrs = [], []  # (step indices, rows) per order
+    groups, pred_parts, corr_parts = [], [], []
     for p, steps in by_order.items():
         idx = arrays.indices(steps)
         with_corr = [k for k, j in enumerate(steps) if has_corr[j]]
         fixed = [steps[k] for k in with_corr]  # the steps whose corrector is needed
-        if p == 1:
-            preds.append((idx, _matrix(first_order_row(g, idx, idx + 1))))
-            if fixed:
-                corrs.append((idx[with_corr], _matrix(corrector_row(g, idx[with_corr], 1, variant, terms(fixed, 1)))))
-            continue
-        t = terms(steps, p)
-        pred = _matrix(predictor_row(g, idx, p, variant, t))
-        corr = _matrix(corrector_row(g, idx, p, variant, t))[with_corr] if fixed else None
-        mixed = [k for k, j in enumerate(steps) if blend is not None and blend[j]]
-        if mixed:
-            w = plan.weight[idx[mixed]][:, None]
-            pred = _blend(pred, mixed, w, _matrix(first_order_row(g, idx[mixed], idx[mixed] + 1)))
-            mixed_corr = [c for c, k in enumerate(with_corr) if blend[steps[k]]]  # the blending corrected steps
-            if mixed_corr:
-                at_steps = [fixed[c] for c in mixed_corr]
-                corr = _blend(corr, mixed_corr, plan.weight[arrays.indices(at_steps)][:, None], _matrix(
-                    corrector_row(g, arrays.indices(at_steps), 1, variant, terms(at_steps, 1))))
-        preds.append((idx, pred))
-        if fixed:
-            corrs.append((idx[with_corr], corr))
-    return _stack_rows(preds, 1 + width), _stack_rows(corrs, 2 + width) if corrs else None
+        mixed = [k for k, j in enumerate(steps) if blend is not None and blend[j]] if p > 1 else []
+        mixed_corr = [c for c, k in enumerate(with_corr) if blend[steps[k]]] if mixed else []
+        at_steps = [fixed[c] for c in mixed_corr]  # the blending corrected steps
+        groups.append((p, idx, where(steps) if p > 1 else None, arrays.indices(with_corr) if with_corr else None,
+                       where(fixed) if p == 1 and fixed else None, arrays.indices(mixed) if mixed else None,
+                       arrays.indices(mixed_corr) if mixed_corr else None,
+                       arrays.indices(at_steps) if at_steps else None, where(at_steps) if at_steps else None))
+        pred_parts.append(idx)
+        if with_corr:
+            corr_parts.append(idx[with_corr])
+
+    def order(parts: list):
+        return np.argsort(np.concatenate(parts), kind="stable") if len(parts) > 1 else None
+
+    return arrays.indices(need) if need else None, tuple(groups), order(pred_parts), order(corr_parts)
 
 
 def _matrix(columns: list):
@@ -207,14 +275,21 @@ def _blend(mat, at: list, w, first):
     return arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
 
 
-def _stack_rows(parts: list, width: int):
-    """The rows of [(step indices, matrix)] zero-padded to `width`, in ascending step order."""
+def _stack_rows(mats: list, order, width: int):
+    """The matrices' rows zero-padded to `width`, stacked and put in step order by the permutation `order` (None:
+    one matrix, in step order already)."""
+    if arrays.on_host(mats[0]) and order is not None:  # written into place: no padded copies
+        out = np.zeros((len(order), width))
+        start = 0
+        for m in mats:
+            out[start:start + len(m), :m.shape[1]] = m
+            start += len(m)
+        return out[order]
     mats = [m if m.shape[1] == width else arrays.cat([m, arrays.zeros(m, (m.shape[0], width - m.shape[1]))], dim=1)
-            for _, m in parts]
-    if len(parts) == 1:
+            for m in mats]
+    if order is None:
         return mats[0]
-    order = np.concatenate([idx for idx, _ in parts])
-    return arrays.cat(mats)[np.argsort(order, kind="stable")]
+    return arrays.cat(mats)[order]
 
 
 @functools.lru_cache(maxsize=256)
@@ -226,20 +301,23 @@ def _folded_structure(widths: tuple) -> Structure:
                       for i, w in enumerate(widths)])
 
 
-def _folded_rows(n: int, orders, corrects, pred, corr) -> list:
+def _folded_rows(n: int, orders, corrects, pred, corr) -> tuple:
     """Per evaluation i, the folded row: the predictor's where no correction precedes it, else the predictor's
-    row applied to the corrected sample, and after the last step (a final correction) [1, delta].
+    row applied to the corrected sample, and after the last step (a final correction) [1, delta]. Returned as
+    (widths, parts): widths[i] the number of outputs row i reads, parts [(evaluations, matrix)] whose matrix row k,
+    cut to 1 + widths[evals[k]], is the row of evals[k] (a later part's rows replace an earlier one's).
 
     The correction: UniC re-does the predictor's step from the same sample with the same c_x, so the corrected
     sample is x_c = x_p + delta . (m_new, m_i, m_{i-1}, ...) with delta = corrector[1:] - [0, predictor[1:]].
     The predictor [c_x, c_m] applied to x_c is one row over (x_p, m_new, ...): [c_x, c_x delta + c_m] (both
     zero-padded to the longer). pred and corr are `_step_rows`' zero-padded matrices, so this is a handful of
-    array ops for all the corrected evaluations at once; each row is then cut to its width."""
+    array ops for all the corrected evaluations at once."""
     count = n + 1 if corrects[n] else n
-    rows = [pred[i, :1 + orders[i]] for i in range(n)]
+    widths = list(orders)
+    parts = [(list(range(n)), pred)]
     at = [i for i in range(1, count) if corrects[i]]  # the corrected evaluations, ascending
     if not at:
-        return rows
+        return widths, parts
     prev = arrays.indices(at) - 1
     before = pred[prev]  # the predictor whose step each correction re-does
     delta = corr[:, 1:] - arrays.cat([arrays.zeros(corr, (len(at), 1)), before[:, 1:]], dim=1)
@@ -248,13 +326,14 @@ def _folded_rows(n: int, orders, corrects, pred, corr) -> list:
         nxt = pred[arrays.indices(at[:inner])]
         c_x = nxt[:, :1]
         c_m = arrays.cat([nxt[:, 1:], arrays.zeros(nxt, (inner, 1))], dim=1)
-        folded = arrays.cat([c_x, c_x * delta[:inner] + c_m], dim=1)
-        for k, i in enumerate(at[:inner]):
-            rows[i] = folded[k, :1 + max(1 + orders[i - 1], orders[i])]
+        parts.append((at[:inner], arrays.cat([c_x, c_x * delta[:inner] + c_m], dim=1)))
+        for i in at[:inner]:
+            widths[i] = max(1 + orders[i - 1], orders[i])
     if inner < len(at):  # the final correction is the result
         last = delta[inner, :1 + orders[n - 1]]
-        rows.append(arrays.cat([arrays.ones_like(last[:1]), last]))
-    return rows
+        parts.append(([n], arrays.cat([arrays.ones_like(last[:1]), last])[None]))
+        widths.append(1 + orders[n - 1])
+    return widths, parts
 
 
 def _unfolded(prog: Program, n: int, orders, corrects, predictors, correctors) -> Program:
