@@ -72,7 +72,9 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
     n = g.n_steps
     gammas = _gammas(g, s_churn, s_min, s_max)
     # on the host: which steps are corrected, and which of those blend with the Euler step (stable rule)
-    hd = arrays.tolist(g.lam[1:] - g.lam[:-1])
+    h = g.lam[1:] - g.lam[:-1]
+    hd = arrays.tolist(h)
+    host = arrays.on_host(h)
     corrected, blended = [], []
     for i in range(n):
         if g.final_zero and i == n - 1:
@@ -104,19 +106,29 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         tuple(gamma > 0 for gamma in gammas), tuple(fixed))
     groups = [(euler_at, arrays.stack(first_order_coefficients(a_hat, s_hat, g.alpha[1:], g.sigma[1:]), dim=1))]
     if corrected:
-        at, nx = arrays.indices(corrected), arrays.indices(corrected) + 1
+        m = len(corrected)
+        # on the host, the first m steps (the common case) as views, not gathers; the torch path keeps the gathers
+        # (its gradients' summation order, so t.grad, stay as they were)
+        if host and corrected[-1] == m - 1:
+            at, nx = slice(0, m), slice(1, m + 1)
+        else:
+            at = arrays.indices(corrected)
+            nx = at + 1
         a_h, s_h = a_hat[at], s_hat[at]
         a_n, s_n = g.alpha[nx], g.sigma[nx]
         half = a_n * (g.sigma_tilde[nx] - st_hat[at]) / 2
         cols = [a_n / a_h + half / s_h, -a_n * half / s_n, -half * a_h / s_h, half / s_n]
         if any(blended):  # w (Heun) + (1 - w) (Euler, which is xp itself); w = 1 where the step does not blend
-            w = arrays.where(np.array(blended), ramp(g.lam[nx] - g.lam[at], *HEUN_H), 1.0)
+            w = arrays.where(np.array(blended), ramp(h[at] if host else g.lam[nx] - g.lam[at], *HEUN_H), 1.0)
             cols = [w * c for c in cols[:3]] + [w * cols[3] + (1 - w)]
         groups.append((correction_at, arrays.stack(cols, dim=1)))
     if churned:
         groups.append((noise_at, noise_mat))
     prog = Program.of_groups(struct, groups)
-    prog.eval_times, prog.eval_points = cond_times[idx], g.t[idx]
+    if host and not (cond_times.requires_grad or g.t.requires_grad):  # index_select: half the cost of t[idx]
+        prog.eval_times, prog.eval_points = cond_times.index_select(0, idx), g.t.index_select(0, idx)
+    else:
+        prog.eval_times, prog.eval_points = cond_times[idx], g.t[idx]
     known = g.points()
     if known is not None and not churned and points[-1] < len(known[0]):  # points ascend
         at = idx.numpy()

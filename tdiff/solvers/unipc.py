@@ -267,6 +267,10 @@ def _blend(mat, at: list, w, first):
     zeros add nothing, so on the host only first's columns are added, in place: mat is the caller's own)."""
     rows = arrays.indices(at)
     if arrays.on_host(mat):
+        if len(rows) == len(mat):  # every row (positions ascend): in place, without the gather and the scatter
+            mat *= w
+            mat[:, :first.shape[1]] += (1 - w) * first
+            return mat
         blended = mat[rows] * w
         blended[:, :first.shape[1]] += (1 - w) * first
         mat[rows] = blended
