@@ -17,7 +17,9 @@ from typing import Hashable, Optional
 import torch
 
 
-def _storage_users(t: torch.Tensor) -> int:
+def storage_users(t: torch.Tensor) -> int:
+    """How many tensors share t's storage (the storage's own wrapper counts one): buffers.py and this module's
+    test for memory that something else still uses."""
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
@@ -36,7 +38,7 @@ def _unheld(groups: tuple, users: tuple) -> bool:
     output, a model that kept its time), and no more tensors sharing each group's storage than when the views were
     made (users: those counts; a view of a view raises it)."""
     for views, count in zip(groups, users):
-        if _storage_users(views[0]) != count:
+        if storage_users(views[0]) != count:
             return False
         for v in views:
             if sys.getrefcount(v) != _ALONE:
@@ -69,7 +71,7 @@ class RecycledViews:
         if torch.is_grad_enabled():
             return
         if users is None:
-            users = tuple(_storage_users(views[0]) for views in groups)
+            users = tuple(storage_users(views[0]) for views in groups)
         if len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
         self._entries[key] = table, groups, users

@@ -31,16 +31,13 @@ import torch
 from torch import Tensor
 
 from ..ops import dispatch
+from ..recycled_views import storage_users
 
 #: below this many bytes a fresh allocation comes from the allocator's free lists (no page faults), and the
 #: bookkeeping would cost more than it saves. Measured again with the compiled loop's two-check `recycle`
 #: (2026-12-01, in one process, interleaved, CPU time, dpmpp1/2 and unipc3): reuse was 3-20% slower than fresh
 #: outputs from 128 to 512 KiB, even at 1 MiB (0.86-1.01x), and 1.0-1.28x faster from 2 MiB (unipc3 at 4 MiB: 1.39x)
 MIN_BYTES = 1 << 20
-
-
-def _storage_users(t: Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
 _ALONE: Optional[int] = None
@@ -50,7 +47,7 @@ def _alone() -> int:
     """The storage use count of a tensor that nothing else shares (the storage wrapper itself counts)."""
     global _ALONE
     if _ALONE is None:
-        _ALONE = _storage_users(torch.empty(1))
+        _ALONE = storage_users(torch.empty(1))
     return _ALONE
 
 
@@ -78,7 +75,7 @@ _CALLEE_BASE = _callee_count({"t": object()}["t"])
 def writable(t: Tensor, holders: int) -> bool:
     """True when the `holders` references the caller knows of (dict entries and its own locals) are all that hold t
     and no other tensor shares its storage (no view of it is alive): the loop may then overwrite t in place."""
-    return sys.getrefcount(t) == holders + _CALLEE_BASE and _storage_users(t) == _alone()
+    return sys.getrefcount(t) == holders + _CALLEE_BASE and storage_users(t) == _alone()
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,7 +118,7 @@ class BufferPool:
         # held by `t` alone (see _sole_reference_count)
         if (self.kernel is not None and type(t) is Tensor and sys.getrefcount(t) == _SOLE and not t.requires_grad
                 and t.shape == self.shape and t.dtype == self.dtype and t.device == self.device
-                and t.is_contiguous() and t._base is None and _storage_users(t) == _alone()):
+                and t.is_contiguous() and t._base is None and storage_users(t) == _alone()):
             self.free.append(t)
 
     def recycle(self, buf: dict, name: str) -> None:
@@ -130,7 +127,7 @@ class BufferPool:
         checked: another reference (a model that kept its input) or a view of it. The caller knows statically
         which names hold such buffers (Execution.compile)."""
         t = buf.pop(name, None)
-        if t is not None and sys.getrefcount(t) == _SOLE and _storage_users(t) == _alone():
+        if t is not None and sys.getrefcount(t) == _SOLE and storage_users(t) == _alone():
             self.free.append(t)
 
     def update(self, x: Tensor, history: list, row: Tensor, uncond=None, scale=None, src=None, convert=None):

@@ -466,21 +466,29 @@ def mixed_groups(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] 
         else:
             mat = arrays.stack(row_fn(p, idx), dim=1)  # (positions, 1+p+tail)
             if sel is not None:  # the blending positions: rows sel of mat, first-order rows pick of first_all
-                first = first_all[pick]  # (blending positions, 2+tail)
-                cut = first.shape[1] - tail
-                w = weight[at][:, None]
-                if arrays.on_host(mat):  # in place (mat is this call's own array); the padding's zeros add nothing
-                    blended, share = mat[sel] * w, (1 - w) * first
-                    blended[:, :cut] += share[:, :cut]
-                    if tail:
-                        blended[:, cut + p - 1:] += share[:, cut:]
-                    mat[sel] = blended
-                else:
-                    first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(sel), p - 1)), first[:, cut:]],
-                                       dim=1)
-                    mat = arrays.put(mat, sel, w * mat[sel] + (1 - w) * first)
+                mat = blend_rows(mat, sel, weight[at][:, None], first_all[pick], tail)
         out.append((positions, mat))
     return out
+
+
+def blend_rows(mat, rows, w, first, tail: int = 0):
+    """mat with its rows `rows` (an index array, ascending) blended with the first-order rows `first`:
+    w row + (1 - w) first, `first` padded with zeros just before its `tail` entries to mat's width. On the host mat
+    is blended in place (it must be the caller's own array) and only first's columns are added (the padding's zeros
+    add nothing); where `rows` is every row, without the gather and the scatter."""
+    cut, pad = first.shape[1] - tail, mat.shape[1] - first.shape[1]
+    if arrays.on_host(mat):
+        every = len(rows) == len(mat)
+        blended, share = (mat if every else mat[rows]), (1 - w) * first
+        blended *= w
+        blended[:, :cut] += share[:, :cut]
+        if tail:
+            blended[:, cut + pad:] += share[:, cut:]
+        if not every:
+            mat[rows] = blended
+        return mat
+    first = arrays.cat([first[:, :cut], arrays.zeros(first, (len(rows), pad)), first[:, cut:]], dim=1)
+    return arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
 
 
 @functools.lru_cache(maxsize=256)

@@ -21,7 +21,7 @@ import numpy as np
 from . import arrays
 from .ddim import first_order_row
 from .grid import Grid
-from .program import Alias, Eval, Program, Structure, Update, check_choice, check_flag, check_order, \
+from .program import Alias, Eval, Program, Structure, Update, blend_rows, check_choice, check_flag, check_order, \
     choose_orders, multistep_orders, structure
 
 VARIANTS = ("bh1", "bh2")
@@ -202,9 +202,10 @@ def _step_rows(g: Grid, plan, corrected: list, variant: str) -> tuple:
         corr = _matrix(corrector_row(g, idx, p, variant, t))[with_corr] if with_corr is not None else None
         if mixed is not None:
             w = plan.weight[idx[mixed]][:, None]
-            pred = _blend(pred, mixed, w, _matrix(first_order_row(g, idx[mixed], idx[mixed] + 1)))
+            first = _matrix(first_order_row(g, idx[mixed], idx[mixed] + 1))
+            pred = blend_rows(pred, arrays.indices(mixed), w, first)
             if mixed_corr is not None:
-                corr = _blend(corr, mixed_corr, plan.weight[at_steps][:, None], _matrix(
+                corr = blend_rows(corr, arrays.indices(mixed_corr), plan.weight[at_steps][:, None], _matrix(
                     corrector_row(g, at_steps, 1, variant, terms(k_at, 1))))
         preds.append(pred)
         if with_corr is not None:
@@ -260,23 +261,6 @@ def _rows_layout(top: tuple, blend, corrected: tuple) -> tuple:
 def _matrix(columns: list):
     """The (steps, width) matrix of a row function's columns."""
     return arrays.stack(columns, dim=1)
-
-
-def _blend(mat, at: list, w, first):
-    """mat with its rows `at` blended: w row + (1 - w) first, first zero-padded to mat's width (the padding's
-    zeros add nothing, so on the host only first's columns are added, in place: mat is the caller's own)."""
-    rows = arrays.indices(at)
-    if arrays.on_host(mat):
-        if len(rows) == len(mat):  # every row (positions ascend): in place, without the gather and the scatter
-            mat *= w
-            mat[:, :first.shape[1]] += (1 - w) * first
-            return mat
-        blended = mat[rows] * w
-        blended[:, :first.shape[1]] += (1 - w) * first
-        mat[rows] = blended
-        return mat
-    first = arrays.cat([first, arrays.zeros(first, (len(at), mat.shape[1] - first.shape[1]))], dim=1)
-    return arrays.put(mat, rows, w * mat[rows] + (1 - w) * first)
 
 
 def _stack_rows(mats: list, order, width: int):
