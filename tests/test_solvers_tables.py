@@ -219,3 +219,24 @@ def test_unipc_rhos_give_an_infinitely_far_history_point_weight_zero():
         rho = _solve_rhos([np.array([-np.inf, -2.0]), 1.0], b, 2)
     assert rho[0][0] == 0 and rho[1][0] == 0.4
     assert np.allclose([rho[0][1], rho[1][1]], np.linalg.solve([[1.0, 1.0], [-2.0, 1.0]], b[:, 1]), rtol=1e-15)
+
+
+@pytest.mark.parametrize("solver, order, opts", [("dpmpp_sde", 1, {}), ("dpmpp_sde", 3, {}), ("ddpm", 1, {}),
+                                                 ("ddim", 1, {"eta": 0.5}), ("ddim", 1, {"eta": 1.5})])
+def test_stochastic_steps_to_clean_data_have_finite_time_gradients(solver, order, opts):
+    """A final step to sigma = 0 (final_sigmas_type="zero") once gave a NaN gradient for its start time (the root
+    of sigma_t^2 - s^2 at 0). Every time's gradient is finite and matches central differences (EDM: smooth in t)."""
+    schedule = SCHEDULES["edm"]
+    ts0 = 0.9 - 0.8 * torch.linspace(0, 1, 7, dtype=torch.float64) ** 1.5
+    weights = torch.randn(40, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def total(ts):
+        rows = build_program(schedule, ts, solver, order, final_sigmas_type="zero", **opts).rows
+        return sum((r.flatten() * weights[k, :r.numel()]).sum() for k, r in enumerate(rows))
+
+    ts = ts0.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(total(ts), ts)
+    assert grad.isfinite().all(), grad
+    eps = 1e-6
+    fd = torch.stack([(total(ts0 + eps * e) - total(ts0 - eps * e)) / (2 * eps) for e in torch.eye(7).double()])
+    torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-6)

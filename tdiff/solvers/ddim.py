@@ -7,6 +7,7 @@ lambda = log(alpha/sigma):
 
     s   = eta sigma_t sqrt(1 - e^-2h)                       (the noise std; DDIM's sigma_t(eta))
     x_t = alpha_t D + sqrt(sigma_t^2 - s^2) eps + s z,       eps = (x_s - alpha_s D)/sigma_s
+    sqrt(sigma_t^2 - s^2) = sigma_t sqrt(1 - eta^2 (1 - e^-2h))  (= sigma_t e^-h at eta = 1)
 
 With eta = 0: x_t = (sigma_t/sigma_s) x_s + (alpha_t - sigma_t alpha_s/sigma_s) D, DPM-Solver++'s -alpha_t expm1(-h)
 written through sigma ratios, which stays finite (and differentiable) when the target is clean data (sigma_t = 0,
@@ -35,7 +36,10 @@ def ddim_coefficients(alpha_s, sigma_s, alpha_t, sigma_t, eta: float = 0.0) -> t
         return ratio, alpha_t - ratio * alpha_s, sigma_t, None
     emh = (sigma_t * alpha_s) / (sigma_s * alpha_t)
     s = eta * sigma_t * arrays.sqrt_pos(1 - emh * emh)
-    c_eps = arrays.sqrt_pos(sigma_t * sigma_t - s * s)
+    # sqrt(sigma_t^2 - s^2) with sigma_t taken out of the root: the root of sigma_t^2 - s^2 is the root of 0 on a
+    # final step to sigma_t = 0, whose derivative (inf) times 0 made the time steps' gradient NaN there. At eta = 1
+    # the root is e^-h itself (DDPM's posterior mean; SDE-DPM-Solver++(1)).
+    c_eps = sigma_t * (emh if eta == 1 else arrays.sqrt_pos(1 - eta * eta * (1 - emh * emh)))
     c_x = c_eps / sigma_s
     return c_x, alpha_t - c_x * alpha_s, c_eps, s
 
