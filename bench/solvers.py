@@ -35,7 +35,8 @@ against the copy ceiling, and solver error against the exact ODE solution on the
    `python -m bench solvers_per_step` runs this part alone (into solvers.json's per_step).
 2. Fused update, K = 1..4: tdiff::multistep_update reads (1+K) tensors and writes one; its converting form (the
    sampling loop's: D = p x + q m formed in the pass and written too) reads 1+K and writes two. Effective bandwidth
-   = those bytes / time, against dst.copy_(src) on the same bytes, eager PyTorch and torch.compile.
+   = those bytes / time, against dst.copy_(src) on the same bytes, eager PyTorch and torch.compile: measured by
+   bench/multistep_update's `bandwidth` (the same table as `python -m bench multistep_update`).
 3. Stability: the error (mean over STABILITY_SAMPLES mixture samples of noise seed STABILITY_SEED of the L2 error
    against scipy DOP853 at rtol 1e-10) of each deterministic solver at NFE 4..40 on the four time-step heuristics,
    with the default order rule ("stable") and diffusers' count rule, and each curve's worst growth: max over NFE of
@@ -58,10 +59,9 @@ import time
 
 import torch
 
-from bench.common import best_seconds, copy_fn, copy_seconds, plot_path, print_table, pyplot, write_result
+from bench.common import copy_fn, plot_path, print_table, pyplot, write_result
 from tdiff import schedules as S
 from tdiff.ops import dispatch
-from tdiff.ops.multistep_update import multistep_update
 from tdiff.solvers import from_diffusers_timesteps, sample
 
 OVERHEAD_SHAPES = [(1, 4, 32, 32), (16, 4, 32, 32), (16, 4, 128, 128)]
@@ -71,7 +71,6 @@ FLOOR_PASSES = 5
 # over x (in place: no read for ownership), against 5 passes copied (2.5 lines read, 2.5 read for ownership and
 # written back)
 MIN_FRACTION = 3 / 7.5
-BANDWIDTH_SHAPES = [(16, 4, 32, 32), (64, 4, 64, 64)]
 NFES = list(range(4, 41))
 QUICK_NFES = [4, 6, 10]
 SOLVERS = [("euler", 1), ("heun", 2), ("dpmpp", 2), ("dpmpp", 3), ("dpmpp_ab", 3), ("dpmsolver", 3), ("unipc", 2),
@@ -281,54 +280,13 @@ def _fmt(m: dict) -> str:
 # 2. fused update bandwidth
 # ---------------------------------------------------------------------------------------------------------------
 def bandwidth(quick: bool) -> list:
-    """K = 1..4: the plain update (reads x and K histories, writes x_next: K + 2 tensor passes) and the converting
-    form of the sampling loop (reads x, the raw output m and K - 1 histories, writes x_next and D: K + 3 passes),
-    against dst.copy_(src) on the same bytes, eager PyTorch and torch.compile of the plain update. Each timed as its
-    fastest ~1 ms block (bench.common.best_seconds), the copy included: on a shared machine a short block is often
-    preempted, and interleaved per-round medians of 2 ms blocks measured the scheduler (copy/op ratios of 0.6-1.7
-    that moved with the order of the variants). Ratios above 1 are flagged as noise."""
-    min_time = 0.2 if quick else 1.0
-    records = []
-    backends = (["cpp"] if dispatch.cpp_has("multistep_update_cpu") else []) + ["torch"]
-    for shape in BANDWIDTH_SHAPES[:1] if quick else BANDWIDTH_SHAPES:
-        for k in (1, 2, 3, 4):
-            x = torch.randn(shape)
-            hist = [torch.randn(shape) for _ in range(k)]
-            coeffs = torch.randn(shape[0], 1 + k)
-            pq = torch.randn(shape[0], 2)
-            size = x.numel() * x.element_size()
-            plain, fused = (k + 2) * size, (k + 3) * size
-            t_copy = {n: copy_seconds(n, min_run_time=min_time, timer=best_seconds) for n in (plain, fused)}
+    """K = 1..4, in and out of cache: bench/multistep_update's measurement (interleaved short blocks against copy,
+    eager and torch.compile, medians with 95% intervals), run here so that this bench shows it. One measurement in
+    one place: this bench used to time its own fastest-1-ms-block table, whose in-cache figures (0.65-0.90 of copy)
+    disagreed with the interleaved ones."""
+    from bench.multistep_update import bandwidth as update_bandwidth
 
-            def eager():
-                out = coeffs[:, 0].view(-1, 1, 1, 1) * x
-                for j, h in enumerate(hist):
-                    out = out + coeffs[:, j + 1].view(-1, 1, 1, 1) * h
-                return out
-
-            compiled = torch.compile(eager, dynamic=False)
-            timings = {"eager": (best_seconds(eager, min_time), plain),
-                       "torch.compile": (best_seconds(compiled, min_time), plain)}
-            for b in backends:
-                os.environ["TDIFF_BACKEND"] = b
-                timings[f"tdiff[{b}]"] = (best_seconds(lambda: multistep_update(x, hist, coeffs, check=False),
-                                                       min_time), plain)
-                timings[f"tdiff[{b}] convert"] = (best_seconds(
-                    lambda: multistep_update(x, hist, coeffs, src=x, convert=pq, check=False), min_time), fused)
-            os.environ.pop("TDIFF_BACKEND", None)
-            for name, (t, nbytes) in timings.items():
-                records.append({"shape": list(shape), "K": k, "impl": name, "us": t * 1e6, "bytes": nbytes,
-                                "GBps": nbytes / t / 1e9, "copy_GBps": nbytes / t_copy[nbytes] / 1e9,
-                                "fraction_of_copy": t_copy[nbytes] / t,
-                                # above 1 is impossible: the copy of those bytes and the op were disturbed unequally
-                                "above_ceiling": t_copy[nbytes] / t > 1})
-    print_table("Fused update x_next = c_x x + sum_k c_k h_k (float32), and its converting form (+ D = p x + q m "
-                "written): effective bandwidth vs copy of the same bytes (fastest 1 ms block, one thread)",
-                ["shape", "K", "impl", "us", "GB/s", "copy GB/s", "of copy"],
-                [[str(tuple(r["shape"])), r["K"], r["impl"], r["us"], r["GBps"], r["copy_GBps"],
-                  f"{100 * r['fraction_of_copy']:.0f}%" + (" (above the ceiling: noise)" if r["above_ceiling"] else "")]
-                 for r in records])
-    return records
+    return update_bandwidth(quick)
 
 
 # ---------------------------------------------------------------------------------------------------------------
