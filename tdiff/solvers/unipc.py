@@ -149,15 +149,13 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
             correctors[i] = corr[k, :2 + orders[i - 1]]
         return _unfolded(Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points()), n, orders,
                          corrects, predictors, correctors)
-    widths, parts = _folded_rows(n, orders, corrects, pred, corr)
-    struct = _folded_structure(tuple(widths))
     kw = dict(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     if arrays.on_host(pred):  # one matrix per row width, without a row view each (Program.of_groups)
-        full = np.zeros((len(widths), max(mat.shape[1] for _, mat in parts)))
-        for evals, mat in parts:  # later parts replace earlier ones' rows
-            full[evals, :mat.shape[1]] = mat
-        return Program.of_groups(struct, [(idx, full[idx, :width]) for width, idx in struct.row_widths().items()],
-                                 **kw)
+        struct, at, groups = _host_fold_layout(tuple(orders), tuple(corrects))
+        full = _host_folded(pred, corr, at)
+        return Program.of_groups(struct, [(idx, full[rows, :width]) for idx, rows, width in groups], **kw)
+    widths, parts = _folded_rows(n, orders, corrects, pred, corr)
+    struct = _folded_structure(tuple(widths))
     rows = [None] * len(widths)
     for evals, mat in parts:
         for k, i in enumerate(evals):
@@ -173,6 +171,8 @@ def _step_rows(g: Grid, plan, corrected: list, variant: str) -> tuple:
     blends (plan.blend), a step's rows are weight row_p + (1 - weight) row_1 (program.mixed_rows' blend), row_1
     zero-padded on the histories it does not read (the predictor's after (c_x, c_0), the corrector's after
     (c_x, c_new, c_0)). So a table costs a few array ops per order, whatever the number of steps."""
+    if arrays.on_host(g.lam):
+        return _host_step_rows(g, plan, tuple(corrected), variant)
     need, groups, pred_order, corr_order = _rows_layout(tuple(plan.top), None if plan.blend is None else
                                                         tuple(plan.blend), tuple(corrected))
     width = max(plan.top)
@@ -211,6 +211,98 @@ def _step_rows(g: Grid, plan, corrected: list, variant: str) -> tuple:
         if with_corr is not None:
             corrs.append(corr)
     return _stack_rows(preds, pred_order, 1 + width), _stack_rows(corrs, corr_order, 2 + width) if corrs else None
+
+
+def _host_step_rows(g: Grid, plan, corrected: tuple, variant: str) -> tuple:
+    """`_step_rows` on a host grid (numpy), bit-identical, in fewer array ops: its cost is the count of numpy calls
+    (~1 us each on arrays of ~20 entries), and most of `_step_rows`' went to the fixed cost of each order group
+    (index arrays, gathers, a blend per group), one-step warm-up groups included.
+
+    Here the rows of an order are computed for every step from p-1 on at once, on slices (views, no gathers),
+    and the rows of that order's steps copied out; the first-order rows (every step needs them, as its own row or
+    as a blend's partner) likewise for every step. An order with only a few steps (the warm-up's order 2 in an
+    order-3 run) is computed per step on numpy scalars, the same formulas on the same float64 values. The blends
+    are one `blend_rows` per matrix over all the blending steps. Each entry is the same float64 operations on the
+    same values as in `_step_rows`, so the matrices are equal bit for bit."""
+    top = plan.top
+    n, width = len(top), max(top)
+    ne, vector_orders, scalar_steps, corr_at, blending = _host_layout(
+        tuple(top), None if plan.blend is None else tuple(plan.blend), corrected, g.final_zero)
+    lam, alpha, sigma = g.lam, g.alpha, g.sigma
+    # the step terms of every step but a final one to sigma = 0 (h infinite there, and its row is first order)
+    h = lam[1:ne + 1] - lam[:ne]
+    c_x, a_t = sigma[1:ne + 1] / sigma[:ne], alpha[1:ne + 1]
+    phi1, big_b, b = _phi_terms(h, width, variant)
+    first = _matrix(first_order_row(g, slice(0, n), slice(1, n + 1)))
+    pred = np.zeros((n, 1 + width))
+    pred[:, :2] = first
+    corr = None
+    if corrected:
+        corr = np.zeros((ne, 2 + width))
+        corr[:, :3] = first_corr = _matrix(corrector_row(g, None, 1, variant, (c_x, a_t, h, phi1, big_b, b, [])))
+    for p, steps, at in vector_orders:  # the rows at order p of every step from p - 1 on; those of its steps kept
+        s = p - 1
+        terms = (c_x[s:], a_t[s:], h[s:], phi1[s:], big_b[s:], b[:p, s:],
+                 [(lam[s - k:ne - k] - lam[s:ne]) / h[s:] for k in range(1, p)])
+        pred[steps, :1 + p] = _matrix(predictor_row(g, None, p, variant, terms))[at]
+        if corr is not None:
+            corr[steps, :2 + p] = _matrix(corrector_row(g, None, p, variant, terms))[at]
+    for j, p, with_corr in scalar_steps:  # numpy scalars: the same float64 operations as on the arrays
+        terms = (c_x[j], a_t[j], h[j], phi1[j], big_b[j], b[:p, j], [(lam[j - k] - lam[j]) / h[j] for k in range(1, p)])
+        pred[j, :1 + p] = predictor_row(g, j, p, variant, terms)
+        if with_corr:
+            corr[j, :2 + p] = corrector_row(g, j, p, variant, terms)
+    if blending is not None:
+        steps, corr_steps = blending
+        pred = blend_rows(pred, steps, plan.weight[steps][:, None], first[steps])
+        if corr_steps is not None:
+            corr = blend_rows(corr, corr_steps, plan.weight[corr_steps][:, None], first_corr[corr_steps])
+    if corr is not None and corr_at is not None:
+        corr = corr[corr_at]
+    return pred, corr
+
+
+#: an order of at most this many steps (but the widest) is computed per step on numpy scalars in _host_step_rows
+SCALAR_STEPS = 3
+
+
+@functools.lru_cache(maxsize=256)
+def _host_layout(top: tuple, blend, corrected: tuple, final_zero: bool) -> tuple:
+    """`_host_step_rows`' indexing, a function of the plan and the corrected steps alone (cached; shared by every
+    call, never written to): (ne, vector_orders, scalar_steps, corr_at, blending). ne: the steps with a finite step
+    in lambda; vector_orders: per order p > 1 computed on arrays, (p, its steps, their positions from step p - 1);
+    scalar_steps: (step, p, corrected?) of the other orders > 1; corr_at: the corrected steps as an index (None:
+    steps 0..ne-1, all of them); blending: (the blending steps, those of them corrected (None if none)) or None."""
+    n, width = len(top), max(top)
+    ne = n - 1 if final_zero else n
+    is_corr = [False] * n
+    for j in corrected:
+        is_corr[j] = True
+    by_order: dict = {}
+    for j, p in enumerate(top):
+        if p > 1:
+            by_order.setdefault(p, []).append(j)
+    vector_orders, scalar_steps = [], []
+    for p, steps in sorted(by_order.items()):
+        if p == width or len(steps) > SCALAR_STEPS:
+            vector_orders.append((p, _index(steps), _index([j - (p - 1) for j in steps])))
+        else:
+            scalar_steps.extend((j, p, is_corr[j]) for j in steps)
+    corr_at = None if list(corrected) == list(range(ne)) else _index(list(corrected))
+    blending = None
+    if blend is not None:
+        steps = [j for j in range(n) if blend[j] and top[j] > 1]
+        if steps:
+            corr_steps = [j for j in steps if is_corr[j]]
+            blending = (arrays.indices(steps), arrays.indices(corr_steps) if corr_steps else None)
+    return ne, tuple(vector_orders), tuple(scalar_steps), corr_at, blending
+
+
+def _index(positions: list):
+    """An index of these ascending positions: a slice where they are contiguous (a view, no gather)."""
+    if positions and positions[-1] - positions[0] == len(positions) - 1:
+        return slice(positions[0], positions[-1] + 1)
+    return arrays.indices(positions)
 
 
 @functools.lru_cache(maxsize=256)
@@ -300,28 +392,75 @@ def _folded_rows(n: int, orders, corrects, pred, corr) -> tuple:
     The predictor [c_x, c_m] applied to x_c is one row over (x_p, m_new, ...): [c_x, c_x delta + c_m] (both
     zero-padded to the longer). pred and corr are `_step_rows`' zero-padded matrices, so this is a handful of
     array ops for all the corrected evaluations at once."""
-    count = n + 1 if corrects[n] else n
-    widths = list(orders)
+    widths, at, inner = _folded_widths(tuple(orders), tuple(corrects))
     parts = [(list(range(n)), pred)]
-    at = [i for i in range(1, count) if corrects[i]]  # the corrected evaluations, ascending
     if not at:
         return widths, parts
     prev = arrays.indices(at) - 1
     before = pred[prev]  # the predictor whose step each correction re-does
     delta = corr[:, 1:] - arrays.cat([arrays.zeros(corr, (len(at), 1)), before[:, 1:]], dim=1)
-    inner = len(at) - 1 if at[-1] == n else len(at)  # the corrections followed by a predictor
     if inner:
         nxt = pred[arrays.indices(at[:inner])]
         c_x = nxt[:, :1]
         c_m = arrays.cat([nxt[:, 1:], arrays.zeros(nxt, (inner, 1))], dim=1)
         parts.append((at[:inner], arrays.cat([c_x, c_x * delta[:inner] + c_m], dim=1)))
-        for i in at[:inner]:
-            widths[i] = max(1 + orders[i - 1], orders[i])
     if inner < len(at):  # the final correction is the result
         last = delta[inner, :1 + orders[n - 1]]
         parts.append(([n], arrays.cat([arrays.ones_like(last[:1]), last])[None]))
-        widths.append(1 + orders[n - 1])
     return widths, parts
+
+
+@functools.lru_cache(maxsize=256)
+def _folded_widths(orders: tuple, corrects: tuple) -> tuple:
+    """(widths, at, inner) of the folded program: widths[i] the number of outputs evaluation i's row reads, at the
+    corrected evaluations (ascending), inner how many of them a predictor follows (all but a final correction).
+    Shared by every call: never written to."""
+    n = len(orders)
+    count = n + 1 if corrects[n] else n
+    at = tuple(i for i in range(1, count) if corrects[i])
+    inner = len(at) - 1 if at and at[-1] == n else len(at)
+    widths = list(orders)
+    for i in at[:inner]:
+        widths[i] = max(1 + orders[i - 1], orders[i])
+    if inner < len(at):
+        widths.append(1 + orders[n - 1])
+    return tuple(widths), at, inner
+
+
+@functools.lru_cache(maxsize=256)
+def _host_fold_layout(orders: tuple, corrects: tuple) -> tuple:
+    """`_host_folded`'s indexing and the program's structure, a function of the orders and the corrected
+    evaluations alone (cached; shared by every call, never written to): (struct, at, groups). at: None without
+    corrections, else (the evaluations a predictor follows, the steps their corrections re-do, their count, the
+    final correction's width or 0); groups: per row width, (row indices, the same as an index, width)."""
+    widths, at, inner = _folded_widths(orders, corrects)
+    struct = _folded_structure(widths)
+    groups = tuple((idx, _index(idx), width) for width, idx in struct.row_widths().items())
+    if not at:
+        return struct, None, groups
+    n = len(orders)
+    return struct, (_index(list(at[:inner])), _index([i - 1 for i in at]), inner,
+                    1 + orders[n - 1] if inner < len(at) else 0), groups
+
+
+def _host_folded(pred, corr, at):
+    """`_folded_rows` on the host as one (evaluations, 2 + p_max) matrix (row i, cut to its width, is evaluation
+    i's row), written in place: the same float64 operations as there, on the matrices `_step_rows` returned
+    (corr is changed)."""
+    n, width = pred.shape
+    full = np.zeros((n + (at is not None and at[3] > 0), width + 1))
+    full[:n, :width] = pred
+    if at is None:
+        return full
+    followed, redone, inner, last = at
+    delta = corr[:, 1:]  # minus [0, the redone predictor's output coefficients]: x - 0 is x
+    delta[:, 1:] -= pred[redone, 1:]
+    if inner:  # [c_x, c_x delta + c_m], c_m = [the predictor's output coefficients, 0]: full's row already
+        full[followed, 1:] = pred[followed, :1] * delta[:inner] + full[followed, 1:]
+    if last:  # the final correction is the result: [1, delta]
+        full[n, 0] = 1.0
+        full[n, 1:1 + last] = delta[inner, :last]
+    return full
 
 
 def _unfolded(prog: Program, n: int, orders, corrects, predictors, correctors) -> Program:
