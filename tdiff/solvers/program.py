@@ -314,7 +314,10 @@ def ramp(v, lo, hi):
     last step on quadratic-t grids: 1.12x). The smoothstep's zero slope at both ends lets the order-p error's own
     decrease dominate there."""
     s = (hi - v) / (hi - lo)
-    s = min(max(s, 0.0), 1.0) if type(s) is float else arrays.clamp(s, 0.0, 1.0)  # floats: stable_orders' host path
+    if type(s) is float:  # stable_orders' host path: min(max(s, 0), 1) without the calls (nan and -0.0 kept)
+        s = 0.0 if s < 0.0 else 1.0 if s > 1.0 else s
+    else:
+        s = arrays.clamp(s, 0.0, 1.0)
     return s * s * (3 - 2 * s)
 
 
@@ -467,14 +470,15 @@ def mixed_groups(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] 
 
 
 def blend_rows(mat, rows, w, first, tail: int = 0):
-    """mat with its rows `rows` (an index array, ascending) blended with the first-order rows `first`:
-    w row + (1 - w) first, `first` padded with zeros just before its `tail` entries to mat's width. On the host mat
-    is blended in place (it must be the caller's own array) and only first's columns are added (the padding's zeros
-    add nothing); where `rows` is every row, without the gather and the scatter."""
+    """mat with its rows `rows` (an index array, ascending; on the host also a slice) blended with the first-order
+    rows `first`: w row + (1 - w) first, `first` padded with zeros just before its `tail` entries to mat's width. On
+    the host mat is blended in place (it must be the caller's own array) and only first's columns are added (the
+    padding's zeros add nothing); where `rows` is a slice or every row, without the gather and the scatter."""
     cut, pad = first.shape[1] - tail, mat.shape[1] - first.shape[1]
     if arrays.on_host(mat):
-        every = len(rows) == len(mat)
-        blended, share = (mat if every else mat[rows]), (1 - w) * first
+        view = type(rows) is slice
+        every = view or len(rows) == len(mat)
+        blended, share = (mat[rows] if view else mat if every else mat[rows]), (1 - w) * first
         blended *= w
         blended[:, :cut] += share[:, :cut]
         if tail:

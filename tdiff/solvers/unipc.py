@@ -294,7 +294,7 @@ def _host_layout(top: tuple, blend, corrected: tuple, final_zero: bool) -> tuple
         steps = [j for j in range(n) if blend[j] and top[j] > 1]
         if steps:
             corr_steps = [j for j in steps if is_corr[j]]
-            blending = (arrays.indices(steps), arrays.indices(corr_steps) if corr_steps else None)
+            blending = (_index(steps), _index(corr_steps) if corr_steps else None)
     return ne, tuple(vector_orders), tuple(scalar_steps), corr_at, blending
 
 
