@@ -35,8 +35,9 @@ def _phi_terms(h, p: int, variant: str):
     b, h_phi_k, factorial = [], phi1 / hh - 1, 1.0
     for i in range(1, p + 1):
         b.append(h_phi_k * factorial / big_b)
-        factorial *= i + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial
+        if i < p:  # the next term (none after the last)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
     return phi1, big_b, arrays.stack(b)
 
 
@@ -87,7 +88,7 @@ def predictor_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
         return first_order_row(g, i, i + 1)
     c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms
     if p == 2:
-        rhos = [arrays.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
+        rhos = [0.5]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers); a number: exact
     else:
         rhos = _solve_rhos(rks, b, p - 1)  # the last node (1) is not among the first p - 1
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos, rks)]  # on (m_{i-k} - m_i)
@@ -99,12 +100,12 @@ def corrector_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     new output m_{i+1}. p is the order of the predictor that produced x_{i+1}; terms as in `predictor_row`."""
     c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms
     if p == 1:
-        rhos = [arrays.full_like(h, 0.5)]
+        rhos = [0.5]
     else:
         rhos = _solve_rhos(rks + [1.0], b, p)  # the new output's node r = 1 (a number: exact)
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos[:-1], rks)]  # on (m_{i-k} - m_i)
     w_new = a_t * big_b * rhos[-1]  # on (m_{i+1} - m_i)
-    return [c_x, -w_new, -a_t * phi1 + sum(weights, arrays.zeros_like(h)) + w_new,
+    return [c_x, -w_new, -a_t * phi1 + sum(weights) + w_new,  # sum([]) = 0: x + 0, as x + zeros was
             *[-w for w in weights]]
 
 
@@ -137,11 +138,8 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     plan = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero,
                          functools.partial(multistep_orders, warmup=True), orders)
     orders = plan.top
-    # the corrector at point i (1 <= i <= n) re-does step i-1 -> i with the order mix its predictor used; its row
-    # reads (x, m_new, m_{i-1}, ...), one output more than the predictor's
-    corrects = [i > 0 and use_corrector and (i - 1) not in disable_corrector for i in range(n + 1)]
-    corrects[n] = corrects[n] and final_corrector
-    pred, corr = _step_rows(g, plan, [i - 1 for i in range(1, n + 1) if corrects[i]], variant)
+    corrects, corrected = _corrections(n, use_corrector, tuple(disable_corrector), final_corrector)
+    pred, corr = _step_rows(g, plan, corrected, variant)
     if not fold:
         predictors = [pred[j, :1 + p] for j, p in enumerate(orders)]
         correctors = [None] * (n + 1)
@@ -151,7 +149,7 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
                          corrects, predictors, correctors)
     kw = dict(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     if arrays.on_host(pred):  # one matrix per row width, without a row view each (Program.of_groups)
-        struct, at, groups = _host_fold_layout(tuple(orders), tuple(corrects))
+        struct, at, groups = _host_fold_layout(tuple(orders), corrects)
         full = _host_folded(pred, corr, at)
         return Program.of_groups(struct, [(idx, full[rows, :width]) for idx, rows, width in groups], **kw)
     widths, parts = _folded_rows(n, orders, corrects, pred, corr)
@@ -163,7 +161,18 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     return Program.of(struct, rows, **kw)
 
 
-def _step_rows(g: Grid, plan, corrected: list, variant: str) -> tuple:
+@functools.lru_cache(maxsize=256)
+def _corrections(n: int, use_corrector: bool, disabled: tuple, final_corrector: bool) -> tuple:
+    """(corrects, corrected): per point i (0..n) whether the corrector runs there, and the steps those
+    corrections re-do (i - 1), ascending. The corrector at point i (1 <= i <= n) re-does step i-1 -> i with the
+    order mix its predictor used; its row reads (x, m_new, m_{i-1}, ...), one output more than the predictor's.
+    Shared by every call: never written to."""
+    corrects = [i > 0 and use_corrector and (i - 1) not in disabled for i in range(n + 1)]
+    corrects[n] = corrects[n] and final_corrector
+    return tuple(corrects), tuple(i - 1 for i in range(1, n + 1) if corrects[i])
+
+
+def _step_rows(g: Grid, plan, corrected: tuple, variant: str) -> tuple:
     """Every step's predictor row and the corrected steps' corrector rows (`corrected`: their step indices,
     ascending), as two matrices zero-padded to the widest order: (n, 1 + p_max) and (len(corrected), 2 + p_max).
 
@@ -172,9 +181,9 @@ def _step_rows(g: Grid, plan, corrected: list, variant: str) -> tuple:
     zero-padded on the histories it does not read (the predictor's after (c_x, c_0), the corrector's after
     (c_x, c_new, c_0)). So a table costs a few array ops per order, whatever the number of steps."""
     if arrays.on_host(g.lam):
-        return _host_step_rows(g, plan, tuple(corrected), variant)
+        return _host_step_rows(g, plan, corrected, variant)
     need, groups, pred_order, corr_order = _rows_layout(tuple(plan.top), None if plan.blend is None else
-                                                        tuple(plan.blend), tuple(corrected))
+                                                        tuple(plan.blend), corrected)
     width = max(plan.top)
     # on a host grid, the step terms of every step that needs them, once at the widest order (each order's are
     # the first entries of b and of the r_k); on a differentiable one each row computes its own, as before the
