@@ -230,9 +230,13 @@ def _host_step_rows(g: Grid, plan, corrected: tuple, variant: str) -> tuple:
     Here the rows of an order are computed for every step from p-1 on at once, on slices (views, no gathers),
     and the rows of that order's steps copied out; the first-order rows (every step needs them, as its own row or
     as a blend's partner) likewise for every step. An order with only a few steps (the warm-up's order 2 in an
-    order-3 run) is computed per step on numpy scalars, the same formulas on the same float64 values. The blends
-    are one `blend_rows` per matrix over all the blending steps. Each entry is the same float64 operations on the
-    same values as in `_step_rows`, so the matrices are equal bit for bit."""
+    order-3 run) is computed per step in Python floats, the same formulas on the same float64 values (IEEE
+    arithmetic, no fused operations; its sums have one term, so Python's compensated float sum (3.12+) cannot
+    differ; expm1 comes from the arrays, numpy's and math's differ in the last bit). The blends
+    are one `blend_rows` per matrix over the span of the blending steps (in place, `_host_layout`). Each entry is
+    the same float64 operations on the same values as in `_step_rows`, so the matrices are equal (bit for bit
+    over the 32640 host programs of the check in the commit that made this; a step inside the blending span
+    that does not blend could only differ in the sign of a zero)."""
     top = plan.top
     n, width = len(top), max(top)
     ne, vector_orders, scalar_steps, corr_at, blending = _host_layout(
@@ -256,8 +260,10 @@ def _host_step_rows(g: Grid, plan, corrected: tuple, variant: str) -> tuple:
         pred[steps, :1 + p] = _matrix(predictor_row(g, None, p, variant, terms))[at]
         if corr is not None:
             corr[steps, :2 + p] = _matrix(corrector_row(g, None, p, variant, terms))[at]
-    for j, p, with_corr in scalar_steps:  # numpy scalars: the same float64 operations as on the arrays
-        terms = (c_x[j], a_t[j], h[j], phi1[j], big_b[j], b[:p, j], [(lam[j - k] - lam[j]) / h[j] for k in range(1, p)])
+    for j, p, with_corr in scalar_steps:  # Python floats: the same float64 operations as on the arrays
+        lam_j, h_j = lam.item(j), h.item(j)
+        terms = (c_x.item(j), a_t.item(j), h_j, phi1.item(j), big_b.item(j), b[:p, j].tolist(),
+                 [(lam.item(j - k) - lam_j) / h_j for k in range(1, p)])
         pred[j, :1 + p] = predictor_row(g, j, p, variant, terms)
         if with_corr:
             corr[j, :2 + p] = corrector_row(g, j, p, variant, terms)
@@ -271,7 +277,7 @@ def _host_step_rows(g: Grid, plan, corrected: tuple, variant: str) -> tuple:
     return pred, corr
 
 
-#: an order of at most this many steps (but the widest) is computed per step on numpy scalars in _host_step_rows
+#: an order (2, below the widest) of at most this many steps is computed per step in floats in _host_step_rows
 SCALAR_STEPS = 3
 
 
@@ -281,7 +287,8 @@ def _host_layout(top: tuple, blend, corrected: tuple, final_zero: bool) -> tuple
     call, never written to): (ne, vector_orders, scalar_steps, corr_at, blending). ne: the steps with a finite step
     in lambda; vector_orders: per order p > 1 computed on arrays, (p, its steps, their positions from step p - 1);
     scalar_steps: (step, p, corrected?) of the other orders > 1; corr_at: the corrected steps as an index (None:
-    steps 0..ne-1, all of them); blending: (the blending steps, those of them corrected (None if none)) or None."""
+    steps 0..ne-1, all of them); blending: the span of the blending steps and that of those corrected (None if
+    none), or None."""
     n, width = len(top), max(top)
     ne = n - 1 if final_zero else n
     is_corr = [False] * n
@@ -293,7 +300,7 @@ def _host_layout(top: tuple, blend, corrected: tuple, final_zero: bool) -> tuple
             by_order.setdefault(p, []).append(j)
     vector_orders, scalar_steps = [], []
     for p, steps in sorted(by_order.items()):
-        if p == width or len(steps) > SCALAR_STEPS:
+        if p == width or p > 2 or len(steps) > SCALAR_STEPS:  # order 2's rows sum one term: exact in floats
             vector_orders.append((p, _index(steps), _index([j - (p - 1) for j in steps])))
         else:
             scalar_steps.extend((j, p, is_corr[j]) for j in steps)
@@ -303,7 +310,11 @@ def _host_layout(top: tuple, blend, corrected: tuple, final_zero: bool) -> tuple
         steps = [j for j in range(n) if blend[j] and top[j] > 1]
         if steps:
             corr_steps = [j for j in steps if is_corr[j]]
-            blending = (_index(steps), _index(corr_steps) if corr_steps else None)
+            # as slices from the first blending step to the last: a step between that does not blend has weight
+            # exactly 1 (OrderPlan), and w x + (1 - w) f is x for w = 1 (x*1 + 0*f, f finite), so blending it
+            # changes nothing and the blends need no gather and no scatter
+            blending = (slice(steps[0], steps[-1] + 1),
+                        slice(corr_steps[0], corr_steps[-1] + 1) if corr_steps else None)
     return ne, tuple(vector_orders), tuple(scalar_steps), corr_at, blending
 
 
