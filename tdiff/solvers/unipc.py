@@ -176,46 +176,32 @@ def _step_rows(g: Grid, plan, corrected: tuple, variant: str) -> tuple:
     """Every step's predictor row and the corrected steps' corrector rows (`corrected`: their step indices,
     ascending), as two matrices zero-padded to the widest order: (n, 1 + p_max) and (len(corrected), 2 + p_max).
 
-    Per order p, its steps' rows are computed at once (`_step_terms` shared by both rows); where the stable rule
-    blends (plan.blend), a step's rows are weight row_p + (1 - weight) row_1 (program.mixed_rows' blend), row_1
-    zero-padded on the histories it does not read (the predictor's after (c_x, c_0), the corrector's after
-    (c_x, c_new, c_0)). So a table costs a few array ops per order, whatever the number of steps."""
+    Where the stable rule blends (plan.blend), a step's rows are weight row_p + (1 - weight) row_1 (`blend_rows`),
+    row_1 zero-padded on the histories it does not read (the predictor's after (c_x, c_0), the corrector's after
+    (c_x, c_new, c_0)). On a host grid, `_host_step_rows`. On a differentiable one, per order p its steps' rows
+    are computed at once, each row function computing its own step terms, as before the builder was vectorised
+    (shared terms' gradients would sum in another order); so a table costs a few tensor ops per order."""
     if arrays.on_host(g.lam):
         return _host_step_rows(g, plan, corrected, variant)
-    need, groups, pred_order, corr_order = _rows_layout(tuple(plan.top), None if plan.blend is None else
-                                                        tuple(plan.blend), corrected)
+    groups, pred_order, corr_order = _rows_layout(tuple(plan.top), None if plan.blend is None else
+                                                  tuple(plan.blend), corrected)
     width = max(plan.top)
-    # on a host grid, the step terms of every step that needs them, once at the widest order (each order's are
-    # the first entries of b and of the r_k); on a differentiable one each row computes its own, as before the
-    # builder was vectorised (shared terms' gradients would sum in another order)
-    shared = _step_terms(g, need, width, variant) if need is not None and arrays.on_host(g.lam) else None
-
-    def terms(k, p: int):
-        """The shared terms of the steps at positions k of `need` (None: all of them, in order)."""
-        if shared is None:
-            return None
-        c_x, a_t, h, phi1, big_b, b, rks = shared
-        if k is None:
-            return c_x, a_t, h, phi1, big_b, b[:p], list(rks[:p - 1])
-        return c_x[k], a_t[k], h[k], phi1[k], big_b[k], b[:p, k], [r[k] for r in rks[:p - 1]]
-
     preds, corrs = [], []
-    for p, idx, k_all, with_corr, k_fixed, mixed, mixed_corr, at_steps, k_at in groups:
+    for p, idx, with_corr, mixed, mixed_corr, at_steps in groups:
         if p == 1:
             preds.append(_matrix(first_order_row(g, idx, idx + 1)))
             if with_corr is not None:
-                corrs.append(_matrix(corrector_row(g, idx[with_corr], 1, variant, terms(k_fixed, 1))))
+                corrs.append(_matrix(corrector_row(g, idx[with_corr], 1, variant)))
             continue
-        t = terms(k_all, p)
-        pred = _matrix(predictor_row(g, idx, p, variant, t))
-        corr = _matrix(corrector_row(g, idx, p, variant, t))[with_corr] if with_corr is not None else None
+        pred = _matrix(predictor_row(g, idx, p, variant))
+        corr = _matrix(corrector_row(g, idx, p, variant))[with_corr] if with_corr is not None else None
         if mixed is not None:
             w = plan.weight[idx[mixed]][:, None]
             first = _matrix(first_order_row(g, idx[mixed], idx[mixed] + 1))
             pred = blend_rows(pred, arrays.indices(mixed), w, first)
             if mixed_corr is not None:
-                corr = blend_rows(corr, arrays.indices(mixed_corr), plan.weight[at_steps][:, None], _matrix(
-                    corrector_row(g, at_steps, 1, variant, terms(k_at, 1))))
+                corr = blend_rows(corr, arrays.indices(mixed_corr), plan.weight[at_steps][:, None],
+                                  _matrix(corrector_row(g, at_steps, 1, variant)))
         preds.append(pred)
         if with_corr is not None:
             corrs.append(corr)
@@ -327,24 +313,17 @@ def _index(positions: list):
 
 @functools.lru_cache(maxsize=256)
 def _rows_layout(top: tuple, blend, corrected: tuple) -> tuple:
-    """The indexing `_step_rows` does, a function of the plan's orders and blends and of the corrected steps
-    alone, worked out once per such plan: (need, groups, pred_order, corr_order). need: the steps whose step
-    terms are shared (an index array, None if none). groups: per order p, in order of first appearance, (p, its
-    steps idx, k_all, with_corr, k_fixed, mixed, mixed_corr, at_steps, k_at): with_corr the positions in idx of
-    its corrected steps, mixed those of its blending steps, mixed_corr the positions in with_corr of its blending
-    corrected steps and at_steps those steps; k_* where steps are in `need` (None: all of need, in order); each
-    None where empty. pred_order / corr_order: the permutation that puts the groups' stacked rows in step order
-    (None for one group). Shared by every call: never written to."""
+    """The indexing `_step_rows` does on a differentiable grid, a function of the plan's orders and blends and of
+    the corrected steps alone, worked out once per such plan: (groups, pred_order, corr_order). groups: per order
+    p, in order of first appearance, (p, its steps idx, with_corr, mixed, mixed_corr, at_steps): with_corr the
+    positions in idx of its corrected steps, mixed those of its blending steps, mixed_corr the positions in
+    with_corr of its blending corrected steps and at_steps those steps; each None where empty. pred_order /
+    corr_order: the permutation that puts the groups' stacked rows in step order (None for one group). Shared by
+    every call: never written to."""
     n = len(top)
     has_corr = [False] * n
     for j in corrected:
         has_corr[j] = True
-    need = [j for j in range(n) if top[j] > 1 or has_corr[j]]
-    at = {j: k for k, j in enumerate(need)}
-
-    def where(steps: list):
-        return None if steps == need else arrays.indices([at[j] for j in steps])
-
     by_order: dict = {}
     for j, p in enumerate(top):
         by_order.setdefault(p, []).append(j)
@@ -352,14 +331,12 @@ def _rows_layout(top: tuple, blend, corrected: tuple) -> tuple:
     for p, steps in by_order.items():
         idx = arrays.indices(steps)
         with_corr = [k for k, j in enumerate(steps) if has_corr[j]]
-        fixed = [steps[k] for k in with_corr]  # the steps whose corrector is needed
         mixed = [k for k, j in enumerate(steps) if blend is not None and blend[j]] if p > 1 else []
         mixed_corr = [c for c, k in enumerate(with_corr) if blend[steps[k]]] if mixed else []
-        at_steps = [fixed[c] for c in mixed_corr]  # the blending corrected steps
-        groups.append((p, idx, where(steps) if p > 1 else None, arrays.indices(with_corr) if with_corr else None,
-                       where(fixed) if p == 1 and fixed else None, arrays.indices(mixed) if mixed else None,
-                       arrays.indices(mixed_corr) if mixed_corr else None,
-                       arrays.indices(at_steps) if at_steps else None, where(at_steps) if at_steps else None))
+        at_steps = [steps[with_corr[c]] for c in mixed_corr]  # the blending corrected steps
+        groups.append((p, idx, arrays.indices(with_corr) if with_corr else None,
+                       arrays.indices(mixed) if mixed else None, arrays.indices(mixed_corr) if mixed_corr else None,
+                       arrays.indices(at_steps) if at_steps else None))
         pred_parts.append(idx)
         if with_corr:
             corr_parts.append(idx[with_corr])
@@ -367,7 +344,7 @@ def _rows_layout(top: tuple, blend, corrected: tuple) -> tuple:
     def order(parts: list):
         return np.argsort(np.concatenate(parts), kind="stable") if len(parts) > 1 else None
 
-    return arrays.indices(need) if need else None, tuple(groups), order(pred_parts), order(corr_parts)
+    return tuple(groups), order(pred_parts), order(corr_parts)
 
 
 def _matrix(columns: list):
@@ -378,13 +355,6 @@ def _matrix(columns: list):
 def _stack_rows(mats: list, order, width: int):
     """The matrices' rows zero-padded to `width`, stacked and put in step order by the permutation `order` (None:
     one matrix, in step order already)."""
-    if arrays.on_host(mats[0]) and order is not None:  # written into place: no padded copies
-        out = np.zeros((len(order), width))
-        start = 0
-        for m in mats:
-            out[start:start + len(m), :m.shape[1]] = m
-            start += len(m)
-        return out[order]
     mats = [m if m.shape[1] == width else arrays.cat([m, arrays.zeros(m, (m.shape[0], width - m.shape[1]))], dim=1)
             for m in mats]
     if order is None:
