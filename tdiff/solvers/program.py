@@ -349,6 +349,12 @@ def stable_window(solver: str, p: int) -> Tuple[float, float]:
     return STABLE_H_SOLVER.get((solver, p), STABLE_H[min(p, max(STABLE_H))])
 
 
+@functools.lru_cache(maxsize=64)
+def _windows(solver: str, order: int) -> tuple:
+    """stable_window(solver, p) at index p, for p = 2..order (None below)."""
+    return (None, None) + tuple(stable_window(solver, p) for p in range(2, order + 1))
+
+
 def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -> OrderPlan:
     """The stable rule: lower the order by the size of each step in lambda, not by the count of steps.
 
@@ -384,7 +390,7 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
     hd = arrays.tolist(h)
     n = len(hd)
     top, blend, reach, host_weights = [1] * n, [False] * n, [], []
-    window = [None, None] + [stable_window(solver, p) for p in range(2, order + 1)]  # by order
+    window = _windows(solver, order)  # by order
     host = arrays.on_host(h)
     ratio_lo, ratio_hi = STABLE_RATIO
     # step 0 (no history) and a final step to sigma = 0 are first order (the defaults above)

@@ -25,6 +25,8 @@ from .program import Alias, Eval, Program, Structure, Update, blend_rows, check_
     choose_orders, multistep_orders, structure
 
 VARIANTS = ("bh1", "bh2")
+#: diffusers' order rule for UniPC (by the count of steps, with warm-up)
+_COUNT_RULE = functools.partial(multistep_orders, warmup=True)
 
 
 def _phi_terms(h, p: int, variant: str):
@@ -135,8 +137,7 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     if final_corrector and g.final_zero:
         raise ValueError("final_corrector needs a last point with sigma > 0 (final_sigmas_type='sigma_min')")
     n = g.n_steps
-    plan = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero,
-                         functools.partial(multistep_orders, warmup=True), orders)
+    plan = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero, _COUNT_RULE, orders)
     orders = plan.top
     corrects, corrected = _corrections(n, use_corrector, tuple(disable_corrector), final_corrector)
     pred, corr = _step_rows(g, plan, corrected, variant)
