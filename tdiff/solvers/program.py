@@ -313,7 +313,11 @@ def ramp(v, lo, hi):
     pure order-p error as the steps shrink to lo (iPNDM-4 on logSNR-uniform grids: 1.12x over NFE 27-32; Heun's
     last step on quadratic-t grids: 1.12x). The smoothstep's zero slope at both ends lets the order-p error's own
     decrease dominate there."""
-    s = arrays.clamp((hi - v) / (hi - lo), 0.0, 1.0)
+    s = (hi - v) / (hi - lo)
+    if type(s) is float:  # stable_orders' host path: min(max(s, 0), 1) without the calls (nan and -0.0 kept)
+        s = 0.0 if s < 0.0 else 1.0 if s > 1.0 else s
+    else:
+        s = arrays.clamp(s, 0.0, 1.0)
     return s * s * (3 - 2 * s)
 
 
@@ -343,6 +347,12 @@ class OrderPlan:
 def stable_window(solver: str, p: int) -> Tuple[float, float]:
     """(lo, hi) in lambda of the stable rule's blend for a step of order p of `solver`."""
     return STABLE_H_SOLVER.get((solver, p), STABLE_H[min(p, max(STABLE_H))])
+
+
+@functools.lru_cache(maxsize=64)
+def _windows(solver: str, order: int) -> tuple:
+    """stable_window(solver, p) at index p, for p = 2..order (None below)."""
+    return (None, None) + tuple(stable_window(solver, p) for p in range(2, order + 1))
 
 
 def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -> OrderPlan:
@@ -379,17 +389,13 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
     h = lam[1:] - lam[:-1]
     hd = arrays.tolist(h)
     n = len(hd)
-    top, blend, reach, host_weights = [], [], [], []
-    window = [None, None] + [stable_window(solver, p) for p in range(2, order + 1)]  # by order
+    top, blend, reach, host_weights = [1] * n, [False] * n, [], []
+    window = _windows(solver, order)  # by order
     host = arrays.on_host(h)
     ratio_lo, ratio_hi = STABLE_RATIO
-    last = n - 1 if final_zero else n  # a final step to sigma = 0 is first order
-    for i in range(n):
+    # step 0 (no history) and a final step to sigma = 0 are first order (the defaults above)
+    for i in range(1, n - 1 if final_zero else n) if order > 1 else ():
         p = order if i >= order else i + 1
-        if p == 1 or i == last:
-            top.append(1)
-            blend.append(False)
-            continue
         lo, hi = window[p]
         step = hd[i]
         ratio = step / hd[i - 1]  # max over k < p of h_i / h_{i-k} (as max() keeps the first of equals)
@@ -397,17 +403,15 @@ def stable_orders(lam: Tensor, order: int, final_zero: bool, solver: str = "") -
             r = step / hd[i - k]
             if r > ratio:
                 ratio = r
-        mixed = False
-        if step < hi and ratio < ratio_hi:
-            mixed = not (step <= lo and ratio <= ratio_lo)
-        else:
-            p = 1
-        top.append(p)
-        blend.append(mixed)
-        if mixed:
-            reach.append(i)
-            if host:  # no gradient: the weight in floats here, the same formula as below
-                host_weights.append(ramp(step, lo, hi) * ramp(ratio, ratio_lo, ratio_hi))
+        if step < hi and ratio < ratio_hi:  # else first order
+            top[i] = p
+            if not (step <= lo and ratio <= ratio_lo):
+                blend[i] = True
+                reach.append(i)
+                if host:  # no gradient: the weight in floats here, the same formula as below; ramp is exactly 1
+                    # at or below its lo ((hi - v)/(hi - lo) >= 1 in floats too), and a * 1.0 is a: not called there
+                    a = ramp(step, lo, hi) if step > lo else 1.0
+                    host_weights.append(a * ramp(ratio, ratio_lo, ratio_hi) if ratio > ratio_lo else a)
     if not reach:
         return OrderPlan(top)
     steps = arrays.indices(reach)
@@ -472,14 +476,15 @@ def mixed_groups(top: Sequence[Optional[int]], row_fn, weight: Optional[Tensor] 
 
 
 def blend_rows(mat, rows, w, first, tail: int = 0):
-    """mat with its rows `rows` (an index array, ascending) blended with the first-order rows `first`:
-    w row + (1 - w) first, `first` padded with zeros just before its `tail` entries to mat's width. On the host mat
-    is blended in place (it must be the caller's own array) and only first's columns are added (the padding's zeros
-    add nothing); where `rows` is every row, without the gather and the scatter."""
+    """mat with its rows `rows` (an index array, ascending; on the host also a slice) blended with the first-order
+    rows `first`: w row + (1 - w) first, `first` padded with zeros just before its `tail` entries to mat's width. On
+    the host mat is blended in place (it must be the caller's own array) and only first's columns are added (the
+    padding's zeros add nothing); where `rows` is a slice or every row, without the gather and the scatter."""
     cut, pad = first.shape[1] - tail, mat.shape[1] - first.shape[1]
     if arrays.on_host(mat):
-        every = len(rows) == len(mat)
-        blended, share = (mat if every else mat[rows]), (1 - w) * first
+        view = type(rows) is slice
+        every = view or len(rows) == len(mat)
+        blended, share = (mat[rows] if view else mat if every else mat[rows]), (1 - w) * first
         blended *= w
         blended[:, :cut] += share[:, :cut]
         if tail:

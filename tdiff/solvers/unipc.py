@@ -25,6 +25,8 @@ from .program import Alias, Eval, Program, Structure, Update, blend_rows, check_
     choose_orders, multistep_orders, structure
 
 VARIANTS = ("bh1", "bh2")
+#: diffusers' order rule for UniPC (by the count of steps, with warm-up)
+_COUNT_RULE = functools.partial(multistep_orders, warmup=True)
 
 
 def _phi_terms(h, p: int, variant: str):
@@ -35,8 +37,9 @@ def _phi_terms(h, p: int, variant: str):
     b, h_phi_k, factorial = [], phi1 / hh - 1, 1.0
     for i in range(1, p + 1):
         b.append(h_phi_k * factorial / big_b)
-        factorial *= i + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial
+        if i < p:  # the next term (none after the last)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
     return phi1, big_b, arrays.stack(b)
 
 
@@ -87,7 +90,7 @@ def predictor_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
         return first_order_row(g, i, i + 1)
     c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms
     if p == 2:
-        rhos = [arrays.full_like(h, 0.5)]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers)
+        rhos = [0.5]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers); a number: exact
     else:
         rhos = _solve_rhos(rks, b, p - 1)  # the last node (1) is not among the first p - 1
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos, rks)]  # on (m_{i-k} - m_i)
@@ -99,12 +102,12 @@ def corrector_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     new output m_{i+1}. p is the order of the predictor that produced x_{i+1}; terms as in `predictor_row`."""
     c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms
     if p == 1:
-        rhos = [arrays.full_like(h, 0.5)]
+        rhos = [0.5]
     else:
         rhos = _solve_rhos(rks + [1.0], b, p)  # the new output's node r = 1 (a number: exact)
     weights = [a_t * big_b * rho / r for rho, r in zip(rhos[:-1], rks)]  # on (m_{i-k} - m_i)
     w_new = a_t * big_b * rhos[-1]  # on (m_{i+1} - m_i)
-    return [c_x, -w_new, -a_t * phi1 + sum(weights, arrays.zeros_like(h)) + w_new,
+    return [c_x, -w_new, -a_t * phi1 + sum(weights) + w_new,  # sum([]) = 0: x + 0, as x + zeros was
             *[-w for w in weights]]
 
 
@@ -134,14 +137,10 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     if final_corrector and g.final_zero:
         raise ValueError("final_corrector needs a last point with sigma > 0 (final_sigmas_type='sigma_min')")
     n = g.n_steps
-    plan = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero,
-                         functools.partial(multistep_orders, warmup=True), orders)
+    plan = choose_orders("unipc", g.lam, order, lower_order_final, order_rule, g.final_zero, _COUNT_RULE, orders)
     orders = plan.top
-    # the corrector at point i (1 <= i <= n) re-does step i-1 -> i with the order mix its predictor used; its row
-    # reads (x, m_new, m_{i-1}, ...), one output more than the predictor's
-    corrects = [i > 0 and use_corrector and (i - 1) not in disable_corrector for i in range(n + 1)]
-    corrects[n] = corrects[n] and final_corrector
-    pred, corr = _step_rows(g, plan, [i - 1 for i in range(1, n + 1) if corrects[i]], variant)
+    corrects, corrected = _corrections(n, use_corrector, tuple(disable_corrector), final_corrector)
+    pred, corr = _step_rows(g, plan, corrected, variant)
     if not fold:
         predictors = [pred[j, :1 + p] for j, p in enumerate(orders)]
         correctors = [None] * (n + 1)
@@ -149,15 +148,13 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
             correctors[i] = corr[k, :2 + orders[i - 1]]
         return _unfolded(Program(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points()), n, orders,
                          corrects, predictors, correctors)
-    widths, parts = _folded_rows(n, orders, corrects, pred, corr)
-    struct = _folded_structure(tuple(widths))
     kw = dict(eval_times=cond_times, eval_points=g.t, eval_alpha_sigma=g.points())
     if arrays.on_host(pred):  # one matrix per row width, without a row view each (Program.of_groups)
-        full = np.zeros((len(widths), max(mat.shape[1] for _, mat in parts)))
-        for evals, mat in parts:  # later parts replace earlier ones' rows
-            full[evals, :mat.shape[1]] = mat
-        return Program.of_groups(struct, [(idx, full[idx, :width]) for width, idx in struct.row_widths().items()],
-                                 **kw)
+        struct, at, groups = _host_fold_layout(tuple(orders), corrects)
+        full = _host_folded(pred, corr, at)
+        return Program.of_groups(struct, [(idx, full[rows, :width]) for idx, rows, width in groups], **kw)
+    widths, parts = _folded_rows(n, orders, corrects, pred, corr)
+    struct = _folded_structure(tuple(widths))
     rows = [None] * len(widths)
     for evals, mat in parts:
         for k, i in enumerate(evals):
@@ -165,74 +162,169 @@ def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower
     return Program.of(struct, rows, **kw)
 
 
-def _step_rows(g: Grid, plan, corrected: list, variant: str) -> tuple:
+@functools.lru_cache(maxsize=256)
+def _corrections(n: int, use_corrector: bool, disabled: tuple, final_corrector: bool) -> tuple:
+    """(corrects, corrected): per point i (0..n) whether the corrector runs there, and the steps those
+    corrections re-do (i - 1), ascending. The corrector at point i (1 <= i <= n) re-does step i-1 -> i with the
+    order mix its predictor used; its row reads (x, m_new, m_{i-1}, ...), one output more than the predictor's.
+    Shared by every call: never written to."""
+    corrects = [i > 0 and use_corrector and (i - 1) not in disabled for i in range(n + 1)]
+    corrects[n] = corrects[n] and final_corrector
+    return tuple(corrects), tuple(i - 1 for i in range(1, n + 1) if corrects[i])
+
+
+def _step_rows(g: Grid, plan, corrected: tuple, variant: str) -> tuple:
     """Every step's predictor row and the corrected steps' corrector rows (`corrected`: their step indices,
     ascending), as two matrices zero-padded to the widest order: (n, 1 + p_max) and (len(corrected), 2 + p_max).
 
-    Per order p, its steps' rows are computed at once (`_step_terms` shared by both rows); where the stable rule
-    blends (plan.blend), a step's rows are weight row_p + (1 - weight) row_1 (program.mixed_rows' blend), row_1
-    zero-padded on the histories it does not read (the predictor's after (c_x, c_0), the corrector's after
-    (c_x, c_new, c_0)). So a table costs a few array ops per order, whatever the number of steps."""
-    need, groups, pred_order, corr_order = _rows_layout(tuple(plan.top), None if plan.blend is None else
-                                                        tuple(plan.blend), tuple(corrected))
+    Where the stable rule blends (plan.blend), a step's rows are weight row_p + (1 - weight) row_1 (`blend_rows`),
+    row_1 zero-padded on the histories it does not read (the predictor's after (c_x, c_0), the corrector's after
+    (c_x, c_new, c_0)). On a host grid, `_host_step_rows`. On a differentiable one, per order p its steps' rows
+    are computed at once, each row function computing its own step terms, as before the builder was vectorised
+    (shared terms' gradients would sum in another order); so a table costs a few tensor ops per order."""
+    if arrays.on_host(g.lam):
+        return _host_step_rows(g, plan, corrected, variant)
+    groups, pred_order, corr_order = _rows_layout(tuple(plan.top), None if plan.blend is None else
+                                                  tuple(plan.blend), corrected)
     width = max(plan.top)
-    # on a host grid, the step terms of every step that needs them, once at the widest order (each order's are
-    # the first entries of b and of the r_k); on a differentiable one each row computes its own, as before the
-    # builder was vectorised (shared terms' gradients would sum in another order)
-    shared = _step_terms(g, need, width, variant) if need is not None and arrays.on_host(g.lam) else None
-
-    def terms(k, p: int):
-        """The shared terms of the steps at positions k of `need` (None: all of them, in order)."""
-        if shared is None:
-            return None
-        c_x, a_t, h, phi1, big_b, b, rks = shared
-        if k is None:
-            return c_x, a_t, h, phi1, big_b, b[:p], list(rks[:p - 1])
-        return c_x[k], a_t[k], h[k], phi1[k], big_b[k], b[:p, k], [r[k] for r in rks[:p - 1]]
-
     preds, corrs = [], []
-    for p, idx, k_all, with_corr, k_fixed, mixed, mixed_corr, at_steps, k_at in groups:
+    for p, idx, with_corr, mixed, mixed_corr, at_steps in groups:
         if p == 1:
             preds.append(_matrix(first_order_row(g, idx, idx + 1)))
             if with_corr is not None:
-                corrs.append(_matrix(corrector_row(g, idx[with_corr], 1, variant, terms(k_fixed, 1))))
+                corrs.append(_matrix(corrector_row(g, idx[with_corr], 1, variant)))
             continue
-        t = terms(k_all, p)
-        pred = _matrix(predictor_row(g, idx, p, variant, t))
-        corr = _matrix(corrector_row(g, idx, p, variant, t))[with_corr] if with_corr is not None else None
+        pred = _matrix(predictor_row(g, idx, p, variant))
+        corr = _matrix(corrector_row(g, idx, p, variant))[with_corr] if with_corr is not None else None
         if mixed is not None:
             w = plan.weight[idx[mixed]][:, None]
             first = _matrix(first_order_row(g, idx[mixed], idx[mixed] + 1))
             pred = blend_rows(pred, arrays.indices(mixed), w, first)
             if mixed_corr is not None:
-                corr = blend_rows(corr, arrays.indices(mixed_corr), plan.weight[at_steps][:, None], _matrix(
-                    corrector_row(g, at_steps, 1, variant, terms(k_at, 1))))
+                corr = blend_rows(corr, arrays.indices(mixed_corr), plan.weight[at_steps][:, None],
+                                  _matrix(corrector_row(g, at_steps, 1, variant)))
         preds.append(pred)
         if with_corr is not None:
             corrs.append(corr)
     return _stack_rows(preds, pred_order, 1 + width), _stack_rows(corrs, corr_order, 2 + width) if corrs else None
 
 
+def _host_step_rows(g: Grid, plan, corrected: tuple, variant: str) -> tuple:
+    """`_step_rows` on a host grid (numpy), bit-identical, in fewer array ops: its cost is the count of numpy calls
+    (~1 us each on arrays of ~20 entries), and most of `_step_rows`' went to the fixed cost of each order group
+    (index arrays, gathers, a blend per group), one-step warm-up groups included.
+
+    Here the rows of an order are computed for every step from p-1 on at once, on slices (views, no gathers),
+    and the rows of that order's steps copied out; the first-order rows (every step needs them, as its own row or
+    as a blend's partner) likewise for every step. An order with only a few steps (the warm-up's order 2 in an
+    order-3 run) is computed per step in Python floats, the same formulas on the same float64 values (IEEE
+    arithmetic, no fused operations; its sums have one term, so Python's compensated float sum (3.12+) cannot
+    differ; expm1 comes from the arrays, numpy's and math's differ in the last bit). The blends
+    are one `blend_rows` per matrix over the span of the blending steps (in place, `_host_layout`). Each entry is
+    the same float64 operations on the same values as in `_step_rows`, so the matrices are equal (bit for bit
+    over the 32640 host programs of the check in the commit that made this; a step inside the blending span
+    that does not blend could only differ in the sign of a zero)."""
+    top = plan.top
+    n, width = len(top), max(top)
+    ne, vector_orders, scalar_steps, corr_at, blending = _host_layout(
+        tuple(top), None if plan.blend is None else tuple(plan.blend), corrected, g.final_zero)
+    lam, alpha, sigma = g.lam, g.alpha, g.sigma
+    # the step terms of every step but a final one to sigma = 0 (h infinite there, and its row is first order)
+    h = lam[1:ne + 1] - lam[:ne]
+    c_x, a_t = sigma[1:ne + 1] / sigma[:ne], alpha[1:ne + 1]
+    phi1, big_b, b = _phi_terms(h, width, variant)
+    first = _matrix(first_order_row(g, slice(0, n), slice(1, n + 1)))
+    pred = np.zeros((n, 1 + width))
+    pred[:, :2] = first
+    corr = None
+    if corrected:
+        corr = np.zeros((ne, 2 + width))
+        corr[:, :3] = first_corr = _matrix(corrector_row(g, None, 1, variant, (c_x, a_t, h, phi1, big_b, b, [])))
+    for p, steps, at in vector_orders:  # the rows at order p of every step from p - 1 on; those of its steps kept
+        s = p - 1
+        terms = (c_x[s:], a_t[s:], h[s:], phi1[s:], big_b[s:], b[:p, s:],
+                 [(lam[s - k:ne - k] - lam[s:ne]) / h[s:] for k in range(1, p)])
+        pred[steps, :1 + p] = _matrix(predictor_row(g, None, p, variant, terms))[at]
+        if corr is not None:
+            corr[steps, :2 + p] = _matrix(corrector_row(g, None, p, variant, terms))[at]
+    for j, p, with_corr in scalar_steps:  # Python floats: the same float64 operations as on the arrays
+        lam_j, h_j = lam.item(j), h.item(j)
+        terms = (c_x.item(j), a_t.item(j), h_j, phi1.item(j), big_b.item(j), b[:p, j].tolist(),
+                 [(lam.item(j - k) - lam_j) / h_j for k in range(1, p)])
+        pred[j, :1 + p] = predictor_row(g, j, p, variant, terms)
+        if with_corr:
+            corr[j, :2 + p] = corrector_row(g, j, p, variant, terms)
+    if blending is not None:
+        steps, corr_steps = blending
+        pred = blend_rows(pred, steps, plan.weight[steps][:, None], first[steps])
+        if corr_steps is not None:
+            corr = blend_rows(corr, corr_steps, plan.weight[corr_steps][:, None], first_corr[corr_steps])
+    if corr is not None and corr_at is not None:
+        corr = corr[corr_at]
+    return pred, corr
+
+
+#: an order (2, below the widest) of at most this many steps is computed per step in floats in _host_step_rows
+SCALAR_STEPS = 3
+
+
+@functools.lru_cache(maxsize=256)
+def _host_layout(top: tuple, blend, corrected: tuple, final_zero: bool) -> tuple:
+    """`_host_step_rows`' indexing, a function of the plan and the corrected steps alone (cached; shared by every
+    call, never written to): (ne, vector_orders, scalar_steps, corr_at, blending). ne: the steps with a finite step
+    in lambda; vector_orders: per order p > 1 computed on arrays, (p, its steps, their positions from step p - 1);
+    scalar_steps: (step, p, corrected?) of the other orders > 1; corr_at: the corrected steps as an index (None:
+    steps 0..ne-1, all of them); blending: the span of the blending steps and that of those corrected (None if
+    none), or None."""
+    n, width = len(top), max(top)
+    ne = n - 1 if final_zero else n
+    is_corr = [False] * n
+    for j in corrected:
+        is_corr[j] = True
+    by_order: dict = {}
+    for j, p in enumerate(top):
+        if p > 1:
+            by_order.setdefault(p, []).append(j)
+    vector_orders, scalar_steps = [], []
+    for p, steps in sorted(by_order.items()):
+        if p == width or p > 2 or len(steps) > SCALAR_STEPS:  # order 2's rows sum one term: exact in floats
+            vector_orders.append((p, _index(steps), _index([j - (p - 1) for j in steps])))
+        else:
+            scalar_steps.extend((j, p, is_corr[j]) for j in steps)
+    corr_at = None if list(corrected) == list(range(ne)) else _index(list(corrected))
+    blending = None
+    if blend is not None:
+        steps = [j for j in range(n) if blend[j] and top[j] > 1]
+        if steps:
+            corr_steps = [j for j in steps if is_corr[j]]
+            # as slices from the first blending step to the last: a step between that does not blend has weight
+            # exactly 1 (OrderPlan), and w x + (1 - w) f is x for w = 1 (x*1 + 0*f, f finite), so blending it
+            # changes nothing and the blends need no gather and no scatter
+            blending = (slice(steps[0], steps[-1] + 1),
+                        slice(corr_steps[0], corr_steps[-1] + 1) if corr_steps else None)
+    return ne, tuple(vector_orders), tuple(scalar_steps), corr_at, blending
+
+
+def _index(positions: list):
+    """An index of these ascending positions: a slice where they are contiguous (a view, no gather)."""
+    if positions and positions[-1] - positions[0] == len(positions) - 1:
+        return slice(positions[0], positions[-1] + 1)
+    return arrays.indices(positions)
+
+
 @functools.lru_cache(maxsize=256)
 def _rows_layout(top: tuple, blend, corrected: tuple) -> tuple:
-    """The indexing `_step_rows` does, a function of the plan's orders and blends and of the corrected steps
-    alone, worked out once per such plan: (need, groups, pred_order, corr_order). need: the steps whose step
-    terms are shared (an index array, None if none). groups: per order p, in order of first appearance, (p, its
-    steps idx, k_all, with_corr, k_fixed, mixed, mixed_corr, at_steps, k_at): with_corr the positions in idx of
-    its corrected steps, mixed those of its blending steps, mixed_corr the positions in with_corr of its blending
-    corrected steps and at_steps those steps; k_* where steps are in `need` (None: all of need, in order); each
-    None where empty. pred_order / corr_order: the permutation that puts the groups' stacked rows in step order
-    (None for one group). Shared by every call: never written to."""
+    """The indexing `_step_rows` does on a differentiable grid, a function of the plan's orders and blends and of
+    the corrected steps alone, worked out once per such plan: (groups, pred_order, corr_order). groups: per order
+    p, in order of first appearance, (p, its steps idx, with_corr, mixed, mixed_corr, at_steps): with_corr the
+    positions in idx of its corrected steps, mixed those of its blending steps, mixed_corr the positions in
+    with_corr of its blending corrected steps and at_steps those steps; each None where empty. pred_order /
+    corr_order: the permutation that puts the groups' stacked rows in step order (None for one group). Shared by
+    every call: never written to."""
     n = len(top)
     has_corr = [False] * n
     for j in corrected:
         has_corr[j] = True
-    need = [j for j in range(n) if top[j] > 1 or has_corr[j]]
-    at = {j: k for k, j in enumerate(need)}
-
-    def where(steps: list):
-        return None if steps == need else arrays.indices([at[j] for j in steps])
-
     by_order: dict = {}
     for j, p in enumerate(top):
         by_order.setdefault(p, []).append(j)
@@ -240,14 +332,12 @@ def _rows_layout(top: tuple, blend, corrected: tuple) -> tuple:
     for p, steps in by_order.items():
         idx = arrays.indices(steps)
         with_corr = [k for k, j in enumerate(steps) if has_corr[j]]
-        fixed = [steps[k] for k in with_corr]  # the steps whose corrector is needed
         mixed = [k for k, j in enumerate(steps) if blend is not None and blend[j]] if p > 1 else []
         mixed_corr = [c for c, k in enumerate(with_corr) if blend[steps[k]]] if mixed else []
-        at_steps = [fixed[c] for c in mixed_corr]  # the blending corrected steps
-        groups.append((p, idx, where(steps) if p > 1 else None, arrays.indices(with_corr) if with_corr else None,
-                       where(fixed) if p == 1 and fixed else None, arrays.indices(mixed) if mixed else None,
-                       arrays.indices(mixed_corr) if mixed_corr else None,
-                       arrays.indices(at_steps) if at_steps else None, where(at_steps) if at_steps else None))
+        at_steps = [steps[with_corr[c]] for c in mixed_corr]  # the blending corrected steps
+        groups.append((p, idx, arrays.indices(with_corr) if with_corr else None,
+                       arrays.indices(mixed) if mixed else None, arrays.indices(mixed_corr) if mixed_corr else None,
+                       arrays.indices(at_steps) if at_steps else None))
         pred_parts.append(idx)
         if with_corr:
             corr_parts.append(idx[with_corr])
@@ -255,7 +345,7 @@ def _rows_layout(top: tuple, blend, corrected: tuple) -> tuple:
     def order(parts: list):
         return np.argsort(np.concatenate(parts), kind="stable") if len(parts) > 1 else None
 
-    return arrays.indices(need) if need else None, tuple(groups), order(pred_parts), order(corr_parts)
+    return tuple(groups), order(pred_parts), order(corr_parts)
 
 
 def _matrix(columns: list):
@@ -266,13 +356,6 @@ def _matrix(columns: list):
 def _stack_rows(mats: list, order, width: int):
     """The matrices' rows zero-padded to `width`, stacked and put in step order by the permutation `order` (None:
     one matrix, in step order already)."""
-    if arrays.on_host(mats[0]) and order is not None:  # written into place: no padded copies
-        out = np.zeros((len(order), width))
-        start = 0
-        for m in mats:
-            out[start:start + len(m), :m.shape[1]] = m
-            start += len(m)
-        return out[order]
     mats = [m if m.shape[1] == width else arrays.cat([m, arrays.zeros(m, (m.shape[0], width - m.shape[1]))], dim=1)
             for m in mats]
     if order is None:
@@ -300,28 +383,75 @@ def _folded_rows(n: int, orders, corrects, pred, corr) -> tuple:
     The predictor [c_x, c_m] applied to x_c is one row over (x_p, m_new, ...): [c_x, c_x delta + c_m] (both
     zero-padded to the longer). pred and corr are `_step_rows`' zero-padded matrices, so this is a handful of
     array ops for all the corrected evaluations at once."""
-    count = n + 1 if corrects[n] else n
-    widths = list(orders)
+    widths, at, inner = _folded_widths(tuple(orders), tuple(corrects))
     parts = [(list(range(n)), pred)]
-    at = [i for i in range(1, count) if corrects[i]]  # the corrected evaluations, ascending
     if not at:
         return widths, parts
     prev = arrays.indices(at) - 1
     before = pred[prev]  # the predictor whose step each correction re-does
     delta = corr[:, 1:] - arrays.cat([arrays.zeros(corr, (len(at), 1)), before[:, 1:]], dim=1)
-    inner = len(at) - 1 if at[-1] == n else len(at)  # the corrections followed by a predictor
     if inner:
         nxt = pred[arrays.indices(at[:inner])]
         c_x = nxt[:, :1]
         c_m = arrays.cat([nxt[:, 1:], arrays.zeros(nxt, (inner, 1))], dim=1)
         parts.append((at[:inner], arrays.cat([c_x, c_x * delta[:inner] + c_m], dim=1)))
-        for i in at[:inner]:
-            widths[i] = max(1 + orders[i - 1], orders[i])
     if inner < len(at):  # the final correction is the result
         last = delta[inner, :1 + orders[n - 1]]
         parts.append(([n], arrays.cat([arrays.ones_like(last[:1]), last])[None]))
-        widths.append(1 + orders[n - 1])
     return widths, parts
+
+
+@functools.lru_cache(maxsize=256)
+def _folded_widths(orders: tuple, corrects: tuple) -> tuple:
+    """(widths, at, inner) of the folded program: widths[i] the number of outputs evaluation i's row reads, at the
+    corrected evaluations (ascending), inner how many of them a predictor follows (all but a final correction).
+    Shared by every call: never written to."""
+    n = len(orders)
+    count = n + 1 if corrects[n] else n
+    at = tuple(i for i in range(1, count) if corrects[i])
+    inner = len(at) - 1 if at and at[-1] == n else len(at)
+    widths = list(orders)
+    for i in at[:inner]:
+        widths[i] = max(1 + orders[i - 1], orders[i])
+    if inner < len(at):
+        widths.append(1 + orders[n - 1])
+    return tuple(widths), at, inner
+
+
+@functools.lru_cache(maxsize=256)
+def _host_fold_layout(orders: tuple, corrects: tuple) -> tuple:
+    """`_host_folded`'s indexing and the program's structure, a function of the orders and the corrected
+    evaluations alone (cached; shared by every call, never written to): (struct, at, groups). at: None without
+    corrections, else (the evaluations a predictor follows, the steps their corrections re-do, their count, the
+    final correction's width or 0); groups: per row width, (row indices, the same as an index, width)."""
+    widths, at, inner = _folded_widths(orders, corrects)
+    struct = _folded_structure(widths)
+    groups = tuple((idx, _index(idx), width) for width, idx in struct.row_widths().items())
+    if not at:
+        return struct, None, groups
+    n = len(orders)
+    return struct, (_index(list(at[:inner])), _index([i - 1 for i in at]), inner,
+                    1 + orders[n - 1] if inner < len(at) else 0), groups
+
+
+def _host_folded(pred, corr, at):
+    """`_folded_rows` on the host as one (evaluations, 2 + p_max) matrix (row i, cut to its width, is evaluation
+    i's row), written in place: the same float64 operations as there, on the matrices `_step_rows` returned
+    (corr is changed)."""
+    n, width = pred.shape
+    full = np.zeros((n + (at is not None and at[3] > 0), width + 1))
+    full[:n, :width] = pred
+    if at is None:
+        return full
+    followed, redone, inner, last = at
+    delta = corr[:, 1:]  # minus [0, the redone predictor's output coefficients]: x - 0 is x
+    delta[:, 1:] -= pred[redone, 1:]
+    if inner:  # [c_x, c_x delta + c_m], c_m = [the predictor's output coefficients, 0]: full's row already
+        full[followed, 1:] = pred[followed, :1] * delta[:inner] + full[followed, 1:]
+    if last:  # the final correction is the result: [1, delta]
+        full[n, 0] = 1.0
+        full[n, 1:1 + last] = delta[inner, :last]
+    return full
 
 
 def _unfolded(prog: Program, n: int, orders, corrects, predictors, correctors) -> Program:
