@@ -392,8 +392,8 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
         for (idx, _), views in zip(host, all_views):
             if idx is None:
                 conv = list(views)
-            else:
-                for r, row in zip(idx, views):
+            else:  # numpy's int64 as a list index costs twice a Python int
+                for r, row in zip(idx.tolist() if type(idx) is np.ndarray else idx, views):
                     out[r] = row
     for idx, mat in groups:
         if not isinstance(mat, np.ndarray):  # differentiable: cast and expanded in torch
