@@ -132,7 +132,7 @@ def _host_times(model_time: Callable, t: torch.Tensor) -> Optional[np.ndarray]:
     autograd and model_time one of `default_model_time`'s arithmetic ones (the same operations on numpy: the same
     values, at a fraction of torch's dispatch cost on ~40 times); else None."""
     host = getattr(model_time, "on_host", False) or getattr(model_time, "__func__", None) is DiscreteVP.index_from_t
-    if not host or t.device.type != "cpu" or t.dtype != torch.float64 or t.requires_grad or \
+    if not host or not t.is_cpu or t.dtype != torch.float64 or t.requires_grad or \
             torch._C._functorch.is_functorch_wrapped_tensor(t):
         return None
     return model_time(t.numpy())
@@ -168,13 +168,13 @@ def _time_views(t_net, b: int) -> tuple:
     entry = _TIME_VIEWS.take(key)
     if entry is not None:
         table, (views,), users = entry
-        if host:
-            table.numpy()[:] = t_net
+        if host:  # the table is the views' numpy array
+            table[:] = t_net
         else:
             table.copy_(t_net)
     else:
-        table, users = torch.from_numpy(t_net.copy()) if host else t_net.clone(), None
-        views = table.unsqueeze(1).expand(-1, b).unbind(0)
+        table, users = t_net.copy() if host else t_net.clone(), None
+        views = (torch.from_numpy(table) if host else table).unsqueeze(1).expand(-1, b).unbind(0)
     del entry
     _TIME_VIEWS.keep(key, table, (views,), users)
     return views

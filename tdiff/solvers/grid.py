@@ -43,7 +43,7 @@ def check_timesteps(schedule: NoiseSchedule, timesteps, name: str = "timesteps")
         timesteps = timesteps.to(torch.float64)
     if timesteps.dim() != 1 or timesteps.numel() < 2:
         raise ValueError(f"{name} must be a 1-D tensor of at least 2 times, got shape {tuple(timesteps.shape)}")
-    values = timesteps.detach().tolist()  # one transfer; domain and order are checked on the host
+    values = timesteps.tolist()  # one transfer; domain and order are checked on the host
     lo, hi = schedule.domain
     if type(schedule).check_t is not NoiseSchedule.check_t or not (
             math.isfinite(sum(values)) and lo <= min(values) and max(values) <= hi):

@@ -142,7 +142,7 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         prog.eval_times, prog.eval_points = cond_times[idx], g.t[idx]
     known = g.points()
     if known is not None and not churned and points[-1] < len(known[0]):  # points ascend
-        prog.eval_alpha_sigma = (known[0][idx_host], known[1][idx_host])
+        prog.eval_alpha_sigma = (known[0].take(idx_host), known[1].take(idx_host))  # take: fancy indexing's fifth
     if churned:  # a churned predictor is evaluated (and converted) at its raised noise level
         pred, raised = torch.tensor([k for k, c in enumerate(where) if c]), t_eval[torch.tensor(churned)]
         prog.eval_times = prog.eval_times.index_put((pred,), raised)
