@@ -308,7 +308,8 @@ class Denoiser(nn.Module):
         model_time(t), EDM's input scaling) and the model's dtype is computed here, once, for all E times, so a
         sampling loop's model call does no tensor work besides the network's own and no validation. Differentiable
         in t (the network times are functions of it)."""
-        t = as_time(t).to(like.device)
+        t = as_time(t)
+        t = t if t.device == like.device else t.to(like.device)  # a no-op .to costs a dispatch
         b, ones = like.shape[0], (1,) * (like.dim() - 1)
         t_host = _host_times(self.model_time, t)
         t_net = _time_views(self.model_time(t) if t_host is None else t_host, b)

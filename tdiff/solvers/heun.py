@@ -85,7 +85,7 @@ def build_heun(g: Grid, cond_times, schedule: NoiseSchedule = None, s_churn: flo
         blended.append(order_rule == "stable" and hd[i] > HEUN_H[0])
     # every step's quantities at once (a few dozen tensor ops, whatever the number of steps)
     a_hat, s_hat, st_hat = g.alpha[:n], g.sigma[:n], g.sigma_tilde[:n]
-    churned = [i for i, gamma in enumerate(gammas) if gamma > 0]
+    churned = [i for i, gamma in enumerate(gammas) if gamma > 0] if s_churn > 0 else []
     if churned:
         t_eval = cond_times[:n]
         at = arrays.indices(churned)
