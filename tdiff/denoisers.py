@@ -117,8 +117,25 @@ def default_model_time(schedule: NoiseSchedule, precond: Optional[str] = None) -
     if precond == "edm" or isinstance(schedule, EDM):
         return lambda t: 250.0 * schedule.edm_sigma(t).log()
     if isinstance(schedule, (VPLinear, VPCosine)):
-        return lambda t: 999.0 * t
-    return lambda t: 1000.0 * t
+        return _on_host(lambda t: 999.0 * t)
+    return _on_host(lambda t: 1000.0 * t)
+
+
+def _on_host(model_time: Callable) -> Callable:
+    """Mark a model time as plain arithmetic that numpy float64 arrays go through as tensors do (`_host_times`)."""
+    model_time.on_host = True
+    return model_time
+
+
+def _host_times(model_time: Callable, t: torch.Tensor) -> Optional[np.ndarray]:
+    """model_time(t) evaluated on the host, as a numpy float64 array, where t is a plain CPU float64 tensor outside
+    autograd and model_time one of `default_model_time`'s arithmetic ones (the same operations on numpy: the same
+    values, at a fraction of torch's dispatch cost on ~40 times); else None."""
+    host = getattr(model_time, "on_host", False) or getattr(model_time, "__func__", None) is DiscreteVP.index_from_t
+    if not host or not t.is_cpu or t.dtype != torch.float64 or t.requires_grad or \
+            torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return None
+    return model_time(t.numpy())
 
 
 def _tdiff_call(model, x, t_net, y=None, **cond):
@@ -139,20 +156,25 @@ def _check_finite_number(name: str, value, positive: bool = False, allow_none: b
 _TIME_VIEWS = RecycledViews()
 
 
-def _time_views(t_net: torch.Tensor, b: int) -> tuple:
-    """The (E,) network times as one (B,) view per time (expanded: stride 0 over the batch): those of the last run
-    of that layout, refilled, where `RecycledViews.take` allows, else fresh ones."""
+def _time_views(t_net, b: int) -> tuple:
+    """The (E,) network times (a tensor, or a host array of `_host_times`) as one (B,) view per time (expanded:
+    stride 0 over the batch): those of the last run of that layout, refilled, where `RecycledViews.take` allows,
+    else fresh ones."""
+    host = isinstance(t_net, np.ndarray)
     if t_net.ndim != 1 or torch.is_grad_enabled():  # differentiable: views of t_net itself
-        return t_net.unsqueeze(1).expand(-1, b).unbind(0)
+        return (torch.from_numpy(t_net) if host else t_net).unsqueeze(1).expand(-1, b).unbind(0)
     # inference mode makes inference tensors, which cannot be written outside it
-    key = (t_net.shape[0], b, t_net.dtype, t_net.device, torch.is_inference_mode_enabled())
+    key = (t_net.shape[0], b, "host" if host else (t_net.dtype, t_net.device), torch.is_inference_mode_enabled())
     entry = _TIME_VIEWS.take(key)
     if entry is not None:
         table, (views,), users = entry
-        table.copy_(t_net)
+        if host:  # the table is the views' numpy array
+            table[:] = t_net
+        else:
+            table.copy_(t_net)
     else:
-        table, users = t_net.clone(), None
-        views = table.unsqueeze(1).expand(-1, b).unbind(0)
+        table, users = t_net.copy() if host else t_net.clone(), None
+        views = (torch.from_numpy(table) if host else table).unsqueeze(1).expand(-1, b).unbind(0)
     del entry
     _TIME_VIEWS.keep(key, table, (views,), users)
     return views
@@ -286,9 +308,11 @@ class Denoiser(nn.Module):
         model_time(t), EDM's input scaling) and the model's dtype is computed here, once, for all E times, so a
         sampling loop's model call does no tensor work besides the network's own and no validation. Differentiable
         in t (the network times are functions of it)."""
-        t = as_time(t).to(like.device)
+        t = as_time(t)
+        t = t if t.device == like.device else t.to(like.device)  # a no-op .to costs a dispatch
         b, ones = like.shape[0], (1,) * (like.dim() - 1)
-        t_net = _time_views(self.model_time(t), b)
+        t_host = _host_times(self.model_time, t)
+        t_net = _time_views(self.model_time(t) if t_host is None else t_host, b)
         scale = self._input_scale(t)
         scales = [None] * t.numel() if scale is None else \
             scale.to(like.dtype).reshape(-1, 1, *ones).expand(-1, b, *ones).unbind(0)  # (B, 1, ..) per time
@@ -311,14 +335,15 @@ class Denoiser(nn.Module):
         calls (nn.Module's attribute look-ups cost as much as the closure), as the network times are."""
         model, call, call_at, output = self.model, self.call, self._call_at, self._output
         direct = call is _tdiff_call  # model(x, t_net, y): skip the convention's frame
-        return [self._bind_plain_call(t_net, model, call, call_at, output, direct) for t_net in t_nets]
+        network, bind = self._plain_call(model, call, call_at, output, direct), functools.partial
+        return [bind(network, t_net) for t_net in t_nets]  # a partial: a third of a closure's making
 
     @staticmethod
-    def _bind_plain_call(t_net: torch.Tensor, model, call, call_at, output, direct: bool) -> Callable:
-        """One of `_plain_calls`' calls, at network time t_net."""
+    def _plain_call(model, call, call_at, output, direct: bool) -> Callable:
+        """`_plain_calls`' call network(t_net, x, **cond), its time bound per evaluation."""
         tensor = torch.Tensor
 
-        def network(x: torch.Tensor, **cond) -> torch.Tensor:
+        def network(t_net: torch.Tensor, x: torch.Tensor, **cond) -> torch.Tensor:
             if cond:
                 return call_at(t_net, None, None, x, **cond)
             out = model(x, t_net, None) if direct else call(model, x, t_net, y=None)
@@ -355,7 +380,8 @@ class Denoiser(nn.Module):
             p, q = conversion_coefficients(self.prediction, alpha, sigma)
             if target == "eps":
                 p, q = eps_coefficients(p, q, alpha, sigma)
-            return torch.from_numpy(np.stack([p, q], axis=-1)).to(t.device)
+            pq = torch.from_numpy(np.array([p, q]).T if p.ndim == 1 else np.stack([p, q], axis=-1))  # .T: a view,
+            return pq if t.is_cpu else pq.to(t.device)  # np.stack's Python costs as much as the arithmetic
         p, q = schedule_conversion(self.schedule, t, self.prediction, self.precond, self.sigma_data)
         if target == "eps":
             p, q = eps_coefficients(p, q, self.schedule.alpha(t), self.schedule.sigma(t))

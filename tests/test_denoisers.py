@@ -64,6 +64,24 @@ def test_default_model_times():
     torch.testing.assert_close(m.seen_t, 7 * t)
 
 
+def test_prepared_calls_feed_the_model_times_exactly():
+    """network_calls' times (computed on the host for the arithmetic default model times, in torch otherwise) are
+    model_time(t) bit for bit, per evaluation and sample, with and without grad mode, and after a refill."""
+    t = torch.linspace(0.9, 0.05, 7, dtype=torch.float64)
+    x = torch.zeros(2, 3)
+    for sch, kw in [(SCHEDULES["discrete"], {}), (SCHEDULES["vplinear"], {}), (SCHEDULES["flow"], {}),
+                    (EDM(), {"precond": "edm"}), (VPLinear(), {"model_time": lambda tt: tt * 7})]:
+        seen = []
+        den = denoiser(lambda xx, tt, y=None: seen.append(tt.clone()) or xx, sch, **kw)
+        expected = den.model_time(t)
+        for grad in (False, True, False):
+            with torch.set_grad_enabled(grad):
+                seen.clear()
+                for call in den.network_calls(t, x):
+                    call(x)
+                assert all(torch.equal(s, e.expand(2)) for s, e in zip(seen, expected)) and len(seen) == 7
+
+
 def test_edm_preconditioning_by_hand():
     net = torch.nn.Linear(3, 3, dtype=torch.float64)
     seen = {}

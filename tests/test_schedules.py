@@ -111,6 +111,26 @@ def test_discrete_piecewise_linear_log_alpha():
     torch.testing.assert_close(mid, (s.log_alpha(t0) + s.log_alpha(t1)) / 2)
 
 
+def test_discrete_host_evaluation_equals_torch_and_follows_its_table():
+    """The no-grad tables' host log alpha (cached segments) is torch's exactly, inside, at the nodes and beyond both
+    ends, and is remade when the table is written or replaced."""
+    import numpy as np
+
+    s = S.DiscreteVP(betas=torch.linspace(1e-4, 0.02, 50, dtype=torch.float64))
+    t = torch.cat([torch.rand(500, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1.000001,
+                   s.t_table, torch.tensor([0.0, 1e-9, 1.0 + 1e-6], dtype=torch.float64)])
+    with np.errstate(invalid="ignore"):  # log sigma of an extrapolated log alpha above 0 (t = 0) is NaN
+        host = s.log_alpha_sigma_host(t.numpy())
+        assert all(isinstance(v, np.ndarray) for v in host)
+        for h, ref in zip(host, s.log_alpha_sigma(t)):
+            torch.testing.assert_close(torch.from_numpy(h), ref, rtol=0, atol=0, equal_nan=True)
+        s.log_alpha_table.mul_(0.5)  # written in place
+        assert torch.equal(torch.from_numpy(s.log_alpha_sigma_host(t.numpy())[0]), s.log_alpha(t))
+        s.log_alpha_table = s.log_alpha_table * 2  # replaced (torch's per-dtype table copies are not remade)
+        assert np.array_equal(s.log_alpha_sigma_host(t.numpy())[0],
+                              s._interp(t.numpy(), s.t_table.numpy(), s.log_alpha_table.numpy()))
+
+
 def test_fdm_factor_formula():
     f = S.FDMMomentum(m=2.0, beta_min=0.1, beta_d=19.9, u_min=0.0, u_max=1.0, source="time")
     tp = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)

@@ -379,8 +379,7 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
         # (rows, B, width) per matrix, flattened one after the other
         flat = np.concatenate([mat if b == 1 else np.repeat(mat[:, None], b, axis=1) for _, mat in host], axis=None)
         host_finite = bool(np.isfinite(flat).all())
-        cpu = x.device.type == "cpu"
-        if cpu:
+        if x.is_cpu:
             all_views = _host_views(flat, [mat.shape for _, mat in host], b, dtype)
         else:
             table = torch.from_numpy(flat).to(device=x.device, dtype=dtype)
@@ -392,8 +391,8 @@ def _prepare_rows(prog: Program, x: Tensor, conversion: Optional[Tensor] = None)
         for (idx, _), views in zip(host, all_views):
             if idx is None:
                 conv = list(views)
-            else:
-                for r, row in zip(idx, views):
+            else:  # numpy's int64 as a list index costs twice a Python int
+                for r, row in zip(idx.tolist() if type(idx) is np.ndarray else idx, views):
                     out[r] = row
     for idx, mat in groups:
         if not isinstance(mat, np.ndarray):  # differentiable: cast and expanded in torch
