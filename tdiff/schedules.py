@@ -411,6 +411,12 @@ class DiscreteVP(NoiseSchedule):
         and on a GPU a sync, at every schedule evaluation otherwise). With zero terminal SNR the -inf node is
         replaced by a finite stand-in (the last segment is evaluated separately), so no inf enters a gradient."""
         key = (like.dtype, like.device)
+        t_table, la_table = self.t_table, self.log_alpha_table
+        if not torch.compiler.is_compiling():  # (a traced graph holds its tables as constants: no version there)
+            held = self.__dict__.get("_tables_source")  # the tables the copies were made from, and their versions
+            versions = (t_table._version, la_table._version)
+            if held is None or held[0] is not t_table or held[1] is not la_table or held[2] != versions:
+                self._tables_like, self._tables_source = {}, (t_table, la_table, versions)  # replaced or written
         if key not in self._tables_like:
             la = self.log_alpha_table
             if self.zero_terminal_snr:

@@ -126,9 +126,13 @@ def test_discrete_host_evaluation_equals_torch_and_follows_its_table():
             torch.testing.assert_close(torch.from_numpy(h), ref, rtol=0, atol=0, equal_nan=True)
         s.log_alpha_table.mul_(0.5)  # written in place
         assert torch.equal(torch.from_numpy(s.log_alpha_sigma_host(t.numpy())[0]), s.log_alpha(t))
-        s.log_alpha_table = s.log_alpha_table * 2  # replaced (torch's per-dtype table copies are not remade)
+        torch.testing.assert_close(s.log_alpha(t.float()), s.log_alpha(t).float(), rtol=1e-6, atol=1e-6)  # float32 copy
+        s.log_alpha_table = s.log_alpha_table * 2  # replaced: both paths, and torch's per-dtype copies, follow it
         assert np.array_equal(s.log_alpha_sigma_host(t.numpy())[0],
                               s._interp(t.numpy(), s.t_table.numpy(), s.log_alpha_table.numpy()))
+        assert torch.equal(torch.from_numpy(s.log_alpha_sigma_host(t.numpy())[0]), s.log_alpha(t))
+        s.log_alpha_table.mul_(0.5)  # written in place: the float32 copy is remade
+        torch.testing.assert_close(s.log_alpha(t.float()), s.log_alpha(t).float(), rtol=1e-6, atol=1e-6)
 
 
 def test_fdm_factor_formula():
