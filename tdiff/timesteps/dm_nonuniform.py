@@ -67,9 +67,20 @@ _RELEASE_ROUNDS = {"lagrange": 0, "solver": 3}
 #: the objectives whose slack SQP runs with the exact Hessian (`_exact_sqp`) rather than SLSQP's BFGS; both, since
 #: both Jacobians are one batched pass (the paper's analytic one, the solver rows' by complex step)
 _EXACT_SQP = ("lagrange", "solver")
-_QP_PROXIMAL = 1e-4  # DAQP's proximal regularisation, for a QP it cycles on without it (`_exact_sqp`)
+#: `_exact_sqp`'s QP has no curvature in the slacks: DAQP solves it by proximal iterations (exact in the limit), with
+#: this weight relative to the largest eigenvalue of H, and at most `_QP_ITERATIONS` iterations. Chosen on the cosine,
+#: EDM and flow schedules (NFE 6, 12, 16, 20, both objectives): a small curvature rho on the slacks instead either
+#: cycled (rho = 1e-6 of H's largest eigenvalue; it also biases the model by rho |c|, 5e-6 in J once) or ran into
+#: the iteration limit (rho = 1e-6 / max |c|, unbiased but ill-conditioned: 10x the time); a weight of 1e-6 took 1.3x
+#: the time of 1e-4.
+_QP_PROXIMAL = 1e-4
+_QP_ITERATIONS = 2000
 #: full-Newton steps a try on an SQP iterate's active set may take (`_exact_sqp`); 4 lost a certification at NFE 20
 _SETTLED_NEWTON_STEPS = 6
+#: `_active_set_newton` stops at a gradient this small (relative) where no constraint is active (no kink, no gap at
+#: the margin): J is then smooth at the point and its error quadratic in the gradient (~1e-16 relative here), so
+#: the pass that would take it to 1e-13 (one of 5-6 at NFE 5 and 6) is not needed
+_SMOOTH_NEWTON_TOL = 1e-8
 GRADIENTS = ("analytic", "finite-difference")
 __all__ = ["dm_nonuniform", "sampling_options", "METHODS", "GRADIENTS", "OBJECTIVES", "STARTS", "SurrogateObjective"]
 
@@ -379,8 +390,9 @@ def _exact_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
 
         min_{d, s}  g.d + d.H d / 2 + sum s_n   s.t.   -s_n <= c_n + dc_n.d <= s_n,   gaps(z + d) >= margin
 
-    (DAQP, a dual active-set solver: microseconds at these sizes; H's eigenvalues floored to make it convex, and a
-    tiny rho s.s / 2 on the slacks, which moves no solution: s_n = |c_n + dc_n.d| still). The QP picks the active set
+    (DAQP, a dual active-set solver, by proximal iterations since the slacks have no curvature: ~0.1-0.4 ms at these
+    sizes; H's eigenvalues floored to make it convex). At its solution s_n = |c_n + dc_n.d|, so its objective is
+    J's model g.d + d.H d / 2 + sum |c_n + dc_n.d| (the l1 penalty is exact). The QP picks the active set
     (the kinks and the gaps at the margin) itself, so the iterations are SQP's few rather than SLSQP's ~200 along the
     kinks' manifold (its BFGS model learns the curvature there one iteration at a time). Step length: J itself is
     the l1 merit function; the candidate steps 1, 1/2, 1/4, 1/10 are evaluated in one batched pass (values only)
@@ -426,15 +438,13 @@ def _exact_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
         eig = np.maximum(eig, 1e-8 * max(np.abs(eig).max(), 1e-300))
         qp_h = np.zeros((n + m, n + m))
         qp_h[:n, :n] = (vec * eig) @ vec.T
-        qp_h[n:, n:] = np.eye(m) * 1e-6 * eig.max()
         qp_f[:n] = d_smooth[0]
         qp_a[:m, :n], qp_a[m:2 * m, :n] = -dc[0], dc[0]
         upper[:n] = radius
         lower = np.concatenate([np.full(n, -radius), np.full(m, -np.inf), c[0], -c[0], lb - rows @ z])
-        x, _, flag, info = daqp.solve(qp_h, qp_f, qp_a, upper, lower, sense)
-        if flag < 1:  # cycling on a badly conditioned QP: proximal iterations (exact in the limit) solve it
-            x, _, flag, info = daqp.solve(qp_h, qp_f, qp_a, upper, lower, sense, eps_prox=_QP_PROXIMAL)
-        if flag < 1:  # still no step: SLSQP goes on from here, as without this solver
+        x, _, flag, info = daqp.solve(qp_h, qp_f, qp_a, upper, lower, sense, eps_prox=_QP_PROXIMAL * eig.max(),
+                                      iter_limit=_QP_ITERATIONS)
+        if flag < 1:  # no step (rare: DAQP's iteration limit): SLSQP goes on from here, as without this solver
             res, found = _slack_sqp(obj, z, margin, max(maxiter - nit + 1, 1), tol, newton=newton, exact=False)
             return OptimizeResult(x=res.x[:n], fun=res.fun, nit=nit + res.nit, nfev=nfev + res.nfev,
                                   success=res.success), found
@@ -458,8 +468,11 @@ def _exact_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
         values = _values(obj, trial, margin)
         nfev += 1
         ok = np.flatnonzero(values <= j - 1e-4 * alphas * predicted)
-        if not ok.size:
-            break
+        if not ok.size:  # the model is off even at a tenth of the step: a smaller box, the same point and Hessian
+            radius = 0.05 * np.abs(d).max()
+            if radius <= 1e-12 * (obj.lam_end - obj.lam_start):
+                break
+            continue
         z = trial[ok[0]]
         # the trust box: halved after a shortened step, doubled after a full one that reached it
         if ok[0]:
@@ -569,7 +582,8 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
             g, a, c_kinks = gradient(z, mult)
         residual = np.concatenate([g + mult[k_kinks:] @ rows, c_kinks, rows @ z - lb])
         size = np.abs(residual).max()
-        if size <= 1e-13 * (1 + np.abs(g).max()):
+        scale = 1 + np.abs(g).max()
+        if size <= 1e-13 * scale or (k == 0 and size <= _SMOOTH_NEWTON_TOL * scale):
             break
         # chord steps while they contract fast, else a fresh Hessian
         if not full_newton and (hess is None or size > _CHORD_CONTRACTION * previous):
