@@ -417,7 +417,8 @@ def test_solver_objective_newton_from_a_heuristic_start_skips_the_lagrange_start
     _, full = dm_nonuniform(DDPM, 5, objective="solver", return_result=True)
     assert computed and full.start == "lagrange"
     assert direct.fun == pytest.approx(full.fun, rel=1e-12)
-    np.testing.assert_allclose(direct.x, full.x, rtol=1e-9)
+    # Newton stops at a 1e-8 gradient where nothing is active (`_SMOOTH_NEWTON_TOL`): J equal, the points to ~1e-8
+    np.testing.assert_allclose(direct.x, full.x, rtol=1e-7)
 
 
 @pytest.mark.parametrize("schedule", [DDPM, VE(), RectifiedFlow()])

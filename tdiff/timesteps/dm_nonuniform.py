@@ -308,13 +308,21 @@ def _monotone_rows(n: int, lam_start: float, lam_end: float, margin: float):
 
 
 def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: int, tol: float,
-               polish_every: int = 20, newton: bool = True, exact: bool = True):
+               newton: bool = True):
+    """The slack reformulation from z0; (its result, a certified local minimum from `_active_set_newton` or None): by
+    the exact-Hessian SQP (`_exact_sqp`) where a Hessian is one batched pass (`_EXACT_SQP`), else by SLSQP
+    (`_slsqp`: UniPC's rows, whose torch Jacobian costs ~7 evaluations, or without the daqp package)."""
+    if daqp is not None and obj.objective in _EXACT_SQP and obj.cheap_jacobian:
+        return _exact_sqp(obj, z0, margin, maxiter, tol, newton)
+    return _slsqp(obj, z0, margin, maxiter, tol, newton=newton)
+
+
+def _slsqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: int, tol: float,
+           polish_every: int = 20, newton: bool = True):
     """SLSQP on the slack reformulation; (its result, a certified local minimum from `_active_set_newton` or None).
     After `polish_every` iterations, then at doubling intervals (20, 60, 140, ...), and at the end (with the paper's
     objective also at the start, before any iteration), Newton tries to finish from the current point; SLSQP stops
     as soon as that certifies a local minimum at or below its own J."""
-    if exact and daqp is not None and obj.objective in _EXACT_SQP and obj.cheap_jacobian:
-        return _exact_sqp(obj, z0, margin, maxiter, tol, newton)
     n, m = z0.size, int(obj.coupled.sum())
     a, lb = _monotone_rows(n, obj.lam_start, obj.lam_end, margin)
     # the Jacobians' constant blocks, built once (np.block at every iteration cost as much as an evaluation)
@@ -401,7 +409,7 @@ def _exact_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
     converges only linearly along the kinks' manifold, so once two QPs in a row pick the same kinks, full Newton on
     that active set's KKT system (`_newton_try`, at most `_SETTLED_NEWTON_STEPS` steps) tries to finish and certify.
     Else it ends when the QP's predicted decrease is below tol * J (or no step decreases J), and Newton tries from
-    there. Where DAQP finds no step even with proximal regularisation, SLSQP (`_slack_sqp`) goes on from z.
+    there. Where DAQP finds no step even with proximal regularisation, SLSQP (`_slsqp`) goes on from z.
 
     Selected on the cosine, EDM and flow schedules (orders 2 and 3, p 1 and 2, NFE 8, 12, 16, 20; not the bench's
     DDPM): on the solver rows' objective 2.6x less time in all than SLSQP, J within 1e-9 relative in 46 of 48 settings,
@@ -420,7 +428,7 @@ def _exact_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
     sense = np.zeros(upper.size, dtype=np.intc)
     radius = (obj.lam_end - obj.lam_start) / obj.nfe
     alphas = np.array([1.0, 0.5, 0.25, 0.1])
-    if newton:  # as `_slack_sqp`: full Newton from the start certifies an optimum without kinks (NFE 5, 6) at once
+    if newton:  # as `_slsqp`: full Newton from the start certifies an optimum without kinks (NFE 5, 6) at once
         done = _newton_try(obj, z0.copy(), margin, full_newton=True)
         if done is not None:
             return OptimizeResult(x=z0, fun=done[0], nit=0, nfev=0, success=True), done[1]
@@ -445,7 +453,7 @@ def _exact_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
         x, _, flag, info = daqp.solve(qp_h, qp_f, qp_a, upper, lower, sense, eps_prox=_QP_PROXIMAL * eig.max(),
                                       iter_limit=_QP_ITERATIONS)
         if flag < 1:  # no step (rare: DAQP's iteration limit): SLSQP goes on from here, as without this solver
-            res, found = _slack_sqp(obj, z, margin, max(maxiter - nit + 1, 1), tol, newton=newton, exact=False)
+            res, found = _slsqp(obj, z, margin, max(maxiter - nit + 1, 1), tol, newton=newton)
             return OptimizeResult(x=res.x[:n], fun=res.fun, nit=nit + res.nit, nfev=nfev + res.nfev,
                                   success=res.success), found
         d = x[:n]
