@@ -258,9 +258,27 @@ def _heuristic_start_try(obj: SurrogateObjective, heuristics, margin: float):
     if not heuristics:
         return None
     points = obj.initials(heuristics)
-    values = _values(obj, points, margin) if len(points) > 1 else np.zeros(1)  # one start: no ranking
+    first = None
+    if len(points) == 1:  # one start: no ranking
+        values = np.zeros(1)
+    else:
+        # ranked by J from full Newton's first batched pass at every start (each point and its probes): Newton from
+        # the best then starts from that pass (one pass fewer than ranking by a separate evaluation: 10% less time
+        # at NFE 5, where the try certifies; the same J on the cosine, EDM and flow schedules, orders 2 and 3, p 1
+        # and 2, NFE 5, 6, 8)
+        ok = np.array([_increasing(obj, z, margin * (1 - 1e-6)) for z in points])
+        values = np.full(len(points), np.inf)
+        if ok.any():
+            width = points[0].size + 1
+            probes = _hessian_probes(width - 1)
+            batch = obj.parts_batch(np.concatenate([z + probes for z, good in zip(points, ok) if good]))
+            values[ok] = batch[0][::width] + np.abs(batch[2][::width]).sum(-1)
+        i = int(np.argmin(values))
+        if np.isfinite(values[i]):
+            at = int(ok[:i].sum()) * width
+            first = tuple(part[at:at + width] for part in batch)
     i = int(np.argmin(values))
-    done = _newton_try(obj, points[i], margin, full_newton=True) if np.isfinite(values[i]) else None
+    done = _newton_try(obj, points[i], margin, full_newton=True, first=first) if np.isfinite(values[i]) else None
     if done is None:
         return None
     per_start = {**dict(zip(heuristics, values)), heuristics[i]: done[0]} if len(points) > 1 else \
@@ -417,7 +435,7 @@ def _exact_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
     local minimum from the same start); on the paper's, 1.5x less time, J within 3e-14 in all 48."""
     n, m = z0.size, int(obj.coupled.sum())
     rows, lb = _monotone_rows(n, obj.lam_start, obj.lam_end, margin)
-    probes = np.vstack([np.zeros(n), _HESSIAN_STEP * np.eye(n)])
+    probes = _hessian_probes(n)
     qp_a = np.zeros((2 * m + n + 1, n + m))
     qp_a[m:2 * m, n:] = qp_a[:m, n:] = np.eye(m)
     qp_a[2 * m:, :n] = rows
@@ -497,7 +515,8 @@ def _exact_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
 
 
 def _newton_try(obj: SurrogateObjective, z: np.ndarray, margin: float, full_newton: bool = False,
-                kinks: Optional[np.ndarray] = None, max_steps: int = 12, release_rounds: Optional[int] = None):
+                kinks: Optional[np.ndarray] = None, max_steps: int = 12, release_rounds: Optional[int] = None,
+                first: Optional[tuple] = None):
     """`_active_set_newton` from z, retried with the kinks it releases (`_RELEASE_ROUNDS`); (J, z) of the certified
     point if it is at or below J at z, else None."""
     if not _increasing(obj, z, margin * (1 - 1e-6)):
@@ -511,7 +530,8 @@ def _newton_try(obj: SurrogateObjective, z: np.ndarray, margin: float, full_newt
     for _ in range(1 + (_RELEASE_ROUNDS[obj.objective] if release_rounds is None else release_rounds)):
         report = {}
         done = _active_set_newton(obj, start, margin, full_newton=full_newton, release=release, report=report,
-                                  kinks=kinks, max_steps=max_steps)
+                                  kinks=kinks, max_steps=max_steps, first=first)
+        first = None  # for the first round only
         if j_here is None:
             j_here = report["j_start"] if "j_start" in report else obj.fun(z)
         if done is not None and done[0] <= j_here * (1 + 1e-12):
@@ -524,7 +544,7 @@ def _newton_try(obj: SurrogateObjective, z: np.ndarray, margin: float, full_newt
 
 def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, max_steps: int = 12,
                        full_newton: bool = False, release: Optional[dict] = None, report: Optional[dict] = None,
-                       kinks: Optional[np.ndarray] = None):
+                       kinks: Optional[np.ndarray] = None, first: Optional[tuple] = None):
     """(J, z) after Newton on the KKT conditions of the active set at z, or None if that fails.
 
     Near the optimum SLSQP converges only linearly (its BFGS model has to learn the curvature along the kinks'
@@ -545,9 +565,10 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
     its multiplier's sign, where leaving the kink lowers J) and "z" when that was the only fault of a converged
     point, for a retry from there."""
     n = z.size
-    probes = np.vstack([np.zeros(n), _HESSIAN_STEP * np.eye(n)])
+    probes = _hessian_probes(n)
     # full Newton's first pass (z and its probes) also gives what the active set is read from, and J at z
-    first = obj.parts_batch(z + probes) if full_newton else None
+    if full_newton and first is None:
+        first = obj.parts_batch(z + probes)
     c = first[2][0] if full_newton else obj.parts(z)[2]
     if report is not None and full_newton:
         report["j_start"] = first[0][0] + float(np.abs(c).sum())
@@ -630,6 +651,11 @@ def _positive_on_null_space(hess: np.ndarray, active: np.ndarray) -> bool:
         return True
     eig = np.linalg.eigvalsh(basis.T @ hess @ basis)
     return bool(eig.min() >= -1e-6 * max(1.0, np.abs(hess).max()))
+
+
+def _hessian_probes(n: int) -> np.ndarray:
+    """(n + 1, n) offsets of a point and its n probes for `_hessian_by_differences`: 0 and `_HESSIAN_STEP` e_i."""
+    return np.vstack([np.zeros(n), _HESSIAN_STEP * np.eye(n)])
 
 
 def _hessian_by_differences(shifted: np.ndarray, g: np.ndarray) -> np.ndarray:
