@@ -450,3 +450,27 @@ def test_column_structure_is_checked_once_per_option_set(monkeypatch):
     for _ in range(2):
         with pytest.raises(ValueError, match="solver_type"):
             SurrogateObjective(DDPM, 7, objective="solver", solver_type="nope")
+
+
+@pytest.mark.parametrize("objective,schedule,nfe", [("lagrange", EDM(), 16), ("solver", VPCosine(), 12)],
+                         ids=["lagrange-edm-16", "solver-cosine-12"])
+def test_exact_hessian_sqp_reaches_slsqps_optimum_in_fewer_iterations(monkeypatch, objective, schedule, nfe):
+    """The slack SQP with the exact Hessian and DAQP's QPs reaches SLSQP's optimum (kinks active at both) in fewer
+    iterations; where DAQP returns no step, SLSQP continues from there and reaches it too."""
+    module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    _, exact = dm_nonuniform(schedule, nfe, objective=objective, return_result=True)
+    monkeypatch.setattr(module, "_EXACT_SQP", ())
+    _, slsqp = dm_nonuniform(schedule, nfe, objective=objective, return_result=True)
+    obj = SurrogateObjective(schedule, nfe, objective=objective)
+    assert (np.abs(obj.parts(exact.x)[2]) < 1e-9 * np.abs(obj.parts(exact.x)[2]).max()).any()  # a kink is active
+    assert exact.fun <= slsqp.fun * (1 + 1e-9) and exact.nit < slsqp.nit
+    monkeypatch.setattr(module, "_EXACT_SQP", ("lagrange", "solver"))
+    failed = []
+
+    def no_step(*args, **kwargs):
+        failed.append(1)
+        return np.zeros(args[0].shape[0]), 0.0, -4, {"lam": np.zeros(len(args[3]))}
+
+    monkeypatch.setattr(module.daqp, "solve", no_step)
+    _, fallback = dm_nonuniform(schedule, nfe, objective=objective, return_result=True)
+    assert failed and fallback.fun <= slsqp.fun * (1 + 1e-9)
