@@ -5,8 +5,8 @@ p = 2 (the reference's); the extra row "tdiff [lagrange, p=1]" (the reference's 
 the DiT) is there for the sampling errors only.
 
 Optimisers (each run from scratch, timed end to end):
-  tdiff            dm_nonuniform(): slack SQP with exact Jacobians, four starts screened (above NFE 10 a
-                   3-iteration burst each, up to it their own J; the leader continues), Newton polish.
+  tdiff            dm_nonuniform(): slack SQP with exact Jacobians and Hessian (QPs by DAQP), four starts screened
+                   (above NFE 10 a 3-iteration burst each, up to it their own J; the leader continues), Newton polish.
   trust-constr FD  the reference's optimiser on tdiff's implementation of the same objective: scipy trust-constr,
                    finite-difference gradients, from uniform logSNR, margin 0, the reference's iteration limit (scipy's
                    default, 1000). Run for both objectives.

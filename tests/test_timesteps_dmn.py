@@ -261,20 +261,22 @@ def test_screened_starts_reach_the_unscreened_optimum(monkeypatch, schedule, ord
 @pytest.mark.parametrize("nfe", [5, 6])
 def test_newton_from_the_leading_start_reaches_the_sqp_optimum(monkeypatch, nfe):
     """Where the optimum has no kink (DDPM, order 3, NFE 5 and 6), full Newton from the best start certifies it
-    before any SLSQP iteration; the same point as SLSQP followed by the chord Newton, with the start try refused."""
+    before any SQP iteration; the same point as the SQP followed by Newton on the active set it settles on (or the
+    chord Newton at its end), with the start try refused."""
     module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
     _, direct = dm_nonuniform(DDPM, nfe, return_result=True)
     newton = module._active_set_newton
     tried = []
 
     def no_start_try(*args, full_newton=False, **kwargs):
-        tried.append(full_newton)
-        return None if full_newton else newton(*args, **kwargs)
+        from_start = full_newton and kwargs.get("kinks") is None  # not from an SQP iterate's active set
+        tried.append(from_start)
+        return None if from_start else newton(*args, full_newton=full_newton, **kwargs)
 
     monkeypatch.setattr(module, "_active_set_newton", no_start_try)
     _, sqp = dm_nonuniform(DDPM, nfe, return_result=True)
     assert direct.nit == 0 and direct.nfev == 0 and sqp.nit > 0
-    assert tried[0] and not any(tried[1:])  # the start try first, then the tries from SLSQP's points
+    assert tried[0] and not any(tried[1:])  # the start try first, then the tries from the SQP's points
     assert direct.fun == pytest.approx(sqp.fun, rel=1e-12)
     np.testing.assert_allclose(direct.x, sqp.x, rtol=1e-9)
 
@@ -372,8 +374,10 @@ def test_solver_rows_by_columns_match_the_torch_path(schedule, nfe, order, opts)
 def test_newton_releases_a_kink_whose_multiplier_exceeds_one(monkeypatch):
     """Flow schedule, NFE 10, order 2: the first Newton try takes one kink too many and converges with |mu| > 1 there;
     released on its multiplier's side, the retry certifies a minimum at 20 SLSQP iterations instead of 47, at the same
-    J as without the release."""
+    J as without the release. On SLSQP's path (UniPC's rows, or where the exact-Hessian SQP's QP fails): the exact SQP
+    finds this kink set without the release."""
     module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    monkeypatch.setattr(module, "_EXACT_SQP", ())
     newton, released = module._active_set_newton, []
 
     def watched(*args, **kwargs):
@@ -413,7 +417,8 @@ def test_solver_objective_newton_from_a_heuristic_start_skips_the_lagrange_start
     _, full = dm_nonuniform(DDPM, 5, objective="solver", return_result=True)
     assert computed and full.start == "lagrange"
     assert direct.fun == pytest.approx(full.fun, rel=1e-12)
-    np.testing.assert_allclose(direct.x, full.x, rtol=1e-9)
+    # Newton stops at a 1e-8 gradient where nothing is active (`_SMOOTH_NEWTON_TOL`): J equal, the points to ~1e-8
+    np.testing.assert_allclose(direct.x, full.x, rtol=1e-7)
 
 
 @pytest.mark.parametrize("schedule", [DDPM, VE(), RectifiedFlow()])
@@ -445,3 +450,27 @@ def test_column_structure_is_checked_once_per_option_set(monkeypatch):
     for _ in range(2):
         with pytest.raises(ValueError, match="solver_type"):
             SurrogateObjective(DDPM, 7, objective="solver", solver_type="nope")
+
+
+@pytest.mark.parametrize("objective,schedule,nfe", [("lagrange", EDM(), 16), ("solver", VPCosine(), 12)],
+                         ids=["lagrange-edm-16", "solver-cosine-12"])
+def test_exact_hessian_sqp_reaches_slsqps_optimum_in_fewer_iterations(monkeypatch, objective, schedule, nfe):
+    """The slack SQP with the exact Hessian and DAQP's QPs reaches SLSQP's optimum (kinks active at both) in fewer
+    iterations; where DAQP returns no step, SLSQP continues from there and reaches it too."""
+    module = __import__("sys").modules["tdiff.timesteps.dm_nonuniform"]
+    _, exact = dm_nonuniform(schedule, nfe, objective=objective, return_result=True)
+    monkeypatch.setattr(module, "_EXACT_SQP", ())
+    _, slsqp = dm_nonuniform(schedule, nfe, objective=objective, return_result=True)
+    obj = SurrogateObjective(schedule, nfe, objective=objective)
+    assert (np.abs(obj.parts(exact.x)[2]) < 1e-9 * np.abs(obj.parts(exact.x)[2]).max()).any()  # a kink is active
+    assert exact.fun <= slsqp.fun * (1 + 1e-9) and exact.nit < slsqp.nit
+    monkeypatch.setattr(module, "_EXACT_SQP", ("lagrange", "solver"))
+    failed = []
+
+    def no_step(*args, **kwargs):
+        failed.append(1)
+        return np.zeros(args[0].shape[0]), 0.0, -4, {"lam": np.zeros(len(args[3]))}
+
+    monkeypatch.setattr(module.daqp, "solve", no_step)
+    _, fallback = dm_nonuniform(schedule, nfe, objective=objective, return_result=True)
+    assert failed and fallback.fun <= slsqp.fun * (1 + 1e-9)
