@@ -26,7 +26,7 @@ HOW_TO = ("install torch first (pip install torch==2.13.0 setuptools wheel ninja
           "extension (the ops then run on their slower pure-PyTorch reference)")
 BASE_REQUIREMENTS = ["triton>=3.0", "numpy>=1.24", "scipy>=1.10", "fvcore>=0.1.5", "tqdm>=4.60",
                      "scikit-learn>=1.2", "matplotlib>=3.6", "safetensors>=0.4",
-                     "threadpoolctl>=3.1"]
+                     "threadpoolctl>=3.1", "daqp>=0.11"]
 
 
 def loud(message: str) -> None:

@@ -52,10 +52,7 @@ from .heuristics import check_nfe
 # a multi-threaded BLAS under SLSQP's tiny subproblems costs 40x on a loaded machine (2.7 vs 0.07 ms a call)
 from threadpoolctl import ThreadpoolController
 
-try:  # the exact-Hessian SQP's QP solver (`_exact_sqp`); without it the slack SQP runs on SLSQP, as before
-    import daqp
-except ImportError:  # pragma: no cover - an environment without the optional package
-    daqp = None
+import daqp  # the exact-Hessian SQP's QP solver (`_exact_sqp`; a dual active-set method)
 
 METHODS = ("sqp", "trust-constr")
 _BURST = 3  # SLSQP iterations every start gets before only the leader continues (`_optimise`)
@@ -333,8 +330,8 @@ def _slack_sqp(obj: SurrogateObjective, z0: np.ndarray, margin: float, maxiter: 
                newton: bool = True):
     """The slack reformulation from z0; (its result, a certified local minimum from `_active_set_newton` or None): by
     the exact-Hessian SQP (`_exact_sqp`) where a Hessian is one batched pass (`_EXACT_SQP`), else by SLSQP
-    (`_slsqp`: UniPC's rows, whose torch Jacobian costs ~7 evaluations, or without the daqp package)."""
-    if daqp is not None and obj.objective in _EXACT_SQP and obj.cheap_jacobian:
+    (`_slsqp`: UniPC's rows, whose torch Jacobian costs ~7 evaluations)."""
+    if obj.objective in _EXACT_SQP and obj.cheap_jacobian:
         return _exact_sqp(obj, z0, margin, maxiter, tol, newton)
     return _slsqp(obj, z0, margin, maxiter, tol, newton=newton)
 
