@@ -26,7 +26,7 @@ inline void prefetch_for_write(T* p, int64_t ahead) {
 
 template <typename T, int K, bool CFG, bool CONVERT, bool SRC_IS_X>
 void multistep_span(const tdiff::MultistepSpan<T>& a) {
-  using IO = Io<T>;
+  using IO = IoAnyOrder<T>;  // elementwise with one coefficient set per span: any lane order
   using V = typename IO::V;
   constexpr int P = IO::P;
   constexpr int64_t W = IO::W;
@@ -125,7 +125,7 @@ void multistep(const tdiff::MultistepSpan<T>& a) {
 
 template <typename T, int K>
 void multistep_backward_k(const tdiff::MultistepBackwardSpan<T>& a) {
-  using IO = Io<T>;
+  using IO = Io<T>;  // memory order: the dot products' lane sums must not change with the instruction set's layout
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int P = IO::P;
