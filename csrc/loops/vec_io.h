@@ -138,6 +138,43 @@ struct Io {
   }
 };
 
+constexpr int64_t kWritePrefetchBytes = 1024;
+
+// Ask for the cache line `ahead` bytes past p in a writable state: PREFETCHW on AVX-512 CPUs (all have it; GCC emits
+// it for __builtin_prefetch only with -mprfchw, which ATen's flags do not set), a prefetch elsewhere. A prefetch
+// never faults, so a line past the end of the buffer is harmless.
+template <typename T>
+inline void prefetch_for_write(T* p, int64_t ahead) {
+  const char* line = reinterpret_cast<const char*>(p) + ahead;
+#if defined(CPU_CAPABILITY_AVX512)
+  asm volatile("prefetchw %0" : : "m"(*line));
+#else
+  __builtin_prefetch(line, 1, 3);
+#endif
+}
+
+// for_each_step's order with four full steps per iteration, each iteration first asking for the NOUT outputs'
+// lines kWritePrefetchBytes ahead in a writable state: their read-for-ownership starts early instead of stalling
+// the stores (in cache the loop's own bookkeeping is a visible share too: multistep_update, K = 4 at 16x4x32x32,
+// 3-15% faster than two steps per iteration and 5-10% faster with the prefetch, in L2 and out of cache;
+// noisy_sample's half forms 4-14%). `fn` must be always_inline (a lambda with __attribute__((always_inline))): left
+// out of line, its captures escape and the compiler reloads the coefficient vectors after every store through T*.
+template <typename T, int NOUT, typename F>
+__attribute__((always_inline)) inline void for_each_step_writing(int64_t n, T* const (&out)[NOUT], const F& fn) {
+  constexpr int64_t W = Io<T>::W;
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    for (int s = 0; s < 4; ++s)
+      for (int o = 0; o < NOUT; ++o) prefetch_for_write(out[o] + j + s * W, kWritePrefetchBytes);
+    fn(j, W);
+    fn(j + W, W);
+    fn(j + 2 * W, W);
+    fn(j + 3 * W, W);
+  }
+  for (; j + W <= n; j += W) fn(j, W);
+  if (j < n) fn(j, n - j);
+}
+
 // fn(j, count) over [0, n) in vector steps of T, the last one partial. Two full steps per iteration: in cache, the
 // loop's own bookkeeping is otherwise a visible share of each step.
 template <typename T, typename F>
