@@ -13,7 +13,7 @@ Stream shapes: the op's inputs and outputs (noisy_sample x_t: 2 in, 1 out; with 
 multistep_update K: K+1 in, 1 out), and a 1-in-1-out round trip. "In cache" is 16x4x32x32 (128 KiB a half tensor).
 Before timing, the harness checks the library's bfloat16 narrowing (with AVX512_BF16, the hardware instruction
 for steps without subnormal or NaN lanes) against torch's float -> bfloat16 conversion over all 2^32 float bit
-patterns (about a minute; --quick samples them), and fails if one differs.
+patterns (2-5 minutes; --quick samples them), and fails if one differs.
 The harness is built with torch.utils.cpp_extension.load_inline from csrc/ headers (a C++ compiler and ninja, no
 network); it is a bench, never shipped in tdiff. One thread; medians over rounds with 95% intervals, ratios round
 by round.
