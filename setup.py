@@ -72,6 +72,8 @@ def extension_and_requirements():
         def build_extension(self, ext):
             flags = ext.extra_compile_args["cxx"]
             for isa, isa_flags in instruction_sets().items():
+                # a flag this compiler does not know is left out: that file then builds without its extra path
+                isa_flags = [f for f in isa_flags if f not in OPTIONAL_FLAGS or accepts(self.compiler, f)]
                 ext.extra_objects += self.compiler.compile(
                     [f"csrc/isa/{isa.lower()}.cpp"], output_dir=self.build_temp, include_dirs=ext.include_dirs,
                     extra_postargs={"cxx": flags + [f"-DCPU_CAPABILITY={isa}"] + isa_flags + QUIET},
@@ -100,6 +102,21 @@ def x86_64() -> bool:
 QUIET = ["-Wno-uninitialized", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
 
 
+# flags a compiler may lack: csrc/isa/avx512_bf16.cpp then builds without the hardware bfloat16 narrowing
+OPTIONAL_FLAGS = ["-mavx512bf16"]
+
+
+def accepts(compiler, flag: str) -> bool:
+    """Whether the C++ compiler of this build compiles an empty file with `flag`."""
+    import subprocess
+
+    try:
+        return subprocess.run([compiler.compiler_so[0], flag, "-x", "c++", "-c", "-", "-o", os.devnull],
+                              input=b"int f() { return 0; }\n", capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
 def instruction_sets() -> dict:
     """The instruction sets the CPU kernels are compiled for, with ATen's flags for each (its CPU_CAPABILITY)."""
     isas = {"DEFAULT": []}
@@ -107,6 +124,8 @@ def instruction_sets() -> dict:
         isas["AVX2"] = ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c", "-mbmi2"]
         isas["AVX512"] = ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2",
                           "-mfma", "-mf16c", "-mbmi2"]
+        # the AVX512 table's bfloat16 kernels again, with the hardware narrowing (used where the CPU has it)
+        isas["AVX512_BF16"] = isas["AVX512"] + ["-mavx512bf16"]
     return isas
 
 

@@ -11,6 +11,9 @@ the fused op's C++ kernel (through the dispatcher, in a C++ loop: no Python per 
 
 Stream shapes: the op's inputs and outputs (noisy_sample x_t: 2 in, 1 out; with the network input: 2 in, 2 out;
 multistep_update K: K+1 in, 1 out), and a 1-in-1-out round trip. "In cache" is 16x4x32x32 (128 KiB a half tensor).
+Before timing, the harness checks the library's bfloat16 narrowing (with AVX512_BF16, the hardware instruction
+for steps without subnormal or NaN lanes) against torch's float -> bfloat16 conversion over all 2^32 float bit
+patterns (2-5 minutes; --quick samples them), and fails if one differs.
 The harness is built with torch.utils.cpp_extension.load_inline from csrc/ headers (a C++ compiler and ninja, no
 network); it is a bench, never shipped in tdiff. One thread; medians over rounds with 95% intervals, ratios round
 by round.
@@ -178,10 +181,55 @@ double time_op(int64_t kind, std::vector<at::Tensor> t, at::Tensor coeffs, bool 
   }
   return (now() - t0) / reps;
 }
+// float -> bfloat16 of x (contiguous float, a multiple of 32 elements) through the library's full-step stores:
+// mode 0 IoAnyOrder<BFloat16>::store (its even/odd lane order: the float elements are dealt into it first), 1
+// Io<BFloat16>::store, 2 the bare hardware narrowing without the subnormal / NaN check (AVX512_BF16 builds only).
+at::Tensor narrow_bf16(at::Tensor x, int64_t mode) {
+  using V = at::vec::Vectorized<float>;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() % 32 == 0, "narrow_bf16: x");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  const float* src = x.data_ptr<float>();
+  c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+  const int64_t n = x.numel();
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+#endif
+  for (int64_t j = 0; j < n; j += 32) {
+    V v[2] = {V::loadu(src + j), V::loadu(src + j + 16)};
+    if (mode == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      V d[2] = {_mm512_permutex2var_ps(v[0], even, v[1]), _mm512_permutex2var_ps(v[0], odd, v[1])};
+      IoAnyOrder<c10::BFloat16>::store(dst + j, 32, d);
+#else
+      TORCH_CHECK(false, "narrow_bf16: mode 0 needs AVX512");
+#endif
+    } else if (mode == 1) {
+      Io<c10::BFloat16>::store(dst + j, 32, v);
+    } else {
+#if defined(__AVX512BF16__)
+      _mm512_storeu_si512(dst + j, half_io::bf16_narrow(v[0], v[1]));
+#else
+      TORCH_CHECK(false, "narrow_bf16: mode 2 needs AVX512_BF16");
+#endif
+    }
+  }
+  return out;
+}
 }  // namespace harness
 
 double time_pass(int64_t kind, std::vector<at::Tensor> inputs, std::vector<at::Tensor> outputs, int64_t reps) {
   return harness::time_pass(kind, inputs, outputs, reps);
+}
+bool bf16_native() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+at::Tensor narrow_bf16(at::Tensor x, int64_t mode) {
+  return harness::narrow_bf16(x, mode);
 }
 double time_op(int64_t kind, std::vector<at::Tensor> t, at::Tensor coeffs, bool write_input, int64_t reps,
                int64_t sched_kind, std::vector<double> params) {
@@ -190,16 +238,63 @@ double time_op(int64_t kind, std::vector<at::Tensor> t, at::Tensor coeffs, bool 
 """
 
 
-def build(isa: str):
-    """The harness module for this instruction set (load_inline caches the build by source and flags)."""
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX512_BF16: the library's AVX512 bfloat16 kernels then narrow in hardware (where its
+    build's compiler knew -mavx512bf16, as the harness's does)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def build(isa: str, bf16_native=None, root: str = ROOT, tag: str = ""):
+    """The harness module for this instruction set, with the hardware bfloat16 narrowing where the library uses it
+    (bf16_native None: this CPU has it), from the headers under root/csrc (load_inline caches the build by source
+    and flags)."""
     from torch.utils.cpp_extension import load_inline
 
     import tdiff._C  # noqa: F401  (registers the tdiff ops the harness calls through the dispatcher)
 
+    native = isa == "AVX512" and (cpu_has_avx512_bf16() if bf16_native is None else bf16_native)
     flags = ["-O3", "-std=c++17", "-fno-math-errno", f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}",
-             "-Wno-uninitialized", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", *ISA_FLAGS[isa]]
-    return load_inline(f"tdiff_half_ceiling_{isa.lower()}", cpp_sources=[SOURCE], functions=["time_pass", "time_op"],
-                       extra_cflags=flags, extra_include_paths=[os.path.join(ROOT, "csrc")], verbose=False)
+             "-Wno-uninitialized", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", *ISA_FLAGS[isa],
+             *(["-mavx512bf16"] if native else [])]
+    name = f"tdiff_half_ceiling_{isa.lower()}{'_bf16' if native else ''}{tag}"
+    return load_inline(name, cpp_sources=[SOURCE], functions=["time_pass", "time_op", "bf16_native", "narrow_bf16"],
+                       extra_cflags=flags, extra_include_paths=[os.path.join(root, "csrc")], verbose=False)
+
+
+def check_bf16_narrowing(mod, quick: bool = False) -> dict:
+    """The library's full-step bfloat16 stores against torch's own float -> bfloat16 conversion, bit for bit, over
+    every float bit pattern (2^32; quick: every 4096th chunk of 2^16), and where the bare hardware narrowing differs
+    (it must be only subnormal and NaN inputs: the lanes the stores check for)."""
+    from tqdm import tqdm
+
+    chunk = 1 << 16 if quick else 1 << 25
+    starts = range(-(1 << 31), 1 << 31, chunk * (4096 if quick else 1))
+    modes = {"IoAnyOrder": 0, "Io": 1}
+    mismatches = {k: 0 for k in modes}
+    hw_diff = hw_diff_outside = 0
+    tiny = torch.finfo(torch.float32).tiny
+    for lo in tqdm(starts, desc="bf16 narrowing, all float bit patterns", disable=quick):
+        x = torch.arange(lo, lo + chunk, dtype=torch.int32).view(torch.float32)
+        want = x.to(torch.bfloat16).view(torch.int16)
+        for k, m in modes.items():
+            mismatches[k] += int((mod.narrow_bf16(x, m).view(torch.int16) != want).sum())
+        if mod.bf16_native():
+            diff = mod.narrow_bf16(x, 2).view(torch.int16) != want
+            checked = torch.isnan(x) | ((x.abs() < tiny) & (x != 0))
+            hw_diff += int(diff.sum())
+            hw_diff_outside += int((diff & ~checked).sum())
+    values = len(starts) * chunk
+    if any(mismatches.values()) or hw_diff_outside:
+        raise AssertionError(f"bf16 narrowing is not torch's: {mismatches} mismatches, {hw_diff_outside} unchecked")
+    print(f"bf16 narrowing: {values} float bit patterns; library stores vs torch: {mismatches} mismatches; bare "
+          f"hardware narrowing: {hw_diff} differ, {hw_diff_outside} of them neither subnormal nor NaN"
+          + ("" if mod.bf16_native() else " (no hardware narrowing in this build)"))
+    return {"values": values, "hardware": bool(mod.bf16_native()), "store_mismatches": mismatches,
+            "bare_hardware_differs": hw_diff, "bare_hardware_differs_not_subnormal_or_nan": hw_diff_outside}
 
 
 # name -> (inputs, outputs, the op measured beside it: (kind, write_input) or None)
@@ -271,6 +366,7 @@ def run(quick: bool = False) -> dict:
         t0 = time.perf_counter()
         mod = build(isa)
         built_s = time.perf_counter() - t0
+        narrowing = check_bf16_narrowing(mod, quick)
         records = measure(mod, QUICK_SHAPE if quick else SHAPE, 7 if quick else 61)
     finally:
         torch.set_num_threads(threads_before)
@@ -284,7 +380,8 @@ def run(quick: bool = False) -> dict:
                     if k + "_us" in r else "" for k in ("loop", "op")],
                   *[f"{r[k + '_frac_of_convert_only']:.2f}" if k + "_us" in r else "" for k in ("loop", "op")]]
                  for r in records])
-    payload = {"threads": 1, "cpu_capability": isa, "build_seconds": built_s, "records": records,
+    payload = {"threads": 1, "cpu_capability": isa, "bf16_hardware_narrowing": bool(mod.bf16_native()),
+               "bf16_narrowing_check": narrowing, "build_seconds": built_s, "records": records,
                "loadavg_before": load_before, "loadavg_after": load_average()}
     path = write_result("half_ceiling", payload, quick)
     print(f"load average {load_before} -> {payload['loadavg_after']}; wrote {path}")

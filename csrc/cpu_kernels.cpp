@@ -23,9 +23,33 @@ int rank(const std::string& isa) {
   return 0;  // DEFAULT, and anything ATen reports that this build has no table for (VSX, SVE, ...)
 }
 
+#ifdef TDIFF_X86_ISA
+// The AVX512 table, with the bfloat16 kernels that narrow in hardware where both the build and this CPU have
+// AVX512_BF16 (ATen's AVX512 capability already means the OS saves the AVX-512 state). Only the kernels whose
+// outputs are all bfloat16 are taken: those with float outputs (multistep_backward's dot products, sum_sq_diff,
+// cached_block_backward's gate sums) stay the AVX512 table's own, because compiled apart the same arithmetic may
+// take its operands in another order, and with two NaN operands the float result's NaN payload follows that order
+// (a bfloat16 store writes every NaN alike).
+const CpuKernels& kernels_AVX512_best() {
+  static const CpuKernels table = [] {
+    CpuKernels t = kernels_AVX512();
+    const Kernels<c10::BFloat16>* native = kernels_AVX512_BF16();
+    if (native != nullptr && __builtin_cpu_supports("avx512bf16")) {
+      t.bf16.multistep = native->multistep;
+      t.bf16.noisy_sample = native->noisy_sample;
+      t.bf16.noisy_sample_backward = native->noisy_sample_backward;
+      t.bf16.scaled_diff = native->scaled_diff;
+      t.bf16.cached_block = native->cached_block;
+    }
+    return t;
+  }();
+  return table;
+}
+#endif
+
 const CpuKernels* table_of_rank(int r) {
 #ifdef TDIFF_X86_ISA
-  if (r == 2) return &kernels_AVX512();
+  if (r == 2) return &kernels_AVX512_best();
   if (r == 1) return &kernels_AVX2();
 #endif
   (void)r;

@@ -5,7 +5,9 @@
 // with its own -m flags and ATen's CPU_CAPABILITY, so at::vec::Vectorized<T> is the real AVX2 / AVX-512 one and
 // Vectorized<Half> / Vectorized<BFloat16> convert with the hardware instructions). At the first call the table of
 // the best instruction set that ATen itself uses (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY) is
-// picked, so the extension loads on any x86-64 machine. Half and bfloat16 data accumulate in float.
+// picked, so the extension loads on any x86-64 machine. Half and bfloat16 data accumulate in float. On a CPU with
+// AVX512_BF16 the AVX512 table's bfloat16 kernels are the ones compiled with it (the hardware narrowing, the same
+// bits).
 //
 // This header is included by both sides: it holds only plain structs of raw pointers and function pointers.
 #pragma once
@@ -133,6 +135,8 @@ const CpuKernels& kernels_DEFAULT();
 #ifdef TDIFF_X86_ISA
 const CpuKernels& kernels_AVX2();
 const CpuKernels& kernels_AVX512();
+// the AVX512 table's bfloat16 kernels built with -mavx512bf16, or null where the compiler lacked it
+const Kernels<c10::BFloat16>* kernels_AVX512_BF16();
 #endif
 
 // The table in use (csrc/cpu_kernels.cpp).

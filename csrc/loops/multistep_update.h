@@ -9,27 +9,11 @@
 // its captures escaped, and the compiler then reloaded the coefficient vectors from the stack after each store
 // through T*, which may alias them: in cache those reloads cost as much as the data's own loads). SRC_IS_X: the
 // network saw x itself (src == x), so the conversion reuses x's vector instead of loading it a second time.
-constexpr int64_t kWritePrefetchBytes = 1024;
-
-// Ask for the cache line `ahead` bytes past p in a writable state: PREFETCHW on AVX-512 CPUs (all have it; GCC emits
-// it for __builtin_prefetch only with -mprfchw, which ATen's flags do not set), a prefetch elsewhere. A prefetch
-// never faults, so a line past the end of the buffer is harmless.
-template <typename T>
-inline void prefetch_for_write(T* p, int64_t ahead) {
-  const char* line = reinterpret_cast<const char*>(p) + ahead;
-#if defined(CPU_CAPABILITY_AVX512)
-  asm volatile("prefetchw %0" : : "m"(*line));
-#else
-  __builtin_prefetch(line, 1, 3);
-#endif
-}
-
 template <typename T, int K, bool CFG, bool CONVERT, bool SRC_IS_X>
 void multistep_span(const tdiff::MultistepSpan<T>& a) {
-  using IO = Io<T>;
+  using IO = IoAnyOrder<T>;  // elementwise with one coefficient set per span: any lane order
   using V = typename IO::V;
   constexpr int P = IO::P;
-  constexpr int64_t W = IO::W;
   V c[K + 1];
   for (int k = 0; k <= K; ++k) c[k] = V(a.c[k]);
   const V w(a.w), p(a.p), q(a.q);
@@ -67,32 +51,13 @@ void multistep_span(const tdiff::MultistepSpan<T>& a) {
     IO::store(out + j, count, acc);
     if constexpr (CFG || CONVERT) IO::store(h0 + j, count, m);
   };
-  // for_each_step's order, written out so that every call site of `step` is inlined, with four full steps per
-  // iteration (in cache the loop's own bookkeeping is a visible share: 3-15% faster than two per iteration)
-  const int64_t n = a.n;
-  int64_t j = 0;
-  for (; j + 4 * W <= n; j += 4 * W) {
-    // the outputs' lines 1 KiB ahead, for writing: their read-for-ownership starts early instead of stalling the
-    // stores (standalone, K = 4 at 16x4x32x32, against this loop without it: 5-10% faster in L2, in place or not,
-    // and out of cache)
-    for (int s = 0; s < 4; ++s) {
-      prefetch_for_write(out + j + s * W, kWritePrefetchBytes);
-      if constexpr (CFG || CONVERT) prefetch_for_write(h0 + j + s * W, kWritePrefetchBytes);
-    }
-    step(j, W);
-    step(j + W, W);
-    step(j + 2 * W, W);
-    step(j + 3 * W, W);
+  if constexpr (CFG || CONVERT) {
+    T* const outs[2] = {out, h0};
+    for_each_step_writing<T>(a.n, outs, step);
+  } else {
+    T* const outs[1] = {out};
+    for_each_step_writing<T>(a.n, outs, step);
   }
-  for (; j + 2 * W <= n; j += 2 * W) {
-    step(j, W);
-    step(j + W, W);
-  }
-  if (j + W <= n) {
-    step(j, W);
-    j += W;
-  }
-  if (j < n) step(j, n - j);
 }
 
 template <typename T, int K>
@@ -125,7 +90,7 @@ void multistep(const tdiff::MultistepSpan<T>& a) {
 
 template <typename T, int K>
 void multistep_backward_k(const tdiff::MultistepBackwardSpan<T>& a) {
-  using IO = Io<T>;
+  using IO = Io<T>;  // memory order: the dot products' lane sums must not change with the instruction set's layout
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int P = IO::P;

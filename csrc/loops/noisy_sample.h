@@ -17,7 +17,7 @@ void noisy_sample_span(const tdiff::NoisySampleSpan<T>& a) {
   const T* eps = a.eps;
   T* xt = a.xt;
   T* net_in = a.net_in;
-  for_each_step<T>(a.n, [&](int64_t j, int64_t count) {
+  auto step = [&](int64_t j, int64_t count) __attribute__((always_inline)) {
     V x[P], e[P];
     IO::load(x0 + j, count, x);
     IO::load(eps + j, count, e);
@@ -27,7 +27,14 @@ void noisy_sample_span(const tdiff::NoisySampleSpan<T>& a) {
       for (int i = 0; i < P; ++i) x[i] = vc * x[i];
       IO::store(net_in + j, count, x);
     }
-  });
+  };
+  if constexpr (WRITE_INPUT) {
+    T* const out[2] = {xt, net_in};
+    for_each_step_writing<T>(a.n, out, step);
+  } else {
+    T* const out[1] = {xt};
+    for_each_step_writing<T>(a.n, out, step);
+  }
 }
 
 template <typename T>
@@ -48,7 +55,7 @@ void noisy_sample_backward_span(const tdiff::NoisySampleBackwardSpan<T>& a) {
   const T* gin = a.gin;
   T* gx0 = a.gx0;
   T* geps = a.geps;
-  for_each_step<T>(a.n, [&](int64_t j, int64_t count) {
+  auto step = [&](int64_t j, int64_t count) __attribute__((always_inline)) {
     V g[P], r[P];
     IO::load(gxt + j, count, g);
     if constexpr (HAS_IN) {
@@ -60,7 +67,9 @@ void noisy_sample_backward_span(const tdiff::NoisySampleBackwardSpan<T>& a) {
     IO::store(gx0 + j, count, r);
     for (int i = 0; i < P; ++i) r[i] = vs * g[i];
     IO::store(geps + j, count, r);
-  });
+  };
+  T* const out[2] = {gx0, geps};
+  for_each_step_writing<T>(a.n, out, step);
 }
 
 template <typename T>
