@@ -198,12 +198,15 @@ def load_average() -> List[float]:
 # The process-wide glibc settings (GLIBC_TUNABLES glibc.malloc.mmap_threshold=32 MiB, trim_threshold=256 MiB:
 # mallopt's fixed thresholds) give no gain: same faults, no fewer buffers, times 2-9% slower in alternating processes
 # (within the load's noise); glibc's tcache, which is last-in first-out, stops at 1032 bytes. tdiff sets none of
-# them. An allocator by LD_PRELOAD (jemalloc, tcmalloc) is not installed here: not measured. The fix a caller can
-# choose today is the out= form (tdiff._C.multistep_update_out_cpu, the sampling loop's buffer reuse).
+# them. An allocator by LD_PRELOAD (jemalloc, tcmalloc) is not installed here: not measured. tdiff's C++ ops take
+# their in-cache outputs from a last-in first-out cache of their own freed output blocks (csrc/outputs.h: at most 8
+# blocks, 4 MiB; no process-wide setting): dropped outputs come back in the blocks written last (1 buffer set over
+# 200 calls). The clones of fresh_copy_fn still go through glibc. The out= form avoids the allocation as well.
 FRESH_OUTPUT_NOTE = ("fresh outputs (measured 2026-12-01): no page faults; per output 0.6-0.9 us of malloc/free and "
                      "tensor/Python object creation, plus colder lines: glibc hands out the least recently freed "
                      "chunk of a size, so dropped outputs cycle over 4-6 buffers (ring of 3-4 output pairs: "
-                     "1.3-1.6x the time of one); glibc's fixed thresholds give no gain and are left unset; "
+                     "1.3-1.6x the time of one); tdiff's ops take in-cache outputs from a last-in first-out cache of "
+                     "their freed blocks (csrc/outputs.h); glibc's fixed thresholds give no gain and are left unset; "
                      "see bench/common.py")
 
 

@@ -17,9 +17,10 @@ The convert form returns two fresh tensors, so it is also held against two clone
 move the same bytes (bench.common.fresh_copy_fn): its in-cache gap to "tdiff out=" is that per-call cost, not the
 kernel (measured 2026-12-01: no page faults; in a C++ loop the functional form is only 0.7 us above out=, the two
 at::empty with their frees 0.85 us; from Python each returned tensor costs about 1 us idle, the wrapper about 1.2 us,
-and fresh outputs cycle over every free chunk of their size, into colder lines (output_ring below times that cycle
-with the out= form; bench.common's note on fresh outputs); a profile of the public call has 74% of its cycles in the
-span loop against 83% for out=).
+and glibc's fresh outputs cycle over every free chunk of their size, into colder lines (output_ring below times that
+cycle with the out= form; tdiff's outputs now come from a last-in first-out cache of their freed blocks,
+csrc/outputs.h; bench.common's note on fresh outputs); a profile of the public call had 74% of its cycles in the span
+loop against 83% for out=).
 
 Overhead: the public wrapper (eager, no grad, check=False, as the sampling loop calls it) against the C++ function
 it calls, bound directly (tdiff._C, csrc/direct.h; overhead_us) and through the dispatcher (vs_dispatcher_us), at a

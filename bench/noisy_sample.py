@@ -16,14 +16,15 @@ Two outputs (x_t and the input) are also held against two clones that return fre
 (issue 16 item 6, measured 2026-12-01): no page faults (minor faults 0.001 a call); two at::empty with their frees
 cost 0.85 us in a C++ loop, and the op called there (tdiff::noisy_sample_cpu, fresh outputs) reaches 0.82-0.88 of
 copy (bench/half_ceiling); from Python each returned tensor costs its wrap, free and deallocation (about 1 us,
-idle), the wrapper about 1.5 us; and fresh outputs cycle over every free chunk of their size (glibc hands out the
-one freed longest ago), so they are written into colder lines than copy's destination (bench.common's note on fresh
-outputs: 4-6 buffers for two outputs in this bench's process; the result's "fresh_outputs" record counts them).
+idle), the wrapper about 1.5 us; and glibc's fresh outputs cycle over every free chunk of their size (it hands out
+the one freed longest ago), into colder lines: 4-6 buffers for two outputs in this bench's process. tdiff's outputs
+now come from a last-in first-out cache of their own freed blocks (csrc/outputs.h), the blocks written last; the
+clones still cycle (bench.common's note on fresh outputs; the result's "fresh_outputs" record counts the buffers).
 dst.copy_(src) pays none of that: it writes into a tensor it already has and returns it.
 
 The C++ call's own fixed cost, piece by piece (16x4x32x32, a C++ loop per piece, load 2.2, 2026-12-01): input
 checks 0.04 us; the coefficients of 16 distinct times 1.0 us (0.13 us for 16 equal times, computed once); each
-output's at::empty and free 0.6 us; the dispatcher 2.4 us (the public path skips it: the pybind hop of the prepared
+output's at::empty and free 0.6 us (before the output cache); the dispatcher 2.4 us (the public path skips it: the pybind hop of the prepared
 sampler is ~0.35 us); the span loop itself the rest. The coefficients are four libm calls a sample for a VP schedule
 (expm1, log, exp, exp), kept because vectorised transcendentals would change the coefficients' last bits; they are
 made stage by stage over blocks of 16 samples (independent calls overlap: 16 times 0.98 -> 0.73 us, 64 times
