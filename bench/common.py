@@ -184,3 +184,45 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> Dict[str, float]
 
 def load_average() -> List[float]:
     return list(os.getloadavg())
+
+
+# What a fresh in-cache output costs, and why (issue 16 item 6; measured 2026-12-01, load 4-5, float32 16x4x32x32):
+# - no page faults (0.00-0.01 minor faults a call);
+# - fixed work per output: glibc's malloc and free of the chunk, ATen's TensorImpl and StorageImpl, the Python
+#   object's wrap and deallocation: 0.6-0.9 us together (C++ at::empty and free alone 0.6 us at load 2);
+# - colder lines: glibc serves a request from the free chunk of that size freed longest ago, so a loop that drops
+#   its outputs cycles them over every free chunk of the size. Two outputs used 4-6 distinct buffers over 200 calls
+#   in the bench's process (fresh_output_probe below; 2, i.e. the same two swapped, in a bare process). Writing
+#   the converting update (K = 1) into a ring of k output pairs, in one process: k = 2 1.08x the time of k = 1,
+#   k = 3 1.32x, k = 4 1.58x, k = 6 1.73x (load 4.4: other processes share the L2).
+# The process-wide glibc settings (GLIBC_TUNABLES glibc.malloc.mmap_threshold=32 MiB, trim_threshold=256 MiB:
+# mallopt's fixed thresholds) give no gain: same faults, no fewer buffers, times 2-9% slower in alternating processes
+# (within the load's noise); glibc's tcache, which is last-in first-out, stops at 1032 bytes. tdiff sets none of
+# them. An allocator by LD_PRELOAD (jemalloc, tcmalloc) is not installed here: not measured. tdiff's C++ ops take
+# their in-cache outputs from a last-in first-out cache of their own freed output blocks (csrc/outputs.h: at most 8
+# blocks, 4 MiB; no process-wide setting): dropped outputs come back in the blocks written last (1 buffer set over
+# 200 calls). The clones of fresh_copy_fn still go through glibc. The out= form avoids the allocation as well.
+FRESH_OUTPUT_NOTE = ("fresh outputs (measured 2026-12-01): no page faults; per output 0.6-0.9 us of malloc/free and "
+                     "tensor/Python object creation, plus colder lines: glibc hands out the least recently freed "
+                     "chunk of a size, so dropped outputs cycle over 4-6 buffers (ring of 3-4 output pairs: "
+                     "1.3-1.6x the time of one); tdiff's ops take in-cache outputs from a last-in first-out cache of "
+                     "their freed blocks (csrc/outputs.h); glibc's fixed thresholds give no gain and are left unset; "
+                     "see bench/common.py")
+
+
+def fresh_output_probe(fn: Callable[[], object], calls: int = 200) -> Dict[str, float]:
+    """Minor page faults per call of `fn` (which returns a tensor or a tuple of them) and how many distinct output
+    buffers it used over `calls` calls, dropping its outputs before the next call as a training or sampling loop
+    does: 2 for two outputs means the same two buffers, reused."""
+    import resource
+
+    buffers = set()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        out = fn()
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                buffers.add(t.data_ptr())
+        del out
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return {"minor_faults_per_call": faults / calls, "distinct_output_buffers": len(buffers), "calls": calls}

@@ -17,8 +17,10 @@ The convert form returns two fresh tensors, so it is also held against two clone
 move the same bytes (bench.common.fresh_copy_fn): its in-cache gap to "tdiff out=" is that per-call cost, not the
 kernel (measured 2026-12-01: no page faults; in a C++ loop the functional form is only 0.7 us above out=, the two
 at::empty with their frees 0.85 us; from Python each returned tensor costs about 1 us idle, the wrapper about 1.2 us,
-and glibc hands h_0 one of two addresses in turn; a profile of the public call has 74% of its cycles in the span loop
-against 83% for out=).
+and glibc's fresh outputs cycle over every free chunk of their size, into colder lines (output_ring below times that
+cycle with the out= form; tdiff's outputs now come from a last-in first-out cache of their freed blocks,
+csrc/outputs.h; bench.common's note on fresh outputs); a profile of the public call had 74% of its cycles in the span
+loop against 83% for out=).
 
 Overhead: the public wrapper (eager, no grad, check=False, as the sampling loop calls it) against the C++ function
 it calls, bound directly (tdiff._C, csrc/direct.h; overhead_us) and through the dispatcher (vs_dispatcher_us), at a
@@ -32,8 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import (copy_fn, fresh_copy_fn, interleaved, load_average, median_ci, paired_ratio, plot_path,
-                          print_table, pyplot, write_result)
+from bench.common import (FRESH_OUTPUT_NOTE, copy_fn, fresh_copy_fn, fresh_output_probe, interleaved, load_average,
+                          median_ci, paired_ratio, plot_path, print_table, pyplot, write_result)
 from tdiff.ops import dispatch
 from tdiff.ops.multistep_update import multistep_update
 
@@ -111,6 +113,8 @@ def bandwidth(quick: bool) -> list:
                 for name in [n for n in fns if not n.startswith("copy")]:
                     records.append({"where": where, "shape": list(shape), "K": k, "form": form, "impl": name,
                                     "bytes": nbytes, **_stats(times[name], times["copy"], nbytes)})
+                    if form == "convert" and name == "tdiff" and where == "in cache":  # faults, buffer reuse
+                        records[-1]["fresh_outputs"] = fresh_output_probe(fns[name])
                     if form == "convert" and name != "tdiff out=":
                         f = paired_ratio(times["copy, 2 fresh outputs"], times[name])
                         records[-1].update({"frac_of_fresh_copy": f["median"], "fresh_frac_lo": f["lo"],
@@ -155,6 +159,42 @@ def half_precision(quick: bool) -> list:
                 ["where", "shape", "dtype", "K", "eager us", "tdiff us", "speed-up [95%]", "best rounds"],
                 [[r["where"], "x".join(map(str, r["shape"])), r["dtype"], r["K"], r["eager_us"], r["tdiff_us"],
                   f"{r['speedup_vs_eager']:.2f} [{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]", r["speedup_best"]]
+                 for r in records])
+    return records
+
+
+def output_ring(quick: bool) -> list:
+    """The cost of colder output lines: the converting update (K = 1, in cache) written by the out= binding into a
+    ring of k (x_next, h_0) pairs, k = 1..6, against k = 1, round by round. glibc hands a request the free chunk of
+    its size freed longest ago, so fresh outputs cycle over every free chunk of the size: k is that cycle's length
+    (bench.common's note on fresh outputs)."""
+    import itertools
+
+    shape = QUICK_IN if quick else IN_CACHE
+    x, hist = torch.randn(shape), [torch.randn(shape)]
+    coeffs, pq = torch.randn(shape[0], 2), torch.randn(shape[0], 2)
+    fns = {}
+    if _C is None or not hasattr(_C, "multistep_update_out_cpu"):
+        return []
+    for k in (1, 2, 3, 4, 6):
+        ring = itertools.cycle([(torch.empty(shape), torch.empty(shape)) for _ in range(k)])
+
+        def write(ring=ring):
+            out, h0 = next(ring)
+            _C.multistep_update_out_cpu(x, hist, coeffs, None, None, None, pq, out, h0)
+
+        fns[k] = write
+    with torch.no_grad():
+        interleaved(fns, rounds=2)
+        times = interleaved(fns, rounds=7 if quick else 201, block_seconds=3e-4)
+    records = []
+    for k, ts in times.items():
+        r = paired_ratio(ts, times[1])
+        records.append({"ring": k, "shape": list(shape), "us": median_ci(ts)["median"] * 1e6,
+                        "time_vs_ring_of_1": r["median"], "lo": r["lo"], "hi": r["hi"]})
+    print_table("Colder output lines: out= into a ring of k output pairs (convert, K = 1, in cache), time / k = 1",
+                ["k", "us", "vs k = 1 [95%]"],
+                [[r["ring"], r["us"], f"{r['time_vs_ring_of_1']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"]
                  for r in records])
     return records
 
@@ -240,7 +280,8 @@ def run(quick: bool = False) -> dict:
                    "targets": {"frac_of_copy": TARGET_FRAC_OF_COPY, "half_speedup_vs_eager": TARGET_HALF_SPEEDUP,
                                "half_speedup_goal": 2.0, "wrapper_overhead_us": TARGET_OVERHEAD_US},
                    "bandwidth": bandwidth(quick), "half_precision": half_precision(quick),
-                   "overhead": overhead(quick)}
+                   "overhead": overhead(quick), "fresh_outputs_note": FRESH_OUTPUT_NOTE,
+                   "output_ring": output_ring(quick)}
     finally:
         torch.set_num_threads(threads_before)
     payload["loadavg_before"], payload["loadavg_after"] = load_before, load_average()

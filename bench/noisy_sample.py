@@ -16,16 +16,21 @@ Two outputs (x_t and the input) are also held against two clones that return fre
 (issue 16 item 6, measured 2026-12-01): no page faults (minor faults 0.001 a call); two at::empty with their frees
 cost 0.85 us in a C++ loop, and the op called there (tdiff::noisy_sample_cpu, fresh outputs) reaches 0.82-0.88 of
 copy (bench/half_ceiling); from Python each returned tensor costs its wrap, free and deallocation (about 1 us,
-idle), the wrapper about 1.5 us; glibc hands the second output one of two addresses in turn (heap-state dependent,
-+1 us when it does). dst.copy_(src) pays none of that: it writes into a tensor it already has and returns it.
+idle), the wrapper about 1.5 us; and glibc's fresh outputs cycle over every free chunk of their size (it hands out
+the one freed longest ago), into colder lines: 4-6 buffers for two outputs in this bench's process. tdiff's outputs
+now come from a last-in first-out cache of their own freed blocks (csrc/outputs.h), the blocks written last; the
+clones still cycle (bench.common's note on fresh outputs; the result's "fresh_outputs" record counts the buffers).
+dst.copy_(src) pays none of that: it writes into a tensor it already has and returns it.
 
-The C++ call's own fixed cost (measured 2026-12-01, best of blocks, load 5.4): the prepared sampler takes 1.5 us at
-1x4x8x8 and 2.4 us at 16x1x1x1: 15 more samples cost ~0.9 us (coefficients and span set-up); the coefficients are
-four libm calls a sample for a VP schedule
-(expm1, log, exp, exp), kept because vectorised transcendentals would change the coefficients' last bits. Times
-are read in place in their own dtype (a float32 t cost a float64 copy, +1.5 us) and a run of equal times is
-computed once. The public wrapper adds ~1.5 us above the sampler (argument tests, the compile/grad/backend tests,
-the per-schedule lookups).
+The C++ call's own fixed cost, piece by piece (16x4x32x32, a C++ loop per piece, load 2.2, 2026-12-01): input
+checks 0.04 us; the coefficients of 16 distinct times 1.0 us (0.13 us for 16 equal times, computed once); each
+output's at::empty and free 0.6 us (before the output cache); the dispatcher 2.4 us (the public path skips it: the pybind hop of the prepared
+sampler is ~0.35 us); the span loop itself the rest. The coefficients are four libm calls a sample for a VP schedule
+(expm1, log, exp, exp), kept because vectorised transcendentals would change the coefficients' last bits; they are
+made stage by stage over blocks of 16 samples (independent calls overlap: 16 times 0.98 -> 0.73 us, 64 times
+1.40-1.52x faster, the same bits). Times are read in place in their own dtype and a run of equal times is computed
+once. The public wrapper adds ~1 us above the sampler (argument tests, the compile/grad/backend tests, the
+per-schedule lookup). overhead() below times the 16-sample pieces from Python ("fixed_cost_pieces").
 
 Overhead: the public function (eager, no grad, check=False) against the C++ function it calls (the prepared
 sampler, tdiff._C.NoisySampler), the op's full-argument direct binding (tdiff._C, csrc/direct.h) and the op through
@@ -35,8 +40,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import (copy_fn, fresh_copy_fn, interleaved, load_average, median_ci, paired_ratio, plot_path,
-                          print_table, pyplot, write_result)
+from bench.common import (FRESH_OUTPUT_NOTE, copy_fn, fresh_copy_fn, fresh_output_probe, interleaved, load_average,
+                          median_ci, paired_ratio, plot_path, print_table, pyplot, write_result)
 from tdiff import schedules as S
 from tdiff.ops import dispatch
 from tdiff.ops.noisy_sample import noisy_sample
@@ -111,6 +116,10 @@ def measure(quick: bool) -> list:
             with torch.no_grad():
                 interleaved(fns, rounds=2)  # warm-up: caches, allocator, compiled graphs
                 times = interleaved(fns, rounds=rounds)
+                if where == "in cache" and dtype == torch.float32:  # page faults and buffer reuse of fresh outputs
+                    records.append({"where": where, "shape": list(shape), "dtype": "float32",
+                                    "fresh_outputs": {name: fresh_output_probe(fns[name]) for name in (
+                                        "noisy_sample tdiff (x_t, input)", "copy, 2 fresh outputs (x_t, input)")}})
             for impl, ts in times.items():
                 if impl.startswith("copy"):
                     continue
@@ -154,9 +163,30 @@ def overhead(quick: bool) -> dict:
         # what the public function calls: the op with the schedule arguments resolved once (per schedule)
         sampler = _C.NoisySampler(*args[3:9])
         fns["C++ sampler (the public path's call)"] = lambda: sampler(x0, eps, t, False, False)
+        # the fixed cost of a 16-sample call, piece by piece (16x1x1x1: no data pass to speak of): 16 distinct
+        # times against 16 equal ones (computed once) is the coefficients' share; a second output (the network
+        # input, preconditioned) is one more allocation, wrap and free
+        x16, e16 = torch.randn(16, 1, 1, 1), torch.randn(16, 1, 1, 1)
+        t16, t16_equal = torch.rand(16, dtype=torch.float64) * 0.98 + 0.01, torch.full((16,), 0.5, dtype=torch.float64)
+        preconditioned = _C.NoisySampler(*args[3:6], 1.0, *args[7:9])
+        fns["C++ sampler, 16 samples, distinct times"] = lambda: sampler(x16, e16, t16, False, False)
+        fns["C++ sampler, 16 samples, equal times"] = lambda: sampler(x16, e16, t16_equal, False, False)
+        fns["C++ sampler, 16 samples, distinct times, x_t + input"] = lambda: preconditioned(x16, e16, t16, True,
+                                                                                             False)
+        fns["public (check=False), 16 samples"] = lambda: noisy_sample(x16, e16, t16, sched, check=False)
     with torch.no_grad():
         interleaved(fns, rounds=2)
         times = interleaved(fns, rounds=7 if quick else 41, block_seconds=5e-3)
+    pieces = {}
+    for key, (a, b) in {"coefficients_16_distinct_times_us": ("C++ sampler, 16 samples, distinct times",
+                                                              "C++ sampler, 16 samples, equal times"),
+                        "second_output_us": ("C++ sampler, 16 samples, distinct times, x_t + input",
+                                             "C++ sampler, 16 samples, distinct times"),
+                        "wrapper_16_samples_us": ("public (check=False), 16 samples",
+                                                  "C++ sampler, 16 samples, distinct times")}.items():
+        if a in times and b in times:  # round by round, like every difference here
+            d = median_ci([x - y for x, y in zip(times[a], times[b])])
+            pieces[key] = {"us": d["median"] * 1e6, "us_lo": d["lo"] * 1e6, "us_hi": d["hi"] * 1e6}
     result = {}
     for name, ts in times.items():
         s = median_ci(ts)
@@ -178,6 +208,11 @@ def overhead(quick: bool) -> dict:
                   else "",
                   f"{r['vs_dispatcher_us']:.2f} [{r['vs_dispatcher_lo']:.2f}, {r['vs_dispatcher_hi']:.2f}]"
                   if "vs_dispatcher_us" in r else ""] for n, r in result.items()])
+    if pieces:
+        print_table("noisy_sample fixed cost of a 16-sample call, piece by piece (differences round by round)",
+                    ["piece", "us [95%]"], [[k, f"{v['us']:.2f} [{v['us_lo']:.2f}, {v['us_hi']:.2f}]"]
+                                            for k, v in pieces.items()])
+        result["fixed_cost_pieces"] = pieces
     return result
 
 
@@ -227,7 +262,7 @@ def run(quick: bool = False) -> dict:
     backend = dispatch.backend_for(torch.empty(1), "noisy_sample_cpu")
     isa = torch.ops.tdiff.cpu_capability() if dispatch.cpp_has("cpu_capability") else None
     payload = {"threads": 1, "backend": backend, "cpu_capability": isa, "targets": TARGETS, "records": records,
-               "overhead": calls,
+               "overhead": calls, "fresh_outputs_note": FRESH_OUTPUT_NOTE,
                "loadavg_before": load_before, "loadavg_after": load_average()}
     _plot(records, plot_path("noisy_sample", quick))
     path = write_result("noisy_sample", payload, quick)

@@ -17,6 +17,8 @@
 #include "outputs.h"
 #include "row_spans.h"
 
+#include <c10/util/SmallVector.h>
+
 #include <optional>
 #include <string>
 #include <tuple>
@@ -25,17 +27,22 @@
 namespace tdiff {
 namespace {
 
+// The history made contiguous: at most kMaxHistory tensors, held inline (no heap allocation per call).
+using History = c10::SmallVector<at::Tensor, kMaxHistory>;
+
 // x, history and coeffs; returns the history, each made contiguous.
-std::vector<at::Tensor> check_update(const char* op, const at::Tensor& x, at::TensorList history,
-                                     const at::Tensor& coeffs, bool shared_row) {
+History check_update(const char* op, const at::Tensor& x, at::TensorList history, const at::Tensor& coeffs,
+                     bool shared_row) {
   check_data(op, "x", x);
   check_batch(op, "x", x);
   const int64_t k = static_cast<int64_t>(history.size());
   TORCH_CHECK_VALUE(k >= 1 && k <= kMaxHistory, op, ": history must hold 1 to ", kMaxHistory, " tensors, got ", k);
-  std::vector<at::Tensor> hist;
-  hist.reserve(k);
+  // the names as literals: no string is built per call (check_like formats them only when a check fails)
+  static_assert(kMaxHistory == 4, "one name per history slot");
+  static constexpr const char* kNames[kMaxHistory] = {"history[0]", "history[1]", "history[2]", "history[3]"};
+  History hist;
   for (int64_t i = 0; i < k; ++i) {
-    check_like(op, "history[" + std::to_string(i) + "]", history[i], "x", x);
+    check_like(op, kNames[i], history[i], "x", x);
     hist.push_back(history[i].contiguous());
   }
   check_rows(op, "coeffs", coeffs, x.size(0), k + 1, shared_row, at::toOpMathType(x.scalar_type()));
@@ -50,7 +57,7 @@ struct Optional {
 };
 
 template <typename T>
-void run_update(const at::Tensor& x, const std::vector<at::Tensor>& hist, const at::Tensor& coeffs,
+void run_update(const at::Tensor& x, at::TensorList hist, const at::Tensor& coeffs,
                 const Optional& opt, at::Tensor& out, at::Tensor* h0) {
   using acc_t = at::opmath_type<T>;
   const auto& kern = kernels_for<T>();
@@ -92,7 +99,7 @@ void run_update(const at::Tensor& x, const std::vector<at::Tensor>& hist, const 
 
 at::Tensor multistep_update_cpu(const at::Tensor& x_in, at::TensorList history, const at::Tensor& coeffs_in) {
   const char* op = "tdiff::multistep_update_cpu";
-  const std::vector<at::Tensor> hist = check_update(op, x_in, history, coeffs_in, /*shared_row=*/true);
+  const History hist = check_update(op, x_in, history, coeffs_in, /*shared_row=*/true);
   const at::Tensor x = x_in.contiguous(), coeffs = coeffs_in.contiguous();
   at::Tensor out = new_cpu_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "multistep_update",
@@ -106,7 +113,7 @@ void convert_into(const char* op, const at::Tensor& x_in, at::TensorList history
                   const std::optional<at::Tensor>& uncond_in, const std::optional<at::Tensor>& scale_in,
                   const std::optional<at::Tensor>& src_in, const std::optional<at::Tensor>& convert_in,
                   at::Tensor& out, at::Tensor* h0) {
-  const std::vector<at::Tensor> hist = check_update(op, x_in, history, coeffs_in, /*shared_row=*/true);
+  const History hist = check_update(op, x_in, history, coeffs_in, /*shared_row=*/true);
   const bool cfg = uncond_in.has_value() && uncond_in->defined();
   const bool has_scale = scale_in.has_value() && scale_in->defined();
   const bool conv = convert_in.has_value() && convert_in->defined();
@@ -183,7 +190,7 @@ void multistep_update_out_cpu(const at::Tensor& x, at::TensorList history, const
                               at::Tensor out, const std::optional<at::Tensor>& h0) {
   const char* op = "tdiff::multistep_update_out_cpu";
   check_data(op, "x", x);
-  std::vector<at::Tensor> inputs(history.begin(), history.end());
+  c10::SmallVector<at::Tensor, kMaxHistory + 3> inputs(history.begin(), history.end());
   inputs.push_back(x);
   for (const auto* t : {&uncond, &src}) {
     if (t->has_value()) inputs.push_back(**t);
@@ -201,7 +208,7 @@ void multistep_update_out_cpu(const at::Tensor& x, at::TensorList history, const
 }
 
 template <typename T>
-void run_backward(const at::Tensor& grad, const at::Tensor& x, const std::vector<at::Tensor>& hist,
+void run_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorList hist,
                   const at::Tensor& coeffs, at::Tensor& gx, std::vector<at::Tensor>& gh, at::Tensor& gc) {
   using acc_t = at::opmath_type<T>;
   const auto& kern = kernels_for<T>();
@@ -242,7 +249,7 @@ void run_backward(const at::Tensor& grad, const at::Tensor& x, const std::vector
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> multistep_update_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, at::TensorList history, const at::Tensor& coeffs_in) {
   const char* op = "tdiff::multistep_update_backward_cpu";
-  const std::vector<at::Tensor> hist = check_update(op, x_in, history, coeffs_in, /*shared_row=*/false);
+  const History hist = check_update(op, x_in, history, coeffs_in, /*shared_row=*/false);
   check_like(op, "grad", grad_in, "x", x_in);
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), coeffs = coeffs_in.contiguous();
   at::Tensor gx = at::empty_like(x);

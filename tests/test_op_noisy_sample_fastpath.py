@@ -109,20 +109,31 @@ def test_sampler_is_the_registered_op():
 def test_times_are_read_in_place_in_their_own_dtype():
     # The C++ op reads t where it lies, in its own dtype (no float64 copy), and reuses the coefficients of a time
     # equal to the one before: every sample's outputs are those of that sample alone with its time in float64, bit
-    # for bit, for strided, broadcast, repeated and NaN times
-    sched = S.VPLinear()
-    spec = sched.kernel_spec()
-    args = (spec.kind, list(spec.params), None, 0.5, [], 0, True)
-    x0, eps = torch.randn(6, 3, 5), torch.randn(6, 3, 5)
+    # for bit, for strided, broadcast, repeated and NaN times. The coefficients are computed in blocks of 16
+    # samples: 40 samples, with runs of equal times across both block boundaries, for a variance-preserving
+    # schedule (log sigma from log alpha) and one that is not
     base = torch.tensor([0.3, 0.3, 0.7, math.nan, math.nan, 0.3])
-    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        t = base.to(dtype)
-        for times in (t, torch.stack([t, torch.zeros_like(t)], 1)[:, 0], t[2:3].expand(6)):
-            got = torch.ops.tdiff.noisy_sample_cpu(x0, eps, times, *args)
-            for b in range(6):
-                alone = torch.ops.tdiff.noisy_sample_cpu(x0[b:b + 1], eps[b:b + 1], times[b:b + 1].double(), *args)
-                for g, w in zip(got, alone):
-                    torch.testing.assert_close(g[b:b + 1], w, rtol=0, atol=0, equal_nan=True)
+    g = torch.Generator().manual_seed(0)
+    base = torch.cat([base, torch.rand(9, generator=g) * 0.9 + 0.05, torch.full((3,), 0.45),  # samples 15-17
+                      torch.tensor([math.nan, 0.8]), torch.rand(11, generator=g) * 0.9 + 0.05,
+                      torch.full((4,), 0.6), torch.tensor([0.2, 0.2, math.nan, 0.9])])  # 0.6: samples 31-34
+    n = base.shape[0]
+    x0, eps = torch.randn(n, 3, 5), torch.randn(n, 3, 5)
+    for sched, sigma_data in ((S.VPLinear(), 0.5), (S.EDM(), 0.5)):
+        spec = sched.kernel_spec()
+        args = (spec.kind, list(spec.params), None, sigma_data, [], 0, True)
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            t = base.to(dtype)
+            for times in (t, torch.stack([t, torch.zeros_like(t)], 1)[:, 0], t[2:3].expand(n)):
+                _each_sample_alone(x0, eps, times, args)
+
+
+def _each_sample_alone(x0, eps, times, args):
+    got = torch.ops.tdiff.noisy_sample_cpu(x0, eps, times, *args)
+    for b in range(times.shape[0]):
+        alone = torch.ops.tdiff.noisy_sample_cpu(x0[b:b + 1], eps[b:b + 1], times[b:b + 1].double(), *args)
+        for g, w in zip(got, alone):
+            torch.testing.assert_close(g[b:b + 1], w, rtol=0, atol=0, equal_nan=True)
 
 
 def _bits_match(got, want):

@@ -313,10 +313,21 @@ def noisy_sample(x0: Tensor, eps: Tensor, t: Tensor, schedule: S.NoiseSchedule, 
     if not (compiling or grad) and dispatch.eager_kernel(x0, "noisy_sample_cpu") is not None:
         # eager, no autograd, the C++ kernel the backend: the schedule's prepared sampler (it validates its inputs;
         # a refusal is re-explained by the Python validation, which names arguments as the public API does). It
-        # makes the coefficients only for the check, and net_in only when asked.
-        entry = _schedule_entry(schedule)
+        # makes the coefficients only for the check, and net_in only when asked. The current entry's sampler
+        # without FDM is looked up inline (two function calls fewer: ~0.2 us of a ~10 us in-cache call).
+        entry = _SCHEDULE_ARGS.get(id(schedule))
+        sampler = None
+        if entry is not None and fdm_on == FDM_OFF and entry[0] is not None:
+            try:
+                if entry[0] == schedule.__dict__:
+                    sampler = entry[4].get(sigma_data)
+            except RuntimeError:  # a reassigned tensor attribute: _schedule_entry rebuilds the entry
+                pass
+        if sampler is None:
+            entry = _schedule_entry(schedule)
+            sampler = _cpu_sampler(entry, sigma_data, fdm_params, fdm_on)
         try:
-            xt, net_in, coefs = _cpu_sampler(entry, sigma_data, fdm_params, fdm_on)(x0, eps, t, write_input, check)
+            xt, net_in, coefs = sampler(x0, eps, t, write_input, check)
         except (RuntimeError, TypeError, ValueError):
             _validate(x0, eps, t, entry[1], entry[2], kernel_table(entry[3], x0.device), fdm_params, fdm_on)
             raise
