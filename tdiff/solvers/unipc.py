@@ -36,7 +36,7 @@ def _phi_terms(h, p: int, variant: str):
     big_b = hh if variant == "bh1" else phi1
     b, h_phi_k, factorial = [], phi1 / hh - 1, 1.0
     for i in range(1, p + 1):
-        b.append(h_phi_k * factorial / big_b)
+        b.append((h_phi_k if i == 1 else h_phi_k * factorial) / big_b)  # x * 1.0 is x: no op for the first
         if i < p:  # the next term (none after the last)
             factorial *= i + 1
             h_phi_k = h_phi_k / hh - 1 / factorial
@@ -85,30 +85,40 @@ def _step_terms(g: Grid, i, p: int, variant: str):
 
 def predictor_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     """[c_x, c_m_i, c_m_{i-1}, ...] of UniP-p from point i to i+1 (i: a step index or an index array of them).
-    terms: `_step_terms(g, i, p, variant)` when the caller has them already (the corrector's are the same)."""
+    terms: `_step_terms(g, i, p, variant)` when the caller has them already (the corrector's are the same),
+    optionally followed by the products (a_t B(h), -a_t phi1) (`_host_step_rows`: computed once for every row)."""
     if p == 1:
         return first_order_row(g, i, i + 1)
-    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms
+    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms[:7]
+    ab, nap = _products(terms)
     if p == 2:
         rhos = [0.5]  # the order-2 predictor is fixed at 1/2 (as in the paper and diffusers); a number: exact
     else:
         rhos = _solve_rhos(rks, b, p - 1)  # the last node (1) is not among the first p - 1
-    weights = [a_t * big_b * rho / r for rho, r in zip(rhos, rks)]  # on (m_{i-k} - m_i)
-    return [c_x, -a_t * phi1 + sum(weights), *[-w for w in weights]]
+    weights = [(a_t * big_b if ab is None else ab) * rho / r for rho, r in zip(rhos, rks)]  # on (m_{i-k} - m_i)
+    return [c_x, (-a_t * phi1 if nap is None else nap) + sum(weights), *[-w for w in weights]]
 
 
 def corrector_row(g: Grid, i, p: int, variant: str, terms=None) -> list:
     """[c_x, c_m_{i+1}, c_m_i, c_m_{i-1}, ...] of UniC-p: re-do step i -> i+1 from the corrected x_i using the
     new output m_{i+1}. p is the order of the predictor that produced x_{i+1}; terms as in `predictor_row`."""
-    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms
+    c_x, a_t, h, phi1, big_b, b, rks = _step_terms(g, i, p, variant) if terms is None else terms[:7]
+    ab, nap = _products(terms)
     if p == 1:
         rhos = [0.5]
     else:
         rhos = _solve_rhos(rks + [1.0], b, p)  # the new output's node r = 1 (a number: exact)
-    weights = [a_t * big_b * rho / r for rho, r in zip(rhos[:-1], rks)]  # on (m_{i-k} - m_i)
-    w_new = a_t * big_b * rhos[-1]  # on (m_{i+1} - m_i)
-    return [c_x, -w_new, -a_t * phi1 + sum(weights) + w_new,  # sum([]) = 0: x + 0, as x + zeros was
-            *[-w for w in weights]]
+    weights = [(a_t * big_b if ab is None else ab) * rho / r for rho, r in zip(rhos[:-1], rks)]  # on (m_{i-k} - m_i)
+    w_new = (a_t * big_b if ab is None else ab) * rhos[-1]  # on (m_{i+1} - m_i)
+    return [c_x, -w_new, (-a_t * phi1 if nap is None else nap) + sum(weights) + w_new,  # sum([]) = 0: x + 0,
+            *[-w for w in weights]]  # as x + zeros was
+
+
+def _products(terms) -> tuple:
+    """(a_t B(h), -a_t phi1) where the caller computed them once for all its rows (terms[7:]: host arrays or
+    floats, so each row's a_t * B(h) * rho, which is (a_t * B(h)) * rho, is the same operations on the same
+    values), else (None, None): each use forms its own, as a differentiable table's autograd graph always had."""
+    return (None, None) if terms is None or len(terms) == 7 else terms[7:]
 
 
 def build_unipc(g: Grid, cond_times, order: int = 2, variant: str = "bh2", lower_order_final: bool = True,
@@ -233,24 +243,26 @@ def _host_step_rows(g: Grid, plan, corrected: tuple, variant: str) -> tuple:
     h = lam[1:ne + 1] - lam[:ne]
     c_x, a_t = sigma[1:ne + 1] / sigma[:ne], alpha[1:ne + 1]
     phi1, big_b, b = _phi_terms(h, width, variant)
+    ab, nap = a_t * big_b, -a_t * phi1  # every row's first products, once (`_products`)
     first = _matrix(first_order_row(g, slice(0, n), slice(1, n + 1)))
     pred = np.zeros((n, 1 + width))
     pred[:, :2] = first
     corr = None
     if corrected:
         corr = np.zeros((ne, 2 + width))
-        corr[:, :3] = first_corr = _matrix(corrector_row(g, None, 1, variant, (c_x, a_t, h, phi1, big_b, b, [])))
+        first_corr = _matrix(corrector_row(g, None, 1, variant, (c_x, a_t, h, phi1, big_b, b, [], ab, nap)))
+        corr[:, :3] = first_corr
     for p, steps, at in vector_orders:  # the rows at order p of every step from p - 1 on; those of its steps kept
         s = p - 1
         terms = (c_x[s:], a_t[s:], h[s:], phi1[s:], big_b[s:], b[:p, s:],
-                 [(lam[s - k:ne - k] - lam[s:ne]) / h[s:] for k in range(1, p)])
+                 [(lam[s - k:ne - k] - lam[s:ne]) / h[s:] for k in range(1, p)], ab[s:], nap[s:])
         pred[steps, :1 + p] = _matrix(predictor_row(g, None, p, variant, terms))[at]
         if corr is not None:
             corr[steps, :2 + p] = _matrix(corrector_row(g, None, p, variant, terms))[at]
     for j, p, with_corr in scalar_steps:  # Python floats: the same float64 operations as on the arrays
         lam_j, h_j = lam.item(j), h.item(j)
         terms = (c_x.item(j), a_t.item(j), h_j, phi1.item(j), big_b.item(j), b[:p, j].tolist(),
-                 [(lam.item(j - k) - lam_j) / h_j for k in range(1, p)])
+                 [(lam.item(j - k) - lam_j) / h_j for k in range(1, p)], ab.item(j), nap.item(j))
         pred[j, :1 + p] = predictor_row(g, j, p, variant, terms)
         if with_corr:
             corr[j, :2 + p] = corrector_row(g, j, p, variant, terms)
