@@ -21,6 +21,8 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <pthread.h>
+
 #include <cstddef>
 #include <mutex>
 
@@ -47,7 +49,7 @@ class OutputAllocator final : public c10::Allocator {
   }
 
   static OutputAllocator& get() {
-    static auto* instance = new OutputAllocator();  // never destroyed: tensors may die after static destructors
+    static auto* instance = make();  // never destroyed: tensors may die after static destructors
     return *instance;
   }
 
@@ -58,6 +60,15 @@ class OutputAllocator final : public c10::Allocator {
     void* base;
     size_t n;
   };
+
+  // The instance, with fork handlers: a fork() while another thread holds the lock (a DataLoader worker started
+  // while a tensor dies elsewhere) would leave it locked forever in the child. The lock is taken across the fork,
+  // and released on both sides.
+  static OutputAllocator* make() {
+    auto* self = new OutputAllocator();
+    pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); }, [] { get().mutex_.unlock(); });
+    return self;
+  }
 
   // The most recently freed block of exactly n bytes, or nullptr.
   void* take(size_t n) {
