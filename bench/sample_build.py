@@ -4,7 +4,8 @@ steps, one thread), against the same program run from a reused Sampler (the loop
 The model returns a precomputed eps, so only tdiff's own work is timed: validating the timesteps, building the
 program and its tables, preparing the rows and network calls (the build), and the loop (eps -> x0 conversion fused
 into the update). CPU time of this thread (time.thread_time), interleaved: each round times a block of `sample`
-calls and a block of reused-Sampler calls in turn; the build is sample - loop, paired round by round.
+calls and a block of reused-Sampler calls in turn, for every config (round-robin, so all see the same
+host phases); the build is sample - loop, paired round by round.
 Ceiling: sample >= loop (the build cannot be negative), so a build below 0 would be a measurement error.
 
 python -m bench sample_build  (--quick: fewer rounds)
@@ -51,26 +52,34 @@ def measure(rounds: int = 15, block: int = 5, names=None) -> dict:
     x = torch.randn(SHAPE, generator=gen)
     den = tdiff.denoiser(lambda x_t, t, y=None: eps, schedule, prediction="eps")
     ts = torch.linspace(1.0, 1e-3, STEPS + 1, dtype=torch.float64)
-    out = {}
+    names = list(names or CONFIGS)
+    fns = {}
+    nfe = {}
     with torch.no_grad():
-        for name in names or CONFIGS:
+        for name in names:
             kw = CONFIGS[name]
             sampler = Sampler(den, ts, **kw)
-            nfe = sampler.nfe
-            fns = {"sample": lambda: tdiff.sample(den, x, ts, **kw), "loop": lambda: sampler(x)}
-            for fn in fns.values():
+            nfe[name] = sampler.nfe
+            fns[name] = {"sample": lambda kw=kw: tdiff.sample(den, x, ts, **kw), "loop": lambda s=sampler: s(x)}
+            for fn in fns[name].values():
                 for _ in range(3):
                     fn()
-            per = {k: [] for k in fns}
-            for _ in range(rounds):
-                for k, fn in fns.items():
-                    per[k].append(_block(fn, block))
-            out[name] = {
-                "nfe": nfe,
-                "sample_us_per_step": median_ci([v / STEPS * 1e6 for v in per["sample"]]),
-                "loop_us_per_step": median_ci([v / STEPS * 1e6 for v in per["loop"]]),
-                "build_us": median_ci([(a - b) * 1e6 for a, b in zip(per["sample"], per["loop"])]),
-            }
+        # every round times every config in turn: this host's speed drifts by up to 1.7x within seconds, and a
+        # config timed in a block of its own would see only the phase it happened to fall in
+        per = {name: {"sample": [], "loop": []} for name in names}
+        for _ in range(rounds):
+            for name in names:
+                for k, fn in fns[name].items():
+                    per[name][k].append(_block(fn, block))
+    out = {}
+    for name in names:
+        p = per[name]
+        out[name] = {
+            "nfe": nfe[name],
+            "sample_us_per_step": median_ci([v / STEPS * 1e6 for v in p["sample"]]),
+            "loop_us_per_step": median_ci([v / STEPS * 1e6 for v in p["loop"]]),
+            "build_us": median_ci([(a - b) * 1e6 for a, b in zip(p["sample"], p["loop"])]),
+        }
     return out
 
 
@@ -78,7 +87,7 @@ def run(quick: bool = False) -> None:
     from .common import load_average, print_table, write_result
 
     load_before = load_average()
-    res = measure(rounds=5 if quick else 25, block=2 if quick else 5)
+    res = measure(rounds=5 if quick else 61, block=2 if quick else 3)
     rows = [[name, r["nfe"], f"{r['sample_us_per_step']['median']:.1f}", f"{r['loop_us_per_step']['median']:.1f}",
              f"{r['build_us']['median']:.0f}", "yes" if r["sample_us_per_step"]["median"] <= TARGET_US_PER_STEP
              else "no"] for name, r in res.items()]
