@@ -113,7 +113,7 @@ inline void finish_coefficients(const ScheduleSpec& sp, double t, double la, dou
 // time is computed, like every other, from its own value.
 // The libm calls (four a sample for a VP schedule: expm1, log, exp, exp) are made stage by stage over a block of
 // samples rather than sample by sample: each sample's calls form a dependent chain, and a loop of independent calls
-// lets the CPU overlap them (measured 2026-12-01: 16 distinct times ~1.8x faster). Every sample goes through the same
+// lets the CPU overlap them (measured 2026-12-01: 16 distinct times 1.3-1.5x faster). Every sample goes through the same
 // operations in the same order as one at a time: the same bits.
 template <typename T>
 inline void times_coefficients(const ScheduleSpec& sp, const T* t, int64_t stride, int64_t batch, double* out) {

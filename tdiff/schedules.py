@@ -411,12 +411,8 @@ class DiscreteVP(NoiseSchedule):
         and on a GPU a sync, at every schedule evaluation otherwise). With zero terminal SNR the -inf node is
         replaced by a finite stand-in (the last segment is evaluated separately), so no inf enters a gradient."""
         key = (like.dtype, like.device)
-        t_table, la_table = self.t_table, self.log_alpha_table
         if not torch.compiler.is_compiling():  # (a traced graph holds its tables as constants: no version there)
-            held = self.__dict__.get("_tables_source")  # the tables the copies were made from, and their versions
-            versions = (t_table._version, la_table._version)
-            if held is None or held[0] is not t_table or held[1] is not la_table or held[2] != versions:
-                self._tables_like, self._tables_source = {}, (t_table, la_table, versions)  # replaced or written
+            self._tables_like = self._of_tables("_tables_like_of", dict)  # emptied if a table changed
         if key not in self._tables_like:
             la = self.log_alpha_table
             if self.zero_terminal_snr:
@@ -442,15 +438,23 @@ class DiscreteVP(NoiseSchedule):
         rise and its run, made once per table, so a host evaluation is one search, four gathers (`take`: a fifth
         of fancy indexing's cost) and four operations (`_interp` is 14 on ~20 values, each ~1 us of numpy's call
         overhead). The same values as `_interp`'s: the differences of the same nodes."""
-        t_table, la_table = self.t_table, self.log_alpha_table
-        versions = (t_table._version, la_table._version)  # remade if a table is replaced or written
-        cached = self.__dict__.get("_segments_of")
-        if cached is None or cached[0] is not t_table or cached[1] is not la_table or cached[2] != versions:
-            xp, fp = t_table.numpy(), la_table.numpy()
+        def make():
+            xp, fp = self.t_table.numpy(), self.log_alpha_table.numpy()
             j = np.minimum(np.maximum(np.arange(len(xp) + 1), 1), len(xp) - 1)
-            segments = (xp[j - 1], fp[j - 1], fp[j] - fp[j - 1], xp[j] - xp[j - 1])
-            cached = self._segments_of = (t_table, la_table, versions, xp, segments)
-        return cached[3], cached[4]
+            return xp, (xp[j - 1], fp[j - 1], fp[j] - fp[j - 1], xp[j] - xp[j - 1])
+
+        return self._of_tables("_segments_of", make)
+
+    def _of_tables(self, name: str, make):
+        """make(), made once per state of the tables: kept as self.<name> with the tables it was made from and their
+        versions, and remade if either table is replaced or written in place."""
+        t_table, la_table = self.t_table, self.log_alpha_table
+        versions = (t_table._version, la_table._version)
+        held = self.__dict__.get(name)
+        if held is None or held[0] is not t_table or held[1] is not la_table or held[2] != versions:
+            held = (t_table, la_table, versions, make())
+            self.__dict__[name] = held
+        return held[3]
 
     def log_alpha(self, t):
         t = as_time(t)

@@ -54,8 +54,8 @@ def sqrt_pos(v):
 def clamp(v, lo: float, hi: float):
     """v clamped to [lo, hi]: a tensor, a numpy array or a Python float (np.clip is twice as slow as this on
     small arrays)."""
-    if isinstance(v, float):
-        return min(max(v, lo), hi)
+    if isinstance(v, float):  # comparisons, not min/max calls: the same result (NaN and -0.0 kept) at a third
+        return lo if v < lo else hi if v > hi else v
     return np.minimum(np.maximum(v, lo), hi) if isinstance(v, HOST) else v.clamp(lo, hi)
 
 

@@ -313,11 +313,7 @@ def ramp(v, lo, hi):
     pure order-p error as the steps shrink to lo (iPNDM-4 on logSNR-uniform grids: 1.12x over NFE 27-32; Heun's
     last step on quadratic-t grids: 1.12x). The smoothstep's zero slope at both ends lets the order-p error's own
     decrease dominate there."""
-    s = (hi - v) / (hi - lo)
-    if type(s) is float:  # stable_orders' host path: min(max(s, 0), 1) without the calls (nan and -0.0 kept)
-        s = 0.0 if s < 0.0 else 1.0 if s > 1.0 else s
-    else:
-        s = arrays.clamp(s, 0.0, 1.0)
+    s = arrays.clamp((hi - v) / (hi - lo), 0.0, 1.0)
     return s * s * (3 - 2 * s)
 
 
