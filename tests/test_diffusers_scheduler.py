@@ -149,12 +149,15 @@ def test_a_whole_pipeline_saves_and_loads_with_its_tdiff_scheduler(tmp_path):
     pipe = R.pipeline("ddpm")
     pipe.scheduler = TdiffScheduler.from_config(pipe.scheduler.config, solver="unipc", timesteps="logsnr_uniform")
     kw = R.call_kwargs("ddpm", 3)
-    want = R.final_latents("ddpm", pipe, kw)
     pipe.save_pretrained(tmp_path / "p")
     loaded = diffusers.DDPMPipeline.from_pretrained(tmp_path / "p")
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.scheduler) is TdiffScheduler
-    torch.testing.assert_close(R.final_latents("ddpm", loaded, kw), want, rtol=0, atol=0)
+    got = R.final_latents("ddpm", loaded, kw)
+    # the reference runs the loaded UNet too: its weights are mmapped at unaligned addresses, where oneDNN may take
+    # another kernel and round differently (7e-7) from the in-memory UNet; the scheduler is what is under test
+    loaded.scheduler = pipe.scheduler
+    torch.testing.assert_close(got, R.final_latents("ddpm", loaded, kw), rtol=0, atol=0)
 
 
 def test_protocol_begin_index_add_noise_and_scale_noise():

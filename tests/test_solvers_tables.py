@@ -47,8 +47,12 @@ def test_host_tables_equal_the_differentiable_ones(name, rule):
                 for a, b in zip(host.rows, grad.rows):
                     assert b.requires_grad
                     assert _same(a, b.detach()) <= 1e-12 * max(1.0, b.detach().abs().max().item())
-                assert torch.equal(host.eval_points, grad.eval_points.detach())
-                assert torch.equal(host.eval_times, grad.eval_times.detach())
+                for a, b in ((host.eval_points, grad.eval_points.detach()), (host.eval_times, grad.eval_times.detach())):
+                    if "s_churn" in opts:  # the raised noise levels come from sigma~ = sigma / alpha, by numpy's
+                        # libm on the host and torch's here: on some CPUs (seen on an AMD EPYC) the last bit differs
+                        assert _same(a, b) <= 4e-16 * b.abs().max()
+                    else:
+                        assert torch.equal(a, b)
                 built += 1
     assert built >= 80
 
