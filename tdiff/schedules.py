@@ -80,10 +80,17 @@ class NoiseSchedule(abc.ABC):
     # ----- derived quantities -----
     def check_t(self, t: TimeLike, name: str = "t") -> torch.Tensor:
         t = as_time(t)
+        lo, hi = self.domain
+        if t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu":
+            # one time (an interval's end): the same checks on its value, one read instead of four tensor
+            # reductions and their bool()s (~25 us; DM-NonUniform validates its interval three times a call). float64
+            # only: torch compares a float32 tensor with the domain's ends rounded to float32
+            v = t.item()
+            if math.isfinite(v) and lo <= v <= hi:
+                return t
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or inf; expected finite times in [{self.domain[0]}, "
                              f"{self.domain[1]}]")
-        lo, hi = self.domain
         if t.numel() and (bool((t < lo).any()) or bool((t > hi).any())):
             raise ValueError(
                 f"{name} is outside the domain of {type(self).__name__}: got values in "
@@ -114,6 +121,18 @@ class NoiseSchedule(abc.ABC):
         """log alpha at numpy times t, where the schedule's formula runs on numpy arrays (the VP schedules)."""
         return None
 
+    def t_from_lambda_host(self, lam: np.ndarray) -> Optional[np.ndarray]:
+        """`t_from_lambda` at float64 lambdas as a numpy array, where the schedule's inverse runs on the host (an
+        interpolated table's: DM-NonUniform maps its result back per call, where ~15 torch dispatches cost more than
+        its whole Newton step); None elsewhere."""
+        return None
+
+    def lambda_host(self, t: np.ndarray) -> Optional[np.ndarray]:
+        """`lambda_` at float64 times t as a numpy array, by `log_alpha_sigma_host` (the same formula on the host);
+        None where the schedule has none."""
+        logs = self.log_alpha_sigma_host(t)
+        return None if logs is None else logs[0] - logs[1]
+
     def alpha(self, t: TimeLike) -> torch.Tensor:
         return self.log_alpha(t).exp()
 
@@ -126,13 +145,16 @@ class NoiseSchedule(abc.ABC):
 
     def log_alpha_from_lambda(self, lam: TimeLike) -> torch.Tensor:
         """log alpha as a function of lambda, in closed form per family (no detour through t): VP alpha^2 =
-        sigmoid(2 lambda), VE alpha = 1, flow alpha = sigmoid(lambda). log sigma is then log alpha - lambda."""
-        lam = as_time(lam)
+        sigmoid(2 lambda), VE alpha = 1, flow alpha = sigmoid(lambda). log sigma is then log alpha - lambda. A numpy
+        array gives a numpy array (the same closed forms on the host: DM-NonUniform evaluates them per objective
+        evaluation, where torch's dispatch cost more than the arithmetic)."""
+        host = isinstance(lam, np.ndarray)
+        lam = lam if host else as_time(lam)
         if self.family == "vp":
             return _vp_log_alpha_from_lambda(lam)
         if self.family == "ve":
             return 0.0 * lam
-        return torch.nn.functional.logsigmoid(lam)
+        return -np.logaddexp(0.0, -lam) if host else torch.nn.functional.logsigmoid(lam)
 
     def log_alpha_slope_from_lambda(self, lam: np.ndarray) -> np.ndarray:
         """d log alpha / d lambda of `log_alpha_from_lambda`'s closed forms, on host numpy arrays (DM-NonUniform's
@@ -237,8 +259,10 @@ def _log_sigma_vp(self, t):
     return _vp_log_sigma(self.log_alpha(t))
 
 
-def _vp_log_alpha_from_lambda(lam: torch.Tensor) -> torch.Tensor:
-    # alpha^2 = 1 / (1 + exp(-2 lambda))
+def _vp_log_alpha_from_lambda(lam):
+    # alpha^2 = 1 / (1 + exp(-2 lambda)) (a tensor, or a numpy array on the host)
+    if isinstance(lam, np.ndarray):
+        return -0.5 * np.logaddexp(0.0, -2.0 * lam)
     return -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
 
 
@@ -484,6 +508,12 @@ class DiscreteVP(NoiseSchedule):
             w = -torch.expm1((log_alpha - y0).clamp(max=0.0))  # 1 - alpha/alpha_0
             out = torch.where(log_alpha < y0, t0 + w * (t1 - t0), out)
         return out
+
+    def t_from_lambda_host(self, lam: np.ndarray) -> Optional[np.ndarray]:
+        if self.zero_terminal_snr or self.t_table.device.type != "cpu" or self.t_table.dtype != torch.float64:
+            return None  # the last segment with zero terminal SNR is the torch path's alone
+        _, _, log_alpha_reversed, t_reversed = self._tables(self.t_table)
+        return self._interp(_vp_log_alpha_from_lambda(lam), log_alpha_reversed.numpy(), t_reversed.numpy())
 
     def t_from_index(self, i: TimeLike) -> torch.Tensor:
         """Training index i in [0, N-1] (diffusers' timestep) -> continuous t = (i+1)/N."""

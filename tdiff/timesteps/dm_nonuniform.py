@@ -37,11 +37,12 @@ default iteration limit of 1000), with finite-difference gradients as the refere
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy.linalg import null_space
+from scipy.linalg import lapack, null_space
 from scipy.optimize import LinearConstraint, OptimizeResult, minimize
 
 from ..integrations.diffusers.pipelines import from_pipeline, is_pipeline
@@ -165,7 +166,7 @@ def dm_nonuniform(schedule: NoiseSchedule, nfe: int, solver: str = "dpmpp", orde
 
     # SQP and Newton steps may probe far outside the interval (exp overflows there): J is then inf or NaN and the
     # point is rejected, so the floating-point warnings say nothing
-    with _controller().limit(limits=1), np.errstate(all="ignore"):
+    with _single_threaded_blas(), np.errstate(all="ignore"):
         best, per_start, nit, nfev = _optimise(obj, starts, method, gradient, margin, maxiter, tol,
                                                try_starts=try_starts)
     if best is None or not np.isfinite(best[0]):
@@ -183,6 +184,18 @@ def _controller() -> ThreadpoolController:
     """The BLAS libraries, found once: threadpool_limits() searches the loaded libraries at every call (2-5 ms, more
     than the whole optimisation at NFE 5)."""
     return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """The BLAS libraries limited to one thread for the block, unless every one already runs one (the limit's own
+    bookkeeping, ~20 us a call, is then skipped)."""
+    controller = _controller()
+    if all(lib.num_threads == 1 for lib in controller.lib_controllers):
+        yield
+    else:
+        with controller.limit(limits=1):
+            yield
 
 
 def _optimise(obj: SurrogateObjective, starts, method: str, gradient: str, margin: float, maxiter: int,
@@ -310,8 +323,11 @@ def _values(obj: SurrogateObjective, points, margin: float) -> np.ndarray:
 
 
 def _increasing(obj: SurrogateObjective, z: np.ndarray, margin: float) -> bool:
-    lam = obj.full(z)  # the ends are finite, so a NaN or infinite z gives a NaN or -inf gap: False
-    return bool((lam[1:] - lam[:-1] >= margin).all())
+    """Every gap of lambda_0, z, lambda_N at least margin. The ends are finite, so a NaN or infinite z gives a NaN
+    or -inf gap: False. The end gaps as floats, not through a concatenated copy (called ~10 times an optimisation)."""
+    if not (z[0] - obj.lam_start >= margin and obj.lam_end - z[-1] >= margin):
+        return False
+    return bool((z[1:] - z[:-1] >= margin).all())
 
 
 def _monotone_rows(n: int, lam_start: float, lam_end: float, margin: float):
@@ -580,9 +596,12 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
     if release:
         held = np.fromiter(release, dtype=np.intp)
         kinks[held], signs[held] = False, np.fromiter(release.values(), dtype=np.float64)
-    rows, lb = _monotone_rows(n, obj.lam_start, obj.lam_end, margin)
-    at_margin = rows @ z - lb <= 1e-9 * (obj.lam_end - obj.lam_start)
-    rows, lb = rows[at_margin], lb[at_margin]
+    at_margin = np.diff(obj.full(z)) - margin <= 1e-9 * (obj.lam_end - obj.lam_start)  # the gaps' rows @ z - lb
+    if at_margin.any():
+        rows, lb = _monotone_rows(n, obj.lam_start, obj.lam_end, margin)
+        rows, lb = rows[at_margin], lb[at_margin]
+    else:  # (mostly: none of the n + 1 rows is built)
+        rows, lb = np.zeros((0, n)), np.zeros(0)
     k_kinks, k = int(kinks.sum()), int(kinks.sum() + at_margin.sum())
 
     def gradient(zz, mu):  # of the Lagrangian, with the kinks' Jacobian rows and values
@@ -593,7 +612,7 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
         weight = signs.copy()           # rows and values; or from that pass's parts, already computed
         weight[kinks] = mu[:k_kinks]
         smooth, d_smooth, cc, dc = obj.parts_batch(zs) if parts is None else parts
-        return d_smooth + np.einsum("m,bmn->bn", weight, dc), dc[:, kinks], cc, smooth
+        return d_smooth + weight @ dc, dc[:, kinks], cc, smooth
 
     if full_newton:
         grads, a, _, _ = gradients(None, np.zeros(k), first)
@@ -610,7 +629,8 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
             at_z = (smooth[0], c_all[0])
         else:
             g, a, c_kinks = gradient(z, mult)
-        residual = np.concatenate([g + mult[k_kinks:] @ rows, c_kinks, rows @ z - lb])
+        # with nothing active (no kink, no gap at the margin) the KKT system is Newton's on g alone
+        residual = np.concatenate([g + mult[k_kinks:] @ rows, c_kinks, rows @ z - lb]) if k else g
         size = np.abs(residual).max()
         scale = 1 + np.abs(g).max()
         if size <= 1e-13 * scale or (k == 0 and size <= _SMOOTH_NEWTON_TOL * scale):
@@ -619,12 +639,13 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
         if not full_newton and (hess is None or size > _CHORD_CONTRACTION * previous):
             hess = _hessian_by_differences(gradients(z + probes[1:], mult)[0], g)
         previous = size
-        jac = np.vstack([a, rows])
-        kkt = np.zeros((n + k, n + k))  # [[hess, jac.T], [jac, 0]], assembled by hand (np.block costs ~20 us)
-        kkt[:n, :n], kkt[:n, n:], kkt[n:, :n] = hess, jac.T, jac
-        try:
-            step = np.linalg.solve(kkt, -residual)
-        except np.linalg.LinAlgError:
+        if k:
+            jac = np.vstack([a, rows])
+            kkt = np.zeros((n + k, n + k))  # [[hess, jac.T], [jac, 0]], assembled by hand (np.block costs ~20 us)
+            kkt[:n, :n], kkt[:n, n:], kkt[n:, :n] = hess, jac.T, jac
+        # LAPACK's solver directly: numpy's wrapper costs ~4 us a call in checks, a tenth of a Newton step at NFE 5
+        _, _, step, singular = lapack.dgesv(kkt if k else hess, -residual)
+        if singular:
             return None
         z, mult, at_z = z + step[:n], mult + step[n:], None
         if not _increasing(obj, z, margin * (1 - 1e-6)):  # left the feasible set: not this active set's minimum
@@ -647,16 +668,23 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
 
 def _positive_on_null_space(hess: np.ndarray, active: np.ndarray) -> bool:
     """Second-order condition: the Lagrangian's Hessian is positive semi-definite along the active set."""
-    basis = null_space(active) if active.size else np.eye(hess.shape[0])
-    if basis.shape[1] == 0:
+    basis = null_space(active) if active.size else None  # None: nothing active, the whole space
+    if basis is not None and basis.shape[1] == 0:
         return True
-    eig = np.linalg.eigvalsh(basis.T @ hess @ basis)
-    return bool(eig.min() >= -1e-6 * max(1.0, np.abs(hess).max()))
+    reduced = hess if basis is None else basis.T @ hess @ basis
+    # every eigenvalue >= -tol, as: reduced + tol I is positive definite (Cholesky succeeds; LAPACK's directly, a
+    # fifth of an eigenvalue decomposition's cost at these sizes); a NaN fails
+    shifted = reduced + (1e-6 * max(1.0, np.abs(hess).max())) * np.eye(reduced.shape[0])
+    return bool(np.isfinite(shifted).all()) and lapack.dpotrf(shifted, lower=1)[1] == 0
 
 
+@functools.lru_cache(maxsize=64)
 def _hessian_probes(n: int) -> np.ndarray:
-    """(n + 1, n) offsets of a point and its n probes for `_hessian_by_differences`: 0 and `_HESSIAN_STEP` e_i."""
-    return np.vstack([np.zeros(n), _HESSIAN_STEP * np.eye(n)])
+    """(n + 1, n) offsets of a point and its n probes for `_hessian_by_differences`: 0 and `_HESSIAN_STEP` e_i.
+    Made once per n (read-only: callers add it to a point)."""
+    probes = np.vstack([np.zeros(n), _HESSIAN_STEP * np.eye(n)])
+    probes.flags.writeable = False
+    return probes
 
 
 def _hessian_by_differences(shifted: np.ndarray, g: np.ndarray) -> np.ndarray:

@@ -232,6 +232,26 @@ def _lagrange_monomials(d: np.ndarray, st: "_Stencil") -> np.ndarray:
     return coef
 
 
+@functools.lru_cache(maxsize=64)
+def _complex_steps(n: int) -> np.ndarray:
+    """(n, 1, n): i h e_m for each of n lambdas, the complex steps of `SurrogateObjective._column_grid` (made once
+    per n, read-only)."""
+    step = 1j * _COMPLEX_STEP * np.eye(n)[:, None, :]
+    step.flags.writeable = False
+    return step
+
+
+def _lambda_of(schedule: NoiseSchedule, t: torch.Tensor) -> np.ndarray:
+    """lambda at float64 times t as a numpy array: on the host where the schedule evaluates there (the same formula;
+    a torch evaluation of an interpolated table is ~20 dispatches, ~60 us, a tenth of an optimisation at NFE 5),
+    else by torch."""
+    lam = schedule.lambda_host(t.numpy()) if t.dtype == torch.float64 else None
+    if lam is None:
+        with torch.no_grad():
+            lam = schedule.lambda_(t).numpy()
+    return lam.astype(np.float64, copy=False)
+
+
 class SurrogateObjective:
     """J(lambda interior) for one (schedule, nfe, objective, solver, order, p), as numpy callables for scipy, with
     its split into the smooth part (the alone steps' norms) and the per-node sums c (whose |.| makes the kinks)."""
@@ -256,8 +276,8 @@ class SurrogateObjective:
         self.warmup_steps, self.solver_opts = warmup_steps, solver_opts
         hi, lo = sampling_interval(schedule, t_max, t_min)
         self.t_hi, self.t_lo = hi, lo
-        lam_ends = schedule.lambda_(torch.stack([hi, lo])).detach()
-        if not bool(torch.isfinite(lam_ends).all()):
+        lam_ends = _lambda_of(schedule, torch.stack([hi, lo]))
+        if not np.isfinite(lam_ends).all():
             raise ValueError(f"lambda = log(alpha/sigma) must be finite at t_max and t_min (got {lam_ends.tolist()} "
                              f"for {schedule!r}); move them inside the schedule's domain")
         self.lam_start, self.lam_end = float(lam_ends[0]), float(lam_ends[1])
@@ -306,9 +326,13 @@ class SurrogateObjective:
         return np.concatenate([[self.lam_start], np.asarray(z, dtype=np.float64), [self.lam_end]])
 
     def timesteps(self, z: np.ndarray) -> torch.Tensor:
-        lam = torch.from_numpy(self.full(z))
-        with torch.no_grad():
-            return with_exact_ends(self.schedule.t_from_lambda(lam), self.t_hi, self.t_lo)
+        lam = self.full(z)
+        t = self.schedule.t_from_lambda_host(lam)  # on the host where the schedule inverts there
+        if t is None:
+            with torch.no_grad():
+                return with_exact_ends(self.schedule.t_from_lambda(torch.from_numpy(lam)), self.t_hi, self.t_lo)
+        t[0], t[-1] = self.t_hi, self.t_lo  # as with_exact_ends
+        return torch.from_numpy(t)
 
     def initial(self, start: str = "logsnr_uniform") -> np.ndarray:
         """Interior lambdas of a heuristic schedule (the reference's "unif" is logsnr_uniform)."""
@@ -327,7 +351,7 @@ class SurrogateObjective:
         if in_t:
             t = torch.cat([HEURISTICS[start](self.schedule, self.nfe, t_max=self.t_hi, t_min=self.t_lo)[1:-1]
                            for start in in_t])
-            lam = self.schedule.lambda_(t).detach().numpy().astype(np.float64).reshape(len(in_t), -1)
+            lam = _lambda_of(self.schedule, t).reshape(len(in_t), -1)
             out.update(zip(in_t, lam))
         return [out[start] for start in starts]
 
@@ -356,15 +380,11 @@ class SurrogateObjective:
         point's N+1 complex steps (B = M (N+1); column (i, m) is lambda_i + i h e_m). alpha and sigma by
         `grid_from_log_alpha`, as `grid_from_lambda` makes them; log alpha's complex step from its derivative (the
         schedule's closed form of lambda is element-wise; torch has no complex logaddexp)."""
-        lam_t = torch.from_numpy(np.ascontiguousarray(lam.T))  # (N+1, M)
+        log_alpha_real = self.schedule.log_alpha_from_lambda(lam.T)  # (N+1, M), on the host
         if not jacobian:
-            with torch.no_grad():
-                log_alpha = self.schedule.log_alpha_from_lambda(lam_t).numpy()
-            return grid_from_log_alpha(log_alpha, lam.T)
-        with torch.no_grad():
-            log_alpha_real = self.schedule.log_alpha_from_lambda(lam_t).numpy()
+            return grid_from_log_alpha(log_alpha_real, lam.T)
         slope = self.schedule.log_alpha_slope_from_lambda(lam.T)
-        step = 1j * _COMPLEX_STEP * np.eye(lam.shape[1])[:, None, :]  # (N+1, 1, N+1): lambda_m's tangent
+        step = _complex_steps(lam.shape[1])  # (N+1, 1, N+1): lambda_m's tangent
         lam_c = (lam.T[:, :, None] + step).reshape(lam.shape[1], -1)
         log_alpha = (log_alpha_real[:, :, None] + slope[:, :, None] * step).reshape(lam.shape[1], -1)
         return grid_from_log_alpha(log_alpha, lam_c)
@@ -444,7 +464,6 @@ class SurrogateObjective:
         n_points, n_lam = lam.shape
         columns = step_output_weight_columns(self._build(self._column_grid(lam, True)))  # (M (N+1), S, N)
         columns = columns.reshape(n_points, n_lam, *columns.shape[1:])  # a view: point, complex step, step, node
-        weights = columns[:, 0].real  # (M, S, N)
         eps, deps = error_proxy(lam[:, :-1], self.p)
         alone = columns[:, :, self._alone_steps]  # (M, N+1, A, N): a few steps, copied
         alone_rows = alone[:, 0].real * eps[:, None, :]

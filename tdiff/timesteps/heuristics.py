@@ -41,13 +41,19 @@ def sampling_interval(schedule: NoiseSchedule, t_max: Optional[float] = None,
     """(t_max, t_min) as float64 0-dim tensors, defaulting to the schedule's sampling interval, validated."""
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a tdiff NoiseSchedule, got {type(schedule).__name__}")
-    hi = schedule.check_t(torch.tensor(float(schedule.t_max if t_max is None else t_max), dtype=torch.float64),
-                          "t_max")
-    lo = schedule.check_t(torch.tensor(float(schedule.t_min if t_min is None else t_min), dtype=torch.float64),
-                          "t_min")
+    hi = schedule.check_t(_scalar_time(schedule.t_max if t_max is None else t_max), "t_max")
+    lo = schedule.check_t(_scalar_time(schedule.t_min if t_min is None else t_min), "t_min")
     if not bool(lo < hi):
         raise ValueError(f"t_min must be < t_max, got t_min={float(lo)}, t_max={float(hi)}")
     return hi, lo
+
+
+def _scalar_time(value) -> Tensor:
+    """A float64 0-dim tensor of value, detached; one already of that kind is reused (an interval passed on from an
+    earlier sampling_interval: a new tensor costs more than the checks)."""
+    if type(value) is Tensor and value.dim() == 0 and value.dtype == torch.float64 and value.device.type == "cpu":
+        return value.detach()
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 def finite_ends(name: str, values: Tensor, what: str, hi: Tensor, lo: Tensor) -> None:
