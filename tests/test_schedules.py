@@ -113,7 +113,9 @@ def test_discrete_piecewise_linear_log_alpha():
 
 def test_discrete_host_evaluation_equals_torch_and_follows_its_table():
     """The no-grad tables' host log alpha (cached segments) is torch's exactly, inside, at the nodes and beyond both
-    ends, and is remade when the table is written or replaced."""
+    ends, and is remade when the table is written or replaced. log sigma = log(-expm1(2 log alpha)) / 2 goes through
+    libm on the host and ATen's vectorised functions in torch: the same to 2 ulp (bit for bit under AVX-512 here,
+    up to 2 ulp apart on 5% of the points under ATEN_CPU_CAPABILITY=avx2)."""
     import numpy as np
 
     s = S.DiscreteVP(betas=torch.linspace(1e-4, 0.02, 50, dtype=torch.float64))
@@ -122,8 +124,9 @@ def test_discrete_host_evaluation_equals_torch_and_follows_its_table():
     with np.errstate(invalid="ignore"):  # log sigma of an extrapolated log alpha above 0 (t = 0) is NaN
         host = s.log_alpha_sigma_host(t.numpy())
         assert all(isinstance(v, np.ndarray) for v in host)
-        for h, ref in zip(host, s.log_alpha_sigma(t)):
-            torch.testing.assert_close(torch.from_numpy(h), ref, rtol=0, atol=0, equal_nan=True)
+        log_alpha, log_sigma = s.log_alpha_sigma(t)
+        torch.testing.assert_close(torch.from_numpy(host[0]), log_alpha, rtol=0, atol=0, equal_nan=True)
+        np.testing.assert_array_max_ulp(host[1], log_sigma.numpy(), maxulp=2)
         s.log_alpha_table.mul_(0.5)  # written in place
         assert torch.equal(torch.from_numpy(s.log_alpha_sigma_host(t.numpy())[0]), s.log_alpha(t))
         torch.testing.assert_close(s.log_alpha(t.float()), s.log_alpha(t).float(), rtol=1e-6, atol=1e-6)  # float32 copy
