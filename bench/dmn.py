@@ -38,7 +38,7 @@ import warnings
 import numpy as np
 import torch
 
-from .common import plot_path, print_table, pyplot, write_result
+from .common import paired_ratio, plot_path, print_table, pyplot, write_result
 
 NFES = (5, 6, 8, 10, 12, 15, 20)
 OBJECTIVES = ("lagrange", "solver")
@@ -110,22 +110,25 @@ def _optimisers(schedule, reference):
 
 
 def _timed_runs(fns: dict, nfe: int, quick: bool) -> tuple:
-    """Interleaved: round 1 runs every optimiser once; later rounds repeat those that took < 10 s (5 rounds for those
-    under 2 s, 3 otherwise; 2 in --quick), in the same order. Wall time, and the process's CPU time beside it (on a
-    shared machine the wall time also counts the other processes' turns)."""
+    """Interleaved: round 1 runs every optimiser once; later rounds repeat those that took < 10 s (21 rounds for
+    those under 0.2 s, whose medians a shared machine's swings move most; 5 for those under 2 s; 3 otherwise; 2 in
+    --quick), in the same order. Wall time, and the process's CPU time beside it (on a shared machine the wall time
+    also counts the other processes' turns)."""
     wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
     result = {}
-    rounds = 2 if quick else 5
+    rounds = 2 if quick else 21
     for r in range(rounds):
         for name, fn in fns.items():
-            if r and (wall[name][0] >= 10.0 or (r >= 3 and wall[name][0] >= 2.0)):
+            first = wall[name][0] if r else 0.0
+            if r and (first >= 10.0 or (r >= 3 and first >= 2.0) or (r >= 5 and first >= 0.2)):
                 continue
             t0, c0 = time.perf_counter(), time.process_time()
             z = fn(nfe)
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
             result[name] = z
-    return result, {name: {**_interval(wall[name]), "cpu": _interval(cpu[name])} for name in fns}
+    return result, {name: {**_interval(wall[name]), "cpu": _interval(cpu[name]), "rounds": wall[name]}
+                    for name in fns}
 
 
 def _mixture(schedule, quick: bool):
@@ -275,14 +278,24 @@ def _summary(records: list, have_reference: bool) -> list:
                                 "seconds": peer["seconds"]["median"], "cpu_seconds": peer["seconds"]["cpu"]["median"],
                                 "speedup_wall": peer["seconds"]["median"] / mine["seconds"]["median"],
                                 "speedup_cpu": peer["seconds"]["cpu"]["median"] / mine["seconds"]["cpu"]["median"]}
+                # where both ran in every round: the ratio round by round (both saw the same machine state), its
+                # median with a 95% interval
+                if len(peer["seconds"]["rounds"]) == len(mine["seconds"]["rounds"]) >= 5:
+                    row[o][name]["speedup_paired"] = paired_ratio(peer["seconds"]["rounds"],
+                                                                  mine["seconds"]["rounds"])
                 rows.append([rec["nfe"], o, name, mine["objective"][o], peer["objective"][o],
                              "yes" if row[o][name]["tdiff_at_or_below"] else "NO", mine["seconds"]["median"],
-                             peer["seconds"]["median"], row[o][name]["speedup_wall"], row[o][name]["speedup_cpu"]])
+                             peer["seconds"]["median"], row[o][name]["speedup_wall"], row[o][name]["speedup_cpu"],
+                             _paired_text(row[o][name].get("speedup_paired"))])
         out.append(row)
     print_table("DM-NonUniform summary: tdiff against the reference optimiser(s), same objective (wall s: medians)",
                 ["NFE", "objective", "peer", "J tdiff", "J peer", "tdiff <=", "s tdiff", "s peer", "x wall",
-                 "x CPU"], rows)
+                 "x CPU", "x per round [95%]"], rows)
     return out
+
+
+def _paired_text(ratio) -> str:
+    return "-" if ratio is None else f"{ratio['median']:.1f} [{ratio['lo']:.1f}, {ratio['hi']:.1f}]"
 
 
 def _plot(records: list, quick: bool, teacher_fd=None) -> str:

@@ -83,6 +83,9 @@ _SETTLED_NEWTON_STEPS = 6
 #: the margin): J is then smooth at the point and its error quadratic in the gradient (~1e-16 relative here), so
 #: the pass that would take it to 1e-13 (one of 5-6 at NFE 5 and 6) is not needed
 _SMOOTH_NEWTON_TOL = 1e-8
+#: `_active_set_newton`'s predicted finish applies only below this residual (relative, as the tolerance), deep in
+#: the quadratic basin
+_FINISH_BELOW = 1e-3
 GRADIENTS = ("analytic", "finite-difference")
 __all__ = ["dm_nonuniform", "sampling_options", "METHODS", "GRADIENTS", "OBJECTIVES", "STARTS", "SurrogateObjective"]
 
@@ -638,6 +641,12 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
         # chord steps while they contract fast, else a fresh Hessian
         if not full_newton and (hess is None or size > _CHORD_CONTRACTION * previous):
             hess = _hessian_by_differences(gradients(z + probes[1:], mult)[0], g)
+        # full Newton on a smooth problem (a fresh Hessian every step: the rate is quadratic) whose last two
+        # residuals show that rate: K = size / before^2 predicts the residual after this step, K size^2; where that
+        # is within the tolerance, the step is the last one and its point is not evaluated with probes again (a
+        # value at the end replaces a batched pass: ~10% of the time at NFE 5)
+        finish = (full_newton and k == 0 and size <= _FINISH_BELOW * scale and previous < np.inf
+                  and size ** 3 <= _SMOOTH_NEWTON_TOL * scale * previous ** 2)
         previous = size
         if k:
             jac = np.vstack([a, rows])
@@ -650,6 +659,8 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
         z, mult, at_z = z + step[:n], mult + step[n:], None
         if not _increasing(obj, z, margin * (1 - 1e-6)):  # left the feasible set: not this active set's minimum
             return None
+        if finish:
+            break
     if hess is None:  # converged at once: the second-order check below still needs the Hessian
         hess = _hessian_by_differences(gradients(z + probes[1:], mult)[0], g)
     smooth, c_all = at_z if at_z is not None else obj.parts(z, jacobian=False)[::2]

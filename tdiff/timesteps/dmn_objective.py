@@ -320,6 +320,7 @@ class SurrogateObjective:
         # the summed steps are those after the warm-up but the last: a slice (a view, where indices copy)
         self._summed_range = slice(min(warmup_steps, n_steps - 1), n_steps - 1)
         self._coupled_nodes = np.flatnonzero(self.coupled)
+        self._interior_nodes = np.arange(1, self.nfe - 1)  # nodes 1 .. N-2: their own lambda is interior
 
     # ----- lambda <-> interior vector -----
     def full(self, z: np.ndarray) -> np.ndarray:
@@ -465,19 +466,22 @@ class SurrogateObjective:
         columns = step_output_weight_columns(self._build(self._column_grid(lam, True)))  # (M (N+1), S, N)
         columns = columns.reshape(n_points, n_lam, *columns.shape[1:])  # a view: point, complex step, step, node
         eps, deps = error_proxy(lam[:, :-1], self.p)
+        # (products and sums rather than einsum, transpose rather than swapaxes: numpy's Python-level wrappers cost
+        # more than these small arrays' arithmetic, and this runs once per pass)
         alone = columns[:, :, self._alone_steps]  # (M, N+1, A, N): a few steps, copied
-        alone_rows = alone[:, 0].real * eps[:, None, :]
-        norms = np.sqrt(np.einsum("bsn,bsn->bs", alone_rows, alone_rows))
+        alone_p = alone[:, 0].real
+        alone_rows = alone_p * eps[:, None, :]
+        norms = np.sqrt((alone_rows * alone_rows).sum(-1))
         unit = alone_rows / np.maximum(norms, 1e-300)[..., None]
         summed = columns[:, :, self._summed_range].sum(2)  # (M, N+1, N): one strided reduction, no copy first
         summed_p = summed[:, 0].real
         c = (summed_p * eps)[:, self._coupled_nodes]
         # the diagonal terms P eps' land on lambda m = n, n < N
-        d_smooth = np.einsum("bsn,bmsn->bm", unit * eps[:, None, :], alone.imag) / _COMPLEX_STEP
-        d_smooth[:, :-1] += np.einsum("bsn,bsn->bn", unit, alone[:, 0].real) * deps
-        dc = np.swapaxes(summed.imag[:, 1:-1], 1, 2) * (eps / _COMPLEX_STEP)[:, :, None]  # (M, N, N-1) interior m
-        idx = np.arange(1, n_lam - 2)  # node n = m for interior m < N
-        dc[:, idx, idx - 1] += (summed_p * deps)[:, idx]
+        d_smooth = (alone.imag * (unit * eps[:, None, :])[:, None]).sum((2, 3)) / _COMPLEX_STEP
+        d_smooth[:, :-1] += (unit * alone_p).sum(1) * deps
+        dc = summed.imag[:, 1:-1].transpose(0, 2, 1) * (eps / _COMPLEX_STEP)[:, :, None]  # (M, N, N-1) interior m
+        nodes = self._interior_nodes  # node n = m for interior m < N
+        dc[:, nodes, nodes - 1] += (summed_p * deps)[:, nodes]
         return norms.sum(-1), d_smooth[:, 1:-1], c, dc[:, self._coupled_nodes]
 
     @functools.cached_property
