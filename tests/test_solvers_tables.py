@@ -275,3 +275,54 @@ def test_unipc_host_rows_equal_the_differentiable_ones_for_every_corrector_and_o
                             assert _same(a, b.detach()) <= 1e-12 * max(1.0, b.detach().abs().max().item())
                         built += 1
     assert built == 2 * 2 * 2 * (5 + 3)
+
+
+def test_complex_step_functions_are_numpys_to_rounding_and_fall_back_off_the_step():
+    """arrays.expm1/exp of x + iy with |y| <= COMPLEX_STEP_BOUND (DM-NonUniform's complex-step columns) come from the
+    real functions: the real part is the real function's bit for bit, the imaginary part y exp(x) is numpy's complex
+    result to rounding; a larger imaginary part takes numpy's complex function itself. arrays.negative of a complex
+    array is -v bit for bit."""
+    import numpy as np
+
+    from tdiff.solvers import arrays
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 50)) * 4
+    step = x + 1j * rng.normal(size=x.shape) * 1e-30
+    for fast, real, full in ((arrays.expm1, np.expm1, np.expm1), (arrays.exp, np.exp, np.exp)):
+        got = fast(step)
+        assert got.dtype == step.dtype and np.array_equal(got.real, real(x))
+        np.testing.assert_allclose(got.imag, full(step).imag, rtol=1e-15, atol=0)
+        wide = x + 1j * rng.normal(size=x.shape)  # not a complex step: numpy's own
+        assert np.array_equal(fast(wide), full(wide))
+    assert np.array_equal(arrays.negative(step).view(np.int64), (-step).view(np.int64))
+    assert np.array_equal(arrays.negative(x), -x)
+
+
+def test_dpmpp3_host_rows_on_complex_steps_equal_the_real_rows_and_their_derivative():
+    """DPM-Solver++ 3's rows on complex-step columns (the solver-row objective's Jacobian): the real part equals the
+    rows on the real lambdas to rounding (numpy's complex products and quotients round their real parts apart from
+    the real operations' by an ulp at most), the imaginary part / h a central difference of the real rows."""
+    import numpy as np
+
+    from tdiff.solvers.dpmpp import build_dpmpp
+    from tdiff.solvers.grid import grid_from_log_alpha
+
+    schedule = SCHEDULES["discrete"]
+    lam = np.linspace(-4.0, 3.0, 9)[:, None]  # (N+1, 1): one column
+    h = 1e-30
+    tangent = np.zeros((9, 1))
+    tangent[4] = 1.0  # lambda_4's derivative
+
+    def rows(lam_col, log_alpha):
+        prog = build_dpmpp(grid_from_log_alpha(log_alpha, lam_col), None, order=3)
+        return np.concatenate([np.asarray(r).reshape(-1) for r in prog.rows])
+
+    log_alpha = schedule.log_alpha_from_lambda(lam)
+    slope = schedule.log_alpha_slope_from_lambda(lam)
+    complex_rows = rows(lam + 1j * h * tangent, log_alpha + 1j * h * slope * tangent)
+    np.testing.assert_allclose(complex_rows.real, rows(lam, log_alpha), rtol=4e-16, atol=1e-18)
+    d = 1e-6
+    plus = rows(lam + d * tangent, schedule.log_alpha_from_lambda(lam + d * tangent))
+    minus = rows(lam - d * tangent, schedule.log_alpha_from_lambda(lam - d * tangent))
+    np.testing.assert_allclose(complex_rows.imag / h, (plus - minus) / (2 * d), rtol=1e-6, atol=1e-8)
