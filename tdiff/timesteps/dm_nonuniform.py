@@ -642,7 +642,7 @@ def _active_set_newton(obj: SurrogateObjective, z: np.ndarray, margin: float, ma
         if not full_newton and (hess is None or size > _CHORD_CONTRACTION * previous):
             hess = _hessian_by_differences(gradients(z + probes[1:], mult)[0], g)
         # full Newton on a smooth problem (a fresh Hessian every step: the rate is quadratic) whose last two
-        # residuals show that rate: K = size / before^2 predicts the residual after this step, K size^2; where that
+        # residuals show that rate: K = size / previous^2 predicts the residual after this step, K size^2; where that
         # is within the tolerance, the step is the last one and its point is not evaluated with probes again (a
         # value at the end replaces a batched pass: ~10% of the time at NFE 5)
         finish = (full_newton and k == 0 and size <= _FINISH_BELOW * scale and previous < np.inf
