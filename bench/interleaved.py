@@ -7,8 +7,9 @@ import random
 import time
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
+
+from bench.common import median_ci as common_median_ci
 
 
 def interleaved_seconds(variants: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
@@ -35,13 +36,12 @@ def interleaved_seconds(variants: Dict[str, Callable[[], object]], rounds: int, 
     return out
 
 
-def median_ci(values: List[float], n_boot: int = 4000, seed: int = 0) -> Dict[str, float]:
-    """Median and its 95% percentile-bootstrap interval."""
-    v = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    boots = np.median(rng.choice(v, size=(n_boot, v.size), replace=True), axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"median": float(np.median(v)), "ci95": [float(lo), float(hi)], "n": int(v.size)}
+def median_ci(values: List[float]) -> Dict[str, float]:
+    """Median and its 95% interval in this module's layout ({"median", "ci95": [lo, hi], "n"}): bench.common's
+    distribution-free interval (binomial order statistics; results written before 2026-12-02 used a percentile
+    bootstrap here)."""
+    ci = common_median_ci(values)
+    return {"median": float(ci["median"]), "ci95": [float(ci["lo"]), float(ci["hi"])], "n": int(ci["n"])}
 
 
 def speedup(times: Dict[str, List[float]], name: str, reference: str, mac_fraction: Optional[float]) -> dict:
