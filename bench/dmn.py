@@ -119,9 +119,10 @@ def _timed_runs(fns: dict, nfe: int, quick: bool) -> tuple:
     rounds = 2 if quick else 21
     for r in range(rounds):
         for name, fn in fns.items():
-            first = wall[name][0] if r else 0.0
-            if r and (first >= 10.0 or (r >= 3 and first >= 2.0) or (r >= 5 and first >= 0.2)):
-                continue
+            if r:
+                first = wall[name][0]
+                if first >= 10.0 or (r >= 3 and first >= 2.0) or (r >= 5 and first >= 0.2):
+                    continue
             t0, c0 = time.perf_counter(), time.process_time()
             z = fn(nfe)
             wall[name].append(time.perf_counter() - t0)

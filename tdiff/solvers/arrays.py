@@ -49,7 +49,7 @@ def exp(v):
 def negative(v):
     """-v. A numpy complex array is multiplied by -1 instead (the same bits: negation and a product with -1 are
     both exact), since numpy's complex negation costs 5x that product (DM-NonUniform's complex-step columns)."""
-    return v * -1.0 if isinstance(v, np.ndarray) and v.dtype.kind == "c" else -v
+    return v * -1.0 if isinstance(v, HOST) and v.dtype.kind == "c" else -v
 
 
 #: `_complex_step`'s bound on |imaginary part|: its square is then far below the rounding of any value it touches

@@ -136,7 +136,7 @@ def _history_weights(g: Grid, i, j, cs: list) -> list:
     # same bits: a rounded quotient changes sign with its numerator), two complex divisions fewer on
     # DM-NonUniform's complex-step columns, where they are most of this function's time
     a0, b1 = 1 / r0, 1 / r1
-    a1 = a0 * -1.0
+    a1 = arrays.negative(a0)
     s = r0 + r1
     w = r0 / s
     diff1, minus_b2 = a1 - b1, b1  # D1_0 - D1_1 = (a0, diff1, -b2)

@@ -331,9 +331,10 @@ class SurrogateObjective:
         t = self.schedule.t_from_lambda_host(lam)  # on the host where the schedule inverts there
         if t is None:
             with torch.no_grad():
-                return with_exact_ends(self.schedule.t_from_lambda(torch.from_numpy(lam)), self.t_hi, self.t_lo)
-        t[0], t[-1] = self.t_hi, self.t_lo  # as with_exact_ends
-        return torch.from_numpy(t)
+                t = self.schedule.t_from_lambda(torch.from_numpy(lam))
+        else:
+            t = torch.from_numpy(t)
+        return with_exact_ends(t, self.t_hi, self.t_lo)
 
     def initial(self, start: str = "logsnr_uniform") -> np.ndarray:
         """Interior lambdas of a heuristic schedule (the reference's "unif" is logsnr_uniform)."""
